@@ -1,0 +1,4 @@
+"""learnscope: see which parameters helped the loss, and whether each layer's
+weights line up with the gradient geometry (Neural Feature Ansatz)."""
+
+__version__ = "0.1.0.dev0"
