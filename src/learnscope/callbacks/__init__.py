@@ -1,0 +1,3 @@
+from learnscope.callbacks.lca import LossChangeAllocation
+
+__all__ = ["LossChangeAllocation"]

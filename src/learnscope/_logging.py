@@ -1,0 +1,55 @@
+"""Where measurements go: scalars to every logger, tensors to TensorBoard writers.
+
+Only plain float scalars reach ``log_metrics`` (a dict value would make
+TensorBoardLogger call ``add_scalars`` and create one run directory per key).
+Histograms and images go through ``TensorBoardLogger.experiment`` on rank zero only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Write float scalars at ``step`` to every logger the trainer has (rank zero only)."""
+    if not trainer.is_global_zero or not trainer.loggers:
+        return
+    clean = {tag: float(value) for tag, value in metrics.items() if value is not None}
+    for logger in trainer.loggers:
+        logger.log_metrics(clean, step=step)
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    """The SummaryWriters of the trainer's TensorBoard loggers (empty off rank zero)."""
+    if not trainer.is_global_zero:
+        return []
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    writers = []
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            writers.append(logger.experiment)
+    return writers
+
+
+def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int) -> None:
+    """``add_histogram`` for each tag on every TensorBoard writer; skips empty tensors."""
+    for writer in tensorboard_writers(trainer):
+        for tag, tensor in values.items():
+            if tensor.numel() == 0:
+                continue
+            data = tensor.detach().float().cpu()
+            if not bool(data.isfinite().all()):
+                data = data[data.isfinite()]
+                if data.numel() == 0:
+                    continue
+            writer.add_histogram(tag, data, global_step=step)
+
+
+def finite_or_nan(value: float) -> float:
+    return value if math.isfinite(value) else math.nan

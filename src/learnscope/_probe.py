@@ -1,0 +1,311 @@
+"""Probe plumbing shared by the callbacks: which data a probe evaluates, and how to
+evaluate a LightningModule at other parameter values without perturbing training.
+
+What "without perturbing" means here (checked bitwise in tests): parameters,
+buffers, ``.grad``, every RNG stream (torch CPU/CUDA, ``random``, NumPy), each
+module's own ``.training`` flag and the optimizer state are exactly as before.
+The recipe: ``torch.func.functional_call`` with detached leaves and cloned
+buffers, ``torch.autograd.grad`` (never ``.backward``), forked RNGs, saved and
+restored mode flags, and ``self.log`` silenced during probe passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from learnscope.functional.lca import Evaluation
+
+try:  # NumPy is a dependency of Lightning, but keep the import soft.
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+PROBE_SEED = 20191003  # fixed: the probe subset never depends on the run's seed or RNG state
+
+
+class ProbeError(RuntimeError):
+    """A probe cannot read the user's batches, outputs or losses (a configuration error)."""
+
+
+class NonFiniteProbe(ArithmeticError):
+    """The probe loss or gradient is NaN or infinite at some evaluated point."""
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Fork torch (CPU and the module's accelerator), Python and NumPy RNG streams."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    py_state = random.getstate()
+    np_state = np.random.get_state() if np is not None else None
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            np.random.set_state(np_state)
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.dropout._DropoutNd)
+
+
+@contextlib.contextmanager
+def module_modes(module: nn.Module, mode: str) -> Iterator[None]:
+    """Temporarily set modes for a probe pass, restoring each module's own flag after.
+
+    ``mode="deterministic"``: dropout layers off, every other module as it is (so a
+    BatchNorm in train mode normalises with the probe chunk's own statistics).
+    ``mode="eval"``: every module in eval mode (samples never interact).
+    """
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in saved:
+            if mode == "eval" or _is_dropout(m):
+                m.training = False
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def silenced_logging(pl_module: nn.Module) -> Iterator[None]:
+    """Make ``self.log`` / ``self.log_dict`` no-ops for the probe's own passes."""
+    names = [n for n in ("log", "log_dict") if hasattr(pl_module, n)]
+    shadowed = {n: n in vars(pl_module) for n in names}
+    saved = {n: vars(pl_module)[n] for n in names if shadowed[n]}
+    try:
+        for n in names:
+            object.__setattr__(pl_module, n, _no_op)
+        yield
+    finally:
+        for n in names:
+            if shadowed[n]:
+                object.__setattr__(pl_module, n, saved[n])
+            else:
+                object.__delattr__(pl_module, n)
+
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def probe_context(module: nn.Module, *, mode: str, device: torch.device | None = None) -> Iterator[None]:
+    """Everything a probe pass needs: grad on, inference mode off, eager execution,
+    forked RNG, probe module modes, and silenced logging."""
+    stance = (
+        torch.compiler.set_stance("force_eager")
+        if hasattr(torch.compiler, "set_stance")
+        else contextlib.nullcontext()
+    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(stance)
+        stack.enter_context(preserved_rng(device))
+        stack.enter_context(module_modes(module, mode))
+        stack.enter_context(silenced_logging(module))
+        yield
+
+
+# --------------------------------------------------------------------------- data
+
+
+def batch_size_of(batch: Any) -> int:
+    """Leading dimension of the first tensor found in a (nested) batch."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim > 0 else 1
+    if isinstance(batch, Mapping):
+        items: Sequence[Any] = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        raise ProbeError(f"cannot find a tensor in a batch of type {type(batch).__name__}")
+    for item in items:
+        try:
+            return batch_size_of(item)
+        except ProbeError:
+            continue
+    raise ProbeError(f"cannot find a tensor in a batch of type {type(batch).__name__}")
+
+
+def clone_tensors(batch: Any) -> Any:
+    """Clone every tensor (used for batches created under ``inference_mode``)."""
+    if isinstance(batch, Tensor):
+        return batch.clone()
+    if isinstance(batch, Mapping):
+        return type(batch)({k: clone_tensors(v) for k, v in batch.items()}) if not hasattr(batch, "_fields") else batch
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(clone_tensors(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(clone_tensors(v) for v in batch)
+    return batch
+
+
+@dataclass
+class ProbeChunk:
+    """One fixed piece of the probe set, already on the module's device."""
+
+    batch: Any
+    batch_idx: int
+    weight: float  # share of the probe loss: samples in the chunk / samples in the set
+    size: int
+
+
+def chunk_weights(batches: Sequence[Any], *, equal: bool = False) -> list[ProbeChunk]:
+    """Weight chunks by their sample count (a mean over samples), or equally (a mean
+    over micro-batches, as gradient accumulation does)."""
+    sizes = [batch_size_of(b) for b in batches]
+    total = sum(sizes)
+    if total == 0:
+        raise ProbeError("the probe set is empty")
+    return [
+        ProbeChunk(b, i, (1.0 / len(batches)) if equal else (n / total), n)
+        for i, (b, n) in enumerate(zip(batches, sizes))
+    ]
+
+
+def _subset_loader(loader: DataLoader, size: int | None, batch_size: int) -> DataLoader | None:
+    """A deterministic subset of a map-style loader's dataset, in fixed order, or None
+    when the dataset is not map-style (then whole batches are taken in order)."""
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or loader.batch_size is None:
+        return None
+    n = len(dataset)
+    if size is not None and size < n:
+        generator = torch.Generator().manual_seed(PROBE_SEED)
+        indices = torch.randperm(n, generator=generator)[:size].sort().values.tolist()
+        dataset = Subset(dataset, indices)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn, num_workers=0)
+
+
+def collect_batches(loader: Any, size: int | None, batch_size: int, *, subset: bool = True) -> list[Any]:
+    """Take the probe batches from ``loader`` (a DataLoader or any iterable of batches).
+
+    For a map-style DataLoader and ``subset=True``: a fixed random subset of ``size``
+    samples (seeded independently of the run), re-batched by ``batch_size``. Otherwise
+    whole batches in order until ``size`` samples are reached (None: all of them).
+    The caller forks the RNG streams: iterating a loader may draw from them.
+    """
+    source = _subset_loader(loader, size, batch_size) if subset and isinstance(loader, DataLoader) else None
+    if source is not None:
+        return list(source)
+    batches, seen = [], 0
+    for batch in loader:
+        batches.append(batch)
+        seen += batch_size_of(batch)
+        if size is not None and seen >= size:
+            break
+    return batches
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def loss_from_output(output: Any) -> Tensor:
+    """The loss tensor of a ``training_step`` result: a tensor, or ``["loss"]`` of a dict."""
+    if isinstance(output, Mapping) and "loss" in output:
+        output = output["loss"]
+    if not isinstance(output, Tensor):
+        raise ProbeError(
+            f"training_step returned {type(output).__name__}, not a loss tensor (or a dict with 'loss'): "
+            "pass loss_fn=callable(module, batch) -> scalar tensor to the callback"
+        )
+    if output.numel() != 1:
+        raise ProbeError(
+            f"training_step returned a tensor of shape {tuple(output.shape)}, not a scalar loss: "
+            "pass loss_fn=callable(module, batch) -> scalar tensor to the callback"
+        )
+    return output.reshape(())
+
+
+class _LossModule(nn.Module):
+    """Lets ``functional_call`` evaluate ``training_step`` (or ``loss_fn``) at any θ."""
+
+    prefix = "module."
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor] | None) -> None:
+        super().__init__()
+        self.module = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.loss_fn is not None:
+            return loss_from_output(self.loss_fn(self.module, batch))
+        return loss_from_output(self.module.training_step(batch, batch_idx))
+
+
+class ProbeObjective:
+    """``L(θ) = Σ_c w_c ℓ_c(θ)``: the loss on fixed probe chunks as a function of the
+    tracked parameters only, with its gradient. Callable as an LCA evaluator.
+
+    Buffers are cloned for every chunk, so running statistics are never read from
+    or written to the live module by a train-mode BatchNorm (it normalises with the
+    chunk's own statistics), and any other buffer is read as it is.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        chunks: Sequence[ProbeChunk],
+        *,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        mode: str = "deterministic",
+        step_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.module = module
+        self.chunks = list(chunks)
+        self.wrapper = _LossModule(module, loss_fn)
+        self.mode = mode
+        self.step_context = step_context or contextlib.nullcontext
+        self.reduce = reduce
+        self.evaluations = 0
+
+    def __call__(self, params: Mapping[str, Tensor]) -> Evaluation:
+        prefix = _LossModule.prefix
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        named = {prefix + name: leaf for name, leaf in leaves.items()}
+        device = next(iter(leaves.values())).device if leaves else None
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        gradient: dict[str, Tensor] | None = None
+        with probe_context(self.module, mode=self.mode, device=device):
+            for chunk in self.chunks:
+                buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()}
+                with self.step_context():
+                    loss = torch.func.functional_call(self.wrapper, (named, buffers), (chunk.batch, chunk.batch_idx))
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                loss_sum += loss.detach().to(torch.float64) * chunk.weight
+                if gradient is None:
+                    gradient = {
+                        name: torch.zeros_like(leaf) if g is None else g.mul_(chunk.weight)
+                        for (name, leaf), g in zip(leaves.items(), grads)
+                    }
+                else:
+                    for name, g in zip(leaves, grads):
+                        if g is not None:
+                            gradient[name].add_(g, alpha=chunk.weight)
+        if gradient is None:
+            raise ProbeError("the probe set is empty")
+        if self.reduce is not None:
+            loss_sum = self.reduce(loss_sum)
+            for g in gradient.values():
+                g.copy_(self.reduce(g))
+        self.evaluations += 1
+        loss_value = float(loss_sum)
+        if not torch.isfinite(loss_sum):
+            raise NonFiniteProbe(f"the probe loss is {loss_value}")
+        return Evaluation(loss_value, gradient)

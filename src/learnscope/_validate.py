@@ -1,0 +1,48 @@
+"""Constructor-argument checks: each error names the argument and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int{_min(minimum)}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int{_min(minimum)}, got {value!r}")
+    return value
+
+
+def _min(minimum: int | None) -> str:
+    return "" if minimum is None else f" >= {minimum}"
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str], *, extra: str = "") -> str:
+    if not isinstance(value, str) or value not in allowed:
+        options = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {options}{' ' + extra if extra else ''}; got {value!r}")
+    return value
+
+
+def check_patterns(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be None or a list of glob patterns (str) over module names, got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be None or a non-empty list of glob patterns, got an empty list")
+    return list(value)

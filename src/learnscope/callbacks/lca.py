@@ -1,0 +1,472 @@
+"""The LossChangeAllocation callback: when and on what to integrate; the math is in
+:mod:`learnscope.functional.lca`."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from learnscope import _logging, tags
+from learnscope._probe import (
+    NonFiniteProbe,
+    ProbeChunk,
+    ProbeError,
+    ProbeObjective,
+    chunk_weights,
+    collect_batches,
+    preserved_rng,
+)
+from learnscope._validate import check_bool, check_choice, check_int, check_positive_float, check_patterns
+from learnscope.functional.lca import RULES, Evaluation, StepAllocation, allocate_step
+from learnscope.records import Counts, LCAStepRecord, Moments
+
+PROBES = ("train", "val", "batch")
+
+
+@dataclass
+class _StepEvent:
+    """One real optimizer update, seen by the torch step hooks."""
+
+    step: int
+    optimizer: torch.optim.Optimizer
+    names: list[str]
+    start: dict[str, Tensor]
+    applied_gradient: dict[str, Tensor] | None
+    start_evaluation: Evaluation | None
+    done: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class LossChangeAllocation(Callback):
+    r"""Loss Change Allocation (Lan et al., 2019), online, for every measured step.
+
+    For an optimizer step θ_t → θ_{t+1} with Δ = θ_{t+1} − θ_t, each parameter's
+    allocation is A_i = Δ_i k_i with k = ∫_0^1 ∇L(θ_t + sΔ) ds the path-averaged
+    gradient of a fixed probe loss L. The allocations sum to L(θ_{t+1}) − L(θ_t) up
+    to the quadrature error; **negative means the parameter helped**.
+
+    The probe loss is the module's own ``training_step`` loss (or ``loss_fn``)
+    evaluated at other parameter values with dropout off, BatchNorm normalising
+    with each fixed probe chunk's own statistics and running buffers never read or
+    written, on a fixed probe set. Training is never perturbed: weights, buffers,
+    gradients, RNG streams, module modes and optimizer state stay bitwise as they
+    would be without the callback.
+
+    Args:
+        every_n_steps: measure optimizer steps with ``global_step % every_n_steps == 0``
+            (the first step is always measured).
+        probe: ``"train"`` (a fixed random subset of the training data, chosen with
+            its own seed), ``"val"`` (the validation data), ``"batch"`` (the current
+            training minibatch; all micro-batches under gradient accumulation), or a
+            ``DataLoader`` (exactly that data).
+        probe_size: samples in the ``"train"``/``"val"`` probe set (None: all).
+        probe_batch_size: chunk size of probe evaluations.
+        rule: ``"first_order"``, ``"trapezoid"``, ``"simpson"`` or ``"adaptive"``.
+        tolerance: absolute per-step error target of ``"adaptive"`` (≤ 32 sub-intervals).
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor``; default: the module's
+            ``training_step`` loss (a tensor or a dict's ``"loss"``). Required under
+            manual optimization.
+        histograms: per-layer histograms of allocations, at most every
+            ``trainer.log_every_n_steps`` steps.
+        modules: glob patterns over module names selecting which modules get
+            per-layer tags and histograms. The integral always covers every
+            trainable parameter, so ``lca/total`` and the error stay exact.
+
+    The cheap mode ``probe="batch", rule="first_order"`` uses the gradient the
+    optimizer applied (no extra pass): with plain SGD every allocation is then
+    −lr·g² ≤ 0. It does not evaluate the loss after the step, so ``lca/delta_loss``,
+    ``lca/abs_error`` and ``lca/cumulative_relative_error`` are not written.
+
+    Example::
+
+        trainer = Trainer(callbacks=[LossChangeAllocation(probe_size=512, rule="simpson")])
+        trainer.fit(model, datamodule)
+        # tensorboard --logdir lightning_logs  → scalars lca/layer/<module>, ...
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        probe: Union[Literal["train", "val", "batch"], DataLoader] = "train",
+        probe_size: Optional[int] = 1024,
+        probe_batch_size: int = 256,
+        rule: Literal["first_order", "trapezoid", "simpson", "adaptive"] = "simpson",
+        tolerance: float = 1e-3,
+        loss_fn: Optional[Callable[[pl.LightningModule, Any], Tensor]] = None,
+        histograms: bool = True,
+        modules: Optional[list[str]] = None,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
+        if not isinstance(probe, DataLoader):
+            check_choice("probe", probe, PROBES, extra="or a torch.utils.data.DataLoader")
+        self.probe = probe
+        self.probe_size = None if probe_size is None else check_int("probe_size", probe_size, minimum=1)
+        self.probe_batch_size = check_int("probe_batch_size", probe_batch_size, minimum=1)
+        self.rule = check_choice("rule", rule, RULES)
+        self.tolerance = check_positive_float("tolerance", tolerance)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be a callable (module, batch) -> scalar tensor or None, got {loss_fn!r}")
+        self.loss_fn = loss_fn
+        self.histograms = check_bool("histograms", histograms)
+        self.modules = check_patterns("modules", modules)
+
+        self._cheap = self.probe == "batch" and self.rule == "first_order"
+        # run state, rebuilt in on_train_start
+        self._tracked: dict[str, Tensor] = {}
+        self._owner: dict[str, str] = {}
+        self._reported: set[str] = set()
+        self._chunks: list[ProbeChunk] = []
+        self._pending_batches: list[tuple[Any, int]] = []
+        self._events: list[_StepEvent] = []
+        self._records: dict[int, LCAStepRecord] = {}
+        self._hook_handles: list[Any] = []
+        self._cache: Evaluation | None = None
+        self._cache_versions: tuple[int, ...] | None = None
+        self._hooked_steps = 0
+        self._last_global_step = 0
+        self._last_histogram_step: int | None = None
+        self._trainer: pl.Trainer | None = None
+        self._pl_module: pl.LightningModule | None = None
+        # cumulative state (saved in checkpoints)
+        self._cumulative: dict[str, float] = {}
+        self._sum_total = 0.0
+        self._sum_delta_loss = 0.0
+        self._sum_total_with_loss = 0.0
+        self._skipped_steps = 0
+        self._measured_steps = 0
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            probe=self.probe if isinstance(self.probe, str) else "dataloader",
+            rule=self.rule,
+            probe_size=self.probe_size,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "cumulative": dict(self._cumulative),
+            "sum_total": self._sum_total,
+            "sum_delta_loss": self._sum_delta_loss,
+            "sum_total_with_loss": self._sum_total_with_loss,
+            "skipped_steps": self._skipped_steps,
+            "measured_steps": self._measured_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._cumulative = dict(state_dict.get("cumulative", {}))
+        self._sum_total = float(state_dict.get("sum_total", 0.0))
+        self._sum_delta_loss = float(state_dict.get("sum_delta_loss", 0.0))
+        self._sum_total_with_loss = float(state_dict.get("sum_total_with_loss", 0.0))
+        self._skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._measured_steps = int(state_dict.get("measured_steps", 0))
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization and self.loss_fn is None and not self._cheap:
+            raise ProbeError(
+                "LossChangeAllocation: the module uses manual optimization, so its training_step cannot be "
+                "evaluated as a loss (it steps optimizers itself). Set loss_fn=callable(module, batch) -> scalar "
+                "tensor, or use probe='batch' with rule='first_order'."
+            )
+        if self.probe == "val":
+            source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+            if source is None or not source.is_defined() or source.instance is None:
+                raise ProbeError(
+                    "LossChangeAllocation(probe='val') needs validation data, but the trainer has none: "
+                    "pass val_dataloaders / define val_dataloader, or set probe='train'."
+                )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer, self._pl_module = trainer, pl_module
+        self._tracked = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        self._owner = {n: n.rpartition(".")[0] or "root" for n in self._tracked}
+        modules = sorted(set(self._owner.values()))
+        if self.modules is not None:
+            modules = [m for m in modules if any(fnmatch.fnmatchcase(m, pat) for pat in self.modules)]
+            if not modules:
+                rank_zero_warn(f"LossChangeAllocation: no trainable module matches modules={self.modules}")
+        self._reported = set(modules)
+        if self.probe != "batch":
+            self._chunks = self._build_probe_set(trainer, pl_module)
+        self._last_global_step = trainer.global_step
+        self._register_hooks(trainer)
+
+    def _build_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ProbeChunk]:
+        device = pl_module.device
+        with preserved_rng(device), torch.inference_mode(False):
+            if isinstance(self.probe, DataLoader):
+                raw = collect_batches(self.probe, None, self.probe_batch_size, subset=False)
+                what = "the probe DataLoader"
+            else:
+                loader = trainer.train_dataloader if self.probe == "train" else self._val_loader(trainer)
+                if isinstance(loader, (list, tuple)) and len(loader) >= 1:
+                    loader = loader[0]
+                if loader is None or isinstance(loader, dict):
+                    raise ProbeError(
+                        f"LossChangeAllocation(probe={self.probe!r}) cannot take probe samples from a "
+                        f"{type(loader).__name__}: pass probe=DataLoader(...) instead"
+                    )
+                raw = collect_batches(loader, self.probe_size, self.probe_batch_size)
+                what = f"the {self.probe} data"
+            if not raw:
+                raise ProbeError(f"LossChangeAllocation: {what} yielded no batches; set probe to non-empty data")
+            batches = [self._to_device(trainer, b) for b in raw]
+        return chunk_weights(batches)
+
+    @staticmethod
+    def _val_loader(trainer: pl.Trainer) -> Any:
+        loader = trainer.val_dataloaders
+        if loader is None:
+            source = trainer.fit_loop.epoch_loop.val_loop._data_source
+            loader = source.dataloader()
+        return loader
+
+    @staticmethod
+    def _to_device(trainer: pl.Trainer, batch: Any) -> Any:
+        batch = trainer.precision_plugin.convert_input(batch)
+        return trainer.strategy.batch_to_device(batch)
+
+    def _register_hooks(self, trainer: pl.Trainer) -> None:
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            self._hook_handles.append(optimizer.register_step_pre_hook(self._before_step))
+            self._hook_handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        self._events.clear()
+        self._pending_batches.clear()
+        self._cache = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        self._chunks = []
+        self._cache = None
+
+    # ------------------------------------------------------------------ step hooks
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self._tracked.values())
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        self._flush()  # a previous step in this batch ends here (manual optimization)
+        step = trainer.global_step
+        reusable = (
+            self._cache is not None and self.probe != "batch" and self._cache_versions == self._versions()
+        )
+        cache, self._cache = self._cache, None  # any step moves θ: the cache is used now or never
+        if step % self.every_n_steps != 0:
+            return
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = [n for n, p in self._tracked.items() if id(p) in owned]
+        event = _StepEvent(
+            step=step,
+            optimizer=optimizer,
+            names=names,
+            start={n: self._tracked[n].detach().clone() for n in names},
+            applied_gradient=(
+                {n: self._grad_or_zero(self._tracked[n]) for n in names} if self._cheap else None
+            ),
+            start_evaluation=cache if reusable else None,
+        )
+        self._events.append(event)
+
+    @staticmethod
+    def _grad_or_zero(p: Tensor) -> Tensor:
+        return torch.zeros_like(p) if p.grad is None else p.grad.detach()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._hooked_steps += 1
+        for event in self._events:
+            if event.optimizer is optimizer and not event.done:
+                event.done = True
+
+    # ------------------------------------------------------------------ batches
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.probe == "batch":
+            self._pending_batches.append((batch, batch_idx))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._flush()
+        advanced = trainer.global_step - self._last_global_step
+        self._last_global_step = trainer.global_step
+        stepped, self._hooked_steps = self._hooked_steps, 0
+        if advanced > stepped:  # e.g. a GradScaler skipped the update: no hooks fired
+            self._skipped_steps += advanced - stepped
+            _logging.log_scalars(trainer, {"lca/skipped_steps": self._skipped_steps}, step=trainer.global_step - 1)
+        if advanced > 0 or stepped > 0:
+            self._pending_batches.clear()
+        self._log_records(trainer)
+
+    # ------------------------------------------------------------------ measurement
+
+    def _flush(self) -> None:
+        """Integrate every completed step: its end point is the current parameters."""
+        done = [e for e in self._events if e.done]
+        if not done:
+            return
+        self._events = [e for e in self._events if not e.done]
+        for event in done:
+            record = self._measure(event)
+            if record is None:
+                continue
+            if record.step in self._records:
+                self._records[record.step].merge(record)
+            else:
+                self._records[record.step] = record
+
+    def _objective(self) -> ProbeObjective:
+        pl_module = self._pl_module
+        assert pl_module is not None and self._trainer is not None
+        if self.probe == "batch":
+            chunks = chunk_weights([b for b, _ in self._pending_batches], equal=True)
+            for chunk, (_, idx) in zip(chunks, self._pending_batches):
+                chunk.batch_idx = idx
+        else:
+            chunks = self._chunks
+        return ProbeObjective(pl_module, chunks, loss_fn=self.loss_fn, step_context=self._step_context)
+
+    def _step_context(self) -> contextlib.AbstractContextManager:
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        if plugin is None or isinstance(plugin, MixedPrecision):
+            return contextlib.nullcontext()  # probe math in float32, never under autocast
+        return plugin.forward_context()
+
+    def _measure(self, event: _StepEvent) -> LCAStepRecord | None:
+        live = {n: p.detach() for n, p in self._tracked.items()}
+        start = {**live, **event.start}
+        try:
+            if self._cheap:
+                assert event.applied_gradient is not None
+                delta = {n: live[n] - event.start[n] for n in event.names}
+                allocation = StepAllocation(
+                    path_gradient=event.applied_gradient, delta=delta, loss_start=None, loss_end=None,
+                    splits=1, end=None,
+                )
+                allocation.total = sum(float((event.applied_gradient[n] * delta[n]).sum(dtype=torch.float64)) for n in delta)
+            else:
+                allocation = allocate_step(
+                    self._objective(), start, live, rule=self.rule, tolerance=self.tolerance,
+                    start_evaluation=event.start_evaluation,
+                )
+        except NonFiniteProbe as err:
+            self._skip(event.step, f"non-finite probe value ({err})")
+            return None
+        if not math.isfinite(allocation.total):
+            self._skip(event.step, "non-finite allocation")
+            return None
+        if self.probe != "batch" and allocation.end is not None:
+            self._cache, self._cache_versions = allocation.end, self._versions()
+        return self._summarise(event, allocation)
+
+    def _skip(self, step: int, why: str) -> None:
+        self._skipped_steps += 1
+        self._cache = None
+        rank_zero_warn(f"LossChangeAllocation: step {step} skipped: {why}. Training goes on.")
+        if self._trainer is not None:
+            _logging.log_scalars(self._trainer, {"lca/skipped_steps": self._skipped_steps}, step=step)
+
+    def _summarise(self, event: _StepEvent, allocation: StepAllocation) -> LCAStepRecord:
+        counts, moments = Counts(), Moments()
+        layers: dict[str, float] = {}
+        layer_counts: dict[str, Counts] = {}
+        pieces: dict[str, list[Tensor]] = {}
+        want_hist = self.histograms and self._histogram_due(event.step)
+        for name in event.names:
+            a = allocation.allocation(name)
+            module = self._owner[name]
+            c = Counts(int((a < 0).sum()), int((a > 0).sum()), int((a != 0).sum()), a.numel())
+            counts.add(c)
+            a64 = a.detach().double()
+            sq = a64 * a64
+            moments.add(Moments(a.numel(), float(a64.sum()), float(sq.sum()), float((sq * a64).sum()), float((sq * sq).sum())))
+            if module in self._reported:
+                layers[module] = layers.get(module, 0.0) + float(a.sum(dtype=torch.float64))
+                layer_counts.setdefault(module, Counts()).add(c)
+                if want_hist:
+                    pieces.setdefault(module, []).append(a.detach().reshape(-1).cpu())
+        histograms = {m: torch.cat(v) for m, v in pieces.items()} if want_hist else None
+        if want_hist:
+            self._last_histogram_step = event.step
+        return LCAStepRecord(
+            step=event.step,
+            total=allocation.total,
+            delta_loss=None if self._cheap else allocation.delta_loss,
+            splits=allocation.splits,
+            counts=counts,
+            moments=moments,
+            layers=layers,
+            layer_counts=layer_counts,
+            histograms=histograms,
+        )
+
+    def _histogram_due(self, step: int) -> bool:
+        assert self._trainer is not None
+        every = max(1, self._trainer.log_every_n_steps)
+        return self._last_histogram_step is None or step - self._last_histogram_step >= every
+
+    def _log_records(self, trainer: pl.Trainer) -> None:
+        for step in sorted(self._records):
+            record = self._records[step]
+            self._measured_steps += 1
+            self._sum_total += record.total
+            if record.delta_loss is not None:
+                self._sum_delta_loss += record.delta_loss
+                self._sum_total_with_loss += record.total
+            for module, value in record.layers.items():
+                self._cumulative[module] = self._cumulative.get(module, 0.0) + value
+            scalars = tags.lca_scalars(record, self._cumulative, self.cumulative_relative_error)
+            _logging.log_scalars(trainer, scalars, step=step)
+            if record.histograms:
+                _logging.log_histograms(trainer, tags.lca_histograms(record.histograms), step=step)
+        self._records.clear()
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def cumulative_relative_error(self) -> float:
+        """``|Σ_t Σ_i A − Σ_t ΔL| / |Σ_t ΔL|`` over the measured steps (nan in the cheap mode)."""
+        if self._cheap or self._sum_delta_loss == 0.0:
+            return math.nan
+        return abs(self._sum_total_with_loss - self._sum_delta_loss) / abs(self._sum_delta_loss)
+
+    @property
+    def cumulative(self) -> dict[str, float]:
+        """Cumulative allocation per module over the measured steps so far."""
+        return dict(self._cumulative)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped_steps

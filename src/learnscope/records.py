@@ -1,0 +1,126 @@
+"""Measurements as small typed records.
+
+The callbacks produce these; the TensorBoard sink (:mod:`learnscope.tags`), the
+offline report and any other consumer read them. Nothing here knows about tags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class Counts:
+    """How many allocations were negative (helped), positive (hurt), non-zero, in all."""
+
+    helped: int = 0
+    hurt: int = 0
+    nonzero: int = 0
+    total: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.helped += other.helped
+        self.hurt += other.hurt
+        self.nonzero += other.nonzero
+        self.total += other.total
+
+    @property
+    def helped_fraction(self) -> float:
+        return self.helped / self.total if self.total else math.nan
+
+    @property
+    def hurt_fraction(self) -> float:
+        return self.hurt / self.total if self.total else math.nan
+
+    @property
+    def helped_fraction_nonzero(self) -> float:
+        return self.helped / self.nonzero if self.nonzero else math.nan
+
+
+@dataclass
+class Moments:
+    """Raw power sums of the allocations, enough for mean, variance and kurtosis."""
+
+    n: int = 0
+    s1: float = 0.0
+    s2: float = 0.0
+    s3: float = 0.0
+    s4: float = 0.0
+
+    def add(self, other: Moments) -> None:
+        self.n += other.n
+        self.s1 += other.s1
+        self.s2 += other.s2
+        self.s3 += other.s3
+        self.s4 += other.s4
+
+    @property
+    def excess_kurtosis(self) -> float:
+        """``n Σ(a−μ)⁴ / (Σ(a−μ)²)² − 3`` (0 for a normal distribution)."""
+        if self.n < 2:
+            return math.nan
+        n, mean = self.n, self.s1 / self.n
+        m2 = self.s2 / n - mean**2
+        m4 = self.s4 / n - 4 * mean * self.s3 / n + 6 * mean**2 * self.s2 / n - 3 * mean**4
+        if m2 <= 0:
+            return math.nan
+        return m4 / m2**2 - 3.0
+
+
+@dataclass
+class LCAStepRecord:
+    """Loss change allocation of one measured optimizer step (or of several steps
+    that share one ``global_step``, merged by summing).
+
+    ``delta_loss`` and ``abs_error`` are None when the loss after the step was not
+    evaluated (the cheap mode: minibatch probe with the first-order rule).
+    """
+
+    step: int
+    total: float
+    delta_loss: float | None
+    splits: int
+    counts: Counts
+    moments: Moments
+    layers: dict[str, float] = field(default_factory=dict)
+    layer_counts: dict[str, Counts] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)
+    layer_parts: dict[str, dict[str, float]] = field(default_factory=dict)
+    units: dict[str, Tensor] = field(default_factory=dict)
+    histograms: dict[str, Tensor] | None = None
+    ablation: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def abs_error(self) -> float | None:
+        return None if self.delta_loss is None else abs(self.delta_loss - self.total)
+
+    def merge(self, other: LCAStepRecord) -> None:
+        self.total += other.total
+        if self.delta_loss is not None and other.delta_loss is not None:
+            self.delta_loss += other.delta_loss
+        else:
+            self.delta_loss = None
+        self.splits = max(self.splits, other.splits)
+        self.counts.add(other.counts)
+        self.moments.add(other.moments)
+        for name, value in other.layers.items():
+            self.layers[name] = self.layers.get(name, 0.0) + value
+        for name, counts in other.layer_counts.items():
+            self.layer_counts.setdefault(name, Counts()).add(counts)
+        for part, value in other.parts.items():
+            self.parts[part] = self.parts.get(part, 0.0) + value
+        for name, parts in other.layer_parts.items():
+            mine = self.layer_parts.setdefault(name, {})
+            for part, value in parts.items():
+                mine[part] = mine.get(part, 0.0) + value
+        for name, values in other.units.items():
+            self.units[name] = self.units[name] + values if name in self.units else values
+        if other.histograms:
+            self.histograms = {**(self.histograms or {}), **other.histograms}
+        for corner, values in other.ablation.items():
+            mine = self.ablation.setdefault(corner, {})
+            for key, value in values.items():
+                mine[key] = mine.get(key, 0.0) + value
