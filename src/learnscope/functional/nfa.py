@@ -1,0 +1,746 @@
+r"""The Neural Feature Ansatz as plain functions on modules and tensors (BRIEF §3).
+
+Notation (BRIEF 3.1–3.2). A layer has input h (dimension d: a vector, one token,
+or one unfolded patch), weight ``W_flat`` = W (k×d) and pre-activation
+z = W h + b. The network output is f ∈ R^c per sample (per token for sequences).
+
+    NFM  = WᵀW                                            (d×d)
+    AGOP = (1/n) Σ_x Σ_j ∇_h f_j(x) ∇_h f_j(x)ᵀ             (d×d)
+    G    = (1/n) Σ_x Σ_j Σ_positions ∇_z f_j ∇_z f_jᵀ         (k×k)
+    AGOP = Wᵀ G W                                          (exact)
+    NFA:   WᵀW ∝ AGOP^α,  α ∈ {1, ½}
+
+This module computes G for every layer at once (``preactivation_grams``,
+``PreactivationGramAccumulator``) and the scale-invariant NFA metrics from
+(W, G) without ever forming a d×d matrix (``nfa_metrics``, ``range_spectrum``).
+It imports nothing from Lightning: a hand-written training loop can use it as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from learnscope.layers import handler_for, select_layers, unsupported_reason
+
+__all__ = [
+    "AUTO_EXACT_MAX_OUTPUTS",
+    "PreactivationGramAccumulator",
+    "agop",
+    "default_output_fn",
+    "eval_mode",
+    "haar_orthogonal",
+    "nfa_metrics",
+    "preactivation_grams",
+    "range_spectrum",
+]
+
+Estimator = Literal["exact", "hutchinson", "auto"]
+
+#: ``estimator="auto"`` is exact up to this many outputs per position (c), Hutchinson above.
+AUTO_EXACT_MAX_OUTPUTS = 64
+
+# Seed of the private generator used when no generator is passed: results are
+# reproducible and the global RNG streams are never read or advanced.
+_DEFAULT_SEED = 0
+
+
+# --------------------------------------------------------------------------- #
+# Model plumbing
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in eval mode; restore each module's own flag on exit.
+
+    ``model.train()`` afterwards would be wrong: users keep some submodules
+    frozen in eval mode, so each module's ``.training`` is saved and restored.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def default_output_fn(output: Any) -> Tensor:
+    """Read the prediction tensor f out of a model's output.
+
+    Accepts a tensor, a tuple/list (its first element), a mapping with a
+    ``"logits"`` key, or an object with a ``logits`` attribute (e.g. Hugging Face
+    ``ModelOutput``). Raises ValueError otherwise; pass ``output_fn`` then.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    described = type(output).__name__
+    if isinstance(output, Mapping):
+        described += f" with keys {list(output.keys())}"
+    raise ValueError(
+        f"cannot read the model output ({described}) as a prediction tensor; pass "
+        "output_fn=... mapping the model output to a tensor of shape (n, c) or (n, T, c)"
+    )
+
+
+def _clone_inference_tensors(value: Any) -> Any:
+    # Tensors made under torch.inference_mode() cannot enter an autograd graph.
+    if isinstance(value, Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_clone_inference_tensors(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_inference_tensors(v) for v in value)
+    if isinstance(value, Mapping):
+        return {key: _clone_inference_tensors(v) for key, v in value.items()}
+    return value
+
+
+def _call_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _cuda_devices(model: nn.Module, inputs: Any) -> list[int]:
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    stack = [inputs]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Tensor):
+            devices.add(value.device)
+        elif isinstance(value, (tuple, list)):
+            stack.extend(value)
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+    indices = set()
+    for device in devices:
+        if device.type == "cuda":
+            indices.add(device.index if device.index is not None else torch.cuda.current_device())
+    return sorted(indices)
+
+
+def _modules_in_training_mode(model: nn.Module) -> list[str]:
+    offenders = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase) or (
+            isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+        ):
+            offenders.append(name or "<root>")
+    return offenders
+
+
+def _resolve_layers(
+    model: nn.Module, layers: Mapping[str, nn.Module] | Sequence[str] | None
+) -> dict[str, nn.Module]:
+    if layers is None or (
+        isinstance(layers, (str, Sequence)) and not isinstance(layers, Mapping)
+    ):
+        return select_layers(model, layers)
+    if not isinstance(layers, Mapping):
+        raise TypeError(
+            "layers must be a mapping name -> module, a list of glob patterns, or None; "
+            f"got {type(layers).__name__}"
+        )
+    resolved: dict[str, nn.Module] = {}
+    skipped = []
+    for name, module in layers.items():
+        reason = unsupported_reason(module)
+        if reason is None:
+            resolved[name] = module
+        else:
+            skipped.append(f"{name} ({type(module).__name__}: {reason})")
+    if skipped:
+        warnings.warn(
+            "learnscope NFA: skipping layers that cannot be measured: " + "; ".join(skipped),
+            stacklevel=3,
+        )
+    return resolved
+
+
+# --------------------------------------------------------------------------- #
+# G: the pre-activation gradient Gram matrix of every layer
+# --------------------------------------------------------------------------- #
+
+
+class PreactivationGramAccumulator:
+    r"""Accumulates G_l for every layer over one or several input chunks.
+
+    ``update(chunk)`` may be called any number of times; ``compute()`` returns
+
+        G_l = (1/n) Σ_x Σ_j Σ_positions ∇_z f_j(x) ∇_z f_j(x)ᵀ     (k_l × k_l, float64)
+
+    with n the total number of samples seen, so feeding a probe set in chunks
+    gives the same G as one batch (exactly, up to float64 summation order, for
+    the exact estimator). See ``preactivation_grams`` for the arguments.
+
+    How (BRIEF 3.4): forward hooks replace each layer's output z by z + p with
+    p a zero leaf tensor, so ∂f/∂p = ∂f/∂z even when an in-place op (ReLU) follows
+    the layer; one forward per chunk; then batched vector-Jacobian products
+    ``torch.autograd.grad(f, [p_l], grad_outputs=V, is_grads_batched=True)`` for
+    all layers at once, ``output_chunk`` rows of V at a time:
+
+    * exact: V runs over the one-hot vectors of the C = ∏ f.shape[1:] outputs
+      (the same one-hot for every sample: samples must not interact, so measure in
+      eval mode); each VJP row holds ∇_z f_j(x) for every x and position;
+    * hutchinson: V holds Rademacher vectors v (entries ±1) drawn independently
+      for every sample; E[(vᵀJ)ᵀ(vᵀJ)] = JᵀJ, so G ≈ (1/(n·P)) Σ_x Σ_{p≤P} gᵀg with
+      P = ``num_probes``: unbiased; independent draws per sample make the
+      per-sample errors average out (≈10× better than one probe shared by the batch).
+
+    A layer called several times in one forward (weight sharing) contributes all
+    its calls, as if they were further positions.
+
+    Nothing of the caller's state changes: no parameter, buffer, ``.grad``
+    (``autograd.grad``, never ``.backward``), module ``.training`` flag, or global
+    RNG stream (the forward runs under ``torch.random.fork_rng``; probes come from
+    ``generator`` or a private generator seeded with 0). Hooks are removed in
+    ``finally``. Works under ``torch.no_grad()`` / ``torch.inference_mode()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module] | Sequence[str] | None = None,
+        *,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        estimator: Estimator = "exact",
+        num_probes: int = 16,
+        output_chunk: int = 16,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if estimator not in ("exact", "hutchinson", "auto"):
+            raise ValueError(
+                f"estimator must be 'exact', 'hutchinson' or 'auto', got {estimator!r}"
+            )
+        if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+        if not isinstance(output_chunk, int) or isinstance(output_chunk, bool) or output_chunk < 1:
+            raise ValueError(f"output_chunk must be a positive int, got {output_chunk!r}")
+        if output_fn is not None and not callable(output_fn):
+            raise ValueError(f"output_fn must be callable, got {type(output_fn).__name__}")
+        self.model = model
+        self.layers = _resolve_layers(model, layers)
+        self.output_fn = output_fn
+        self.requested_estimator = estimator
+        self.num_probes = num_probes
+        self.output_chunk = output_chunk
+        self.generator = generator
+        self._batched_vjp_works = True
+        self._warned: set[str] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated (the resolved estimator too)."""
+        self.num_samples = 0
+        self.estimator: str | None = None  # "exact" or "hutchinson" once resolved
+        self._gram_sums: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {name: 0 for name in self.layers}
+
+    @property
+    def is_estimate(self) -> bool:
+        """True when G is a Hutchinson estimate rather than exact."""
+        return self.estimator == "hutchinson"
+
+    def update(self, inputs: Any) -> None:
+        """Add one chunk of samples (a tensor, a tuple of positional args or a dict of kwargs)."""
+        offenders = _modules_in_training_mode(self.model)
+        if offenders and "training" not in self._warned:
+            self._warned.add("training")
+            warnings.warn(
+                "learnscope NFA: modules in training mode (" + ", ".join(offenders[:5])
+                + ("..." if len(offenders) > 5 else "")
+                + ") make samples interact or add noise, and train-mode BatchNorm "
+                "updates its running buffers; measure under learnscope.functional.nfa.eval_mode(model)",
+                stacklevel=2,
+            )
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                torch.random.fork_rng(devices=_cuda_devices(self.model, inputs))
+            )
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            self._update(_clone_inference_tensors(inputs))
+
+    def _update(self, inputs: Any) -> None:
+        leaves: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+
+        def make_hook(name: str) -> Callable:
+            def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                if not isinstance(output, Tensor) or not output.is_floating_point():
+                    return None
+                probe = torch.zeros_like(output, requires_grad=True)
+                leaves[name].append(probe)
+                return output + probe
+
+            return hook
+
+        handles = []
+        try:
+            for name, module in self.layers.items():
+                handles.append(module.register_forward_hook(make_hook(name)))
+            raw_output = _call_model(self.model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        output = self._read_output(raw_output)
+        num_samples = output.shape[0]
+        outputs_per_position = output.shape[-1]
+        flat_output = output.reshape(num_samples, -1)
+
+        if self.estimator is None:
+            if self.requested_estimator == "auto":
+                self.estimator = (
+                    "exact" if outputs_per_position <= AUTO_EXACT_MAX_OUTPUTS else "hutchinson"
+                )
+            else:
+                self.estimator = self.requested_estimator
+
+        for name in self.layers:
+            if not leaves[name] and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"learnscope NFA: layer {name!r} was not called during the forward pass "
+                    "(e.g. nn.MultiheadAttention.out_proj, or a compiled model); it is left out",
+                    stacklevel=3,
+                )
+            self._calls[name] += len(leaves[name])
+
+        names = [name for name in self.layers for _ in leaves[name]]
+        probes = [probe for name in self.layers for probe in leaves[name]]
+        for name in self.layers:
+            if leaves[name] and name not in self._gram_sums:
+                k = handler_for(self.layers[name]).out_features(self.layers[name])
+                self._gram_sums[name] = torch.zeros(
+                    k, k, dtype=torch.float64, device=leaves[name][0].device
+                )
+        self.num_samples += num_samples
+        if not probes or not flat_output.requires_grad:
+            return  # no measured layer influences the output: G gets zeros
+
+        for grad_outputs, weight in self._grad_output_batches(flat_output):
+            grads = self._batched_vjp(flat_output, probes, grad_outputs)
+            for name, grad in zip(names, grads):
+                if grad is None:
+                    continue
+                module = self.layers[name]
+                rows = handler_for(module).gradient_rows(module, grad).to(torch.float64)
+                self._gram_sums[name].addmm_(rows.mT, rows, alpha=weight)
+
+    def _read_output(self, raw_output: Any) -> Tensor:
+        if self.output_fn is None:
+            output = default_output_fn(raw_output)
+        else:
+            output = self.output_fn(raw_output)
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"output_fn must return a tensor of shape (n, c) or (n, T, c), "
+                    f"got {type(output).__name__}"
+                )
+        if not output.is_floating_point():
+            raise ValueError(
+                f"the prediction tensor has dtype {output.dtype}; pass output_fn=... "
+                "returning floating-point outputs of shape (n, c) or (n, T, c)"
+            )
+        if output.dim() == 0:
+            raise ValueError(
+                "the prediction tensor is a scalar; pass output_fn=... returning "
+                "per-sample outputs of shape (n, c) or (n, T, c)"
+            )
+        if output.dim() == 1:
+            output = output.unsqueeze(-1)  # (n,) regression: one output per sample
+        return output
+
+    def _grad_output_batches(self, flat_output: Tensor) -> Iterator[tuple[Tensor, float]]:
+        num_samples, num_outputs = flat_output.shape
+        options = dict(dtype=flat_output.dtype, device=flat_output.device)
+        if self.estimator == "exact":
+            for start in range(0, num_outputs, self.output_chunk):
+                index = torch.arange(start, min(start + self.output_chunk, num_outputs))
+                one_hots = torch.zeros(len(index), num_samples, num_outputs, **options)
+                one_hots[torch.arange(len(index)), :, index] = 1.0
+                yield one_hots, 1.0
+            return
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(_DEFAULT_SEED)
+        for start in range(0, self.num_probes, self.output_chunk):
+            count = min(self.output_chunk, self.num_probes - start)
+            signs = torch.randint(
+                0, 2, (count, num_samples, num_outputs),
+                generator=self.generator, device=self.generator.device,
+            )
+            yield (2 * signs - 1).to(**options), 1.0 / self.num_probes
+
+    def _batched_vjp(
+        self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor
+    ) -> Sequence[Tensor | None]:
+        if self._batched_vjp_works:
+            try:
+                return torch.autograd.grad(
+                    output, probes, grad_outputs=grad_outputs, retain_graph=True,
+                    allow_unused=True, is_grads_batched=True,
+                )
+            except RuntimeError as error:
+                # Some ops have no vmap rule for their backward; fall back to a loop.
+                self._batched_vjp_works = False
+                warnings.warn(
+                    f"learnscope NFA: batched VJPs failed ({error}); falling back to one "
+                    "VJP per output, which is slower",
+                    stacklevel=4,
+                )
+        per_row = [
+            torch.autograd.grad(
+                output, probes, grad_outputs=row, retain_graph=True, allow_unused=True
+            )
+            for row in grad_outputs
+        ]
+        stacked: list[Tensor | None] = []
+        for position, probe in enumerate(probes):
+            column = [grads[position] for grads in per_row]
+            if all(g is None for g in column):
+                stacked.append(None)
+            else:
+                stacked.append(
+                    torch.stack([torch.zeros_like(probe) if g is None else g for g in column])
+                )
+        return stacked
+
+    def compute(self) -> dict[str, Tensor]:
+        """G_l = (accumulated Σ) / n for every layer that was called, float64."""
+        if self.num_samples == 0:
+            raise RuntimeError("no samples accumulated: call update(inputs) first")
+        return {
+            name: self._gram_sums[name] / self.num_samples
+            for name in self.layers
+            if self._calls[name] > 0
+        }
+
+
+def preactivation_grams(
+    model: nn.Module,
+    inputs: Any,
+    layers: Mapping[str, nn.Module] | Sequence[str] | None = None,
+    *,
+    output_fn: Callable[[Any], Tensor] | None = None,
+    estimator: Estimator = "exact",
+    num_probes: int = 16,
+    output_chunk: int = 16,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    r"""G_l for every layer in one forward pass (BRIEF 3.2, 3.4).
+
+        G_l = (1/n) Σ_x Σ_j Σ_positions ∇_z f_j(x) ∇_z f_j(x)ᵀ     (k_l × k_l, float64)
+
+    so that the layer's AGOP is ``agop(W_flat, G_l) = W_flatᵀ G_l W_flat``
+    (per token for Linear layers applied to sequences, per patch for convolutions,
+    each layer's own input being the free variable).
+
+    Args:
+        model: called as ``model(inputs)``, ``model(*inputs)`` for a tuple/list or
+            ``model(**inputs)`` for a dict. Put it in eval mode first
+            (``with eval_mode(model): ...``): samples must not interact.
+        inputs: one batch of n samples.
+        layers: name → module (e.g. from ``learnscope.layers.select_layers``), a
+            list of glob patterns over qualified module names, or None for every
+            Linear and Conv1d/2d/3d. Unsupported modules are skipped with a warning.
+        output_fn: maps the model output to the prediction f of shape (n, c) or
+            (n, T, c) (any trailing shape: every coordinate is one output; for
+            (n, T, c) each (token, class) pair is an output). Default:
+            ``default_output_fn`` (tensor, first tuple element, ``logits``).
+        estimator: "exact" (C = ∏ f.shape[1:] VJPs), "hutchinson" (``num_probes``
+            Rademacher VJPs, unbiased, drawn independently per sample) or "auto"
+            (exact when c = f.shape[-1] ≤ 64).
+        num_probes: Hutchinson probes per sample.
+        output_chunk: VJPs computed together (bounds memory: each holds a gradient
+            the size of every measured layer's output).
+        generator: source of Hutchinson probes; default a private generator
+            seeded with 0 (the global RNG is never touched).
+
+    Returns:
+        name → G (float64, on the layer's device), for every layer that ran.
+
+    For a probe set fed in chunks use ``PreactivationGramAccumulator``.
+    """
+    accumulator = PreactivationGramAccumulator(
+        model,
+        layers,
+        output_fn=output_fn,
+        estimator=estimator,
+        num_probes=num_probes,
+        output_chunk=output_chunk,
+        generator=generator,
+    )
+    accumulator.update(inputs)
+    return accumulator.compute()
+
+
+def agop(weight_flat: Tensor, gram: Tensor) -> Tensor:
+    """AGOP = W_flatᵀ G W_flat (d×d), exact (BRIEF 3.2). Reference and tests only:
+    the metrics never form d×d matrices."""
+    weight = weight_flat.detach().to(dtype=gram.dtype, device=gram.device)
+    return weight.mT @ gram @ weight
+
+
+# --------------------------------------------------------------------------- #
+# Metrics (BRIEF 3.3), computed in the r-dimensional range of W
+# --------------------------------------------------------------------------- #
+
+
+def haar_orthogonal(
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A Haar-distributed random orthogonal k×k matrix.
+
+    QR of a standard Gaussian matrix with the signs of diag(R) moved into Q
+    (without that correction Q is not Haar-distributed). Drawn on the
+    generator's device (CPU by default), then moved to ``device``.
+    """
+    gaussian = torch.randn(
+        k, k, generator=generator, dtype=torch.float64,
+        device=generator.device if generator is not None else "cpu",
+    )
+    q, r = torch.linalg.qr(gaussian)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return (q * signs).to(dtype=dtype, device=device)
+
+
+def _alpha_suffix(alpha: float) -> str:
+    return f"a{alpha:g}"
+
+
+def _default_rank_rtol(weight_flat: Tensor) -> float:
+    # Singular values below max(k, d)·ε·s_max are round-off (numpy's matrix_rank
+    # rule). ε is float32's unless the weight is float64: half-precision noise
+    # is no reason to drop whole directions.
+    eps = torch.finfo(torch.float64 if weight_flat.dtype == torch.float64 else torch.float32).eps
+    return max(weight_flat.shape) * eps
+
+
+def _range_svd(weight: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD W = U S Vᵀ restricted to singular values above rank_rtol·s_max."""
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    if s.numel() == 0 or not s[0] > 0:
+        return u[:, :0], s[:0], vh[:0].mT
+    rank = int((s > rank_rtol * s[0]).sum())
+    return u[:, :rank], s[:rank], vh[:rank].mT
+
+
+def _psd_power(matrix: Tensor, alpha: float) -> Tensor:
+    """M^α for symmetric PSD M via eigh; round-off (negative or ≤ r·ε·λ_max) eigenvalues → 0."""
+    if matrix.numel() == 0:
+        return matrix
+    if alpha == 1:
+        return matrix
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    largest = eigenvalues.abs().max()
+    cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * largest
+    powered = torch.where(
+        eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues)
+    )
+    return (eigenvectors * powered) @ eigenvectors.mT
+
+
+def _ratio(numerator: Tensor | float, denominator: Tensor | float) -> float:
+    numerator, denominator = float(numerator), float(denominator)
+    if not denominator > 0 or not math.isfinite(denominator):
+        return float("nan")
+    return numerator / denominator
+
+
+def _cosine_and_pearson(x: Tensor, y: Tensor, v: Tensor, d: int) -> tuple[float, float]:
+    r"""Cosine and Pearson of the flattened d×d matrices A = V X Vᵀ and B = V Y Vᵀ.
+
+    With Vᵀ V = I (r columns) and X, Y symmetric r×r:
+        ⟨A, B⟩ = tr(XY),  ‖A‖² = tr(X²),
+        mean entry a = 1ᵀA1/d² = uᵀXu/d² with u = Vᵀ1,
+        ⟨A − a𝟙, B − b𝟙⟩ = ⟨A, B⟩ − d²ab,  ‖A − a𝟙‖² = ‖A‖² − d²a²,
+    and Pearson is the cosine of the centred matrices.
+    """
+    if x.numel() == 0:
+        return float("nan"), float("nan")
+    inner = (x * y).sum()
+    norm_x2 = (x * x).sum()
+    norm_y2 = (y * y).sum()
+    cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
+    u = v.sum(dim=0)
+    mean_x = (u @ x @ u) / d**2
+    mean_y = (u @ y @ u) / d**2
+    covariance = inner - d**2 * mean_x * mean_y
+    variance_x = (norm_x2 - d**2 * mean_x**2).clamp_min(0)
+    variance_y = (norm_y2 - d**2 * mean_y**2).clamp_min(0)
+    pearson = _ratio(covariance, torch.sqrt(variance_x * variance_y))
+    return cosine, pearson
+
+
+def _nfa_correlations(
+    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int
+) -> tuple[float, float]:
+    """Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S."""
+    nfm = torch.diag(s**2)
+    m = s[:, None] * compressed_gram * s[None, :]
+    return _cosine_and_pearson(nfm, _psd_power(m, alpha), v, d)
+
+
+def _sphericity(gram: Tensor) -> float:
+    """ψ(G) = tr(G)² / (k·tr(G²)) ∈ [1/k, 1]; 1 ⇔ G ∝ I."""
+    k = gram.shape[0]
+    if k == 0:
+        return float("nan")
+    return _ratio(torch.trace(gram) ** 2, k * (gram * gram).sum())
+
+
+def nfa_metrics(
+    weight_flat: Tensor,
+    gram: Tensor,
+    *,
+    alphas: Sequence[float] = (1.0, 0.5),
+    initial_weight: Tensor | None = None,
+    null_draws: int = 4,
+    generator: torch.Generator | None = None,
+    readout: bool = False,
+    rank_rtol: float | None = None,
+) -> dict[str, float]:
+    r"""The NFA metrics of one layer (BRIEF 3.3) from W_flat (k×d) and G (k×k).
+
+    Everything is computed in the r-dimensional range of W, never with d×d
+    matrices: with the thin SVD W = U S Vᵀ (singular values below
+    ``rank_rtol``·s_max dropped; default max(k, d)·ε) and M = S UᵀGU S (r×r),
+    NFM = WᵀW = V S² Vᵀ and AGOP^α = (WᵀGW)^α = V M^α Vᵀ (M^α by eigh, negative
+    round-off eigenvalues set to 0).
+
+    Keys, for every α in ``alphas`` with suffix ``a{α:g}`` (``a1``, ``a0.5``):
+
+    * ``pearson_a{α}``: Pearson correlation of the flattened NFM and AGOP^α (the
+      cosine after subtracting each matrix's mean entry); the headline number;
+    * ``cosine_a{α}``: their cosine similarity ⟨A, B⟩/(‖A‖_F‖B‖_F);
+    * ``null_a{α}``: mean of ``pearson_a{α}`` with G replaced by Q G Qᵀ over
+      ``null_draws`` Haar-random orthogonal Q (k×k): what the correlation is for
+      a G with the same spectrum but no relation to W (high when W has low
+      stable rank); ``excess_a{α}`` = pearson − null. Omitted when null_draws=0;
+    * ``align_a{α}`` for α ≠ 1: cosine of UᵀGU with S^{2(1/α−1)} (the NFA-α
+      condition G ∝ (WWᵀ)^{1/α−1} on range(W); for α = ½, G ∝ WWᵀ). For α = 1 it
+      would be √``sphericity_range`` and is not repeated.
+
+    and once:
+
+    * ``sphericity``: ψ(G) = tr(G)²/(k·tr(G²)) ∈ [1/k, 1], 1 ⇔ G ∝ I;
+    * ``sphericity_range``: ψ(UᵀGU), the same on range(W) (the α = 1 NFA condition);
+    * ``stable_rank``: ‖W‖_F²/‖W‖_2²;
+    * with ``initial_weight`` W₀: ``weight_change`` = ‖W − W₀‖_F/‖W‖_F and the
+      centred NFA ``cnfa_pearson_a1``: ``pearson_a1`` with ΔW = W − W₀ in place
+      of W, i.e. Pearson(ΔWᵀΔW, ΔWᵀ G ΔW).
+
+    ``readout=True`` marks a layer whose output is the raw model output, where G
+    = I exactly (∇_z f_j = e_j): every α = 1 correlation is then identically 1 by
+    construction (WᵀW vs WᵀW), so ``pearson_a1``, ``cosine_a1``, ``null_a1``,
+    ``excess_a1`` and ``cnfa_pearson_a1`` are left out instead of reported as
+    evidence. α = ½ stays informative.
+
+    Undefined values (W = 0, G = 0, ΔW = 0) are NaN. Returns Python floats.
+    """
+    if weight_flat.dim() != 2:
+        raise ValueError(f"weight_flat must be a k×d matrix, got shape {tuple(weight_flat.shape)}")
+    k, d = weight_flat.shape
+    if gram.shape != (k, k):
+        raise ValueError(f"gram must be {k}×{k} for a weight of shape {(k, d)}, got {tuple(gram.shape)}")
+    if initial_weight is not None and initial_weight.shape != weight_flat.shape:
+        raise ValueError(
+            f"initial_weight must have the weight's shape {(k, d)}, got {tuple(initial_weight.shape)}"
+        )
+    alphas = [float(alpha) for alpha in alphas]
+    if any(not alpha > 0 for alpha in alphas):
+        raise ValueError(f"alphas must be positive, got {alphas}")
+    if not isinstance(null_draws, int) or null_draws < 0:
+        raise ValueError(f"null_draws must be a non-negative int, got {null_draws!r}")
+    if rank_rtol is None:
+        rank_rtol = _default_rank_rtol(weight_flat)
+
+    device = gram.device
+    gram = gram.detach().to(torch.float64)
+    gram = 0.5 * (gram + gram.mT)
+    weight = weight_flat.detach().to(dtype=torch.float64, device=device)
+    u, s, v = _range_svd(weight, rank_rtol)
+    compressed = u.mT @ gram @ u
+    reported = [alpha for alpha in alphas if not (readout and alpha == 1.0)]
+
+    metrics: dict[str, float] = {}
+    for alpha in reported:
+        cosine, pearson = _nfa_correlations(s, v, compressed, alpha, d)
+        metrics[f"pearson_{_alpha_suffix(alpha)}"] = pearson
+        metrics[f"cosine_{_alpha_suffix(alpha)}"] = cosine
+
+    if null_draws > 0 and reported:
+        if generator is None:
+            generator = torch.Generator().manual_seed(_DEFAULT_SEED)
+        null_sums = {alpha: 0.0 for alpha in reported}
+        for _ in range(null_draws):
+            rotation = haar_orthogonal(k, generator=generator, device=device)
+            rotated_frame = rotation.mT @ u  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
+            rotated = rotated_frame.mT @ gram @ rotated_frame
+            for alpha in reported:
+                null_sums[alpha] += _nfa_correlations(s, v, rotated, alpha, d)[1]
+        for alpha in reported:
+            suffix = _alpha_suffix(alpha)
+            null = null_sums[alpha] / null_draws
+            metrics[f"null_{suffix}"] = null
+            metrics[f"excess_{suffix}"] = metrics[f"pearson_{suffix}"] - null
+
+    metrics["sphericity"] = _sphericity(gram)
+    metrics["sphericity_range"] = _sphericity(compressed)
+    for alpha in alphas:
+        if alpha == 1.0:
+            continue
+        target = s ** (2 * (1 / alpha - 1))
+        metrics[f"align_{_alpha_suffix(alpha)}"] = _ratio(
+            (torch.diagonal(compressed) * target).sum(),
+            torch.linalg.matrix_norm(compressed) * torch.linalg.vector_norm(target),
+        )
+    metrics["stable_rank"] = _ratio((s**2).sum(), s[0] ** 2) if s.numel() else float("nan")
+
+    if initial_weight is not None:
+        delta = weight - initial_weight.detach().to(dtype=torch.float64, device=device)
+        metrics["weight_change"] = _ratio(
+            torch.linalg.matrix_norm(delta), torch.linalg.matrix_norm(weight)
+        )
+        if not readout:
+            du, ds, dv = _range_svd(delta, rank_rtol)
+            metrics["cnfa_pearson_a1"] = _nfa_correlations(ds, dv, du.mT @ gram @ du, 1.0, d)[1]
+    return metrics
+
+
+def range_spectrum(weight_flat: Tensor, gram: Tensor, *, rank_rtol: float | None = None) -> Tensor:
+    """Eigenvalues (descending, float64) of UᵀGU, G compressed to range(W).
+
+    The α = 1 NFA holds exactly when they are all equal; a histogram of them
+    shows how far from isotropic the layer's pre-activation gradients are.
+    """
+    if rank_rtol is None:
+        rank_rtol = _default_rank_rtol(weight_flat)
+    gram = gram.detach().to(torch.float64)
+    weight = weight_flat.detach().to(dtype=torch.float64, device=gram.device)
+    u, _, _ = _range_svd(weight, rank_rtol)
+    compressed = u.mT @ (0.5 * (gram + gram.mT)) @ u
+    return torch.linalg.eigvalsh(compressed).flip(0)
