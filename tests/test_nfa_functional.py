@@ -1,0 +1,651 @@
+"""Specification of the framework-free NFA core (learnscope.functional.nfa, learnscope.layers).
+
+The references here are written independently of the library: AGOP straight from
+its definition with ``torch.func.jacrev`` (each layer's own input as the free
+variable, per token or per unfolded patch), and the metrics from explicitly formed
+d×d matrices.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.func import jacrev, vmap
+
+from learnscope.functional.nfa import (
+    PreactivationGramAccumulator,
+    agop,
+    eval_mode,
+    haar_orthogonal,
+    nfa_metrics,
+    preactivation_grams,
+    range_spectrum,
+)
+from learnscope.layers import default_layers, select_layers
+
+DTYPE = torch.float64
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    estimate, reference = estimate.detach(), reference.detach()
+    return float(torch.linalg.matrix_norm(estimate - reference) / torch.linalg.matrix_norm(reference))
+
+
+def reference_agop(tail, free_inputs, *context):
+    """(1/n) Σ_x Σ_outputs Σ_positions ∂f/∂h_p ∂f/∂h_pᵀ by jacrev, h the layer's own input.
+
+    ``tail(h, *context)`` maps one sample's free variable (positions × d, or d)
+    to that sample's outputs.
+    """
+    jacobian = vmap(jacrev(tail, argnums=0))(free_inputs, *context)
+    n, d = free_inputs.shape[0], free_inputs.shape[-1]
+    positions = free_inputs[0].numel() // d
+    jacobian = jacobian.reshape(n, -1, positions, d)
+    return torch.einsum("nopd,nope->de", jacobian, jacobian) / n
+
+
+def run(modules, h):
+    """Apply modules in order, out-of-place (the reference must not rely on the hook trick)."""
+    for module in modules:
+        h = torch.relu(h) if isinstance(module, nn.ReLU) else module(h)
+    return h
+
+
+def extract_patches(h, conv):
+    """Unfolded input patches of a Conv{1,2,3}d: (n, L, C·∏kernel), and the output grid."""
+    spatial = len(conv.kernel_size)
+    padding = []
+    for p in reversed(conv.padding):
+        padding += [p, p]
+    h = F.pad(h, padding)
+    for axis in range(spatial):
+        span = conv.dilation[axis] * (conv.kernel_size[axis] - 1) + 1
+        h = h.unfold(2 + axis, span, conv.stride[axis])[..., :: conv.dilation[axis]]
+    grid = tuple(h.shape[2 : 2 + spatial])
+    order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
+    patches = h.permute(order).reshape(h.shape[0], math.prod(grid), -1)
+    return patches, grid
+
+
+def conv_from_patches(patches, conv, grid):
+    """z_p = W_flat P_p + b for one sample's patches (L, d) → (k, *grid)."""
+    weight_flat = conv.weight.reshape(conv.out_channels, -1)
+    z = patches @ weight_flat.mT + conv.bias
+    return z.mT.reshape(conv.out_channels, *grid)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    x = torch.tensor(data.data[:256] / 16.0, dtype=DTYPE)
+    return x
+
+
+def digits_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 48), nn.ReLU(inplace=True), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 10)
+    ).to(DTYPE).eval()
+
+
+# --------------------------------------------------------------------------- #
+# AGOP = W_flatᵀ G W_flat against jacrev references
+# --------------------------------------------------------------------------- #
+
+
+def test_mlp_agop_matches_jacrev_reference_on_digits(digits):
+    model = digits_mlp()
+    grams = preactivation_grams(model, digits, None)
+    assert list(grams) == ["0", "2", "4"]
+    for index in (0, 2, 4):
+        layer_input = run(model[:index], digits)
+        expected = reference_agop(lambda h: run(model[index:], h), layer_input)
+        measured = agop(model[index].weight, grams[str(index)])
+        assert relative_error(measured, expected) < 1e-6, index
+        assert relative_error(measured, expected) < 1e-12  # float64: round-off only
+
+
+def test_readout_gram_is_identity_for_raw_outputs(digits):
+    grams = preactivation_grams(digits_mlp(), digits, ["4"])
+    assert torch.allclose(grams["4"], torch.eye(10, dtype=DTYPE), atol=1e-14)
+
+
+def test_cnn_patch_agop_matches_jacrev_reference_with_stride_two(digits):
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
+    ).to(DTYPE).eval()
+    images = digits[:96].reshape(-1, 1, 8, 8)
+    grams = preactivation_grams(model, images, None)
+    assert list(grams) == ["0", "2", "5"]
+    for index in (0, 2):
+        conv = model[index]
+        patches, grid = extract_patches(run(model[:index], images), conv)
+        # the patch extraction itself reproduces the convolution
+        rebuilt = vmap(lambda p: conv_from_patches(p, conv, grid))(patches)
+        assert torch.allclose(rebuilt, conv(run(model[:index], images)), atol=1e-12)
+
+        def tail(p, conv=conv, grid=grid, index=index):
+            return run(model[index + 1 :], conv_from_patches(p, conv, grid).unsqueeze(0)).squeeze(0)
+
+        expected = reference_agop(tail, patches)
+        measured = agop(conv.weight.reshape(conv.out_channels, -1), grams[str(index)])
+        assert relative_error(measured, expected) < 1e-6, index
+    flat = run(model[:5], images)
+    expected = reference_agop(lambda h: model[5](h), flat)
+    assert relative_error(agop(model[5].weight, grams["5"]), expected) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(3, 5, 3, stride=1, padding=2, dilation=2),
+        nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(0, 1, 1)),
+    ],
+    ids=["conv1d-dilated", "conv3d-strided"],
+)
+def test_conv1d_and_conv3d_patch_agop_matches_reference(conv):
+    torch.manual_seed(2)
+    conv = conv.to(DTYPE)
+    spatial = (9,) if isinstance(conv, nn.Conv1d) else (4, 5, 3)
+    x = torch.randn(12, conv.in_channels, *spatial, dtype=DTYPE)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten()).eval()
+    readout = nn.Linear(model(x).shape[1], 4).to(DTYPE)
+    model.append(readout)
+    grams = preactivation_grams(model, x, ["0"])
+    patches, grid = extract_patches(x, conv)
+    expected = reference_agop(
+        lambda p: run(model[1:], conv_from_patches(p, conv, grid).unsqueeze(0)).squeeze(0), patches
+    )
+    measured = agop(conv.weight.reshape(conv.out_channels, -1), grams["0"])
+    assert relative_error(measured, expected) < 1e-6
+
+
+class TinyBlock(nn.Module):
+    """Single-head attention + MLP with residuals, per-token Linear layers, outputs (n, T, c).
+
+    ``free``/``free_input`` replace one layer's input and nothing else (Q/K/V
+    share an input; the residual keeps the original): the reference's free variable.
+    """
+
+    def __init__(self, width=6, hidden=10, classes=5):
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.proj = nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x, free=None, free_input=None, record=None):
+        def apply(name, h):
+            if record is not None:
+                record[name] = h
+            return getattr(self, name)(free_input if name == free else h)
+
+        q, k, v = apply("query", x), apply("key", x), apply("value", x)
+        attention = torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]), dim=-1)
+        x = x + apply("proj", attention @ v)
+        x = x + apply("down", F.gelu(apply("up", x)))
+        return apply("head", x)
+
+
+def test_attention_block_per_token_agop_matches_jacrev_reference():
+    torch.manual_seed(3)
+    block = TinyBlock().to(DTYPE).eval()
+    tokens = torch.randn(24, 7, 6, dtype=DTYPE)
+    grams = preactivation_grams(block, tokens, None)
+    layer_inputs: dict[str, torch.Tensor] = {}
+    block(tokens, record=layer_inputs)
+    assert list(grams) == list(layer_inputs) == ["query", "key", "value", "proj", "up", "down", "head"]
+    errors = {}
+    for name, layer_input in layer_inputs.items():
+
+        def tail(h, x, name=name):
+            return block(x.unsqueeze(0), free=name, free_input=h.unsqueeze(0)).squeeze(0)
+
+        expected = reference_agop(tail, layer_input, tokens)
+        errors[name] = relative_error(agop(getattr(block, name).weight, grams[name]), expected)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_chunked_accumulation_equals_one_batch(digits):
+    model = digits_mlp()
+    whole = preactivation_grams(model, digits, None)
+    accumulator = PreactivationGramAccumulator(model, None)
+    for chunk in digits.split(50):  # 50, 50, 50, 50, 50, 6
+        accumulator.update(chunk)
+    chunked = accumulator.compute()
+    assert accumulator.num_samples == len(digits)
+    for name in whole:
+        assert torch.allclose(chunked[name], whole[name], rtol=1e-12, atol=1e-15)
+
+
+def test_sequence_chunked_accumulation_equals_one_batch():
+    torch.manual_seed(4)
+    block = TinyBlock().to(DTYPE).eval()
+    tokens = torch.randn(20, 5, 6, dtype=DTYPE)
+    whole = preactivation_grams(block, tokens, None, output_chunk=7)
+    accumulator = PreactivationGramAccumulator(block, None, output_chunk=4)
+    for chunk in tokens.split(8):
+        accumulator.update(chunk)
+    for name, gram in accumulator.compute().items():
+        assert torch.allclose(gram, whole[name], rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- #
+# Hutchinson
+# --------------------------------------------------------------------------- #
+
+
+def test_hutchinson_with_16_independent_probes_per_sample_is_within_ten_percent():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 100)
+    ).to(DTYPE).eval()
+    x = torch.randn(2000, 20, dtype=DTYPE)
+    exact = preactivation_grams(model, x, None, output_chunk=50)
+    estimate = preactivation_grams(
+        model, x, None, estimator="hutchinson", num_probes=16,
+        generator=torch.Generator().manual_seed(0),
+    )
+    errors = {name: relative_error(estimate[name], exact[name]) for name in exact}
+    assert max(errors.values()) <= 0.1, errors
+
+    # The same 16 probes shared by every sample: exact G of f ↦ Vᵀf/√16.
+    signs = torch.randint(0, 2, (100, 16), generator=torch.Generator().manual_seed(1))
+    shared_probes = (2 * signs - 1).to(DTYPE) / 4.0
+    shared = preactivation_grams(model, x, None, output_fn=lambda f: f @ shared_probes)
+    shared_errors = {name: relative_error(shared[name], exact[name]) for name in exact}
+    for name in exact:
+        assert errors[name] < shared_errors[name] / 2, (errors, shared_errors)
+
+
+def test_hutchinson_on_token_sequences_is_unbiased_in_scale():
+    torch.manual_seed(6)
+    block = TinyBlock().to(DTYPE).eval()
+    tokens = torch.randn(32, 6, 6, dtype=DTYPE)
+    exact = preactivation_grams(block, tokens, None)
+    estimate = preactivation_grams(
+        block, tokens, None, estimator="hutchinson", num_probes=256, output_chunk=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for name in exact:
+        assert relative_error(estimate[name], exact[name]) < 0.1, name
+        ratio = torch.trace(estimate[name]) / torch.trace(exact[name])
+        assert abs(float(ratio) - 1) < 0.05, name
+
+
+def test_auto_estimator_is_exact_up_to_64_outputs():
+    x = torch.randn(4, 3, dtype=DTYPE)
+    for classes, expected in ((64, "exact"), (65, "hutchinson")):
+        accumulator = PreactivationGramAccumulator(
+            nn.Linear(3, classes).to(DTYPE), None, estimator="auto"
+        )
+        accumulator.update(x)
+        assert accumulator.estimator == expected
+        assert accumulator.is_estimate == (expected == "hutchinson")
+
+
+# --------------------------------------------------------------------------- #
+# Outputs and arguments
+# --------------------------------------------------------------------------- #
+
+
+class DictOutput(nn.Module):
+    def __init__(self, key):
+        super().__init__()
+        self.key, self.linear = key, nn.Linear(3, 2)
+
+    def forward(self, x):
+        return {self.key: self.linear(x)}
+
+
+def test_output_tuple_dict_logits_and_output_fn_are_read():
+    x = torch.randn(5, 3)
+    reference = preactivation_grams(DictOutput("logits"), x, None)["linear"]
+    assert torch.allclose(reference, torch.eye(2, dtype=DTYPE))
+    grams = preactivation_grams(
+        DictOutput("prediction"), x, None, output_fn=lambda out: 3 * out["prediction"]
+    )
+    assert torch.allclose(grams["linear"], 9 * torch.eye(2, dtype=DTYPE))
+
+
+def test_unreadable_output_raises_value_error_naming_output_fn():
+    with pytest.raises(ValueError, match="output_fn"):
+        preactivation_grams(DictOutput("prediction"), torch.randn(5, 3), None)
+
+
+def test_invalid_arguments_name_the_argument():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="estimator"):
+        preactivation_grams(model, torch.randn(2, 3), None, estimator="fast")
+    with pytest.raises(ValueError, match="num_probes"):
+        preactivation_grams(model, torch.randn(2, 3), None, num_probes=0)
+
+
+# --------------------------------------------------------------------------- #
+# Non-interference
+# --------------------------------------------------------------------------- #
+
+
+def snapshot(model):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "training": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+        "hooks": [len(m._forward_hooks) for m in model.modules()],
+    }
+
+
+def assert_same(before, after):
+    for key in ("params", "grads", "buffers"):
+        assert all(torch.equal(a, b) for a, b in zip(before[key], after[key])), key
+    assert before["training"] == after["training"]
+    assert torch.equal(before["rng"], after["rng"])
+    assert before["hooks"] == after["hooks"]
+
+
+@pytest.fixture
+def bn_model(digits):
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(32, 10),
+    ).to(DTYPE)
+    model(digits)  # populate the running statistics
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model.eval()
+    model[2].train()  # mixed flags must come back exactly as they were
+    return model
+
+
+@pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
+def test_call_changes_no_parameter_buffer_grad_flag_rng_or_hook(bn_model, digits, estimator):
+    before = snapshot(bn_model)
+    preactivation_grams(bn_model, digits[:64], None, estimator=estimator, num_probes=4)
+    assert_same(before, snapshot(bn_model))
+
+
+def test_hooks_are_removed_when_the_output_cannot_be_read(bn_model, digits):
+    before = snapshot(bn_model)
+    with pytest.raises(ValueError, match="output_fn"):
+        preactivation_grams(bn_model, digits[:8], None, output_fn=lambda out: "not a tensor")
+    assert_same(before, snapshot(bn_model))
+
+
+def test_eval_mode_restores_every_modules_own_flag(bn_model):
+    flags = [m.training for m in bn_model.modules()]
+    bn_model[1].train()
+    flags = [m.training for m in bn_model.modules()]
+    with eval_mode(bn_model):
+        assert not any(m.training for m in bn_model.modules())
+    assert [m.training for m in bn_model.modules()] == flags
+
+
+def test_works_under_inference_mode_and_no_grad(bn_model, digits):
+    expected = preactivation_grams(bn_model, digits[:32], None)
+    with torch.inference_mode():
+        inference_input = digits[:32].clone()
+        measured = preactivation_grams(bn_model, inference_input, None)
+    with torch.no_grad():
+        measured_no_grad = preactivation_grams(bn_model, digits[:32], None)
+    for name in expected:
+        assert torch.equal(measured[name], expected[name])
+        assert torch.equal(measured_no_grad[name], expected[name])
+
+
+def test_train_mode_batchnorm_is_warned_about(bn_model, digits):
+    bn_model[1].train()
+    with pytest.warns(UserWarning, match="eval_mode"):
+        preactivation_grams(bn_model, digits[:8], None)
+
+
+# --------------------------------------------------------------------------- #
+# Layer selection
+# --------------------------------------------------------------------------- #
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2), nn.ConvTranspose2d(4, 2, 3)
+        )
+        self.sequence = nn.Conv1d(2, 3, 3)
+        self.volume = nn.Conv3d(1, 2, 2)
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.classifier = nn.Linear(4, 3)
+
+
+def test_default_layers_are_ungrouped_linear_and_convs_in_module_order():
+    with pytest.warns(UserWarning, match="groups=2"):
+        layers = default_layers(Mixed())
+    assert list(layers) == ["features.0", "sequence", "volume", "attn.out_proj", "classifier"]
+
+
+def test_select_layers_skips_unsupported_matches_with_a_warning():
+    model = Mixed()
+    with pytest.warns(UserWarning) as record:
+        layers = select_layers(model, ["features.*", "classifier", "nothing.here"])
+    message = " ".join(str(w.message) for w in record)
+    assert list(layers) == ["features.0", "classifier"]
+    for expected in ("features.1 (BatchNorm2d", "features.2", "features.3 (ConvTranspose2d", "nothing.here"):
+        assert expected in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(select_layers(model, ["classifier"])) == ["classifier"]
+
+
+def test_layer_never_called_is_left_out_with_a_warning():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Attention().eval()
+    with pytest.warns(UserWarning, match="attn.out_proj.*not called"):
+        grams = preactivation_grams(model, torch.randn(3, 5, 4), None)
+    assert list(grams) == ["head"]
+
+
+# --------------------------------------------------------------------------- #
+# Metrics against explicit d×d references
+# --------------------------------------------------------------------------- #
+
+
+def reference_power(matrix, alpha):
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    # zero in exact arithmetic below 1e-10·λ_max (test matrices are well conditioned)
+    eigenvalues = torch.where(
+        eigenvalues > 1e-10 * eigenvalues.abs().max(), eigenvalues.clamp_min(0) ** alpha, 0.0
+    )
+    return eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.mT
+
+
+def reference_pearson(a, b):
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+def reference_cosine(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def reference_sphericity(eigenvalues):
+    return float(eigenvalues.sum() ** 2 / (len(eigenvalues) * (eigenvalues**2).sum()))
+
+
+def reference_metrics(weight, gram, alphas, initial_weight, rotations):
+    k, d = weight.shape
+    nfm = weight.mT @ weight
+    rank = int(torch.linalg.matrix_rank(weight, rtol=1e-10))
+    projector = weight @ torch.linalg.pinv(weight, rtol=1e-10)
+    compressed = projector @ gram @ projector
+    expected = {}
+    for alpha in alphas:
+        suffix = f"a{alpha:g}"
+        agop_power = reference_power(weight.mT @ gram @ weight, alpha)
+        expected[f"pearson_{suffix}"] = reference_pearson(nfm, agop_power)
+        expected[f"cosine_{suffix}"] = reference_cosine(nfm, agop_power)
+        nulls = [
+            reference_pearson(nfm, reference_power(weight.mT @ q @ gram @ q.mT @ weight, alpha))
+            for q in rotations
+        ]
+        expected[f"null_{suffix}"] = sum(nulls) / len(nulls)
+        expected[f"excess_{suffix}"] = expected[f"pearson_{suffix}"] - expected[f"null_{suffix}"]
+        if alpha != 1:
+            expected[f"align_{suffix}"] = reference_cosine(
+                compressed, reference_power(weight @ weight.mT, 1 / alpha - 1)
+            )
+    expected["sphericity"] = reference_sphericity(torch.linalg.eigvalsh(gram))
+    expected["sphericity_range"] = reference_sphericity(torch.linalg.eigvalsh(compressed)[-rank:])
+    expected["stable_rank"] = float(
+        torch.linalg.matrix_norm(weight) ** 2 / torch.linalg.matrix_norm(weight, ord=2) ** 2
+    )
+    delta = weight - initial_weight
+    expected["weight_change"] = float(torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(weight))
+    expected["cnfa_pearson_a1"] = reference_pearson(delta.mT @ delta, delta.mT @ gram @ delta)
+    return expected, compressed, rank
+
+
+def random_gram(k, generator):
+    factor = torch.randn(k, k + 2, generator=generator, dtype=DTYPE)
+    return factor @ factor.mT / k
+
+
+@pytest.mark.parametrize(
+    "shape, rank", [((5, 12), None), ((12, 5), None), ((8, 10), 3)], ids=["k<d", "k>d", "low-rank"]
+)
+def test_metrics_match_explicit_dxd_reference(shape, rank):
+    generator = torch.Generator().manual_seed(8)
+    k, d = shape
+    # Offsets give the matrices a non-zero mean entry, so Pearson ≠ cosine.
+    if rank is None:
+        weight = torch.randn(k, d, generator=generator, dtype=DTYPE) + 0.6
+    else:
+        weight = (torch.randn(k, rank, generator=generator, dtype=DTYPE) + 0.6) @ (
+            torch.randn(rank, d, generator=generator, dtype=DTYPE) + 0.6
+        )
+    initial = weight + 0.5 * torch.randn(k, d, generator=generator, dtype=DTYPE)
+    gram = random_gram(k, generator)
+    alphas = (1.0, 0.5, 0.25)
+
+    metrics = nfa_metrics(
+        weight, gram, alphas=alphas, initial_weight=initial, null_draws=3,
+        generator=torch.Generator().manual_seed(9),
+    )
+    rotation_source = torch.Generator().manual_seed(9)
+    rotations = [haar_orthogonal(k, generator=rotation_source) for _ in range(3)]
+    expected, compressed, true_rank = reference_metrics(weight, gram, alphas, initial, rotations)
+
+    assert set(metrics) == set(expected)
+    if rank is None:  # the reference can tell a centring bug apart
+        assert abs(metrics["pearson_a1"] - metrics["cosine_a1"]) > 0.01
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-8), key
+    spectrum = range_spectrum(weight, gram)
+    assert len(spectrum) == true_rank == (rank or min(k, d))
+    assert torch.allclose(spectrum, torch.linalg.eigvalsh(compressed).flip(0)[:true_rank], atol=1e-10)
+
+
+def test_default_metric_keys_are_exactly_the_brief_list():
+    generator = torch.Generator().manual_seed(10)
+    weight = torch.randn(6, 9, generator=generator, dtype=DTYPE)
+    metrics = nfa_metrics(weight, random_gram(6, generator), initial_weight=torch.zeros(6, 9))
+    assert set(metrics) == {
+        "pearson_a1", "cosine_a1", "pearson_a0.5", "cosine_a0.5", "null_a1", "null_a0.5",
+        "excess_a1", "excess_a0.5", "sphericity", "sphericity_range", "align_a0.5",
+        "stable_rank", "weight_change", "cnfa_pearson_a1",
+    }
+    without_null = nfa_metrics(weight, random_gram(6, generator), null_draws=0)
+    assert not any(key.startswith(("null", "excess")) for key in without_null)
+    assert "weight_change" not in without_null and "cnfa_pearson_a1" not in without_null
+
+
+def test_readout_omits_alpha_one_keys():
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(10, 16, generator=generator, dtype=DTYPE)
+    identity = torch.eye(10, dtype=DTYPE)
+    # the reason: with G = I the α = 1 correlation is identically 1
+    assert nfa_metrics(weight, identity)["pearson_a1"] == pytest.approx(1.0, abs=1e-12)
+    metrics = nfa_metrics(weight, identity, readout=True, initial_weight=torch.zeros(10, 16))
+    assert not {"pearson_a1", "cosine_a1", "null_a1", "excess_a1", "cnfa_pearson_a1"} & set(metrics)
+    assert {"pearson_a0.5", "cosine_a0.5", "null_a0.5", "excess_a0.5", "align_a0.5"} <= set(metrics)
+
+
+def test_sphericity_is_one_for_isotropic_and_one_over_k_for_rank_one():
+    k = 7
+    weight = torch.randn(k, 11, dtype=DTYPE)
+    assert nfa_metrics(weight, 3.0 * torch.eye(k, dtype=DTYPE))["sphericity"] == pytest.approx(1.0, abs=1e-12)
+    direction = torch.randn(k, 1, dtype=DTYPE)
+    rank_one = nfa_metrics(weight, direction @ direction.mT, null_draws=0)
+    assert rank_one["sphericity"] == pytest.approx(1 / k, abs=1e-12)
+    assert rank_one["sphericity_range"] == pytest.approx(1 / k, abs=1e-12)
+
+
+def test_isotropic_gram_gives_pearson_one_and_aligned_grams_beat_the_null():
+    generator = torch.Generator().manual_seed(12)
+    weight = torch.randn(6, 10, generator=generator, dtype=DTYPE)
+
+    isotropic = nfa_metrics(weight, 2.5 * torch.eye(6, dtype=DTYPE))
+    assert isotropic["pearson_a1"] == pytest.approx(1.0, abs=1e-12)
+    assert isotropic["cosine_a1"] == pytest.approx(1.0, abs=1e-12)
+
+    # α = ½ aligned: G = WWᵀ ⇒ AGOP^½ = WᵀW.
+    aligned_half = nfa_metrics(weight, weight @ weight.mT, null_draws=8)
+    assert aligned_half["pearson_a0.5"] == pytest.approx(1.0, abs=1e-10)
+    assert aligned_half["align_a0.5"] == pytest.approx(1.0, abs=1e-12)
+    assert aligned_half["null_a0.5"] < aligned_half["pearson_a0.5"] - 0.05
+
+    # α = 1 aligned with k > d: G = I on range(W), large and anisotropic off it.
+    tall = torch.randn(12, 4, generator=generator, dtype=DTYPE)
+    basis = torch.linalg.svd(tall, full_matrices=True)[0]
+    on_range, off_range = basis[:, :4], basis[:, 4:]
+    spread = torch.diag(torch.linspace(1.0, 20.0, 8, dtype=DTYPE))
+    gram = on_range @ on_range.mT + off_range @ spread @ off_range.mT
+    aligned_one = nfa_metrics(tall, gram, null_draws=8)
+    assert aligned_one["pearson_a1"] == pytest.approx(1.0, abs=1e-10)
+    assert aligned_one["sphericity_range"] == pytest.approx(1.0, abs=1e-12)
+    assert aligned_one["null_a1"] < aligned_one["pearson_a1"] - 0.05
+    assert aligned_one["excess_a1"] > 0.05
+
+
+def test_haar_orthogonal_is_orthogonal_and_reproducible():
+    q = haar_orthogonal(9, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(q @ q.mT, torch.eye(9, dtype=DTYPE), atol=1e-12)
+    assert torch.equal(q, haar_orthogonal(9, generator=torch.Generator().manual_seed(0)))
+
+
+def test_metrics_leave_the_global_rng_alone():
+    weight, gram = torch.randn(4, 5, dtype=DTYPE), torch.eye(4, dtype=DTYPE) + 0.1
+    state = torch.get_rng_state()
+    first = nfa_metrics(weight, gram)
+    assert torch.equal(state, torch.get_rng_state())
+    assert nfa_metrics(weight, gram) == first  # default null draws are reproducible
+
+
+def test_float32_training_layer_end_to_end_metrics_are_finite(digits):
+    model = digits_mlp().float()
+    grams = preactivation_grams(model, digits.float(), None)
+    assert all(g.dtype == torch.float64 for g in grams.values())
+    metrics = nfa_metrics(model[2].weight, grams["2"], initial_weight=model[2].weight.detach() * 0.9)
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert 1 / 32 <= metrics["sphericity"] <= 1
