@@ -1,0 +1,518 @@
+"""Specification of ``learnscope.functional.decompose``: the optimizer-aware split of Δ (BRIEF 2.5).
+
+Every test trains a small float64 MLP on scikit-learn's bundled digits with real
+torch.optim steps, with the step hooks registered exactly as the LCA callback
+registers them: ``capture_step`` in the pre-hook (θ_t snapshotted there too),
+``finish_step`` in the post-hook, parts requested after the step.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn import functional as F
+
+from learnscope.functional.decompose import (
+    PARTS,
+    allocate_parts,
+    capture_step,
+    finish_step,
+    has_step_model,
+    step_parts,
+)
+
+DTYPE = torch.float64
+MODELLED = ("gradient", "momentum", "weight_decay")
+
+
+# --------------------------------------------------------------------------- #
+# Data, model, hooks
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four minibatches of 64 standardised digits (real data, bundled with sklearn)."""
+    data = load_digits()
+    x = torch.tensor(data.data[:256], dtype=DTYPE)
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    y = torch.tensor(data.target[:256], dtype=torch.long)
+    return [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 10)).to(DTYPE)
+
+
+class StepProbe:
+    """The callback's use of the module: capture in the pre-hook, finish in the post-hook."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.record = None
+        self.before: list[torch.Tensor] = []
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        self.record = capture_step(optimizer)
+        self.before = [p.detach().clone() for p in self.params]
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        finish_step(self.record)
+
+    def parts(self) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(param, θ_t, Δ, parts) for every parameter, after a step."""
+        out = []
+        for param, before in zip(self.params, self.before):
+            delta = param.detach() - before
+            out.append((param, before, delta, step_parts(self.record, param, delta, before)))
+        return out
+
+
+class PreStepState:
+    """Test-only reference: a clone of the optimizer state before each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        optimizer.register_step_pre_hook(self._pre)
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        self.state = {
+            p: {k: v.clone() for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+
+
+def train(make_optimizer, batches, steps: int, *, closure: bool = True, seed: int = 0, hooks: bool = True):
+    """Yield (optimizer, probe, reference) after each of ``steps`` real optimizer steps.
+
+    ``closure=True`` steps like Lightning's automatic optimization: the gradient is
+    computed inside ``step``, after the pre-hook has fired.
+    """
+    model = make_mlp(seed)
+    params = list(model.parameters())
+    optimizer = make_optimizer(params)
+    probe = StepProbe(optimizer, params) if hooks else None
+    reference = PreStepState(optimizer) if hooks else None
+
+    for _, (x, y) in zip(range(steps), itertools.cycle(batches)):
+        def compute_loss():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        if closure:
+            optimizer.step(compute_loss)
+        else:
+            compute_loss()
+            optimizer.step()
+        yield optimizer, probe, reference
+
+
+def relative_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().sum() / b.abs().sum().clamp_min(1e-300))
+
+
+# --------------------------------------------------------------------------- #
+# Configurations
+# --------------------------------------------------------------------------- #
+
+SGD, Adam, AdamW, RMSprop, Adagrad = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+)
+
+
+def two_groups(cls, first: dict, second: dict):
+    """Two parameter groups (layer 0 / layer 2) with different hyper-parameters."""
+    return lambda ps: cls([{"params": ps[:2], **first}, {"params": ps[2:], **second}])
+
+
+CONFIGS = [
+    pytest.param(lambda ps: SGD(ps, lr=0.1), id="sgd-plain"),
+    pytest.param(lambda ps: SGD(ps, lr=0.1, momentum=0.9), id="sgd-momentum"),
+    pytest.param(lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.05), id="sgd-dampening-wd"),
+    pytest.param(lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05), id="sgd-nesterov-wd"),
+    pytest.param(lambda ps: SGD(ps, lr=0.05, momentum=0.8, weight_decay=0.05, maximize=True), id="sgd-maximize"),
+    pytest.param(lambda ps: SGD(ps, lr=torch.tensor(0.1), momentum=0.9, weight_decay=torch.tensor(0.01)), id="sgd-tensor-lr-wd"),
+    pytest.param(two_groups(SGD, dict(lr=0.05, momentum=0.9), dict(lr=0.2)), id="sgd-two-groups"),
+    pytest.param(lambda ps: Adam(ps, lr=0.01), id="adam-plain"),
+    pytest.param(lambda ps: Adam(ps, lr=0.01, weight_decay=0.05), id="adam-coupled-wd"),
+    pytest.param(lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True), id="adam-amsgrad-wd"),
+    pytest.param(lambda ps: Adam(ps, lr=0.01, betas=(0.8, 0.99), weight_decay=0.05, maximize=True), id="adam-maximize-wd"),
+    pytest.param(lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, decoupled_weight_decay=True), id="adam-decoupled-flag"),
+    pytest.param(lambda ps: Adam(ps, lr=torch.tensor(0.01), foreach=False), id="adam-tensor-lr"),
+    pytest.param(two_groups(Adam, dict(lr=0.01, betas=(0.5, 0.9)), dict(lr=0.02, amsgrad=True)), id="adam-two-groups"),
+    pytest.param(lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1), id="adamw-wd"),
+    pytest.param(lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True), id="adamw-amsgrad-maximize"),
+    pytest.param(lambda ps: RMSprop(ps, lr=0.01), id="rmsprop-plain"),
+    pytest.param(lambda ps: RMSprop(ps, lr=0.01, momentum=0.9), id="rmsprop-momentum"),
+    pytest.param(lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05), id="rmsprop-centered-momentum-wd"),
+    pytest.param(lambda ps: RMSprop(ps, lr=0.01, alpha=0.9, centered=True, maximize=True), id="rmsprop-centered-maximize"),
+    pytest.param(lambda ps: Adagrad(ps, lr=0.1), id="adagrad-plain"),
+    pytest.param(lambda ps: Adagrad(ps, lr=0.1, lr_decay=0.2, weight_decay=0.05), id="adagrad-lr-decay-wd"),
+    pytest.param(lambda ps: Adagrad(ps, lr=0.1, initial_accumulator_value=0.1, maximize=True), id="adagrad-accumulator-maximize"),
+]
+
+
+def _float(x) -> float:
+    return float(x) if torch.is_tensor(x) else x
+
+
+def assert_split_matches_pre_step_state(optimizer, param, theta, parts, pre_state, post_state) -> None:
+    """Check the split against the BRIEF formulas written with the *pre-step* state.
+
+    The module never sees the pre-step state (it works from the state after the
+    step), so this pins each part, not only their sum. Adam's and the adaptive
+    methods' denominators D cancel in the cross-products used below.
+    """
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    s = -1.0 if group["maximize"] else 1.0
+    g = param.grad
+    lr, wd = _float(group["lr"]), _float(group["weight_decay"])
+    grad_part, momentum, decay = parts["gradient"], parts["momentum"], parts["weight_decay"]
+    scale = grad_part.abs().max() * (g.abs().max() + theta.abs().max())
+
+    def close(a, b, tol=1e-9):
+        assert float((a - b).abs().max()) <= tol * float(scale) + 1e-300
+
+    # The gradient part always opposes s·g: a positive per-parameter scaling of −s·g.
+    assert bool((grad_part * (s * g) <= 0).all())
+
+    if isinstance(optimizer, SGD):
+        mu, tau = group["momentum"], group["dampening"]
+        buf_prev = pre_state.get("momentum_buffer")
+        first = mu == 0 or buf_prev is None
+        a = 1.0 if first else 1.0 - tau
+        coef = 1.0 + mu * a if (group["nesterov"] and mu != 0) else a
+        close(grad_part, -lr * coef * s * g)
+        close(decay, -lr * coef * wd * theta)
+        expected_momentum = torch.zeros_like(theta) if first else -lr * mu * (mu if group["nesterov"] else 1.0) * buf_prev
+        close(momentum, expected_momentum)
+    elif isinstance(optimizer, Adam):  # AdamW too
+        beta1 = group["betas"][0]
+        decoupled = isinstance(optimizer, AdamW) or group["decoupled_weight_decay"]
+        m_prev = pre_state.get("exp_avg", torch.zeros_like(theta))
+        # momentum/gradient = β1·m_{t−1} / ((1−β1)·s·g) with D cancelling
+        close(momentum * ((1 - beta1) * s * g), grad_part * (beta1 * m_prev))
+        if decoupled:
+            close(decay, -lr * wd * theta)
+        else:
+            close(decay * (s * g), grad_part * (wd * theta))
+        if float(post_state["step"]) == 1:
+            assert bool((momentum == 0).all())
+    elif isinstance(optimizer, RMSprop):
+        mu = group["momentum"]
+        b_prev = pre_state.get("momentum_buffer", torch.zeros_like(theta))
+        close(momentum, -lr * mu * b_prev)
+        close(decay * (s * g), grad_part * (wd * theta))
+    elif isinstance(optimizer, Adagrad):
+        assert bool((momentum == 0).all())
+        close(decay * (s * g), grad_part * (wd * theta))
+    else:  # pragma: no cover
+        raise AssertionError(type(optimizer))
+
+
+# --------------------------------------------------------------------------- #
+# The split is exact
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("make_optimizer", CONFIGS)
+def test_parts_sum_to_delta_and_the_residual_vanishes(make_optimizer, batches):
+    worst_sum, worst_residual = 0.0, 0.0
+    for optimizer, probe, reference in train(make_optimizer, batches, steps=5):
+        assert probe.record.modelled and probe.record.unmodelled_reason is None
+        for param, theta, delta, parts in probe.parts():
+            assert tuple(parts) == PARTS
+            total = sum(parts[name] for name in PARTS)
+            worst_sum = max(worst_sum, relative_norm(total, delta))
+            modelled_size = sum(parts[name].abs().sum() for name in PARTS)
+            worst_residual = max(worst_residual, float(parts["residual"].abs().sum() / modelled_size))
+            assert_split_matches_pre_step_state(
+                optimizer, param, theta, parts, reference.state[param], optimizer.state[param]
+            )
+    assert worst_sum <= 1e-6
+    assert worst_residual <= 1e-6
+    # float64: rounding only
+    assert worst_residual <= 1e-12
+
+
+def test_plain_sgd_has_only_a_gradient_part_equal_to_minus_lr_times_g(batches):
+    lr = 0.1
+    for optimizer, probe, _ in train(lambda ps: SGD(ps, lr=lr), batches, steps=3):
+        for param, _, delta, parts in probe.parts():
+            assert torch.equal(parts["momentum"], torch.zeros_like(delta))
+            assert torch.equal(parts["weight_decay"], torch.zeros_like(delta))
+            assert torch.equal(parts["gradient"], -lr * param.grad)
+            # θ_{t+1} = θ_t − lr·g in floating point: the residual is one rounding of θ
+            assert float(parts["residual"].abs().max()) <= 4 * torch.finfo(DTYPE).eps * float(param.detach().abs().max())
+
+
+def test_adam_gradient_part_always_helps_while_its_momentum_part_sometimes_hurts(batches):
+    momentum_hurt = []
+    for step, (optimizer, probe, _) in enumerate(train(lambda ps: Adam(ps, lr=0.01), batches, steps=4)):
+        for param, theta, delta, parts in probe.parts():
+            g = param.grad  # k = g: the first-order allocation on the minibatch
+            nonzero = g != 0
+            assert bool((torch.sign(parts["gradient"][nonzero]) == -torch.sign(g[nonzero])).all())
+            if step == 0:
+                assert torch.equal(parts["momentum"], torch.zeros_like(g))  # m_0 = 0
+            else:
+                momentum_hurt.append(float((g * parts["momentum"] > 0).float().mean()))
+            allocation = allocate_parts(g, probe.record, param, delta, theta)
+            assert float(allocation["gradient"]) < 0
+    # After the first step some parameters' momentum share raises the minibatch loss.
+    assert max(momentum_hurt) > 0.01
+
+
+# --------------------------------------------------------------------------- #
+# What is not modelled
+# --------------------------------------------------------------------------- #
+
+
+class SignSGD(torch.optim.Optimizer):
+    """An optimizer learnscope has no model for: θ ← θ − lr·sign(g)."""
+
+    def __init__(self, params, lr: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+        return loss
+
+
+class SGDSubclass(torch.optim.SGD):
+    """A subclass may override ``step``: it is not trusted to be SGD."""
+
+
+@pytest.mark.parametrize(
+    "make_optimizer, name",
+    [(lambda ps: SignSGD(ps, lr=0.01), "SignSGD"), (lambda ps: SGDSubclass(ps, lr=0.1), "SGDSubclass")],
+)
+def test_unknown_optimizer_puts_the_whole_step_in_the_residual_and_says_so(make_optimizer, name, batches):
+    for optimizer, probe, _ in train(make_optimizer, batches, steps=2):
+        assert not has_step_model(optimizer)
+        assert probe.record.modelled is False
+        assert probe.record.optimizer_class == name
+        assert name in probe.record.unmodelled_reason
+        for param, _, delta, parts in probe.parts():
+            assert bool(delta.abs().max() > 0)
+            assert torch.equal(parts["residual"], delta)
+            for part in MODELLED:
+                assert torch.equal(parts[part], torch.zeros_like(delta))
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1), lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1)],
+    ids=["adamw", "sgd"],
+)
+def test_a_parameter_without_gradient_is_skipped_and_has_all_parts_zero(make_optimizer, batches):
+    model = make_mlp()
+    params = list(model.parameters())
+    frozen = params[1]  # first layer's bias: in the optimizer, but it gets no gradient
+    frozen.requires_grad_(False)
+    optimizer = make_optimizer(params)
+    probe = StepProbe(optimizer, params)
+    for x, y in batches[:3]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        parts = dict((id(p), (d, pt)) for p, _, d, pt in probe.parts())
+        delta, frozen_parts = parts[id(frozen)]
+        assert torch.equal(delta, torch.zeros_like(delta))
+        for name in PARTS:
+            assert torch.equal(frozen_parts[name], torch.zeros_like(delta))
+        assert probe.record.modelled
+
+
+# --------------------------------------------------------------------------- #
+# Implementations, hooks, timing
+# --------------------------------------------------------------------------- #
+
+VARIANTS = {
+    "sgd": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.05, **kw)), True),
+    "nesterov": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, **kw)), True),
+    "adam": (lambda **kw: (lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True, **kw)), True),
+    "adamw": (lambda **kw: (lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, maximize=True, **kw)), True),
+    "rmsprop": (lambda **kw: (lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05, **kw)), False),
+    "adagrad": (lambda **kw: (lambda ps: Adagrad(ps, lr=0.1, lr_decay=0.1, weight_decay=0.05, **kw)), True),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_for_loop_foreach_and_fused_implementations_give_the_same_parts(name, batches):
+    make, has_fused = VARIANTS[name]
+    flavours = [dict(foreach=False), dict(foreach=True)] + ([dict(fused=True)] if has_fused else [])
+    runs = []
+    for flavour in flavours:
+        steps = []
+        for _, probe, _ in train(make(**flavour), batches, steps=4, closure=False):
+            steps.append([{k: v.clone() for k, v in parts.items()} for *_, parts in probe.parts()])
+            assert probe.record.modelled
+        runs.append(steps)
+    reference = runs[0]
+    for other in runs[1:]:
+        for step_ref, step_other in zip(reference, other):
+            for parts_ref, parts_other in zip(step_ref, step_other):
+                for part in MODELLED:
+                    scale = float(parts_ref[part].abs().max()) + float(parts_ref["gradient"].abs().max())
+                    assert float((parts_ref[part] - parts_other[part]).abs().max()) <= 1e-10 * scale
+                assert float(parts_other["residual"].abs().max()) <= 1e-12 * float(parts_other["gradient"].abs().max())
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_hooks_leave_training_bitwise_identical(name, batches):
+    make, _ = VARIANTS[name]
+
+    def final_state(hooks: bool):
+        model_params = None
+        for optimizer, probe, _ in train(make(), batches, steps=20, hooks=hooks):
+            if hooks:  # the callback asks for every part of every parameter each step
+                for param, theta, delta, _ in probe.parts():
+                    allocate_parts(param.grad, probe.record, param, delta, theta)
+            model_params = [p for g in optimizer.param_groups for p in g["params"]]
+        return [p.detach().clone() for p in model_params], optimizer.state_dict()
+
+    params_with, state_with = final_state(hooks=True)
+    params_without, state_without = final_state(hooks=False)
+    assert all(torch.equal(a, b) for a, b in zip(params_with, params_without))
+    assert state_with["param_groups"] == state_without["param_groups"]
+    assert state_with["state"].keys() == state_without["state"].keys()
+    for index, entry in state_without["state"].items():
+        assert entry.keys() == state_with["state"][index].keys()
+        for key, value in entry.items():
+            assert torch.equal(value, state_with["state"][index][key]), (index, key)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_split_uses_the_learning_rate_in_force_before_the_scheduler_moves_it(tensor_lr, batches):
+    schedulers = []
+
+    def make_optimizer(params):
+        optimizer = SGD(params, lr=torch.tensor(0.1) if tensor_lr else 0.1, momentum=0.9)
+        schedulers.append(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+        return optimizer
+
+    for step, (optimizer, probe, _) in enumerate(train(make_optimizer, batches, steps=4)):
+        schedulers[0].step()  # Lightning steps the scheduler before on_train_batch_end
+        assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.1 * 0.5 ** (step + 1))
+        for param, _, delta, parts in probe.parts():
+            assert float(parts["residual"].abs().max()) <= 1e-12 * float(delta.abs().max())
+
+
+def test_parts_requested_after_the_next_step_are_refused(batches):
+    records = []
+    for _, probe, _ in train(lambda ps: Adam(ps, lr=0.01), batches, steps=2):
+        records.append((probe.record, probe.params[0], probe.params[0].detach().clone()))
+    stale_record, param, _ = records[0]
+    with pytest.raises(RuntimeError, match="next step"):
+        step_parts(stale_record, param, torch.zeros_like(param))
+
+
+# --------------------------------------------------------------------------- #
+# Allocation, AMP, complex, differentiable
+# --------------------------------------------------------------------------- #
+
+
+def test_allocations_per_part_sum_to_the_total_allocation(batches):
+    generator = torch.Generator().manual_seed(1)
+    for _, probe, _ in train(lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1), batches, steps=3):
+        for param, theta, delta, _ in probe.parts():
+            k = torch.randn(param.shape, generator=generator, dtype=DTYPE)
+            allocation = allocate_parts(k, probe.record, param, delta, theta)
+            assert tuple(allocation) == PARTS and all(a.dim() == 0 for a in allocation.values())
+            total = float((k * delta).sum())
+            assert abs(float(sum(allocation.values())) - total) <= 1e-12 * float((k * delta).abs().sum())
+            assert abs(float(allocation["residual"])) <= 1e-12 * float((k * delta).abs().sum())
+
+
+def test_fused_optimizer_under_grad_scaler_uses_unscaled_gradient_and_skips_inf_steps(batches):
+    model = make_mlp()
+    params = list(model.parameters())
+    optimizer = Adam(params, lr=0.01, weight_decay=0.05, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    probe = StepProbe(optimizer, params)
+    for step, (x, y) in enumerate(batches * 2):
+        optimizer.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if step == 2:
+            params[0].grad[0, 0] = float("inf")
+        scaler.step(optimizer)  # fused: the kernel unscales p.grad and honours found_inf
+        scaler.update()
+        for param, _, delta, parts in probe.parts():
+            if step == 2:
+                assert torch.equal(delta, torch.zeros_like(delta))
+                assert all(torch.equal(parts[n], torch.zeros_like(delta)) for n in PARTS)
+            else:
+                assert float(parts["residual"].abs().sum()) <= 1e-12 * float(parts["gradient"].abs().sum())
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.05),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True),
+        lambda ps: RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
+        lambda ps: Adagrad(ps, lr=0.1, weight_decay=0.05),
+    ],
+    ids=["sgd", "adam", "rmsprop", "adagrad"],
+)
+def test_complex_parameters_are_split_on_their_real_view(make_optimizer):
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 6, dtype=torch.complex128, generator=generator)
+    b = torch.randn(32, dtype=torch.complex128, generator=generator)
+    z = nn.Parameter(torch.zeros(6, dtype=torch.complex128))
+    optimizer = make_optimizer([z])
+    probe = StepProbe(optimizer, [z])
+    for _ in range(4):
+        optimizer.zero_grad()
+        (a @ z - b).abs().pow(2).mean().backward()
+        optimizer.step()
+        [(_, _, delta, parts)] = probe.parts()
+        assert parts["gradient"].dtype == torch.complex128
+        assert float(parts["residual"].abs().sum()) <= 1e-12 * float(delta.abs().sum())
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.05, differentiable=True),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, differentiable=True),
+        lambda ps: RMSprop(ps, lr=0.01, momentum=0.5, differentiable=True),
+        lambda ps: Adagrad(ps, lr=0.1, differentiable=True),
+    ],
+    ids=["sgd", "adam", "rmsprop", "adagrad"],
+)
+def test_differentiable_optimizers_follow_the_same_model(make_optimizer, batches):
+    # differentiable=True steps under grad mode, so the parameters are plain tensors
+    # with gradients assigned by hand (Adam's bias corrections are then float32 numbers).
+    model = make_mlp()
+    params = [p.detach().clone() for p in model.parameters()]
+    optimizer = make_optimizer(params)
+    probe = StepProbe(optimizer, params)
+    for x, y in batches[:3]:
+        leaves = [p.clone().requires_grad_(True) for p in params]
+        out = F.linear(torch.tanh(F.linear(x, leaves[0], leaves[1])), leaves[2], leaves[3])
+        grads = torch.autograd.grad(F.cross_entropy(out, y), leaves)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        for _, _, delta, parts in probe.parts():
+            assert float(parts["residual"].abs().sum()) <= 1e-12 * float(delta.abs().sum())
