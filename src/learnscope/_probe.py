@@ -212,6 +212,59 @@ def collect_batches(loader: Any, size: int | None, batch_size: int, *, subset: b
     return batches
 
 
+def require_validation_data(trainer: Any, *, owner: str) -> None:
+    """Fail in ``setup`` when ``probe="val"`` but the trainer has no validation data."""
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    if source is None or source.instance is None or not source.is_defined():
+        raise ProbeError(
+            f"{owner}(probe='val') needs validation data, but the trainer has none: "
+            "pass val_dataloaders / define val_dataloader, or set probe='train'."
+        )
+
+
+def _validation_loader(trainer: Any) -> Any:
+    loader = trainer.val_dataloaders
+    if loader is None:
+        loader = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+    return loader
+
+
+def to_module_device(trainer: Any, batch: Any) -> Any:
+    """What the fit loop does to a batch: precision conversion, then transfer hooks and device."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    return trainer.strategy.batch_to_device(batch)
+
+
+def build_probe_set(
+    trainer: Any, pl_module: nn.Module, probe: Any, size: int | None, batch_size: int, *, owner: str
+) -> list[ProbeChunk]:
+    """The fixed probe set of a ``probe`` flag: ``"train"``, ``"val"`` or a DataLoader.
+
+    Drawn once, without touching any RNG stream the run uses, and kept on the
+    module's device. Raises :class:`ProbeError` naming ``probe`` when no data comes.
+    """
+    device = getattr(pl_module, "device", None)
+    with preserved_rng(device), torch.inference_mode(False):
+        if isinstance(probe, DataLoader):
+            raw = collect_batches(probe, None, batch_size, subset=False)
+            what = "the probe DataLoader"
+        else:
+            loader = trainer.train_dataloader if probe == "train" else _validation_loader(trainer)
+            if isinstance(loader, (list, tuple)) and len(loader) >= 1:
+                loader = loader[0]
+            if loader is None or isinstance(loader, Mapping):
+                raise ProbeError(
+                    f"{owner}(probe={probe!r}) cannot take probe samples from a {type(loader).__name__}: "
+                    "pass probe=DataLoader(...) instead"
+                )
+            raw = collect_batches(loader, size, batch_size)
+            what = f"the {probe} data"
+        if not raw:
+            raise ProbeError(f"{owner}: {what} yielded no batches; set probe to non-empty data")
+        batches = [to_module_device(trainer, b) for b in raw]
+    return chunk_weights(batches)
+
+
 # --------------------------------------------------------------------------- losses
 
 

@@ -23,9 +23,9 @@ from learnscope._probe import (
     ProbeChunk,
     ProbeError,
     ProbeObjective,
+    build_probe_set,
     chunk_weights,
-    collect_batches,
-    preserved_rng,
+    require_validation_data,
 )
 from learnscope._validate import check_bool, check_choice, check_int, check_positive_float, check_patterns
 from learnscope.functional.lca import RULES, Evaluation, StepAllocation, allocate_step
@@ -146,6 +146,7 @@ class LossChangeAllocation(Callback):
         self._sum_total_with_loss = 0.0
         self._skipped_steps = 0
         self._measured_steps = 0
+        self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
 
     # ------------------------------------------------------------------ identity
 
@@ -188,12 +189,7 @@ class LossChangeAllocation(Callback):
                 "tensor, or use probe='batch' with rule='first_order'."
             )
         if self.probe == "val":
-            source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
-            if source is None or not source.is_defined() or source.instance is None:
-                raise ProbeError(
-                    "LossChangeAllocation(probe='val') needs validation data, but the trainer has none: "
-                    "pass val_dataloaders / define val_dataloader, or set probe='train'."
-                )
+            require_validation_data(trainer, owner="LossChangeAllocation")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer, self._pl_module = trainer, pl_module
@@ -206,44 +202,12 @@ class LossChangeAllocation(Callback):
                 rank_zero_warn(f"LossChangeAllocation: no trainable module matches modules={self.modules}")
         self._reported = set(modules)
         if self.probe != "batch":
-            self._chunks = self._build_probe_set(trainer, pl_module)
+            self._chunks = build_probe_set(
+                trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="LossChangeAllocation"
+            )
+            self.probe_samples = sum(chunk.size for chunk in self._chunks)
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
-
-    def _build_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ProbeChunk]:
-        device = pl_module.device
-        with preserved_rng(device), torch.inference_mode(False):
-            if isinstance(self.probe, DataLoader):
-                raw = collect_batches(self.probe, None, self.probe_batch_size, subset=False)
-                what = "the probe DataLoader"
-            else:
-                loader = trainer.train_dataloader if self.probe == "train" else self._val_loader(trainer)
-                if isinstance(loader, (list, tuple)) and len(loader) >= 1:
-                    loader = loader[0]
-                if loader is None or isinstance(loader, dict):
-                    raise ProbeError(
-                        f"LossChangeAllocation(probe={self.probe!r}) cannot take probe samples from a "
-                        f"{type(loader).__name__}: pass probe=DataLoader(...) instead"
-                    )
-                raw = collect_batches(loader, self.probe_size, self.probe_batch_size)
-                what = f"the {self.probe} data"
-            if not raw:
-                raise ProbeError(f"LossChangeAllocation: {what} yielded no batches; set probe to non-empty data")
-            batches = [self._to_device(trainer, b) for b in raw]
-        return chunk_weights(batches)
-
-    @staticmethod
-    def _val_loader(trainer: pl.Trainer) -> Any:
-        loader = trainer.val_dataloaders
-        if loader is None:
-            source = trainer.fit_loop.epoch_loop.val_loop._data_source
-            loader = source.dataloader()
-        return loader
-
-    @staticmethod
-    def _to_device(trainer: pl.Trainer, batch: Any) -> Any:
-        batch = trainer.precision_plugin.convert_input(batch)
-        return trainer.strategy.batch_to_device(batch)
 
     def _register_hooks(self, trainer: pl.Trainer) -> None:
         self._remove_hooks()
@@ -291,9 +255,7 @@ class LossChangeAllocation(Callback):
             optimizer=optimizer,
             names=names,
             start={n: self._tracked[n].detach().clone() for n in names},
-            applied_gradient=(
-                {n: self._grad_or_zero(self._tracked[n]) for n in names} if self._cheap else None
-            ),
+            applied_gradient=None,
             start_evaluation=cache if reusable else None,
         )
         self._events.append(event)
@@ -307,6 +269,10 @@ class LossChangeAllocation(Callback):
         for event in self._events:
             if event.optimizer is optimizer and not event.done:
                 event.done = True
+                if self._cheap:
+                    # Lightning runs the closure (forward, backward) inside optimizer.step, after the
+                    # pre-hook: the gradient the optimizer applied exists only from here on.
+                    event.applied_gradient = {n: self._grad_or_zero(self._tracked[n]) for n in event.names}
 
     # ------------------------------------------------------------------ batches
 
