@@ -1,0 +1,333 @@
+"""TensorBoard custom-scalar layout for the learnscope tags.
+
+The custom-scalars dashboard groups scalar tags into multiline charts. Every
+chart here is defined by *regular expressions* over the tag names the callbacks
+write (see ``learnscope.report.reader`` for the full tag contract), so a callback
+can build the layout knowing only which probes are on, not the layer names.
+Per-layer NFA charts (pearson next to its rotation null) are the one exception:
+they are added when the callback passes the layer names it measures.
+
+TensorBoard matches a chart's tags with ``re.match`` (anchored at the start
+only), so every pattern here is anchored at both ends. Module names never contain
+``/``, hence ``[^/]+`` stands for "any layer".
+
+One layout per run
+------------------
+TensorBoard shows **only the last** layout event of a run (checked with
+TensorBoard 2.21, both the Python loader and the Rust data server: a run with
+layout ``{A, B}`` followed by layout ``{C}`` shows only ``C``). Layouts are
+merged across *runs*, never within one. Two callbacks sharing one
+``SummaryWriter`` (LCA and NFA) must therefore not each write their own layout.
+:func:`write_layout_once` keeps, per writer object, the union of every layout
+handed to it; it writes that union again only when a call adds something new. The
+last layout event in the file is then always the union of both callbacks'
+layouts, whichever callback ran first, and calling it again with the same layout
+(a second ``fit``) writes nothing.
+
+How a callback uses it::
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from learnscope.tensorboard_layout import build_layout, write_layout_once
+
+    def on_train_start(self, trainer, pl_module):
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # on ranks > 0 `experiment` is a no-op object: nothing is written
+                write_layout_once(logger.experiment, build_layout(lca=True, nfa=False))
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from typing import Any, Iterable, Sequence
+
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+__all__ = [
+    "CATEGORY_LCA",
+    "CATEGORY_LCA_PARTS",
+    "CATEGORY_LCA_HEALTH",
+    "CATEGORY_LCA_ABLATION",
+    "CATEGORY_NFA",
+    "LCA_PARTS",
+    "NFA_METRICS",
+    "build_layout",
+    "merge_layouts",
+    "layout_to_dict",
+    "write_layout_once",
+    "layout_patterns",
+    "charts_matching",
+]
+
+CATEGORY_LCA = "learnscope LCA"
+CATEGORY_LCA_PARTS = "learnscope LCA parts"
+CATEGORY_LCA_HEALTH = "learnscope LCA health"
+CATEGORY_LCA_ABLATION = "learnscope LCA ablation"
+CATEGORY_NFA = "learnscope NFA"
+# The order in which categories appear, whichever callback wrote first.
+_CATEGORY_ORDER = (
+    CATEGORY_LCA,
+    CATEGORY_LCA_PARTS,
+    CATEGORY_LCA_HEALTH,
+    CATEGORY_LCA_ABLATION,
+    CATEGORY_NFA,
+)
+
+LCA_PARTS = ("gradient", "momentum", "weight_decay", "residual")
+NFA_METRICS = (
+    "pearson_a1",
+    "cosine_a1",
+    "pearson_a0.5",
+    "cosine_a0.5",
+    "null_a1",
+    "null_a0.5",
+    "excess_a1",
+    "excess_a0.5",
+    "sphericity",
+    "sphericity_range",
+    "align_a0.5",
+    "stable_rank",
+    "weight_change",
+    "cnfa_pearson_a1",
+)
+
+_ANY_LAYER = "[^/]+"
+
+
+def _exact(tag: str) -> str:
+    return "^" + re.escape(tag) + "$"
+
+
+def _chart(title: str, patterns: Sequence[str]) -> layout_pb2.Chart:
+    return layout_pb2.Chart(
+        title=title, multiline=layout_pb2.MultilineChartContent(tag=list(patterns))
+    )
+
+
+def _lca_categories(parts: Sequence[str], ablation: bool) -> list[layout_pb2.Category]:
+    any_layer = _ANY_LAYER
+    main = layout_pb2.Category(
+        title=CATEGORY_LCA,
+        chart=[
+            _chart("layer LCA per step (negative = helped)", [f"^lca/layer/{any_layer}$"]),
+            _chart("layer LCA cumulative", [f"^lca/layer_cumulative/{any_layer}$"]),
+            _chart("helped fraction per layer", [f"^lca/helped_fraction/{any_layer}$"]),
+            _chart("hurt fraction per layer", [f"^lca/hurt_fraction/{any_layer}$"]),
+        ],
+    )
+    part_charts = [
+        _chart("parts, all layers summed", [f"^lca/part/{any_layer}$"]),
+        _chart("parts cumulative, all layers summed", [f"^lca/part_cumulative/{any_layer}$"]),
+    ]
+    for part in parts:
+        escaped = re.escape(part)
+        part_charts.append(_chart(f"{part} part per layer", [f"^lca/part/{escaped}/{any_layer}$"]))
+        part_charts.append(
+            _chart(
+                f"{part} part per layer, cumulative",
+                [f"^lca/part_cumulative/{escaped}/{any_layer}$"],
+            )
+        )
+    health = layout_pb2.Category(
+        title=CATEGORY_LCA_HEALTH,
+        chart=[
+            _chart("total LCA vs actual loss change", [_exact("lca/total"), _exact("lca/delta_loss")]),
+            _chart("absolute error per step", [_exact("lca/abs_error")]),
+            _chart("cumulative relative error", [_exact("lca/cumulative_relative_error")]),
+            _chart(
+                "helped / hurt fraction (all parameters)",
+                [_exact("lca/helped_fraction"), _exact("lca/hurt_fraction")],
+            ),
+            _chart("quadrature sub-intervals", [_exact("lca/splits")]),
+            _chart("skipped steps", [_exact("lca/skipped_steps")]),
+        ],
+    )
+    categories = [main, layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=part_charts), health]
+    if ablation:
+        ablation_charts = [
+            _chart("helped fraction by loss and rule", [f"^lca/ablation/{any_layer}/helped_fraction$"])
+        ]
+        for part in parts:
+            ablation_charts.append(
+                _chart(
+                    f"{part} part by loss and rule",
+                    [f"^lca/ablation/{any_layer}/part/{re.escape(part)}$"],
+                )
+            )
+        categories.append(layout_pb2.Category(title=CATEGORY_LCA_ABLATION, chart=ablation_charts))
+    return categories
+
+
+def _nfa_category(metrics: Sequence[str], layers: Sequence[str] | None) -> layout_pb2.Category:
+    charts = [_chart(f"{metric}, all layers", [f"^nfa/{_ANY_LAYER}/{re.escape(metric)}$"]) for metric in metrics]
+    charts.append(_chart("skipped measurements", [_exact("nfa/skipped")]))
+    if layers is None:
+        # Without layer names a per-layer chart cannot be spelled out; show every
+        # correlation beside every null in one chart instead.
+        charts.append(_chart("pearson vs rotation null, α=1, all layers", [f"^nfa/{_ANY_LAYER}/(pearson|null)_a1$"]))
+        charts.append(
+            _chart("pearson vs rotation null, α=0.5, all layers", [f"^nfa/{_ANY_LAYER}/(pearson|null)_a0\\.5$"])
+        )
+    else:
+        for layer in layers:
+            if "/" in layer:
+                raise ValueError(f"layer name {layer!r} contains '/', which the nfa/<layer>/<metric> tags cannot hold")
+            charts.append(
+                _chart(
+                    f"{layer}: pearson vs rotation null, α=1",
+                    [_exact(f"nfa/{layer}/pearson_a1"), _exact(f"nfa/{layer}/null_a1")],
+                )
+            )
+            charts.append(
+                _chart(
+                    f"{layer}: pearson vs rotation null, α=0.5",
+                    [_exact(f"nfa/{layer}/pearson_a0.5"), _exact(f"nfa/{layer}/null_a0.5")],
+                )
+            )
+    return layout_pb2.Category(title=CATEGORY_NFA, chart=charts)
+
+
+def build_layout(
+    lca: bool = True,
+    nfa: bool = True,
+    lca_parts: Sequence[str] = LCA_PARTS,
+    lca_ablation: bool = False,
+    nfa_metrics: Sequence[str] = NFA_METRICS,
+    nfa_layers: Sequence[str] | None = None,
+) -> layout_pb2.Layout:
+    """The custom-scalar layout for the probes that are on.
+
+    Args:
+        lca: add the categories "learnscope LCA" (per-layer LCA, cumulative LCA,
+            helped and hurt fraction, all layers per chart), "learnscope LCA parts"
+            (one chart per optimizer part with every layer, plus the per-part
+            totals) and "learnscope LCA health" (total vs actual loss change,
+            errors, helped/hurt fraction, sub-intervals, skipped steps).
+        nfa: add the category "learnscope NFA" (one chart per metric with every
+            layer, and pearson beside its rotation null).
+        lca_parts: the optimizer parts to chart (``lca/part/<part>/<m>``).
+        lca_ablation: add "learnscope LCA ablation" (``lca/ablation/...`` tags).
+        nfa_metrics: the NFA metrics to chart, one chart each.
+        nfa_layers: names of the measured NFA layers. Given, every layer gets two
+            charts (pearson_a1 with null_a1, pearson_a0.5 with null_a0.5); ``None``
+            gives two charts with every layer's correlations and nulls instead.
+
+    Returns:
+        A ``tensorboard.plugins.custom_scalar.layout_pb2.Layout`` (empty when both
+        probes are off).
+    """
+    categories: list[layout_pb2.Category] = []
+    if lca:
+        categories.extend(_lca_categories(tuple(lca_parts), lca_ablation))
+    if nfa:
+        categories.append(_nfa_category(tuple(nfa_metrics), None if nfa_layers is None else tuple(nfa_layers)))
+    return layout_pb2.Layout(category=categories)
+
+
+def merge_layouts(*layouts: layout_pb2.Layout) -> layout_pb2.Layout:
+    """The union of several layouts.
+
+    Categories with the same title are merged; charts with the same title within
+    a category get the union of their tag patterns (kept in first-seen order).
+    The learnscope categories come first in a fixed order, others after them in
+    first-seen order, so the result does not depend on which callback wrote first.
+    """
+    merged: dict[str, dict[str, list[str]]] = {}
+    for layout in layouts:
+        for category in layout.category:
+            charts = merged.setdefault(category.title, {})
+            for chart in category.chart:
+                if chart.WhichOneof("content") == "margin":
+                    raise ValueError(f"chart {chart.title!r}: only multiline charts can be merged")
+                patterns = charts.setdefault(chart.title, [])
+                patterns.extend(tag for tag in chart.multiline.tag if tag not in patterns)
+
+    def order(title: str) -> tuple[int, int]:
+        if title in _CATEGORY_ORDER:
+            return (0, _CATEGORY_ORDER.index(title))
+        return (1, list(merged).index(title))
+
+    return layout_pb2.Layout(
+        category=[
+            layout_pb2.Category(title=title, chart=[_chart(name, tags) for name, tags in merged[title].items()])
+            for title in sorted(merged, key=order)
+        ]
+    )
+
+
+def layout_to_dict(layout: layout_pb2.Layout) -> dict[str, dict[str, list[Any]]]:
+    """The layout in the dict form of ``SummaryWriter.add_custom_scalars``
+    (``{category: {chart: ["Multiline", [patterns]]}}``), which torch's and
+    tensorboardX's writers both accept."""
+    return {
+        category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}
+        for category in layout.category
+    }
+
+
+_written: "weakref.WeakKeyDictionary[Any, layout_pb2.Layout]" = weakref.WeakKeyDictionary()
+_written_lock = threading.Lock()
+
+
+def write_layout_once(summary_writer: Any, layout: layout_pb2.Layout) -> bool:
+    """Write ``layout`` to ``summary_writer``, merged with every layout written to
+    that writer before; write nothing when that adds nothing.
+
+    TensorBoard keeps only the last layout event of a run, so the union is what
+    must come last; see the module docstring. Works with any object that has
+    ``add_custom_scalars(dict)`` (torch's and tensorboardX's ``SummaryWriter``,
+    Lightning's no-op experiment on ranks > 0).
+
+    Args:
+        summary_writer: the writer (``TensorBoardLogger.experiment``); ``None`` is
+            accepted and ignored.
+        layout: a layout from :func:`build_layout` (or any multiline layout).
+
+    Returns:
+        True when a layout event was written.
+    """
+    if summary_writer is None or not layout.category:
+        return False
+    with _written_lock:
+        previous = _lookup(summary_writer)
+        merged = merge_layouts(layout) if previous is None else merge_layouts(previous, layout)
+        if previous is not None and merged == previous:
+            return False
+        summary_writer.add_custom_scalars(layout_to_dict(merged))
+        _remember(summary_writer, merged)
+        return True
+
+
+def _lookup(summary_writer: Any) -> layout_pb2.Layout | None:
+    try:
+        return _written.get(summary_writer)
+    except TypeError:  # not weak-referenceable or not hashable
+        return getattr(summary_writer, "_learnscope_layout", None)
+
+
+def _remember(summary_writer: Any, layout: layout_pb2.Layout) -> None:
+    try:
+        _written[summary_writer] = layout
+    except TypeError:
+        try:
+            summary_writer._learnscope_layout = layout
+        except AttributeError:
+            pass  # cannot remember: a later call writes the (idempotent) union again
+
+
+def layout_patterns(layout: layout_pb2.Layout) -> Iterable[tuple[str, str, str]]:
+    """Every ``(category, chart, pattern)`` of a layout, for tests and tooling."""
+    for category in layout.category:
+        for chart in category.chart:
+            for pattern in chart.multiline.tag:
+                yield category.title, chart.title, pattern
+
+
+def charts_matching(layout: layout_pb2.Layout, tag: str) -> list[tuple[str, str]]:
+    """The ``(category, chart)`` pairs whose patterns match ``tag`` the way the
+    custom-scalars plugin matches them (``re.match``)."""
+    return sorted(
+        {(category, chart) for category, chart, pattern in layout_patterns(layout) if re.match(pattern, tag)}
+    )
