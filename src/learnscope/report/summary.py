@@ -1,0 +1,299 @@
+"""Per-run and per-layer summary numbers, computed from the reader's records.
+
+These are quantities only; :mod:`learnscope.report.cli` prints them and
+:mod:`learnscope.report.figures` draws them.
+
+Conventions (BRIEF.md 2.4): LCA is negative when a layer *helped* (lowered the
+loss). A layer's cumulative LCA is the last logged ``lca/layer_cumulative/<m>``
+(the callback's own running sum over every measured step), or, when that tag is
+absent, the sum of the logged ``lca/layer/<m>`` values. A layer's *share* is its
+cumulative LCA over the sum of all layers' cumulative LCA: with a falling loss,
+a layer that helped has a positive share and one that hurt a negative share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from learnscope.report.reader import LcaLayer, RunRecords, ScalarSeries
+from learnscope.report.sync import SyncError, SyncResult, align_on_common_steps, synchronisation_test
+
+__all__ = [
+    "LayerSummary",
+    "RunSummary",
+    "SyncSettings",
+    "cumulative_layer_lca",
+    "cumulative_layer_series",
+    "layer_part_totals",
+    "run_synchronisation",
+    "summarise_run",
+    "format_table",
+    "format_headline",
+    "table_rows",
+    "TABLE_COLUMNS",
+]
+
+_MISSING = "-"
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """Parameters of :func:`learnscope.report.sync.synchronisation_test`."""
+
+    smooth: int = 1
+    window: int = 2
+    tolerance: int = 0
+    n_draws: int = 2000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    name: str
+    cumulative_lca: float | None = None
+    share_of_total: float | None = None
+    mean_helped_fraction: float | None = None
+    part_totals: dict[str, float] = field(default_factory=dict)
+    final_pearson_a1: float | None = None
+    final_pearson_a05: float | None = None
+    final_excess_a1: float | None = None
+    final_excess_a05: float | None = None
+
+    @property
+    def verdict(self) -> str | None:
+        if self.cumulative_lca is None or self.cumulative_lca == 0:
+            return None
+        return "helped" if self.cumulative_lca < 0 else "hurt"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run: str
+    layers: tuple[LayerSummary, ...]
+    measured_steps: int = 0
+    total_lca: float | None = None  # Σ_t lca/total
+    total_loss_change: float | None = None  # Σ_t lca/delta_loss
+    cumulative_relative_error: float | None = None
+    mean_helped_fraction: float | None = None
+    skipped_steps: float | None = None
+    sync: SyncResult | None = None
+    sync_message: str | None = None  # why there is no sync result
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def cumulative_layer_series(layer: LcaLayer) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, cumulative LCA) of one layer, from ``lca/layer_cumulative/<m>``
+    or the running sum of ``lca/layer/<m>``."""
+    if layer.cumulative is not None and len(layer.cumulative):
+        return layer.cumulative.steps, layer.cumulative.values
+    if layer.allocation is not None and len(layer.allocation):
+        return layer.allocation.steps, np.cumsum(layer.allocation.values)
+    return None
+
+
+def cumulative_layer_lca(layer: LcaLayer) -> float | None:
+    series = cumulative_layer_series(layer)
+    return None if series is None else float(series[1][-1])
+
+
+def _total(per_step: dict[str, ScalarSeries], cumulative: dict[str, ScalarSeries], part: str) -> float | None:
+    if part in cumulative and len(cumulative[part]):
+        return cumulative[part].last()
+    if part in per_step and len(per_step[part]):
+        return per_step[part].sum()
+    return None
+
+
+def layer_part_totals(layer: LcaLayer) -> dict[str, float]:
+    """Cumulative LCA of each optimizer part of one layer."""
+    totals = {}
+    for part in dict.fromkeys([*layer.parts, *layer.parts_cumulative]):
+        value = _total(layer.parts, layer.parts_cumulative, part)
+        if value is not None:
+            totals[part] = value
+    return totals
+
+
+def run_synchronisation(run: RunRecords, settings: SyncSettings = SyncSettings()) -> SyncResult:
+    """The synchronisation test on the run's ``lca/layer/<m>`` series, on the
+    steps every layer logged. Raises SyncError when it cannot be run."""
+    if run.lca is None:
+        raise SyncError("the run has no LCA data")
+    series = {
+        name: (layer.allocation.steps, layer.allocation.values)
+        for name, layer in run.lca.layers.items()
+        if layer.allocation is not None and len(layer.allocation)
+    }
+    steps, aligned = align_on_common_steps(series)
+    return synchronisation_test(
+        aligned,
+        steps,
+        smooth=settings.smooth,
+        window=settings.window,
+        tolerance=settings.tolerance,
+        n_draws=settings.n_draws,
+        seed=settings.seed,
+    )
+
+
+def _final(metrics: dict[str, ScalarSeries], name: str) -> float | None:
+    series = metrics.get(name)
+    return None if series is None or not len(series) else _finite_or_none(series.last())
+
+
+def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSettings()) -> RunSummary:
+    """Summary numbers of one run; ``sync_settings=None`` skips the
+    synchronisation test."""
+    lca, nfa = run.lca, run.nfa
+    names = list(lca.layers) if lca is not None else []
+    if nfa is not None:
+        names += [name for name in nfa.layers if name not in names]
+
+    cumulative = {}
+    if lca is not None:
+        for name, layer in lca.layers.items():
+            value = cumulative_layer_lca(layer)
+            if value is not None:
+                cumulative[name] = value
+    layers_sum = sum(cumulative.values()) if cumulative else None
+
+    layers = []
+    for name in names:
+        lca_layer = lca.layers.get(name) if lca is not None else None
+        nfa_layer = nfa.layers.get(name) if nfa is not None else None
+        value = cumulative.get(name)
+        share = value / layers_sum if value is not None and layers_sum else None
+        helped = None
+        if lca_layer is not None and lca_layer.helped_fraction is not None and len(lca_layer.helped_fraction):
+            helped = float(np.mean(lca_layer.helped_fraction.values))
+        metrics = nfa_layer.metrics if nfa_layer is not None else {}
+        layers.append(
+            LayerSummary(
+                name=name,
+                cumulative_lca=value,
+                share_of_total=share,
+                mean_helped_fraction=helped,
+                part_totals=layer_part_totals(lca_layer) if lca_layer is not None else {},
+                final_pearson_a1=_final(metrics, "pearson_a1"),
+                final_pearson_a05=_final(metrics, "pearson_a0.5"),
+                final_excess_a1=_final(metrics, "excess_a1"),
+                final_excess_a05=_final(metrics, "excess_a0.5"),
+            )
+        )
+
+    summary = dict(run=run.name, layers=tuple(layers))
+    if lca is not None:
+        total = lca.total.sum() if lca.total is not None and len(lca.total) else layers_sum
+        loss_change = lca.delta_loss.sum() if lca.delta_loss is not None and len(lca.delta_loss) else None
+        if lca.cumulative_relative_error is not None and len(lca.cumulative_relative_error):
+            relative_error = _finite_or_none(lca.cumulative_relative_error.last())
+        elif total is not None and loss_change:
+            relative_error = abs(total - loss_change) / abs(loss_change)
+        else:
+            relative_error = None
+        step_counts = [len(s) for s in (lca.total, lca.delta_loss) if s is not None]
+        step_counts += [len(layer.allocation) for layer in lca.layers.values() if layer.allocation is not None]
+        summary.update(
+            measured_steps=max(step_counts, default=0),
+            total_lca=total,
+            total_loss_change=loss_change,
+            cumulative_relative_error=relative_error,
+            mean_helped_fraction=(
+                float(np.mean(lca.helped_fraction.values))
+                if lca.helped_fraction is not None and len(lca.helped_fraction)
+                else None
+            ),
+            skipped_steps=(
+                lca.skipped_steps.last() if lca.skipped_steps is not None and len(lca.skipped_steps) else None
+            ),
+        )
+        if sync_settings is not None:
+            try:
+                summary["sync"] = run_synchronisation(run, sync_settings)
+            except SyncError as error:
+                summary["sync_message"] = str(error)
+    return RunSummary(**summary)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return _MISSING if value is None else format(value, spec)
+
+
+TABLE_COLUMNS = (
+    "layer",
+    "cum. LCA",
+    "share",
+    "helped frac.",
+    "pearson_a1",
+    "pearson_a0.5",
+    "excess_a1",
+    "excess_a0.5",
+)
+
+
+def table_rows(summary: RunSummary) -> list[list[str]]:
+    """One row of strings per layer, in ``TABLE_COLUMNS`` order."""
+    return [
+        [
+            layer.name,
+            _fmt(layer.cumulative_lca, "+.6g"),
+            _MISSING if layer.share_of_total is None else f"{100 * layer.share_of_total:.1f}%",
+            _fmt(layer.mean_helped_fraction, ".3f"),
+            _fmt(layer.final_pearson_a1, ".3f"),
+            _fmt(layer.final_pearson_a05, ".3f"),
+            _fmt(layer.final_excess_a1, "+.3f"),
+            _fmt(layer.final_excess_a05, "+.3f"),
+        ]
+        for layer in summary.layers
+    ]
+
+
+def format_table(summary: RunSummary, markdown: bool = False) -> str:
+    """The per-layer table as aligned plain text (or a Markdown table)."""
+    rows = table_rows(summary)
+    if markdown:
+        lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * 7) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(TABLE_COLUMNS, *rows)]
+
+    def line(cells) -> str:
+        return "  ".join(
+            cell.ljust(width) if k == 0 else cell.rjust(width) for k, (cell, width) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(TABLE_COLUMNS), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def format_headline(summary: RunSummary) -> list[str]:
+    """Run-level lines: LCA totals, the cumulative relative error, sync."""
+    lines = []
+    if summary.measured_steps:
+        lines.append(f"measured steps: {summary.measured_steps}")
+    if summary.total_lca is not None:
+        lines.append(f"sum of LCA over steps: {summary.total_lca:+.6g}")
+    if summary.total_loss_change is not None:
+        lines.append(f"sum of actual loss changes: {summary.total_loss_change:+.6g}")
+    if summary.cumulative_relative_error is not None:
+        lines.append(f"cumulative relative error: {100 * summary.cumulative_relative_error:.3g}%")
+    if summary.mean_helped_fraction is not None:
+        lines.append(f"mean helped fraction (all parameters): {summary.mean_helped_fraction:.3f}")
+    if summary.skipped_steps:
+        lines.append(f"skipped steps: {summary.skipped_steps:g}")
+    if summary.sync is not None:
+        sync = summary.sync
+        lines.append(
+            f"synchronisation: {sync.observed:g} coincident minima pairs "
+            f"vs {sync.null_mean:.1f} ± {sync.null_std:.1f} by chance, p = {sync.p_value:.3g} "
+            f"({len(sync.layers)} layers, {len(sync.steps)} steps, "
+            f"window {sync.window}, tolerance {sync.tolerance}, smooth {sync.smooth})"
+        )
+    elif summary.sync_message:
+        lines.append(f"synchronisation: not tested ({summary.sync_message})")
+    return lines
