@@ -1,0 +1,395 @@
+"""PNG figures of one run, drawn from the reader's records.
+
+Every function takes records (or a summary/sync result) and an output path,
+writes one PNG and returns the path, or returns None without writing when the
+run lacks the data. Figures are built with ``matplotlib.figure.Figure`` on an
+Agg canvas: pyplot is never imported, so no global figure state is created or
+leaked and no display backend is needed. Sizes are fixed (``DPI`` × the inch
+sizes below, growing with the number of panels where noted), never cropped.
+
+LCA colours: green = helped (negative LCA), red = hurt (positive).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import CenteredNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from learnscope.report.reader import RunRecords, ScalarSeries
+from learnscope.report.summary import RunSummary, cumulative_layer_series, layer_part_totals
+from learnscope.report.sync import SyncResult, align_on_common_steps
+
+__all__ = [
+    "DPI",
+    "HELPED_COLOUR",
+    "HURT_COLOUR",
+    "plot_cumulative_lca",
+    "plot_layer_lca_bars",
+    "plot_helped_fraction",
+    "plot_lca_parts",
+    "plot_nfa_alignment",
+    "plot_nfa_metrics",
+    "plot_synchronisation",
+    "plot_unit_lca",
+]
+
+DPI = 100
+HELPED_COLOUR = "#2ca02c"
+HURT_COLOUR = "#d62728"
+PART_COLOURS = {
+    "gradient": "#1f77b4",
+    "momentum": "#9467bd",
+    "weight_decay": "#8c564b",
+    "residual": "#7f7f7f",
+}
+_OTHER_PART_COLOURS = ("#17becf", "#bcbd22", "#e377c2", "#ff7f0e")
+# Metrics of the second NFA figure, in display order (pearson/null have their own).
+NFA_CONTEXT_METRICS = (
+    "excess_a1",
+    "excess_a0.5",
+    "cosine_a1",
+    "cosine_a0.5",
+    "sphericity",
+    "sphericity_range",
+    "align_a0.5",
+    "stable_rank",
+    "weight_change",
+    "cnfa_pearson_a1",
+)
+
+
+def _layer_colour(index: int) -> str:
+    return colormaps["tab10"](index % 10)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def _layer_ticks(axes, names: list[str]) -> None:
+    slanted = len(names) > 6
+    axes.set_xticks(np.arange(len(names)), names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+
+
+def _grid(n: int, max_columns: int) -> tuple[int, int]:
+    columns = min(n, max_columns)
+    return math.ceil(n / columns), columns
+
+
+def _layers_with(run: RunRecords, attribute: str) -> dict[str, ScalarSeries]:
+    if run.lca is None:
+        return {}
+    return {
+        name: getattr(layer, attribute)
+        for name, layer in run.lca.layers.items()
+        if getattr(layer, attribute) is not None and len(getattr(layer, attribute))
+    }
+
+
+# (a) ---------------------------------------------------------------------------
+
+
+def plot_cumulative_lca(run: RunRecords, path: str | Path) -> Path | None:
+    """Cumulative LCA of each layer over the steps (8 × 5 in)."""
+    if run.lca is None:
+        return None
+    curves = {name: cumulative_layer_series(layer) for name, layer in run.lca.layers.items()}
+    curves = {name: curve for name, curve in curves.items() if curve is not None}
+    if not curves:
+        return None
+    figure = _new_figure(8, 5)
+    axes = figure.add_subplot()
+    for name, (steps, values) in curves.items():
+        axes.plot(steps, values, label=name, linewidth=1.5)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xlabel("step")
+    axes.set_ylabel("cumulative LCA (negative = helped)")
+    axes.set_title(f"Cumulative loss change allocation per layer — {run.name}")
+    axes.legend(fontsize="small", ncols=2 if len(curves) > 8 else 1)
+    return _save(figure, path)
+
+
+# (b) ---------------------------------------------------------------------------
+
+
+def plot_layer_lca_bars(summary: RunSummary, path: str | Path) -> Path | None:
+    """Total LCA per layer as bars: green = helped (< 0), red = hurt (8 × 5 in)."""
+    layers = [layer for layer in summary.layers if layer.cumulative_lca is not None]
+    if not layers:
+        return None
+    figure = _new_figure(8, 5)
+    axes = figure.add_subplot()
+    values = np.array([layer.cumulative_lca for layer in layers])
+    positions = np.arange(len(layers))
+    axes.bar(positions, values, color=[HELPED_COLOUR if v < 0 else HURT_COLOUR for v in values])
+    axes.axhline(0, color="black", linewidth=0.8)
+    _layer_ticks(axes, [layer.name for layer in layers])
+    axes.set_ylabel("cumulative LCA")
+    axes.set_title(f"Which layers helped (green) and hurt (red) — {summary.run}")
+    return _save(figure, path)
+
+
+# (c) ---------------------------------------------------------------------------
+
+
+def plot_helped_fraction(run: RunRecords, path: str | Path) -> Path | None:
+    """Helped fraction over the steps (run-level and per layer) and the
+    histogram of its per-step values (12 × 4.5 in)."""
+    if run.lca is None:
+        return None
+    overall = run.lca.helped_fraction if run.lca.helped_fraction is not None and len(run.lca.helped_fraction) else None
+    per_layer = _layers_with(run, "helped_fraction")
+    if overall is None and not per_layer:
+        return None
+    figure = _new_figure(12, 4.5)
+    over_time, histogram = figure.subplots(1, 2, width_ratios=[2, 1])
+    for name, series in per_layer.items():
+        over_time.plot(series.steps, series.values, linewidth=0.8, alpha=0.7, label=name)
+    if overall is not None:
+        over_time.plot(overall.steps, overall.values, color="black", linewidth=1.6, label="all parameters")
+    over_time.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    over_time.set_xlabel("step")
+    over_time.set_ylabel("fraction of parameters with A < 0")
+    over_time.set_title("Helped fraction over training")
+    over_time.legend(fontsize="small")
+
+    values = overall.values if overall is not None else np.concatenate([s.values for s in per_layer.values()])
+    histogram.hist(values, bins=min(30, max(5, len(values) // 3)), color=HELPED_COLOUR, alpha=0.8)
+    histogram.axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    histogram.axvline(float(np.mean(values)), color="black", linewidth=1.2, label=f"mean {np.mean(values):.3f}")
+    histogram.set_xlabel("helped fraction per step" + ("" if overall is not None else " (all layers pooled)"))
+    histogram.set_ylabel("steps")
+    histogram.set_title("Distribution")
+    histogram.legend(fontsize="small")
+    return _save(figure, path)
+
+
+# (d) ---------------------------------------------------------------------------
+
+
+def _part_colour(part: str, index: int) -> str:
+    return PART_COLOURS.get(part, _OTHER_PART_COLOURS[index % len(_OTHER_PART_COLOURS)])
+
+
+def plot_lca_parts(run: RunRecords, path: str | Path) -> Path | None:
+    """Cumulative LCA of each optimizer part per layer as stacked bars
+    (positive parts stacked up, negative ones down; a black marker at the sum)
+    (8 × 5 in)."""
+    if run.lca is None:
+        return None
+    totals = {name: layer_part_totals(layer) for name, layer in run.lca.layers.items()}
+    totals = {name: parts for name, parts in totals.items() if parts}
+    if not totals:
+        return None
+    parts = list(dict.fromkeys(part for per_layer in totals.values() for part in per_layer))
+    figure = _new_figure(8, 5)
+    axes = figure.add_subplot()
+    positions = np.arange(len(totals))
+    up = np.zeros(len(totals))
+    down = np.zeros(len(totals))
+    for index, part in enumerate(parts):
+        values = np.array([totals[name].get(part, 0.0) for name in totals])
+        bottom = np.where(values >= 0, up, down)
+        axes.bar(positions, values, bottom=bottom, color=_part_colour(part, index), label=part, width=0.6)
+        up += np.clip(values, 0, None)
+        down += np.clip(values, None, 0)
+    axes.scatter(positions, up + down, color="black", marker="D", zorder=3, label="sum of parts")
+    axes.axhline(0, color="black", linewidth=0.8)
+    _layer_ticks(axes, list(totals))
+    axes.set_ylabel("cumulative LCA (negative = helped)")
+    axes.set_title(f"LCA split by optimizer part — {run.name}")
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+# (e) ---------------------------------------------------------------------------
+
+
+def _draw_against_null(axes, metrics: dict[str, ScalarSeries], alpha: str, colour: str) -> bool:
+    pearson = metrics.get(f"pearson_a{alpha}")
+    if pearson is None or not len(pearson):
+        return False
+    axes.plot(pearson.steps, pearson.values, color=colour, linewidth=1.6, label=f"pearson α={alpha}")
+    null = metrics.get(f"null_a{alpha}")
+    if null is not None and len(null):
+        axes.plot(
+            null.steps, null.values, color=colour, linestyle="--", linewidth=1.0, label=f"rotation null α={alpha}"
+        )
+        # The band a random rotation of G already reaches: alignment below it is not evidence.
+        axes.fill_between(null.steps, 0, null.values, color=colour, alpha=0.12, linewidth=0)
+    return True
+
+
+def plot_nfa_alignment(run: RunRecords, path: str | Path) -> Path | None:
+    """Per layer: the NFA Pearson correlation (α = 1 and α = ½) over the steps,
+    with the rotation null drawn as a dashed line over a shaded band
+    (panels of 4 × 3.6 in, at most 3 per row)."""
+    if run.nfa is None:
+        return None
+    layers = {
+        name: layer.metrics
+        for name, layer in run.nfa.layers.items()
+        if any(f"pearson_a{alpha}" in layer.metrics for alpha in ("1", "0.5"))
+    }
+    if not layers:
+        return None
+    rows, columns = _grid(len(layers), 3)
+    figure = _new_figure(4 * columns, 3.6 * rows)
+    grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for axes, (name, metrics) in zip(grid, layers.items()):
+        has_a1 = _draw_against_null(axes, metrics, "1", "#1f77b4")
+        _draw_against_null(axes, metrics, "0.5", "#ff7f0e")
+        title = name if has_a1 else f"{name} (readout: α=1 omitted)"
+        axes.set_title(title, fontsize="medium")
+        axes.set_ylim(min(0.0, axes.get_ylim()[0]), 1.02)
+        axes.set_xlabel("step")
+        axes.set_ylabel("correlation")
+        axes.legend(fontsize="x-small", loc="lower right")
+    for axes in grid[len(layers) :]:
+        axes.set_visible(False)
+    figure.suptitle(f"Neural Feature Ansatz: NFM vs AGOP^α against the rotation null — {run.name}")
+    return _save(figure, path)
+
+
+def plot_nfa_metrics(run: RunRecords, path: str | Path) -> Path | None:
+    """The other NFA metrics (excess, cosine, sphericity, alignment, stable
+    rank, weight change, C-NFA), one panel per metric with every layer
+    (panels of 3.5 × 2.8 in, 4 per row)."""
+    if run.nfa is None:
+        return None
+    present = [
+        metric
+        for metric in NFA_CONTEXT_METRICS
+        if any(metric in layer.metrics and len(layer.metrics[metric]) for layer in run.nfa.layers.values())
+    ]
+    if not present:
+        return None
+    rows, columns = _grid(len(present), 4)
+    figure = _new_figure(3.5 * columns, 2.8 * rows)
+    grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    # One colour per layer across panels (a readout layer is absent from the α=1 ones).
+    colours = {name: _layer_colour(k) for k, name in enumerate(run.nfa.layers)}
+    for axes, metric in zip(grid, present):
+        for name, layer in run.nfa.layers.items():
+            series = layer.metrics.get(metric)
+            if series is not None and len(series):
+                axes.plot(series.steps, series.values, linewidth=1.2, color=colours[name])
+        if metric.startswith("excess"):
+            axes.axhline(0, color="black", linewidth=0.8)
+        axes.set_title(metric, fontsize="medium")
+        axes.set_xlabel("step", fontsize="small")
+    handles = [Line2D([], [], color=colour, linewidth=1.2) for colour in colours.values()]
+    figure.legend(handles, list(colours), loc="outside lower center", ncols=min(len(colours), 8), fontsize="small")
+    for axes in grid[len(present) :]:
+        axes.set_visible(False)
+    figure.suptitle(f"NFA metrics per layer — {run.name}")
+    return _save(figure, path)
+
+
+# (f) ---------------------------------------------------------------------------
+
+
+def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str = "") -> Path | None:
+    """Top: each layer's (smoothed, standardised) LCA series, offset for
+    readability, with its local minima marked and the coincident steps shaded.
+    Bottom: the circular-shift null distribution of the coincidence count with
+    the observed value (12 × 7 in)."""
+    if sync is None:
+        return None
+    figure = _new_figure(12, 7)
+    series_axes, null_axes = figure.subplots(2, 1, height_ratios=[2, 1])
+    for step in sync.coincident_steps:
+        series_axes.axvline(step, color="grey", alpha=0.25, linewidth=1)
+    for offset, (name, values) in enumerate(zip(sync.layers, sync.smoothed)):
+        spread = values.std() or 1.0
+        shifted = (values - values.mean()) / spread - 4 * offset
+        (line,) = series_axes.plot(sync.steps, shifted, linewidth=1, label=name)
+        minima = np.isin(sync.steps, sync.minima_steps[name])
+        series_axes.plot(sync.steps[minima], shifted[minima], "v", color=line.get_color(), markersize=5)
+    series_axes.set_yticks([])
+    series_axes.set_xlabel("step")
+    series_axes.set_ylabel("layer LCA (standardised, offset)")
+    series_axes.set_title(
+        "Local minima of the per-layer LCA (▼); grey: steps where layers' minima coincide"
+        + (f" — {title}" if title else "")
+    )
+    series_axes.legend(fontsize="small", loc="upper right")
+
+    null = sync.null_distribution
+    low, high = int(np.floor(min(null.min(), sync.observed))), int(np.ceil(max(null.max(), sync.observed)))
+    bins = np.arange(low - 0.5, high + 1.5) if high - low <= 80 else 40
+    null_axes.hist(null, bins=bins, color="#7f7f7f", alpha=0.8, label=f"circular-shift null ({sync.n_draws} draws)")
+    null_axes.axvline(sync.observed, color=HURT_COLOUR, linewidth=2, label=f"observed {sync.observed:g}")
+    null_axes.set_xlabel("coincident minima pairs")
+    null_axes.set_ylabel("draws")
+    null_axes.set_title(f"p = {sync.p_value:.3g} (null {sync.null_mean:.1f} ± {sync.null_std:.1f})")
+    null_axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+# (g) ---------------------------------------------------------------------------
+
+
+def plot_unit_lca(run: RunRecords, path: str | Path, max_layers: int = 8) -> Path | None:
+    """Per-neuron LCA heatmaps (output units × measured steps) of the layers that
+    logged ``lca/unit/<m>/<i>``; diverging colormap centred at 0, green = helped
+    (one 10 × 2.5 in panel per layer, at most ``max_layers``)."""
+    if run.lca is None:
+        return None
+    layers = {name: layer.units for name, layer in run.lca.layers.items() if layer.units}
+    if not layers:
+        return None
+    layers = dict(list(layers.items())[:max_layers])
+    figure = _new_figure(10, 2.5 * len(layers))
+    grid = np.atleast_1d(figure.subplots(len(layers), 1, squeeze=False)).ravel()
+    colormap = colormaps["RdYlGn_r"]  # low (negative, helped) = green
+    for axes, (name, units) in zip(grid, layers.items()):
+        indices = sorted(units)
+        steps, aligned = align_on_common_steps({i: (units[i].steps, units[i].values) for i in indices})
+        matrix = np.stack([aligned[i] for i in indices]) if len(steps) else np.zeros((len(indices), 0))
+        halfrange = float(np.nanmax(np.abs(matrix))) if matrix.size else 1.0
+        image = axes.imshow(
+            matrix,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=colormap,
+            norm=CenteredNorm(vcenter=0.0, halfrange=halfrange or 1.0),
+            extent=(-0.5, len(steps) - 0.5, len(indices) - 0.5, -0.5),
+        )
+        if len(steps):
+            ticks = np.linspace(0, len(steps) - 1, min(8, len(steps))).round().astype(int)
+            axes.set_xticks(ticks, [str(s) for s in steps[ticks]])
+        axes.set_ylabel(f"{name}\noutput unit")
+        axes.set_xlabel("step")
+        figure.colorbar(image, ax=axes, label="LCA (green = helped)")
+    figure.suptitle(f"Per-neuron loss change allocation — {run.name}")
+    return _save(figure, path)
+
+
+FIGURES: Sequence[str] = (
+    "cumulative_lca",
+    "lca_per_layer",
+    "helped_fraction",
+    "lca_parts",
+    "nfa_alignment",
+    "nfa_metrics",
+    "synchronisation",
+    "unit_lca",
+)
