@@ -340,6 +340,7 @@ def test_a_parameter_without_gradient_is_skipped_and_has_all_parts_zero(make_opt
         for name in PARTS:
             assert torch.equal(frozen_parts[name], torch.zeros_like(delta))
         assert probe.record.modelled
+        assert frozen not in optimizer.state  # the hooks add no state entry
 
 
 # --------------------------------------------------------------------------- #
@@ -347,6 +348,7 @@ def test_a_parameter_without_gradient_is_skipped_and_has_all_parts_zero(make_opt
 # --------------------------------------------------------------------------- #
 
 VARIANTS = {
+    "sgd-plain": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, **kw)), True),
     "sgd": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.05, **kw)), True),
     "nesterov": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, **kw)), True),
     "adam": (lambda **kw: (lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True, **kw)), True),
