@@ -419,13 +419,35 @@ def test_split_uses_the_learning_rate_in_force_before_the_scheduler_moves_it(ten
             assert float(parts["residual"].abs().max()) <= 1e-12 * float(delta.abs().max())
 
 
-def test_parts_requested_after_the_next_step_are_refused(batches):
+def test_parts_requested_after_the_next_step_or_an_in_place_zero_grad_are_refused(batches):
     records = []
-    for _, probe, _ in train(lambda ps: Adam(ps, lr=0.01), batches, steps=2):
-        records.append((probe.record, probe.params[0], probe.params[0].detach().clone()))
-    stale_record, param, _ = records[0]
+    for optimizer, probe, _ in train(lambda ps: Adam(ps, lr=0.01), batches, steps=2):
+        records.append(probe.record)
+    param = probe.params[0]
     with pytest.raises(RuntimeError, match="next step"):
-        step_parts(stale_record, param, torch.zeros_like(param))
+        step_parts(records[0], param, torch.zeros_like(param))
+    step_parts(records[1], param, torch.zeros_like(param))  # still current
+    optimizer.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="zeroed"):
+        step_parts(records[1], param, torch.zeros_like(param))
+
+
+def test_sparse_gradient_goes_to_the_residual_and_dense_parameters_stay_modelled():
+    embedding = nn.Embedding(20, 4, sparse=True).to(DTYPE)
+    head = nn.Linear(4, 1).to(DTYPE)
+    params = [embedding.weight, head.weight, head.bias]
+    optimizer = SGD(params, lr=0.1, momentum=0.9)
+    probe = StepProbe(optimizer, params)
+    tokens = torch.tensor([1, 3, 3, 7])
+    for _ in range(2):
+        optimizer.zero_grad()
+        head(embedding(tokens)).pow(2).mean().backward()
+        optimizer.step()
+        [(_, _, delta, sparse_parts), *dense] = probe.parts()
+        assert probe.record.modelled is False and "sparse" in probe.record.unmodelled_reason
+        assert torch.equal(sparse_parts["residual"], delta) and bool(delta.abs().max() > 0)
+        for _, _, delta, parts in dense:
+            assert float(parts["residual"].abs().max()) <= 1e-12 * float(delta.abs().max())
 
 
 # --------------------------------------------------------------------------- #

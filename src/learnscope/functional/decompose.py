@@ -47,7 +47,7 @@ RMSprop (lr, α, ε, λ, momentum μ, centered)
     gradient −lr·s·g/D, weight_decay −lr·λ·θ_t/D, momentum −lr·μ·b_{t−1}.
 
 Adagrad (lr, lr_decay, λ, ε, initial_accumulator_value)
-    S_t = S_{t−1} + g'²;  clr = lr / (1 + (t−1)·lr_decay);  D = √S_t + ε
+    S_0 = initial_accumulator_value, S_t = S_{t−1} + g'²;  clr = lr / (1 + (t−1)·lr_decay);  D = √S_t + ε
     Δ = −clr·g'/D → gradient −clr·s·g/D, weight_decay −clr·λ·θ_t/D, momentum 0.
 
 The nonlinear denominators D are read from the optimizer state *after* the step,
@@ -120,7 +120,7 @@ class _ParamStep:
     """What ``finish_step`` keeps for one parameter that the optimizer updated."""
 
     group: int
-    grad: Tensor
+    grad: Tensor | None  # None when unmodelled
     state: dict[str, Tensor]
     step: Any  # step count after the step (float or 0-dim tensor clone), if any
     first_step: bool
@@ -426,49 +426,46 @@ def finish_step(record: StepRecord) -> None:
     """
     optimizer = record.optimizer
     model = _MODELS.get(type(optimizer))
+    record.finished = True
+    if model is None:
+        return  # everything goes to the residual: nothing to keep
     found_inf = getattr(optimizer, "found_inf", None)
     record._found_inf = found_inf.detach().clone() if isinstance(found_inf, Tensor) else None
     for index, group in enumerate(optimizer.param_groups):
+        hyper = record.groups[index] if index < len(record.groups) else group
         for param in group["params"]:
             record._group_of.setdefault(param, index)
-            grad = param.grad
-            if grad is None:
+            if param.grad is None:
                 continue  # skipped by the optimizer: all parts 0
-            state = optimizer.state.get(param, {})
-            reason = None
-            refs: dict[str, Tensor] = {}
-            step = None
-            if model is None:
-                reason = record.unmodelled_reason
-            elif grad.is_sparse:
-                reason = f"sparse gradient: {record.optimizer_class} step goes to 'residual'"
-            else:
-                try:
-                    hyper = record.groups[index] if index < len(record.groups) else group
-                    refs = {key: state[key] for key in model.state_keys_for(hyper)}
-                except KeyError as missing:
-                    reason = f"optimizer state lacks {missing}: step goes to 'residual'"
-                    refs = {}
-                if model.has_step_counter and reason is None:
-                    counter = state.get("step")
-                    if counter is None:
-                        reason = "optimizer state lacks 'step': step goes to 'residual'"
-                    else:
-                        step = counter.detach().clone() if isinstance(counter, Tensor) else counter
-            if reason is not None and record.unmodelled_reason is None:
-                record.unmodelled_reason = reason
-            if reason is not None:
+            entry = _reference_param(model, hyper, index, param, optimizer.state.get(param, {}))
+            entry.first_step = record._first_step.get(param, False)
+            if entry.unmodelled_reason is not None:
                 record.modelled = False
-            record._params[param] = _ParamStep(
-                group=index,
-                grad=grad,
-                state=refs,
-                step=step,
-                first_step=record._first_step.get(param, False),
-                versions=(grad._version, *(t._version for t in refs.values())),
-                unmodelled_reason=reason,
-            )
-    record.finished = True
+                record.unmodelled_reason = record.unmodelled_reason or (
+                    f"{record.optimizer_class}: {entry.unmodelled_reason}; "
+                    "that share of the step goes to the 'residual' part"
+                )
+            record._params[param] = entry
+
+
+def _reference_param(
+    model: _StepModel, hyper: dict[str, Any], group: int, param: Tensor, state: dict[str, Any]
+) -> _ParamStep:
+    """References to what the model needs for one updated parameter (no copies)."""
+    grad = param.grad
+    if grad.is_sparse:
+        return _ParamStep(group, None, {}, None, False, (), "sparse gradient")
+    missing = [key for key in model.state_keys_for(hyper) if key not in state]
+    if model.has_step_counter and "step" not in state:
+        missing.append("step")
+    if missing:
+        return _ParamStep(group, None, {}, None, False, (), f"optimizer state lacks {missing}")
+    refs = {key: state[key] for key in model.state_keys_for(hyper)}
+    counter = state.get("step") if model.has_step_counter else None
+    # The counter is a 0-dim tensor bumped in place by the next step: clone it.
+    step = counter.detach().clone() if isinstance(counter, Tensor) else counter
+    versions = (grad._version, *(t._version for t in refs.values()))
+    return _ParamStep(group, grad, refs, step, False, versions)
 
 
 # --------------------------------------------------------------------------- #
@@ -529,6 +526,9 @@ def _modelled_parts(
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """(gradient, momentum, weight_decay) in ``dtype``, or None when unmodelled."""
+    model = _MODELS.get(type(record.optimizer))
+    if model is None:
+        return None
     rec = record._params.get(param)
     if rec is None:
         if param not in record._group_of:
@@ -546,7 +546,6 @@ def _modelled_parts(
     if record.step_was_skipped():
         zero = torch.zeros_like(delta)
         return zero, zero.clone(), zero.clone()
-    model = _MODELS[type(record.optimizer)]
     theta = (param.detach() - delta) if param_before is None else param_before.detach()
 
     def working(tensor: Tensor) -> Tensor:
