@@ -31,6 +31,7 @@ from learnscope.tensorboard_layout import (
 )
 
 LAYERS = ("net.0", "encoder.layers.10.fc1", "head")
+HELPED_HURT_CHART = "helped / hurt fraction (all parameters; helped among A != 0)"
 
 
 def _layouts_in_event_file(run_dir) -> list[layout_pb2.Layout]:
@@ -87,7 +88,9 @@ def test_layout_written_by_a_summary_writer_parses_back_from_the_event_file(tmp_
         ("lca/total", CATEGORY_LCA_HEALTH, "total LCA vs actual loss change"),
         ("lca/delta_loss", CATEGORY_LCA_HEALTH, "total LCA vs actual loss change"),
         ("lca/cumulative_relative_error", CATEGORY_LCA_HEALTH, "cumulative relative error"),
-        ("lca/hurt_fraction", CATEGORY_LCA_HEALTH, "helped / hurt fraction (all parameters)"),
+        ("lca/hurt_fraction", CATEGORY_LCA_HEALTH, HELPED_HURT_CHART),
+        ("lca/helped_fraction_nonzero", CATEGORY_LCA_HEALTH, HELPED_HURT_CHART),
+        ("lca/excess_kurtosis", CATEGORY_LCA_HEALTH, "excess kurtosis of the allocations"),
         ("lca/skipped_steps", CATEGORY_LCA_HEALTH, "skipped steps"),
         ("lca/ablation/probe_first_order/helped_fraction", CATEGORY_LCA_ABLATION, "helped fraction by loss and rule"),
         ("lca/ablation/batch_simpson/part/gradient", CATEGORY_LCA_ABLATION, "gradient part by loss and rule"),

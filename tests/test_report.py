@@ -86,6 +86,8 @@ def write_synthetic_run(logdir: Path, seed: int = 0) -> dict:
             "lca/hurt_fraction": 1 - float(np.mean([helped[n][step] for n in LAYERS])),
             "lca/cumulative_relative_error": abs(total[: step + 1].sum() - delta_loss[: step + 1].sum())
             / abs(delta_loss[: step + 1].sum()),
+            "lca/helped_fraction_nonzero": 0.52,
+            "lca/excess_kurtosis": 4.0 + step / 60,
             "lca/skipped_steps": 0.0,
             "lca/ablation/batch_first_order/helped_fraction": 1.0,
             "lca/ablation/batch_first_order/part/gradient": -0.01,
@@ -220,6 +222,8 @@ def test_table_reports_cumulative_relative_error_and_synchronisation(report_run)
     _, stdout, _, written = report_run
     match = re.search(r"cumulative relative error: ([0-9.e+-]+)%", stdout)
     assert match and float(match.group(1)) == pytest.approx(100 * written["relative_error"], rel=1e-2)
+    assert "mean helped fraction (parameters with A != 0): 0.520" in stdout
+    assert re.search(r"mean excess kurtosis of the allocations: 4\.49", stdout)
     match = re.search(r"synchronisation: .* p = ([0-9.e+-]+)", stdout)
     assert match and float(match.group(1)) < 0.05  # the synthetic layers share 8 planted dips
 
@@ -315,6 +319,7 @@ def test_lca_only_run_skips_nfa_figures(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["report", str(tmp_path), "--out", str(out), "--no-progress"]) == 0
     stdout = capsys.readouterr().out
+    assert stdout.splitlines()[stdout.splitlines().index("") + 1].split() == ["layer", "cum.", "LCA", "share"]
     assert "synchronisation: not tested (synchronisation needs at least 2 layer series" in stdout
     assert sorted(p.name for p in out.glob("*.png")) == ["cumulative_lca.png", "lca_per_layer.png"]
 

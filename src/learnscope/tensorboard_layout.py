@@ -137,9 +137,10 @@ def _lca_categories(parts: Sequence[str], ablation: bool) -> list[layout_pb2.Cat
             _chart("absolute error per step", [_exact("lca/abs_error")]),
             _chart("cumulative relative error", [_exact("lca/cumulative_relative_error")]),
             _chart(
-                "helped / hurt fraction (all parameters)",
-                [_exact("lca/helped_fraction"), _exact("lca/hurt_fraction")],
+                "helped / hurt fraction (all parameters; helped among A != 0)",
+                [_exact("lca/helped_fraction"), _exact("lca/hurt_fraction"), _exact("lca/helped_fraction_nonzero")],
             ),
+            _chart("excess kurtosis of the allocations", [_exact("lca/excess_kurtosis")]),
             _chart("quadrature sub-intervals", [_exact("lca/splits")]),
             _chart("skipped steps", [_exact("lca/skipped_steps")]),
         ],

@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import CenteredNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from learnscope.report.reader import RunRecords, ScalarSeries
 from learnscope.report.summary import RunSummary, cumulative_layer_series, layer_part_totals
@@ -164,6 +165,11 @@ def plot_helped_fraction(run: RunRecords, path: str | Path) -> Path | None:
         over_time.plot(series.steps, series.values, linewidth=0.8, alpha=0.7, label=name)
     if overall is not None:
         over_time.plot(overall.steps, overall.values, color="black", linewidth=1.6, label="all parameters")
+    nonzero = run.lca.helped_fraction_nonzero
+    if nonzero is not None and len(nonzero):
+        over_time.plot(
+            nonzero.steps, nonzero.values, color="black", linestyle="--", linewidth=1.2, label="A ≠ 0 only"
+        )
     over_time.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
     over_time.set_xlabel("step")
     over_time.set_ylabel("fraction of parameters with A < 0")
@@ -171,9 +177,11 @@ def plot_helped_fraction(run: RunRecords, path: str | Path) -> Path | None:
     over_time.legend(fontsize="small")
 
     values = overall.values if overall is not None else np.concatenate([s.values for s in per_layer.values()])
-    histogram.hist(values, bins=min(30, max(5, len(values) // 3)), color=HELPED_COLOUR, alpha=0.8)
+    values = values[np.isfinite(values)]
+    if len(values):
+        histogram.hist(values, bins=min(30, max(5, len(values) // 3)), color=HELPED_COLOUR, alpha=0.8)
+        histogram.axvline(float(np.mean(values)), color="black", linewidth=1.2, label=f"mean {np.mean(values):.3f}")
     histogram.axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
-    histogram.axvline(float(np.mean(values)), color="black", linewidth=1.2, label=f"mean {np.mean(values):.3f}")
     histogram.set_xlabel("helped fraction per step" + ("" if overall is not None else " (all layers pooled)"))
     histogram.set_ylabel("steps")
     histogram.set_title("Distribution")
@@ -376,6 +384,7 @@ def plot_unit_lca(run: RunRecords, path: str | Path, max_layers: int = 8) -> Pat
         if len(steps):
             ticks = np.linspace(0, len(steps) - 1, min(8, len(steps))).round().astype(int)
             axes.set_xticks(ticks, [str(s) for s in steps[ticks]])
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(f"{name}\noutput unit")
         axes.set_xlabel("step")
         figure.colorbar(image, ax=axes, label="LCA (green = helped)")

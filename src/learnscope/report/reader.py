@@ -15,7 +15,8 @@ tag                                            kind        record
 =============================================  ==========  =========================
 ``lca/<metric>``                               scalar      ``LcaRecords.<metric>``
   metric ∈ total, delta_loss, abs_error, splits, helped_fraction, hurt_fraction,
-  cumulative_relative_error, skipped_steps
+  helped_fraction_nonzero, excess_kurtosis, cumulative_relative_error,
+  skipped_steps; any other ``lca/<name>`` goes to ``LcaRecords.extra[name]``
 ``lca/layer/<m>``                              scalar      ``LcaLayer.allocation``
 ``lca/layer_cumulative/<m>``                   scalar      ``LcaLayer.cumulative``
 ``lca/helped_fraction/<m>``                    scalar      ``LcaLayer.helped_fraction``
@@ -89,6 +90,8 @@ LCA_RUN_METRICS = (
     "splits",
     "helped_fraction",
     "hurt_fraction",
+    "helped_fraction_nonzero",
+    "excess_kurtosis",
     "cumulative_relative_error",
     "skipped_steps",
 )
@@ -206,8 +209,11 @@ class LcaRecords:
     splits: ScalarSeries | None = None
     helped_fraction: ScalarSeries | None = None
     hurt_fraction: ScalarSeries | None = None
+    helped_fraction_nonzero: ScalarSeries | None = None  # over parameters with A != 0
+    excess_kurtosis: ScalarSeries | None = None
     cumulative_relative_error: ScalarSeries | None = None
     skipped_steps: ScalarSeries | None = None
+    extra: dict[str, ScalarSeries] = field(default_factory=dict)  # other lca/<name> run-level tags
     layers: dict[str, LcaLayer] = field(default_factory=dict)
     parts: dict[str, ScalarSeries] = field(default_factory=dict)
     parts_cumulative: dict[str, ScalarSeries] = field(default_factory=dict)
@@ -307,6 +313,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             rf"lca/ablation/(?P<ablation>(?P<data>batch|probe)_(?P<rule>[^/]+))/part/(?P<part>{_NAME})",
         ),
         ("lca_unit", rf"lca/unit/(?P<layer>{_NAME})/(?P<unit>\d+)"),
+        ("lca_run_extra", rf"lca/(?P<metric>{_NAME})"),
         ("nfa_skipped", r"nfa/skipped"),
         ("nfa_spectrum", rf"nfa/(?P<layer>{_NAME})/spectrum"),
         ("nfa_matrices", rf"nfa/(?P<layer>{_NAME})/matrices"),
@@ -493,6 +500,8 @@ def _group(name: str, path: Path, event_files: tuple[Path, ...], raw: _RawRun) -
             seen_nfa = True
         if family == "lca_run":
             setattr(lca, parsed.metric, series)
+        elif family == "lca_run_extra":
+            lca.extra[parsed.metric] = series
         elif family == "lca_layer":
             lca.layer(parsed.layer).allocation = series
         elif family == "lca_layer_cumulative":

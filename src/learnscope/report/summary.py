@@ -78,6 +78,8 @@ class RunSummary:
     total_loss_change: float | None = None  # Σ_t lca/delta_loss
     cumulative_relative_error: float | None = None
     mean_helped_fraction: float | None = None
+    mean_helped_fraction_nonzero: float | None = None
+    mean_excess_kurtosis: float | None = None
     skipped_steps: float | None = None
     sync: SyncResult | None = None
     sync_message: str | None = None  # why there is no sync result
@@ -85,6 +87,14 @@ class RunSummary:
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _mean(series: ScalarSeries | None) -> float | None:
+    """Mean over the steps, ignoring NaN (a step where no parameter moved)."""
+    if series is None:
+        return None
+    finite = series.values[np.isfinite(series.values)]
+    return float(finite.mean()) if len(finite) else None
 
 
 def cumulative_layer_series(layer: LcaLayer) -> tuple[np.ndarray, np.ndarray] | None:
@@ -171,7 +181,7 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
         share = value / layers_sum if value is not None and layers_sum else None
         helped = None
         if lca_layer is not None and lca_layer.helped_fraction is not None and len(lca_layer.helped_fraction):
-            helped = float(np.mean(lca_layer.helped_fraction.values))
+            helped = _mean(lca_layer.helped_fraction)
         metrics = nfa_layer.metrics if nfa_layer is not None else {}
         layers.append(
             LayerSummary(
@@ -204,11 +214,9 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
             total_lca=total,
             total_loss_change=loss_change,
             cumulative_relative_error=relative_error,
-            mean_helped_fraction=(
-                float(np.mean(lca.helped_fraction.values))
-                if lca.helped_fraction is not None and len(lca.helped_fraction)
-                else None
-            ),
+            mean_helped_fraction=_mean(lca.helped_fraction),
+            mean_helped_fraction_nonzero=_mean(lca.helped_fraction_nonzero),
+            mean_excess_kurtosis=_mean(lca.excess_kurtosis),
             skipped_steps=(
                 lca.skipped_steps.last() if lca.skipped_steps is not None and len(lca.skipped_steps) else None
             ),
@@ -237,9 +245,10 @@ TABLE_COLUMNS = (
 )
 
 
-def table_rows(summary: RunSummary) -> list[list[str]]:
-    """One row of strings per layer, in ``TABLE_COLUMNS`` order."""
-    return [
+def table_rows(summary: RunSummary) -> tuple[list[str], list[list[str]]]:
+    """Column names and one row of strings per layer; columns with no value in
+    any row (NFA columns of an LCA-only run) are left out."""
+    rows = [
         [
             layer.name,
             _fmt(layer.cumulative_lca, "+.6g"),
@@ -252,23 +261,25 @@ def table_rows(summary: RunSummary) -> list[list[str]]:
         ]
         for layer in summary.layers
     ]
+    keep = [0] + [k for k in range(1, len(TABLE_COLUMNS)) if any(row[k] != _MISSING for row in rows)]
+    return [TABLE_COLUMNS[k] for k in keep], [[row[k] for k in keep] for row in rows]
 
 
 def format_table(summary: RunSummary, markdown: bool = False) -> str:
     """The per-layer table as aligned plain text (or a Markdown table)."""
-    rows = table_rows(summary)
+    columns, rows = table_rows(summary)
     if markdown:
-        lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * 7) + "|"]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
-    widths = [max(len(str(cell)) for cell in column) for column in zip(TABLE_COLUMNS, *rows)]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(columns, *rows)]
 
     def line(cells) -> str:
         return "  ".join(
             cell.ljust(width) if k == 0 else cell.rjust(width) for k, (cell, width) in enumerate(zip(cells, widths))
         ).rstrip()
 
-    return "\n".join([line(TABLE_COLUMNS), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
 def format_headline(summary: RunSummary) -> list[str]:
@@ -284,6 +295,10 @@ def format_headline(summary: RunSummary) -> list[str]:
         lines.append(f"cumulative relative error: {100 * summary.cumulative_relative_error:.3g}%")
     if summary.mean_helped_fraction is not None:
         lines.append(f"mean helped fraction (all parameters): {summary.mean_helped_fraction:.3f}")
+    if summary.mean_helped_fraction_nonzero is not None:
+        lines.append(f"mean helped fraction (parameters with A != 0): {summary.mean_helped_fraction_nonzero:.3f}")
+    if summary.mean_excess_kurtosis is not None:
+        lines.append(f"mean excess kurtosis of the allocations: {summary.mean_excess_kurtosis:.3g}")
     if summary.skipped_steps:
         lines.append(f"skipped steps: {summary.skipped_steps:g}")
     if summary.sync is not None:
