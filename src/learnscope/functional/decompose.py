@@ -128,7 +128,7 @@ class _ParamStep:
     unmodelled_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class StepRecord:
     """One optimizer step, as captured by the step hooks.
 
@@ -141,11 +141,11 @@ class StepRecord:
         finished: whether ``finish_step`` has run.
     """
 
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer = field(repr=False)
     optimizer_class: str
     modelled: bool
     unmodelled_reason: str | None
-    groups: list[dict[str, Any]]
+    groups: list[dict[str, Any]] = field(repr=False)
     _group_of: dict[Tensor, int] = field(default_factory=dict, repr=False)
     _first_step: dict[Tensor, bool] = field(default_factory=dict, repr=False)
     _params: dict[Tensor, _ParamStep] = field(default_factory=dict, repr=False)
