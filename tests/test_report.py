@@ -329,3 +329,41 @@ def test_python_dash_m_runs_the_report(tmp_path):
         [sys.executable, "-m", "learnscope.report", "report", str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2 and "no learnscope data" in result.stderr and "Traceback" not in result.stderr
+
+
+def _write_lca_only_run(run_dir: Path, layers=("net.0", "net.2"), steps=12) -> None:
+    writer = SummaryWriter(str(run_dir))
+    for step in range(steps):
+        for k, name in enumerate(layers):
+            writer.add_scalar(f"lca/layer/{name}", -0.1 * (k + 1) + 0.01 * np.sin(step + k), step)
+    writer.close()
+
+
+def test_several_runs_get_one_section_and_figure_folder_each(tmp_path, capsys):
+    for version in (0, 1):
+        _write_lca_only_run(tmp_path / "lightning_logs" / f"version_{version}")
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--out", str(out), "--no-progress", "--draws", "50"]) == 0
+    stdout = capsys.readouterr().out
+    assert "run lightning_logs/version_0" in stdout and "run lightning_logs/version_1" in stdout
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    for version in (0, 1):
+        folder = f"lightning_logs_version_{version}"
+        assert f"## Run `lightning_logs/version_{version}`" in markdown
+        assert f"]({folder}/cumulative_lca.png)" in markdown
+        assert (out / folder / "synchronisation.png").is_file()
+
+
+def test_progress_bar_goes_to_stderr(tmp_path, capsys):
+    _write_lca_only_run(tmp_path / "version_0")
+    records = read_logdir(tmp_path, progress=True)
+    captured = capsys.readouterr()
+    assert "reading event files" in captured.err and captured.out == ""
+    assert list(records.learnscope_runs) == ["version_0"]
+
+
+def test_figures_leave_no_pyplot_state_behind(report_run):
+    from matplotlib import _pylab_helpers
+
+    assert report_run[0] == 0
+    assert _pylab_helpers.Gcf.get_num_fig_managers() == 0
