@@ -71,6 +71,19 @@ class Moments:
 
 
 @dataclass
+class CornerStats:
+    """One corner of the three-factor ablation: its helped counts and part sums."""
+
+    counts: Counts = field(default_factory=Counts)
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def add(self, other: CornerStats) -> None:
+        self.counts.add(other.counts)
+        for part, value in other.parts.items():
+            self.parts[part] = self.parts.get(part, 0.0) + value
+
+
+@dataclass
 class LCAStepRecord:
     """Loss change allocation of one measured optimizer step (or of several steps
     that share one ``global_step``, merged by summing).
@@ -91,7 +104,7 @@ class LCAStepRecord:
     layer_parts: dict[str, dict[str, float]] = field(default_factory=dict)
     units: dict[str, Tensor] = field(default_factory=dict)
     histograms: dict[str, Tensor] | None = None
-    ablation: dict[str, dict[str, float]] = field(default_factory=dict)
+    ablation: dict[str, CornerStats] = field(default_factory=dict)
 
     @property
     def abs_error(self) -> float | None:
@@ -120,7 +133,32 @@ class LCAStepRecord:
             self.units[name] = self.units[name] + values if name in self.units else values
         if other.histograms:
             self.histograms = {**(self.histograms or {}), **other.histograms}
-        for corner, values in other.ablation.items():
-            mine = self.ablation.setdefault(corner, {})
-            for key, value in values.items():
-                mine[key] = mine.get(key, 0.0) + value
+        for corner, stats in other.ablation.items():
+            self.ablation.setdefault(corner, CornerStats()).add(stats)
+
+
+@dataclass
+class NFARecord:
+    """Neural Feature Ansatz measurement of every measured layer at one step.
+
+    ``step`` is ``trainer.global_step``: the number of optimizer updates the
+    measured weights have received. ``metrics[layer]`` holds the finite values of
+    :func:`learnscope.functional.nfa.nfa_metrics` (undefined ones, such as
+    ``cnfa_pearson_a1`` before the first update, are left out); ``spectra[layer]``
+    the eigenvalues of G compressed to range(W) (:func:`~learnscope.functional.nfa.range_spectrum`);
+    ``grams[layer]`` G itself (k×k, float64). ``estimator`` is ``"exact"`` or
+    ``"hutchinson"`` (G is then an unbiased estimate). ``readout`` names the layer
+    whose output is the model output, where the α = 1 metrics are left out.
+    ``matrices[layer]``, filled only when images are due, maps ``"nfm"`` to WᵀW and
+    ``"agop_a<α>"`` to AGOP^α (d×d, float64). ``skipped`` is the run's count of
+    measurements skipped so far for non-finite values.
+    """
+
+    step: int
+    metrics: dict[str, dict[str, float]]
+    spectra: dict[str, Tensor]
+    grams: dict[str, Tensor]
+    estimator: str
+    readout: str | None = None
+    skipped: int = 0
+    matrices: dict[str, dict[str, Tensor]] = field(default_factory=dict)

@@ -38,8 +38,54 @@ def lca_scalars(record: LCAStepRecord, cumulative: Mapping[str, float], cumulati
     for module, parts in record.layer_parts.items():
         for part, value in parts.items():
             out[f"lca/part/{part}/{module}"] = value
+    for corner, stats in record.ablation.items():
+        out[f"lca/ablation/{corner}/helped_fraction"] = stats.counts.helped_fraction
+        for part, value in stats.parts.items():
+            out[f"lca/ablation/{corner}/part/{part}"] = value
+    for module, values in record.units.items():
+        for unit, value in enumerate(values.tolist()):
+            out[f"lca/unit/{module}/{unit}"] = value
     return out
+
+
+def lca_part_cumulative(cumulative_parts: Mapping[str, float]) -> dict[str, float]:
+    """``lca/part_cumulative/<part>`` and ``lca/part_cumulative/<part>/<module>`` from a
+    flat mapping keyed ``<part>`` or ``<part>/<module>``."""
+    return {f"lca/part_cumulative/{key}": value for key, value in cumulative_parts.items()}
 
 
 def lca_histograms(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {f"lca/hist/{module}": tensor for module, tensor in values.items()}
+
+
+# --------------------------------------------------------------------------- NFA
+
+from learnscope.records import NFARecord  # noqa: E402  (kept beside the NFA tags)
+
+NFA_SKIPPED = "nfa/skipped"
+
+
+def nfa_scalars(record: NFARecord) -> dict[str, float]:
+    """``nfa/<layer>/<metric>`` for every measured metric, and the run's ``nfa/skipped`` count."""
+    out = {
+        f"nfa/{layer}/{metric}": value
+        for layer, metrics in record.metrics.items()
+        for metric, value in metrics.items()
+    }
+    out[NFA_SKIPPED] = float(record.skipped)
+    return out
+
+
+def nfa_skipped(skipped: int) -> dict[str, float]:
+    """The scalar written when a whole measurement is skipped."""
+    return {NFA_SKIPPED: float(skipped)}
+
+
+def nfa_histograms(record: NFARecord) -> dict[str, Tensor]:
+    """``nfa/<layer>/spectrum``: eigenvalues of G compressed to range(W)."""
+    return {f"nfa/{layer}/spectrum": spectrum for layer, spectrum in record.spectra.items()}
+
+
+def nfa_images(record: NFARecord) -> dict[str, dict[str, Tensor]]:
+    """``nfa/<layer>/matrices``: the matrices to draw side by side (WᵀW, AGOP^α, ...)."""
+    return {f"nfa/{layer}/matrices": matrices for layer, matrices in record.matrices.items()}

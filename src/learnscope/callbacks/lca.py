@@ -28,8 +28,9 @@ from learnscope._probe import (
     require_validation_data,
 )
 from learnscope._validate import check_bool, check_choice, check_int, check_positive_float, check_patterns
+from learnscope.functional import decompose
 from learnscope.functional.lca import RULES, Evaluation, StepAllocation, allocate_step
-from learnscope.records import Counts, LCAStepRecord, Moments
+from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
 
 PROBES = ("train", "val", "batch")
 
@@ -46,6 +47,19 @@ class _StepEvent:
     start_evaluation: Evaluation | None
     done: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _delta(live: dict[str, Tensor], event: _StepEvent) -> dict[str, Tensor]:
+    return {n: live[n] - event.start[n] for n in event.names}
+
+
+def _first_order(gradient: dict[str, Tensor], delta: dict[str, Tensor]) -> StepAllocation:
+    """The first-order allocation ``A = g ⊙ Δ`` with a known gradient (no evaluation)."""
+    result = StepAllocation(
+        path_gradient={n: gradient[n] for n in delta}, delta=delta, loss_start=None, loss_end=None, splits=1, end=None
+    )
+    result.total = sum(float((gradient[n] * d).sum(dtype=torch.float64)) for n, d in delta.items())
+    return result
 
 
 class LossChangeAllocation(Callback):
@@ -82,6 +96,17 @@ class LossChangeAllocation(Callback):
         modules: glob patterns over module names selecting which modules get
             per-layer tags and histograms. The integral always covers every
             trainable parameter, so ``lca/total`` and the error stay exact.
+        decompose: split each step into ``gradient``, ``momentum``, ``weight_decay``
+            and ``residual`` parts (exact models of torch's SGD, Adam, AdamW,
+            RMSprop and Adagrad; any other optimizer: ``residual`` only). Their
+            allocations sum to the total: tags ``lca/part/<part>[/<module>]``.
+        ablation: also evaluate the other corners of {minibatch, probe} loss ×
+            {first order, ``rule``}, each with its helped fraction and parts: tags
+            ``lca/ablation/<data>_<rule>/...``. Costs up to three more gradients per
+            measured step (the minibatch integral).
+        unit_allocations: per-output-unit allocations (a unit's weights summed over
+            inputs, plus its bias) of modules with at most 512 units, as scalars
+            ``lca/unit/<module>/<unit>``, for the report's per-neuron heatmaps.
 
     The cheap mode ``probe="batch", rule="first_order"`` uses the gradient the
     optimizer applied (no extra pass): with plain SGD every allocation is then
@@ -106,6 +131,9 @@ class LossChangeAllocation(Callback):
         loss_fn: Optional[Callable[[pl.LightningModule, Any], Tensor]] = None,
         histograms: bool = True,
         modules: Optional[list[str]] = None,
+        decompose: bool = True,
+        ablation: bool = False,
+        unit_allocations: bool = False,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
@@ -121,6 +149,9 @@ class LossChangeAllocation(Callback):
         self.loss_fn = loss_fn
         self.histograms = check_bool("histograms", histograms)
         self.modules = check_patterns("modules", modules)
+        self.decompose = check_bool("decompose", decompose)
+        self.ablation = check_bool("ablation", ablation)
+        self.unit_allocations = check_bool("unit_allocations", unit_allocations)
 
         self._cheap = self.probe == "batch" and self.rule == "first_order"
         # run state, rebuilt in on_train_start
@@ -146,6 +177,9 @@ class LossChangeAllocation(Callback):
         self._sum_total_with_loss = 0.0
         self._skipped_steps = 0
         self._measured_steps = 0
+        self._cumulative_parts: dict[str, float] = {}
+        self._unmodelled_reported: set[str] = set()
+        self._ablation_chunks: list[ProbeChunk] = []
         self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
 
     # ------------------------------------------------------------------ identity
@@ -157,6 +191,8 @@ class LossChangeAllocation(Callback):
             probe=self.probe if isinstance(self.probe, str) else "dataloader",
             rule=self.rule,
             probe_size=self.probe_size,
+            decompose=self.decompose,
+            ablation=self.ablation,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -167,6 +203,7 @@ class LossChangeAllocation(Callback):
             "sum_total_with_loss": self._sum_total_with_loss,
             "skipped_steps": self._skipped_steps,
             "measured_steps": self._measured_steps,
+            "cumulative_parts": dict(self._cumulative_parts),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -176,6 +213,7 @@ class LossChangeAllocation(Callback):
         self._sum_total_with_loss = float(state_dict.get("sum_total_with_loss", 0.0))
         self._skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._measured_steps = int(state_dict.get("measured_steps", 0))
+        self._cumulative_parts = dict(state_dict.get("cumulative_parts", {}))
 
     # ------------------------------------------------------------------ set-up
 
@@ -206,6 +244,11 @@ class LossChangeAllocation(Callback):
                 trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="LossChangeAllocation"
             )
             self.probe_samples = sum(chunk.size for chunk in self._chunks)
+        elif self.ablation:  # the probe corners need a fixed set even when the main probe is the minibatch
+            self._ablation_chunks = build_probe_set(
+                trainer, pl_module, "train", self.probe_size, self.probe_batch_size, owner="LossChangeAllocation"
+            )
+            self.probe_samples = sum(chunk.size for chunk in self._ablation_chunks)
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
 
@@ -258,6 +301,12 @@ class LossChangeAllocation(Callback):
             applied_gradient=None,
             start_evaluation=cache if reusable else None,
         )
+        if self.decompose:
+            record = decompose.capture_step(optimizer)
+            event.extras["record"] = record
+            if not record.modelled and record.optimizer_class not in self._unmodelled_reported:
+                self._unmodelled_reported.add(record.optimizer_class)
+                rank_zero_info(f"LossChangeAllocation: {record.unmodelled_reason}.")
         self._events.append(event)
 
     @staticmethod
@@ -269,7 +318,9 @@ class LossChangeAllocation(Callback):
         for event in self._events:
             if event.optimizer is optimizer and not event.done:
                 event.done = True
-                if self._cheap:
+                if "record" in event.extras:
+                    decompose.finish_step(event.extras["record"])
+                if self._cheap or self.ablation:
                     # Lightning runs the closure (forward, backward) inside optimizer.step, after the
                     # pre-hook: the gradient the optimizer applied exists only from here on.
                     event.applied_gradient = {n: self._grad_or_zero(self._tracked[n]) for n in event.names}
@@ -277,7 +328,7 @@ class LossChangeAllocation(Callback):
     # ------------------------------------------------------------------ batches
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.probe == "batch":
+        if self.probe == "batch" or self.ablation:
             self._pending_batches.append((batch, batch_idx))
 
     def on_train_batch_end(
@@ -311,15 +362,17 @@ class LossChangeAllocation(Callback):
             else:
                 self._records[record.step] = record
 
-    def _objective(self) -> ProbeObjective:
+    def _objective(self, data: str) -> ProbeObjective:
+        """The probe loss on ``data``: ``"batch"`` (this step's micro-batches, equally
+        weighted as gradient accumulation does) or ``"probe"`` (the fixed set)."""
         pl_module = self._pl_module
         assert pl_module is not None and self._trainer is not None
-        if self.probe == "batch":
+        if data == "batch":
             chunks = chunk_weights([b for b, _ in self._pending_batches], equal=True)
             for chunk, (_, idx) in zip(chunks, self._pending_batches):
                 chunk.batch_idx = idx
         else:
-            chunks = self._chunks
+            chunks = self._chunks or self._ablation_chunks
         return ProbeObjective(pl_module, chunks, loss_fn=self.loss_fn, step_context=self._step_context)
 
     def _step_context(self) -> contextlib.AbstractContextManager:
@@ -333,20 +386,28 @@ class LossChangeAllocation(Callback):
     def _measure(self, event: _StepEvent) -> LCAStepRecord | None:
         live = {n: p.detach() for n, p in self._tracked.items()}
         start = {**live, **event.start}
+        corners: dict[str, CornerStats] = {}
         try:
             if self._cheap:
                 assert event.applied_gradient is not None
                 delta = {n: live[n] - event.start[n] for n in event.names}
-                allocation = StepAllocation(
-                    path_gradient=event.applied_gradient, delta=delta, loss_start=None, loss_end=None,
-                    splits=1, end=None,
-                )
-                allocation.total = sum(float((event.applied_gradient[n] * delta[n]).sum(dtype=torch.float64)) for n in delta)
+                allocation = _first_order(event.applied_gradient, delta)
             else:
+                data = "batch" if self.probe == "batch" else "probe"
+                objective = self._objective(data)
+                start_evaluation = event.start_evaluation
+                if self.ablation and self.rule != "first_order":
+                    if start_evaluation is None:
+                        start_evaluation = objective(start)
+                    # before allocate_step reuses the start gradient's buffers as workspace
+                    first = _first_order(start_evaluation.gradient, _delta(live, event))
+                    corners[f"{data}_first_order"] = self._corner(event, first)
                 allocation = allocate_step(
-                    self._objective(), start, live, rule=self.rule, tolerance=self.tolerance,
-                    start_evaluation=event.start_evaluation,
+                    objective, start, live, rule=self.rule, tolerance=self.tolerance,
+                    start_evaluation=start_evaluation,
                 )
+            if self.ablation:
+                self._ablation_corners(event, start, live, allocation, corners)
         except NonFiniteProbe as err:
             self._skip(event.step, f"non-finite probe value ({err})")
             return None
@@ -355,7 +416,69 @@ class LossChangeAllocation(Callback):
             return None
         if self.probe != "batch" and allocation.end is not None:
             self._cache, self._cache_versions = allocation.end, self._versions()
-        return self._summarise(event, allocation)
+        record = self._summarise(event, allocation)
+        record.ablation = corners
+        self.observe(event.step, event.names, allocation, lambda name: self._part_tensors(event, name, allocation))
+        return record
+
+    def observe(
+        self,
+        step: int,
+        names: list[str],
+        allocation: StepAllocation,
+        parts: Callable[[str], dict[str, Tensor]],
+    ) -> None:
+        """Extension point: called once per measured step with per-parameter tensors.
+
+        Override in a subclass to keep or analyse what the tags only summarise.
+        ``names`` are the parameters this step moved; ``allocation.allocation(name)``
+        is ``A = k ⊙ Δ`` of one parameter; ``parts(name)`` returns the per-part
+        allocation tensors ``k ⊙ Δ_part`` (empty without ``decompose``). The
+        tensors are only valid during the call: copy what you keep.
+        """
+
+    def _part_tensors(self, event: _StepEvent, name: str, allocation: StepAllocation) -> dict[str, Tensor]:
+        record = event.extras.get("record")
+        if record is None:
+            return {}
+        param, delta = self._tracked[name], allocation.delta[name]
+        pieces = decompose.step_parts(record, param, delta, param.detach() - delta)
+        k = allocation.path_gradient[name]
+        return {part: k * piece for part, piece in pieces.items()}
+
+    def _ablation_corners(
+        self, event: _StepEvent, start: dict[str, Tensor], live: dict[str, Tensor], main: StepAllocation,
+        corners: dict[str, CornerStats],
+    ) -> None:
+        """Fill in the corners of {batch, probe} × {first_order, rule} not computed yet."""
+        data = "batch" if self.probe == "batch" else "probe"
+        corners[f"{data}_{self.rule}"] = self._corner(event, main)
+        if event.applied_gradient is not None and "batch_first_order" not in corners:
+            corners["batch_first_order"] = self._corner(event, _first_order(event.applied_gradient, _delta(live, event)))
+        if self.rule != "first_order":
+            other = "probe" if data == "batch" else "batch"
+            integral = allocate_step(self._objective(other), start, live, rule=self.rule, tolerance=self.tolerance)
+            corners[f"{other}_{self.rule}"] = self._corner(event, integral)
+        if "probe_first_order" not in corners:
+            first = allocate_step(self._objective("probe"), start, live, rule="first_order", evaluate_end=False)
+            corners["probe_first_order"] = self._corner(event, first)
+
+    def _corner(self, event: _StepEvent, allocation: StepAllocation) -> CornerStats:
+        stats = CornerStats()
+        record = event.extras.get("record")
+        for name in event.names:
+            a = allocation.allocation(name)
+            stats.counts.add(Counts(int((a < 0).sum()), int((a > 0).sum()), int((a != 0).sum()), a.numel()))
+            if record is not None:
+                for part, value in self._parts(record, name, allocation).items():
+                    stats.parts[part] = stats.parts.get(part, 0.0) + value
+        return stats
+
+    def _parts(self, record: Any, name: str, allocation: StepAllocation) -> dict[str, float]:
+        param = self._tracked[name]
+        delta = allocation.delta[name]
+        parts = decompose.allocate_parts(allocation.path_gradient[name], record, param, delta, param.detach() - delta)
+        return {part: float(value) for part, value in parts.items()}
 
     def _skip(self, step: int, why: str) -> None:
         self._skipped_steps += 1
@@ -368,8 +491,12 @@ class LossChangeAllocation(Callback):
         counts, moments = Counts(), Moments()
         layers: dict[str, float] = {}
         layer_counts: dict[str, Counts] = {}
+        parts: dict[str, float] = {}
+        layer_parts: dict[str, dict[str, float]] = {}
+        units: dict[str, Tensor] = {}
         pieces: dict[str, list[Tensor]] = {}
         want_hist = self.histograms and self._histogram_due(event.step)
+        record = event.extras.get("record")
         for name in event.names:
             a = allocation.allocation(name)
             module = self._owner[name]
@@ -378,11 +505,24 @@ class LossChangeAllocation(Callback):
             a64 = a.detach().double()
             sq = a64 * a64
             moments.add(Moments(a.numel(), float(a64.sum()), float(sq.sum()), float((sq * a64).sum()), float((sq * sq).sum())))
-            if module in self._reported:
-                layers[module] = layers.get(module, 0.0) + float(a.sum(dtype=torch.float64))
-                layer_counts.setdefault(module, Counts()).add(c)
-                if want_hist:
-                    pieces.setdefault(module, []).append(a.detach().reshape(-1).cpu())
+            split = self._parts(record, name, allocation) if record is not None else {}
+            for part, value in split.items():
+                parts[part] = parts.get(part, 0.0) + value
+            if module not in self._reported:
+                continue
+            layers[module] = layers.get(module, 0.0) + float(a64.sum())
+            layer_counts.setdefault(module, Counts()).add(c)
+            mine = layer_parts.setdefault(module, {}) if split else {}
+            for part, value in split.items():
+                mine[part] = mine.get(part, 0.0) + value
+            if self.unit_allocations and a.ndim >= 1 and a.shape[0] <= 512:
+                per_unit = a64.reshape(a.shape[0], -1).sum(1).cpu()
+                if module in units and units[module].shape == per_unit.shape:
+                    units[module] = units[module] + per_unit
+                elif module not in units:
+                    units[module] = per_unit
+            if want_hist:
+                pieces.setdefault(module, []).append(a.detach().reshape(-1).cpu())
         histograms = {m: torch.cat(v) for m, v in pieces.items()} if want_hist else None
         if want_hist:
             self._last_histogram_step = event.step
@@ -395,6 +535,9 @@ class LossChangeAllocation(Callback):
             moments=moments,
             layers=layers,
             layer_counts=layer_counts,
+            parts=parts,
+            layer_parts=layer_parts,
+            units=units,
             histograms=histograms,
         )
 
@@ -413,7 +556,15 @@ class LossChangeAllocation(Callback):
                 self._sum_total_with_loss += record.total
             for module, value in record.layers.items():
                 self._cumulative[module] = self._cumulative.get(module, 0.0) + value
+            for part, value in record.parts.items():
+                self._cumulative_parts[part] = self._cumulative_parts.get(part, 0.0) + value
+            for module, parts in record.layer_parts.items():
+                for part, value in parts.items():
+                    key = f"{part}/{module}"
+                    self._cumulative_parts[key] = self._cumulative_parts.get(key, 0.0) + value
             scalars = tags.lca_scalars(record, self._cumulative, self.cumulative_relative_error)
+            if record.parts:
+                scalars.update(tags.lca_part_cumulative(self._cumulative_parts))
             _logging.log_scalars(trainer, scalars, step=step)
             if record.histograms:
                 _logging.log_histograms(trainer, tags.lca_histograms(record.histograms), step=step)
