@@ -1,8 +1,31 @@
 """learnscope: see which parameters helped the loss, and whether each layer's
-weights line up with the gradient geometry (Neural Feature Ansatz)."""
+weights line up with the gradient geometry (Neural Feature Ansatz).
 
-from learnscope.callbacks.lca import LossChangeAllocation
+The callbacks are imported lazily, so ``learnscope report`` starts without
+importing Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["LossChangeAllocation", "__version__"]
+__all__ = ["LossChangeAllocation", "NeuralFeatureAnsatz", "__version__"]
+
+_CALLBACKS = {
+    "LossChangeAllocation": "learnscope.callbacks.lca",
+    "NeuralFeatureAnsatz": "learnscope.callbacks.nfa",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        import importlib
+
+        return getattr(importlib.import_module(_CALLBACKS[name]), name)
+    raise AttributeError(f"module 'learnscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

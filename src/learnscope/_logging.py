@@ -53,3 +53,11 @@ def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int)
 
 def finite_or_nan(value: float) -> float:
     return value if math.isfinite(value) else math.nan
+
+
+def write_layout(trainer: pl.Trainer, **layout_options: Any) -> None:
+    """Merge this callback's charts into the run's custom-scalar layout (written once per writer)."""
+    from learnscope.tensorboard_layout import build_layout, write_layout_once
+
+    for writer in tensorboard_writers(trainer):
+        write_layout_once(writer, build_layout(**layout_options))

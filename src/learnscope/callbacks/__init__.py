@@ -1,3 +1,5 @@
+"""The Lightning callbacks (thin: when and on what to measure; math in learnscope.functional)."""
+
 from learnscope.callbacks.lca import LossChangeAllocation
 
 __all__ = ["LossChangeAllocation"]

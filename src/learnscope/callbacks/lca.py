@@ -104,6 +104,12 @@ class LossChangeAllocation(Callback):
             {first order, ``rule``}, each with its helped fraction and parts: tags
             ``lca/ablation/<data>_<rule>/...``. Costs up to three more gradients per
             measured step (the minibatch integral).
+        preset: ``"cheap"`` (minibatch loss, first order, no histograms, no
+            decomposition: no extra gradient pass; cost ≈ a few elementwise passes over
+            the parameters per step), ``"default"`` (the defaults above: 2 probe
+            gradients per step), or ``"paper"`` (the whole training set and the
+            adaptive rule: 2 to 32 full-training-set gradients per step). A preset
+            replaces the flags left at their defaults; flags you set win.
         unit_allocations: per-output-unit allocations (a unit's weights summed over
             inputs, plus its bias) of modules with at most 512 units, as scalars
             ``lca/unit/<module>/<unit>``, for the report's per-neuron heatmaps.
@@ -120,6 +126,15 @@ class LossChangeAllocation(Callback):
         # tensorboard --logdir lightning_logs  → scalars lca/layer/<module>, ...
     """
 
+    #: Named flag sets. ``cheap``: no extra gradient pass (the optimizer's own
+    #: gradient, minibatch loss, first order). ``paper``: Lan et al.'s protocol
+    #: (the whole training set, adaptive Simpson to 1e-3 per step).
+    PRESETS: dict[str, dict[str, Any]] = {
+        "cheap": dict(probe="batch", rule="first_order", histograms=False, decompose=False),
+        "default": dict(),
+        "paper": dict(probe="train", probe_size=None, rule="adaptive", tolerance=1e-3),
+    }
+
     def __init__(
         self,
         every_n_steps: int = 1,
@@ -134,8 +149,22 @@ class LossChangeAllocation(Callback):
         decompose: bool = True,
         ablation: bool = False,
         unit_allocations: bool = False,
+        preset: Optional[Literal["cheap", "default", "paper"]] = None,
     ) -> None:
         super().__init__()
+        if preset is not None:
+            check_choice("preset", preset, tuple(self.PRESETS))
+            # A preset replaces flags left at their defaults; flags given other values win.
+            given = dict(probe=probe, probe_size=probe_size, rule=rule, tolerance=tolerance,
+                         histograms=histograms, decompose=decompose)
+            defaults = dict(probe="train", probe_size=1024, rule="simpson", tolerance=1e-3,
+                            histograms=True, decompose=True)
+            for flag, value in self.PRESETS[preset].items():
+                if given[flag] is defaults[flag] or (not isinstance(given[flag], DataLoader) and given[flag] == defaults[flag]):
+                    given[flag] = value
+            probe, probe_size, rule, tolerance = given["probe"], given["probe_size"], given["rule"], given["tolerance"]
+            histograms, decompose = given["histograms"], given["decompose"]
+        self.preset = preset
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         if not isinstance(probe, DataLoader):
             check_choice("probe", probe, PROBES, extra="or a torch.utils.data.DataLoader")
@@ -251,6 +280,7 @@ class LossChangeAllocation(Callback):
             self.probe_samples = sum(chunk.size for chunk in self._ablation_chunks)
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
+        _logging.write_layout(trainer, lca=True, nfa=False, lca_ablation=self.ablation)
 
     def _register_hooks(self, trainer: pl.Trainer) -> None:
         self._remove_hooks()
