@@ -261,8 +261,25 @@ def build_probe_set(
             what = f"the {probe} data"
         if not raw:
             raise ProbeError(f"{owner}: {what} yielded no batches; set probe to non-empty data")
-        batches = [to_module_device(trainer, b) for b in raw]
-    return chunk_weights(batches)
+        chunks = chunk_weights(raw)
+        # Under DDP each rank evaluates whole chunks (so BatchNorm sees the same chunk
+        # statistics as in one process) and the weighted sums are all-reduced.
+        world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
+        chunks = [c for i, c in enumerate(chunks) if i % world == rank]
+        for chunk in chunks:
+            chunk.batch = to_module_device(trainer, chunk.batch)
+    return chunks
+
+
+def rank_sum(trainer: Any) -> Callable[[Tensor], Tensor] | None:
+    """A sum over ranks for :class:`ProbeObjective` (None in a single process)."""
+    if getattr(trainer, "world_size", 1) <= 1:
+        return None
+
+    def reduce(tensor: Tensor) -> Tensor:
+        return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    return reduce
 
 
 # --------------------------------------------------------------------------- losses
@@ -352,13 +369,25 @@ class ProbeObjective:
                         if g is not None:
                             gradient[name].add_(g, alpha=chunk.weight)
         if gradient is None:
-            raise ProbeError("the probe set is empty")
+            if self.reduce is None:
+                raise ProbeError("the probe set is empty")
+            gradient = {name: torch.zeros_like(leaf) for name, leaf in leaves.items()}  # no chunk on this rank
         if self.reduce is not None:
-            loss_sum = self.reduce(loss_sum)
-            for g in gradient.values():
-                g.copy_(self.reduce(g))
+            loss_sum, gradient = self._all_reduce(loss_sum, gradient)
         self.evaluations += 1
         loss_value = float(loss_sum)
         if not torch.isfinite(loss_sum):
             raise NonFiniteProbe(f"the probe loss is {loss_value}")
         return Evaluation(loss_value, gradient)
+
+    def _all_reduce(self, loss: Tensor, gradient: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sum the loss and every gradient over ranks in one collective (float64 loss kept exact)."""
+        assert self.reduce is not None
+        tensors = list(gradient.values())
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors] + [loss.reshape(1)])
+        flat = self.reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return flat[-1], gradient

@@ -25,6 +25,7 @@ from learnscope._probe import (
     ProbeObjective,
     build_probe_set,
     chunk_weights,
+    rank_sum,
     require_validation_data,
 )
 from learnscope._validate import check_bool, check_choice, check_int, check_positive_float, check_patterns
@@ -208,6 +209,7 @@ class LossChangeAllocation(Callback):
         self._measured_steps = 0
         self._cumulative_parts: dict[str, float] = {}
         self._unmodelled_reported: set[str] = set()
+        self._stale_warned = False
         self._ablation_chunks: list[ProbeChunk] = []
         self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
 
@@ -354,6 +356,10 @@ class LossChangeAllocation(Callback):
                     # Lightning runs the closure (forward, backward) inside optimizer.step, after the
                     # pre-hook: the gradient the optimizer applied exists only from here on.
                     event.applied_gradient = {n: self._grad_or_zero(self._tracked[n]) for n in event.names}
+        if self._pl_module is not None and not self._pl_module.automatic_optimization:
+            # Under manual optimization the module's next backward (for another optimizer, or the
+            # next step) rewrites every gradient before the batch ends: measure now.
+            self._flush()
 
     # ------------------------------------------------------------------ batches
 
@@ -397,13 +403,18 @@ class LossChangeAllocation(Callback):
         weighted as gradient accumulation does) or ``"probe"`` (the fixed set)."""
         pl_module = self._pl_module
         assert pl_module is not None and self._trainer is not None
+        world = self._trainer.world_size
         if data == "batch":
+            # every rank's micro-batches, each weighted 1 / (micro-batches × ranks): the loss DDP trains on
             chunks = chunk_weights([b for b, _ in self._pending_batches], equal=True)
             for chunk, (_, idx) in zip(chunks, self._pending_batches):
                 chunk.batch_idx = idx
+                chunk.weight /= world
         else:
             chunks = self._chunks or self._ablation_chunks
-        return ProbeObjective(pl_module, chunks, loss_fn=self.loss_fn, step_context=self._step_context)
+        return ProbeObjective(
+            pl_module, chunks, loss_fn=self.loss_fn, step_context=self._step_context, reduce=rank_sum(self._trainer)
+        )
 
     def _step_context(self) -> contextlib.AbstractContextManager:
         from lightning.pytorch.plugins.precision import MixedPrecision
@@ -507,7 +518,13 @@ class LossChangeAllocation(Callback):
     def _parts(self, record: Any, name: str, allocation: StepAllocation) -> dict[str, float]:
         param = self._tracked[name]
         delta = allocation.delta[name]
-        parts = decompose.allocate_parts(allocation.path_gradient[name], record, param, delta, param.detach() - delta)
+        try:
+            parts = decompose.allocate_parts(allocation.path_gradient[name], record, param, delta, param.detach() - delta)
+        except RuntimeError as err:  # the gradient or optimizer state changed before we could read it
+            if not self._stale_warned:
+                self._stale_warned = True
+                rank_zero_warn(f"LossChangeAllocation: no optimizer parts for this step ({err}); the total is unaffected.")
+            return {}
         return {part: float(value) for part, value in parts.items()}
 
     def _skip(self, step: int, why: str) -> None:
