@@ -230,3 +230,237 @@ def test_ddp_totals_equal_one_process_on_the_same_probe_set(tmp_path):
         assert ranks[0]["delta_losses"][str(step)] == pytest.approx(single.delta_loss, rel=1e-5)
     events = list(tmp_path.rglob("events.out.tfevents*"))
     assert len(events) == 1  # written once, by rank 0
+
+
+# -- 5. mixed precision ---------------------------------------------------------------------------
+
+
+SENTINEL = 1e4
+
+
+class _Poisonable(Classifier):
+    """Emits inf logits for any sample whose first pixel is the sentinel."""
+
+    def forward(self, x):
+        out = self.net(x)
+        return out + torch.where(x[:, :1] == SENTINEL, torch.inf, 0.0).to(out.dtype)
+
+
+def _poisoned_loader(batch_size=64, poisoned_batch=3):
+    x, y = digits()
+    x = x.clone()
+    x[poisoned_batch * batch_size, 0] = SENTINEL
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def _clean_probe():
+    x, y = digits()
+    return DataLoader(TensorDataset(x[1000:1512], y[1000:1512]), batch_size=256)
+
+
+def test_bf16_mixed_on_cpu_measures_in_float32():
+    callback = LossChangeAllocation(probe_size=512)
+    torch.manual_seed(0)
+    logger = MemoryLogger()
+    trainer(callbacks=[callback], loggers=[logger], max_steps=15, precision="bf16-mixed").fit(
+        Classifier(optimizer="sgd", lr=0.05, momentum=0.9), digits_loader()
+    )
+    assert len(logger.series["lca/total"]) == 15
+    assert callback.cumulative_relative_error < 0.01  # float32 probe math, not bf16
+
+
+def test_fp16_grad_scaler_skipped_step_is_a_zero_change_and_counted():
+    callback = LossChangeAllocation(probe=_clean_probe())
+    torch.manual_seed(0)
+    logger = MemoryLogger()
+    plugin = MixedPrecision("16-mixed", "cpu")
+    trainer(callbacks=[callback], loggers=[logger], max_steps=8, plugins=[plugin]).fit(
+        _Poisonable(optimizer="sgd", lr=0.05), _poisoned_loader()
+    )
+    series = logger.series
+    assert callback.skipped_steps == 1
+    assert series["lca/skipped_steps"][3] == 1.0
+    assert series["lca/total"][3] == 0.0 and series["lca/delta_loss"][3] == 0.0
+    assert sorted(series["lca/total"]) == list(range(8))
+    assert all(math.isfinite(v) for v in series["lca/total"].values())
+    assert math.isfinite(callback.cumulative_relative_error) and callback.cumulative_relative_error < 0.01
+
+
+# -- 6. non-finite probe values ---------------------------------------------------------------------
+
+
+class _PoisonTheProbe(pl.Callback):
+    """Makes the model emit NaN during the probe passes of one marked step only."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.emit_nan = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.emit_nan = trainer.global_step - 1 == self.step
+
+
+class _NaNModel(Classifier):
+    emit_nan = False
+
+    def forward(self, x):
+        out = self.net(x)
+        return out * torch.nan if self.emit_nan else out
+
+
+def _run_nan(callbacks):
+    torch.manual_seed(0)
+    model = _NaNModel(optimizer="sgd", lr=0.05, momentum=0.9)
+    logger = MemoryLogger()
+    t = trainer(callbacks=callbacks, loggers=[logger], max_steps=10)
+    t.fit(model, digits_loader())
+    return state_of(model, t.optimizers[0]), logger
+
+
+def test_a_nan_probe_value_skips_the_step_with_one_warning_and_training_goes_on():
+    reference, _ = _run_nan([_PoisonTheProbe(4)])
+    callback = LossChangeAllocation(probe_size=256)
+    with pytest.warns(UserWarning, match="step 4 skipped: non-finite") as record:
+        probed, logger = _run_nan([_PoisonTheProbe(4), callback])
+    assert len([w for w in record if "skipped" in str(w.message)]) == 1
+    assert_bitwise_equal(reference, probed)
+    assert callback.skipped_steps == 1
+    assert 4 not in logger.series["lca/total"] and len(logger.series["lca/total"]) == 9
+    assert all(math.isfinite(v) for v in callback.cumulative.values())
+    assert math.isfinite(callback.cumulative_relative_error)
+
+
+# -- 7. checkpoint and resume -----------------------------------------------------------------------
+
+
+def _resume_run(tmp_path, stop_after_epochs=None, ckpt=None):
+    torch.manual_seed(0)
+    callbacks = [LossChangeAllocation(probe_size=256), LossChangeAllocation(probe_size=256, rule="first_order")]
+    logger = MemoryLogger()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    t = trainer(callbacks=[*callbacks, checkpoint], loggers=[logger], max_steps=-1,
+                max_epochs=stop_after_epochs or 2, enable_checkpointing=True, limit_train_batches=10)
+    t.fit(Classifier(optimizer="adam", lr=1e-3), digits_loader(shuffle=False), ckpt_path=ckpt)
+    return callbacks, logger
+
+
+def test_resume_continues_cumulative_values_exactly_and_two_instances_coexist(tmp_path):
+    uninterrupted, full_log = _resume_run(tmp_path / "a")
+    _resume_run(tmp_path / "b", stop_after_epochs=1)
+    resumed, resumed_log = _resume_run(tmp_path / "c", ckpt=str(tmp_path / "b" / "last.ckpt"))
+    assert sorted(resumed_log.series["lca/total"]) == list(range(10, 20))
+    for tag in ("lca/layer_cumulative/net.0", "lca/layer_cumulative/net.4", "lca/cumulative_relative_error"):
+        assert resumed_log.series[tag][19] == pytest.approx(full_log.series[tag][19], rel=1e-6)
+    for a, b in zip(uninterrupted, resumed):
+        assert a.state_key == b.state_key
+        assert b.cumulative == pytest.approx(a.cumulative, rel=1e-6)
+        assert b.cumulative_relative_error == pytest.approx(a.cumulative_relative_error, rel=1e-6)
+    assert resumed[0].state_key != resumed[1].state_key
+    assert resumed[0].cumulative_relative_error < resumed[1].cumulative_relative_error  # each got its own state
+
+
+# -- 9. torch.compile --------------------------------------------------------------------------------
+
+
+class _CompiledInside(Classifier):
+    def __init__(self, compiled):
+        super().__init__(optimizer="sgd", lr=0.05, momentum=0.9)
+        if compiled:
+            self.net = torch.compile(self.net, backend="aot_eager")
+
+
+@pytest.mark.slow
+def test_a_compiled_submodule_gives_the_same_allocations_as_the_eager_one():
+    results = []
+    for compiled in (False, True):
+        callback = LossChangeAllocation(probe_size=256)
+        torch.manual_seed(0)
+        logger = MemoryLogger()
+        trainer(callbacks=[callback], loggers=[logger], max_steps=6).fit(_CompiledInside(compiled), digits_loader())
+        results.append(logger.series)
+    eager, compiled = results
+    for step in range(6):
+        assert compiled["lca/total"][step] == pytest.approx(eager["lca/total"][step], rel=1e-5)
+        assert compiled["lca/delta_loss"][step] == pytest.approx(eager["lca/delta_loss"][step], rel=1e-5)
+
+
+# -- 10. inputs the probes cannot read --------------------------------------------------------------
+
+
+class _Opaque:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+class _OpaqueModule(Classifier):
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch.x), batch.y)
+
+
+def _opaque_loader():
+    x, y = digits()
+    return DataLoader(list(zip(x, y)), batch_size=64, collate_fn=lambda items: _Opaque(
+        torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])))
+
+
+def test_an_unreadable_batch_fails_before_training_naming_probe():
+    with pytest.raises(ProbeError, match="probe=DataLoader"):
+        trainer(callbacks=[LossChangeAllocation()], max_steps=3).fit(_OpaqueModule(), _opaque_loader())
+
+
+def test_an_empty_probe_dataloader_fails_before_training_naming_probe():
+    x, y = digits()
+    empty = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=8)
+    with pytest.raises(ProbeError, match="set probe"):
+        trainer(callbacks=[LossChangeAllocation(probe=empty)], max_steps=3).fit(Classifier(), digits_loader())
+
+
+
+def test_a_training_step_returning_no_loss_names_loss_fn_at_the_first_measurement():
+    class NoLoss(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return {"loss": loss} if self.trainer.training and batch_idx < 10**6 and getattr(self, "_real", True) else None
+
+    class Flip(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pl_module._real = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pl_module._real = True
+
+    with pytest.raises(ProbeError, match="loss_fn"):
+        trainer(callbacks=[Flip(), LossChangeAllocation(probe_size=64)], max_steps=3).fit(NoLoss(), digits_loader())
+
+
+# -- 11. frozen parameters and submodules kept in eval mode -------------------------------------------
+
+
+class _PartlyFrozen(Classifier):
+    def __init__(self):
+        super().__init__(net=mlp(dropout=0.5), optimizer="sgd", lr=0.05, momentum=0.9)
+        for p in self.net[0].parameters():
+            p.requires_grad_(False)
+
+    def on_train_start(self):
+        self.net[2].eval()  # the user keeps the first dropout in eval mode
+
+
+def test_frozen_parameters_are_excluded_and_modes_and_values_untouched():
+    def run(callbacks):
+        torch.manual_seed(0)
+        model = _PartlyFrozen()
+        logger = MemoryLogger()
+        t = trainer(callbacks=callbacks, loggers=[logger], max_steps=10)
+        t.fit(model, digits_loader())
+        return model, state_of(model, t.optimizers[0]), logger
+
+    reference_model, reference, _ = run([])
+    model, probed, logger = run([LossChangeAllocation(probe_size=256)])
+    assert_bitwise_equal(reference, probed)
+    assert [m.training for m in model.modules()] == [m.training for m in reference_model.modules()]
+    assert model.net[2].training is False and model.net[5].training is True
+    assert "lca/layer/net.0" not in logger.series and "lca/layer/net.3" in logger.series
+    assert torch.equal(model.net[0].weight, reference_model.net[0].weight)

@@ -168,7 +168,17 @@ class ProbeChunk:
 def chunk_weights(batches: Sequence[Any], *, equal: bool = False) -> list[ProbeChunk]:
     """Weight chunks by their sample count (a mean over samples), or equally (a mean
     over micro-batches, as gradient accumulation does)."""
-    sizes = [batch_size_of(b) for b in batches]
+    if not batches:
+        raise ProbeError("the probe set is empty")
+    if equal:
+        return [ProbeChunk(b, i, 1.0 / len(batches), 0) for i, b in enumerate(batches)]
+    try:
+        sizes = [batch_size_of(b) for b in batches]
+    except ProbeError as err:
+        raise ProbeError(
+            f"{err}: the probe set's chunks are weighted by their number of samples, read from the first tensor "
+            "of each batch. Pass probe=DataLoader(...) yielding tensors, tuples, lists or dicts of tensors."
+        ) from None
     total = sum(sizes)
     if total == 0:
         raise ProbeError("the probe set is empty")

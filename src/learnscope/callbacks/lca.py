@@ -374,9 +374,12 @@ class LossChangeAllocation(Callback):
         advanced = trainer.global_step - self._last_global_step
         self._last_global_step = trainer.global_step
         stepped, self._hooked_steps = self._hooked_steps, 0
-        if advanced > stepped:  # e.g. a GradScaler skipped the update: no hooks fired
+        if advanced > stepped:  # e.g. a GradScaler skipped the update: no hooks fired, θ did not move
             self._skipped_steps += advanced - stepped
-            _logging.log_scalars(trainer, {"lca/skipped_steps": self._skipped_steps}, step=trainer.global_step - 1)
+            skipped = {"lca/skipped_steps": float(self._skipped_steps), "lca/total": 0.0}
+            if not self._cheap:
+                skipped["lca/delta_loss"] = 0.0
+            _logging.log_scalars(trainer, skipped, step=trainer.global_step - 1)
         if advanced > 0 or stepped > 0:
             self._pending_batches.clear()
         self._log_records(trainer)
