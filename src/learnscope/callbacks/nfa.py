@@ -1,0 +1,555 @@
+"""The NeuralFeatureAnsatz callback: when and on what to measure; the math is in
+:mod:`learnscope.functional.nfa`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from learnscope import _logging, tags
+from learnscope._probe import (
+    ProbeChunk,
+    ProbeError,
+    build_probe_set,
+    probe_context,
+    require_validation_data,
+    to_module_device,
+)
+from learnscope._validate import check_bool, check_choice, check_int, check_patterns
+from learnscope.functional.nfa import (
+    PreactivationGramAccumulator,
+    _alpha_suffix,
+    _call_model,
+    _psd_power,
+    agop,
+    default_output_fn,
+    nfa_metrics,
+    range_spectrum,
+)
+from learnscope.layers import handler_for, select_layers
+from learnscope.records import NFARecord
+
+PROBES = ("train", "val")
+ESTIMATORS = ("exact", "hutchinson", "auto")
+#: Batch keys that ``default_input_fn`` treats as targets and does not pass to the model.
+LABEL_KEYS = frozenset({"label", "labels", "y", "target", "targets"})
+#: Heatmaps of WᵀW and AGOP^α are drawn for layers with at most this input dimension d.
+IMAGE_MAX_INPUT_DIM = 256
+
+
+def default_input_fn(batch: Any) -> Any:
+    """The model input in a batch, as ``NeuralFeatureAnsatz`` reads it by default.
+
+    A tensor is the input; of a tuple or list (``(x, y)``) the first element is;
+    of a dict, every entry whose key is not a label key (``label(s)``, ``y``,
+    ``target(s)``), passed to the model as keyword arguments. The model is then
+    called as ``pl_module(x)``, ``pl_module(*x)`` for a tuple or ``pl_module(**x)``
+    for a dict. Raises :class:`ProbeError` naming ``input_fn`` otherwise.
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
+        if inputs:
+            return inputs
+        raise ProbeError(
+            f"NeuralFeatureAnsatz: the batch is a dict with only label keys {list(batch)}; "
+            "pass input_fn=callable(batch) -> model input"
+        )
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (Tensor, Mapping, tuple, list)):
+        return batch[0]
+    raise ProbeError(
+        f"NeuralFeatureAnsatz: cannot read the model input from a batch of type {type(batch).__name__} "
+        "(the default reads a tensor, the first element of a tuple/list, or a dict's non-label entries); "
+        "pass input_fn=callable(batch) -> model input"
+    )
+
+
+class NeuralFeatureAnsatz(Callback):
+    r"""The Neural Feature Ansatz (Radhakrishnan et al., 2022/2024), measured during training.
+
+    For every measured layer with weight W (k×d, convolutions flattened to
+    C_out × C_in·∏kernel) it compares the neural feature matrix WᵀW with the
+    average gradient outer product AGOP = Wᵀ G W, where
+    G = (1/n) Σ_x Σ_j Σ_positions ∇_z f_j ∇_z f_jᵀ is the Gram matrix of the output's
+    gradients with respect to the layer's pre-activation z (BRIEF §3). The NFA
+    says WᵀW ∝ AGOP^α (α = 1 and α = ½ are both in use).
+
+    Measurements (``trainer.global_step`` = updates the measured weights have had):
+    at fit start (the initialisation baseline; its weights are W₀), after every
+    optimizer step that brings ``global_step`` to a multiple of ``every_n_steps``
+    (in ``on_train_batch_end``), and at fit end, never twice for one step. Under a
+    standalone ``trainer.validate``/``trainer.test`` it measures once at the end,
+    on the probe set of the last fit (or on ``probe`` when it is a DataLoader, or
+    the validation data for ``probe="val"`` under validate).
+
+    How: all modules in eval mode (each module's own flag restored after), one
+    forward of ``pl_module(input_fn(batch))`` per probe chunk, and batched
+    vector-Jacobian products giving G for every layer at once, accumulated in
+    float64 (:class:`~learnscope.functional.nfa.PreactivationGramAccumulator`);
+    metrics in the r-dimensional range of W. Training is never perturbed:
+    parameters, buffers, ``.grad``, every RNG stream, module modes and optimizer
+    state stay bitwise as without the callback. Only rank zero measures and logs.
+
+    Tags (``nfa/<layer>/<metric>``, at step ``global_step``): ``pearson_a1``,
+    ``cosine_a1``, ``pearson_a0.5``, ``cosine_a0.5`` (NFM vs AGOP^α; Pearson is the
+    headline), ``null_a*`` (the same Pearson with G rotated by random orthogonal
+    matrices) and ``excess_a*`` = pearson − null, ``sphericity`` and
+    ``sphericity_range`` (isotropy of G, overall and on range(W)), ``align_a0.5``
+    (G vs WWᵀ on range(W)), ``stable_rank``, ``weight_change`` = ‖W−W₀‖/‖W‖ and
+    ``cnfa_pearson_a1`` (W − W₀ in place of W). Other α get the same families with
+    their own suffix. Histogram ``nfa/<layer>/spectrum``: eigenvalues of G on
+    range(W). Image ``nfa/<layer>/matrices``: WᵀW beside AGOP^α for each α
+    (layers with d ≤ 256). ``nfa/skipped``: measurements skipped for non-finite
+    values.
+
+    The readout layer: G = I exactly for the layer whose output is the raw model
+    output (∇_z f_j = e_j), so there its α = 1 correlations are identically 1, every
+    rotation null equals its value (Q I Qᵀ = I: excess always 0) and both
+    sphericities are 1, whatever the weights. For that layer only the α ≠ 1
+    correlations (``pearson``, ``cosine``, ``align``) and the context metrics
+    (``stable_rank``, ``weight_change``) are logged. The rule: the readout is the measured layer
+    whose output tensor *is* the prediction tensor returned by ``output_fn`` (the
+    same tensor, or a view of all of its elements), checked by one extra forward
+    at the first measurement. A layer followed by any operation (a scaling, a
+    softmax) is not the readout: its G is not I.
+
+    Args:
+        every_n_steps: measure whenever ``global_step`` reaches a multiple of it.
+        probe: ``"train"`` (a fixed random subset of the training data, chosen with
+            its own seed), ``"val"`` (the validation data) or a ``DataLoader``
+            (exactly that data). Use training samples to follow the papers.
+        probe_size: samples in the ``"train"``/``"val"`` probe set (None: all).
+        probe_batch_size: samples per forward pass (G is accumulated over chunks).
+        layers: glob patterns over module names (``["net.*"]``); default every
+            ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Linear layers on sequences are
+            measured per token; convolutions per patch, G summed over positions.
+        alphas: the exponents α of AGOP^α (positive).
+        null_draws: random rotations for the null baseline (0: no null, no excess).
+        input_fn: ``batch -> model input``; default :func:`default_input_fn`.
+        output_fn: ``model output -> tensor (n, c) or (n, T, c)``; default: a
+            tensor, the first element of a tuple, or ``logits`` of a dict/object.
+        estimator: ``"exact"`` (c vector-Jacobian products per chunk), ``"hutchinson"``
+            (``num_probes`` Rademacher probes drawn independently per sample: an
+            unbiased estimate of G) or ``"auto"`` (exact for c ≤ 64 outputs per position).
+        num_probes: Hutchinson probes per sample.
+        images: log heatmaps of WᵀW and AGOP^α (TensorBoard loggers only).
+        image_every_n_steps: also draw them at the first measurement at or after
+            every multiple of this (default 10 × ``every_n_steps``); always at fit
+            start and end.
+
+    Example::
+
+        trainer = Trainer(callbacks=[NeuralFeatureAnsatz(every_n_steps=50, probe_size=1024)])
+        trainer.fit(model, datamodule)
+        # tensorboard --logdir lightning_logs  → scalars nfa/<layer>/pearson_a1, ...
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        probe: Union[Literal["train", "val"], DataLoader] = "train",
+        probe_size: Optional[int] = 1024,
+        probe_batch_size: int = 256,
+        layers: Optional[list[str]] = None,
+        alphas: list[float] = [1.0, 0.5],  # noqa: B006  (never mutated: copied to a tuple)
+        null_draws: int = 4,
+        input_fn: Optional[Callable[[Any], Any]] = None,
+        output_fn: Optional[Callable[[Any], Tensor]] = None,
+        estimator: Literal["exact", "hutchinson", "auto"] = "auto",
+        num_probes: int = 16,
+        images: bool = True,
+        image_every_n_steps: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
+        if not isinstance(probe, DataLoader):
+            check_choice("probe", probe, PROBES, extra="or a torch.utils.data.DataLoader")
+        self.probe = probe
+        self.probe_size = None if probe_size is None else check_int("probe_size", probe_size, minimum=1)
+        self.probe_batch_size = check_int("probe_batch_size", probe_batch_size, minimum=1)
+        self.layers = check_patterns("layers", layers)
+        self.alphas = _check_alphas(alphas)
+        self.null_draws = check_int("null_draws", null_draws, minimum=0)
+        for name, fn in (("input_fn", input_fn), ("output_fn", output_fn)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be None or a callable, got {fn!r}")
+        self.input_fn = input_fn
+        self.output_fn = output_fn
+        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
+        self.num_probes = check_int("num_probes", num_probes, minimum=1)
+        self.images = check_bool("images", images)
+        self.image_every_n_steps = (
+            10 * self.every_n_steps
+            if image_every_n_steps is None
+            else check_int("image_every_n_steps", image_every_n_steps, minimum=1)
+        )
+
+        # run state, rebuilt when a stage starts
+        self._layers: dict[str, nn.Module] = {}
+        self._probe_set: list[ProbeChunk] = []
+        self._readout: str | None = None
+        self._inspected = False
+        self._measuring_trainer: pl.Trainer | None = None
+        self._warned_no_probe = False
+        #: the latest measurement (None before the first)
+        self.last_record: NFARecord | None = None
+        #: "exact" or "hutchinson" once the first measurement resolved ``estimator``
+        self.resolved_estimator: str | None = None
+        # state saved in checkpoints
+        self._initial_weights: dict[str, Tensor] = {}
+        self._last_measured_step: int | None = None
+        self._last_image_step: int | None = None
+        self._skipped = 0
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            probe=self.probe if isinstance(self.probe, str) else "dataloader",
+            probe_size=self.probe_size,
+            layers=self.layers,
+            alphas=list(self.alphas),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial_weights": dict(self._initial_weights),
+            "last_measured_step": self._last_measured_step,
+            "last_image_step": self._last_image_step,
+            "skipped": self._skipped,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._initial_weights = dict(state_dict.get("initial_weights", {}))
+        self._last_measured_step = state_dict.get("last_measured_step")
+        self._last_image_step = state_dict.get("last_image_step")
+        self._skipped = int(state_dict.get("skipped", 0))
+
+    @property
+    def skipped(self) -> int:
+        """Measurements skipped so far because a weight or G was not finite."""
+        return self._skipped
+
+    @property
+    def initial_weights(self) -> dict[str, Tensor]:
+        """W₀ (flattened, k×d) of every measured layer, captured at the first fit start."""
+        return dict(self._initial_weights)
+
+    @property
+    def readout(self) -> str | None:
+        """The measured layer whose output is the model output (see the class docstring)."""
+        return self._readout
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if type(pl_module).forward is pl.LightningModule.forward:
+            raise ProbeError(
+                f"NeuralFeatureAnsatz runs the model as pl_module(inputs), but {type(pl_module).__name__} "
+                "does not define forward(); add a forward method that returns the model output"
+            )
+        if stage == "fit" and self.probe == "val":
+            require_validation_data(trainer, owner="NeuralFeatureAnsatz")
+        self._select_layers(pl_module)
+
+    def _select_layers(self, pl_module: pl.LightningModule) -> None:
+        self._layers = select_layers(pl_module, self.layers)
+        self._readout, self._inspected = None, False
+        if not self._layers:
+            what = "no nn.Linear or nn.Conv1d/2d/3d" if self.layers is None else f"nothing matching layers={self.layers}"
+            rank_zero_warn(f"NeuralFeatureAnsatz: the model has {what} to measure; the callback does nothing")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._layers:
+            return
+        self._capture_initial_weights()
+        self._probe_set = build_probe_set(
+            trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz"
+        )
+        if trainer.global_step != self._last_measured_step:
+            self._measure(trainer, pl_module, boundary=True)
+
+    def _capture_initial_weights(self) -> None:
+        """W₀ of each layer, unless a checkpoint restored it (then the run continues exactly)."""
+        for name, module in self._layers.items():
+            weight = handler_for(module).weight_flat(module)
+            saved = self._initial_weights.get(name)
+            if saved is not None and saved.shape == weight.shape:
+                continue
+            if saved is not None:
+                rank_zero_warn(
+                    f"NeuralFeatureAnsatz: the saved initial weight of {name!r} has shape {tuple(saved.shape)}, "
+                    f"not {tuple(weight.shape)}; weight_change and cnfa_pearson_a1 restart from the current weights"
+                )
+            self._initial_weights[name] = weight.clone()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # global_step has already counted this batch's optimizer step (if any): the weights
+        # measured here have had exactly global_step updates. Under gradient accumulation the
+        # non-stepping micro-batches see the step number of the last measurement and are skipped.
+        step = trainer.global_step
+        if self._layers and step % self.every_n_steps == 0 and step != self._last_measured_step:
+            self._measure(trainer, pl_module, boundary=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._layers and trainer.global_step != self._last_measured_step:
+            self._measure(trainer, pl_module, boundary=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate" and not trainer.sanity_checking:
+            self._measure_standalone(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "test":
+            self._measure_standalone(trainer, pl_module)
+
+    def _measure_standalone(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One measurement under ``trainer.validate``/``test`` (inference mode, no fit loop)."""
+        if not self._layers:
+            return
+        if trainer is self._measuring_trainer and trainer.global_step == self._last_measured_step:
+            return  # this trainer measured these weights already (e.g. at fit end)
+        if self._probe_set:
+            self._probe_set = [
+                ProbeChunk(to_module_device(trainer, c.batch), c.batch_idx, c.weight, c.size) for c in self._probe_set
+            ]
+        elif isinstance(self.probe, DataLoader) or (self.probe == "val" and trainer.state.fn == "validate"):
+            self._probe_set = build_probe_set(
+                trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz"
+            )
+        else:
+            if not self._warned_no_probe:
+                self._warned_no_probe = True
+                rank_zero_warn(
+                    f"NeuralFeatureAnsatz: trainer.{trainer.state.fn} has no {self.probe!r} probe data and no fit "
+                    "ran before with this callback; nothing measured. Pass probe=DataLoader(...) to measure here."
+                )
+            return
+        self._measure(trainer, pl_module, boundary=True)
+
+    # ------------------------------------------------------------------ measurement
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, boundary: bool) -> None:
+        step = trainer.global_step
+        self._last_measured_step = step
+        self._measuring_trainer = trainer
+        if not trainer.is_global_zero:
+            return
+        if not self._inspected:
+            self._inspect(pl_module)
+        grams, estimator = self._preactivation_grams(pl_module, step)
+        if self.resolved_estimator is None:
+            self.resolved_estimator = estimator
+            self._describe(estimator, grams)
+        weights = {name: handler_for(self._layers[name]).weight_flat(self._layers[name]) for name in grams}
+        non_finite = [
+            name
+            for name, gram in grams.items()
+            if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(weights[name]).all()))
+        ]
+        if non_finite:
+            self._skipped += 1
+            rank_zero_warn(
+                f"NeuralFeatureAnsatz: measurement at step {step} skipped: non-finite weights or G in "
+                f"{non_finite}. Training goes on."
+            )
+            _logging.log_scalars(trainer, tags.nfa_skipped(self._skipped), step=step)
+            return
+        writers = _logging.tensorboard_writers(trainer) if self.images else []
+        draw = bool(writers) and (boundary or self._images_due(step))
+        record = self._summarise(step, weights, grams, estimator, draw)
+        self.last_record = record
+        _logging.log_scalars(trainer, tags.nfa_scalars(record), step=step)
+        _logging.log_histograms(trainer, tags.nfa_histograms(record), step=step)
+        if draw:
+            self._last_image_step = step
+            for tag, matrices in tags.nfa_images(record).items():
+                image = heatmap_panels(list(matrices.values()))
+                for writer in writers:
+                    writer.add_image(tag, image, global_step=step, dataformats="CHW")
+
+    def _images_due(self, step: int) -> bool:
+        last = self._last_image_step
+        return last is None or step // self.image_every_n_steps > last // self.image_every_n_steps
+
+    def _model_inputs(self, batch: Any) -> Any:
+        if self.input_fn is None:
+            return default_input_fn(batch)
+        try:
+            return self.input_fn(batch)
+        except Exception as error:
+            raise ProbeError(f"NeuralFeatureAnsatz: input_fn raised {type(error).__name__}: {error}") from error
+
+    def _prediction(self, output: Any) -> Tensor:
+        try:
+            prediction = (self.output_fn or default_output_fn)(output)
+        except Exception as error:
+            raise ProbeError(f"NeuralFeatureAnsatz: {error}" if self.output_fn is None else
+                             f"NeuralFeatureAnsatz: output_fn raised {type(error).__name__}: {error}") from error
+        if not isinstance(prediction, Tensor):
+            raise ProbeError(
+                f"NeuralFeatureAnsatz: output_fn must return a tensor of shape (n, c) or (n, T, c), "
+                f"got {type(prediction).__name__}"
+            )
+        return prediction
+
+    def _inspect(self, pl_module: pl.LightningModule) -> None:
+        """First measurement: check that input_fn and output_fn read the data, and find the readout.
+
+        One forward on the first probe chunk records every measured layer's output
+        tensor; the readout is the layer whose output is the prediction itself.
+        """
+        layer_outputs: dict[str, Tensor] = {}
+
+        def recorder(name: str) -> Callable:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                layer_outputs[name] = output
+
+            return hook
+
+        inputs = self._model_inputs(self._probe_set[0].batch)
+        handles = [module.register_forward_hook(recorder(name)) for name, module in self._layers.items()]
+        try:
+            with probe_context(pl_module, mode="eval", device=pl_module.device), torch.no_grad():
+                try:
+                    output = _call_model(pl_module, inputs)
+                except Exception as error:
+                    hint = "the default input_fn" if self.input_fn is None else "input_fn"
+                    raise ProbeError(
+                        f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
+                        f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
+                    ) from error
+                prediction = self._prediction(output)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._readout = None
+        for name in reversed(list(self._layers)):
+            out = layer_outputs.get(name)
+            if isinstance(out, Tensor) and (
+                out is prediction or (out.data_ptr() == prediction.data_ptr() and out.numel() == prediction.numel())
+            ):
+                self._readout = name
+                break
+        self._inspected = True
+
+    def _preactivation_grams(self, pl_module: pl.LightningModule, step: int) -> tuple[dict[str, Tensor], str]:
+        accumulator = PreactivationGramAccumulator(
+            pl_module,
+            self._layers,
+            output_fn=self._prediction,
+            estimator=self.estimator,
+            num_probes=self.num_probes,
+            # Hutchinson probes: reproducible, independent between steps, never the global RNG.
+            generator=torch.Generator().manual_seed(step),
+        )
+        with probe_context(pl_module, mode="eval", device=pl_module.device):
+            for chunk in self._probe_set:
+                accumulator.update(self._model_inputs(chunk.batch))
+        return accumulator.compute(), str(accumulator.estimator)
+
+    def _describe(self, estimator: str, grams: Mapping[str, Tensor]) -> None:
+        samples = sum(chunk.size for chunk in self._probe_set)
+        how = "exact" if estimator == "exact" else f"a Hutchinson estimate ({self.num_probes} probes per sample)"
+        readout = (
+            f"; readout layer {self._readout!r} (G = I: its α = 1 metrics, nulls and sphericities are not logged)"
+            if self._readout
+            else ""
+        )
+        rank_zero_info(
+            f"NeuralFeatureAnsatz: measuring {list(grams)} on {samples} probe samples, G {how}{readout}"
+        )
+
+    def _summarise(
+        self, step: int, weights: Mapping[str, Tensor], grams: Mapping[str, Tensor], estimator: str, draw: bool
+    ) -> NFARecord:
+        metrics: dict[str, dict[str, float]] = {}
+        spectra: dict[str, Tensor] = {}
+        matrices: dict[str, dict[str, Tensor]] = {}
+        for name, gram in grams.items():
+            weight = weights[name]
+            readout = name == self._readout
+            values = nfa_metrics(
+                weight,
+                gram,
+                alphas=self.alphas,
+                initial_weight=self._initial_weights.get(name),
+                # G = I is rotation invariant: at the readout every null equals its value
+                null_draws=0 if readout else self.null_draws,
+                readout=readout,
+            )
+            if readout:  # and ψ(I) = 1: sphericity says nothing there either
+                del values["sphericity"], values["sphericity_range"]
+            metrics[name] = {key: value for key, value in values.items() if math.isfinite(value)}
+            spectra[name] = range_spectrum(weight, gram)
+            if draw and weight.shape[1] <= IMAGE_MAX_INPUT_DIM:
+                weight64 = weight.to(torch.float64)
+                full_agop = agop(weight64, gram)
+                matrices[name] = {"nfm": weight64.mT @ weight64}
+                for alpha in self.alphas:
+                    matrices[name][f"agop_{_alpha_suffix(alpha)}"] = _psd_power(full_agop, alpha)
+        return NFARecord(
+            step=step,
+            metrics=metrics,
+            spectra=spectra,
+            grams=dict(grams),
+            estimator=estimator,
+            readout=self._readout,
+            skipped=self._skipped,
+            matrices=matrices,
+        )
+
+
+def _check_alphas(alphas: Any) -> tuple[float, ...]:
+    message = f"alphas must be a non-empty list of positive finite floats (e.g. [1.0, 0.5]), got {alphas!r}"
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, (list, tuple)) or not alphas:
+        raise ValueError(message)
+    checked: list[float] = []
+    for alpha in alphas:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(message)
+        if float(alpha) not in checked:
+            checked.append(float(alpha))
+    return tuple(checked)
+
+
+def heatmap_panels(matrices: list[Tensor], *, min_panel_pixels: int = 128, gap: int = 4) -> Tensor:
+    """Draw square matrices side by side as one RGB image (3, H, W), values in [0, 1].
+
+    Each panel is scaled by its own largest absolute entry (the NFA compares
+    matrices up to scale) and coloured on a diverging map: white 0, red positive,
+    blue negative. Small matrices are enlarged (nearest neighbour) to at least
+    ``min_panel_pixels`` pixels per side; panels are separated by ``gap`` grey columns.
+    """
+    panels = []
+    for matrix in matrices:
+        values = matrix.detach().to(torch.float32).cpu()
+        scale = values.abs().max()
+        values = values / scale if scale > 0 else values
+        positive, negative = values.clamp(min=0), (-values).clamp(min=0)
+        rgb = torch.stack([1 - negative, 1 - positive - negative, 1 - positive]).clamp(0, 1)
+        factor = max(1, math.ceil(min_panel_pixels / max(values.shape)))
+        panels.append(rgb.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2))
+    height = max(panel.shape[1] for panel in panels)
+    separator = torch.full((3, height, gap), 0.5)
+    row: list[Tensor] = []
+    for panel in panels:
+        if row:
+            row.append(separator)
+        padded = torch.ones(3, height, panel.shape[2])
+        padded[:, : panel.shape[1]] = panel
+        row.append(padded)
+    return torch.cat(row, dim=2)
