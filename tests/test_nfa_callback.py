@@ -19,6 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from torch import nn
 from torch.func import jacrev, vmap
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from learnscope._probe import ProbeError
 from learnscope.callbacks.nfa import NeuralFeatureAnsatz
 from learnscope.functional.nfa import agop, preactivation_grams
+from learnscope.tensorboard_layout import charts_matching
 from models import Classifier, MemoryLogger, assert_bitwise_equal, digits, digits_loader, mlp, state_of, trainer
 
 HIDDEN = ("net.0", "net.2")
@@ -252,7 +254,9 @@ def test_event_files_hold_every_tag_histogram_and_image(tmp_path):
     trainer(callbacks=[callback], loggers=[logger], max_steps=12).fit(
         Classifier(optimizer="sgd", lr=0.05, momentum=0.9), digits_loader()
     )
-    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events = EventAccumulator(
+        logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    )
     events.Reload()
     scalars, histograms, images = (set(events.Tags()[kind]) for kind in ("scalars", "histograms", "images"))
     expected = {"nfa/skipped"}
@@ -269,6 +273,13 @@ def test_event_files_hold_every_tag_histogram_and_image(tmp_path):
     image = events.Images("nfa/net.0/matrices")[0]
     assert image.width > 3 * image.height > 0  # WᵀW, AGOP, AGOP^½ side by side
     assert len(list(tmp_path.rglob("events.out.tfevents*"))) == 1
+    # the custom-scalar layout (one event) charts every scalar logged, each layer's pearson beside its null
+    layout = layout_pb2.Layout()
+    (config,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout.ParseFromString(config.tensor_proto.string_val[0])
+    for tag in expected:
+        assert charts_matching(layout, tag), tag
+    assert ("learnscope NFA", "net.2: pearson vs rotation null, α=1") in charts_matching(layout, "nfa/net.2/null_a1")
 
 
 class _ScaleOnly(pl.LightningModule):
@@ -483,7 +494,7 @@ def test_module_without_forward_fails_at_setup_saying_so():
         (dict(probe_batch_size=2.5), "probe_batch_size must be an int"),
         (dict(layers="net.0"), "layers must be None or a list of glob patterns"),
         (dict(alphas=[]), "alphas must be a non-empty list of positive finite floats"),
-        (dict(alphas=[1.0, -0.5]), "alphas must be a non-empty list"),
+        (dict(alphas=[1.0, -0.5]), "each of alphas must be a positive finite float"),
         (dict(alphas=0.5), "alphas must be a non-empty list"),
         (dict(null_draws=-1), "null_draws must be an int >= 0"),
         (dict(input_fn="x"), "input_fn must be None or a callable"),

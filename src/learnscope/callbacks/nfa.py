@@ -23,7 +23,7 @@ from learnscope._probe import (
     require_validation_data,
     to_module_device,
 )
-from learnscope._validate import check_bool, check_choice, check_int, check_patterns
+from learnscope._validate import check_bool, check_choice, check_int, check_patterns, check_positive_float
 from learnscope.functional.nfa import (
     PreactivationGramAccumulator,
     _alpha_suffix,
@@ -267,7 +267,9 @@ class NeuralFeatureAnsatz(Callback):
         self._layers = select_layers(pl_module, self.layers)
         self._readout, self._inspected = None, False
         if not self._layers:
-            what = "no nn.Linear or nn.Conv1d/2d/3d" if self.layers is None else f"nothing matching layers={self.layers}"
+            what = (
+                "no nn.Linear or nn.Conv1d/2d/3d" if self.layers is None else f"nothing matching layers={self.layers}"
+            )
             rank_zero_warn(f"NeuralFeatureAnsatz: the model has {what} to measure; the callback does nothing")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -277,8 +279,20 @@ class NeuralFeatureAnsatz(Callback):
         self._probe_set = build_probe_set(
             trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz"
         )
+        _logging.write_layout(
+            trainer, lca=False, nfa=True, nfa_metrics=self._metric_names(), nfa_layers=list(self._layers)
+        )
         if trainer.global_step != self._last_measured_step:
             self._measure(trainer, pl_module, boundary=True)
+
+    def _metric_names(self) -> list[str]:
+        """The metrics this configuration logs (a hidden layer's; the readout logs a subset)."""
+        suffixes = [_alpha_suffix(alpha) for alpha in self.alphas]
+        families = ["pearson", "cosine"] + (["null", "excess"] if self.null_draws else [])
+        names = [f"{family}_{suffix}" for family in families for suffix in suffixes]
+        names += ["sphericity", "sphericity_range"]
+        names += [f"align_{_alpha_suffix(alpha)}" for alpha in self.alphas if alpha != 1.0]
+        return names + ["stable_rank", "weight_change", "cnfa_pearson_a1"]
 
     def _capture_initial_weights(self) -> None:
         """W₀ of each layer, unless a checkpoint restored it (then the run continues exactly)."""
@@ -514,16 +528,10 @@ class NeuralFeatureAnsatz(Callback):
 
 
 def _check_alphas(alphas: Any) -> tuple[float, ...]:
-    message = f"alphas must be a non-empty list of positive finite floats (e.g. [1.0, 0.5]), got {alphas!r}"
+    """The distinct exponents, in the order given."""
     if isinstance(alphas, (str, bytes)) or not isinstance(alphas, (list, tuple)) or not alphas:
-        raise ValueError(message)
-    checked: list[float] = []
-    for alpha in alphas:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(message)
-        if float(alpha) not in checked:
-            checked.append(float(alpha))
-    return tuple(checked)
+        raise ValueError(f"alphas must be a non-empty list of positive finite floats (e.g. [1.0, 0.5]), got {alphas!r}")
+    return tuple(dict.fromkeys(check_positive_float("each of alphas", alpha) for alpha in alphas))
 
 
 def heatmap_panels(matrices: list[Tensor], *, min_panel_pixels: int = 128, gap: int = 4) -> Tensor:
