@@ -411,8 +411,9 @@ class NeuralFeatureAnsatz(Callback):
         try:
             prediction = (self.output_fn or default_output_fn)(output)
         except Exception as error:
-            raise ProbeError(f"NeuralFeatureAnsatz: {error}" if self.output_fn is None else
-                             f"NeuralFeatureAnsatz: output_fn raised {type(error).__name__}: {error}") from error
+            # default_output_fn's own message already says to pass output_fn
+            what = str(error) if self.output_fn is None else f"output_fn raised {type(error).__name__}: {error}"
+            raise ProbeError(f"NeuralFeatureAnsatz: {what}") from error
         if not isinstance(prediction, Tensor):
             raise ProbeError(
                 f"NeuralFeatureAnsatz: output_fn must return a tensor of shape (n, c) or (n, T, c), "
