@@ -52,8 +52,14 @@ SHOTS = {
     "lca": Shot(
         (
             ("learnscope LCA", r"^(layer LCA per step|layer LCA cumulative|helped fraction per layer)"),
-            ("learnscope LCA parts", r"^(parts cumulative, all layers|gradient part per layer, cum|momentum part per layer, cum)"),
-            ("learnscope LCA health", r"^(total LCA vs actual loss change|cumulative relative error|helped / hurt fraction)"),
+            (
+                "learnscope LCA parts",
+                r"^(parts cumulative, all layers|gradient part per layer, cum|momentum part per layer, cum)",
+            ),
+            (
+                "learnscope LCA health",
+                r"^(total LCA vs actual loss change|cumulative relative error|helped / hurt fraction)",
+            ),
         )
     ),
     "nfa": Shot(
@@ -299,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", choices=("lca", "nfa", "both"), default="both")
     parser.add_argument("--width", type=int, default=1480, help="browser window width in pixels")
     parser.add_argument("--port", type=int, default=None, help="TensorBoard port (default: a free one)")
-    parser.add_argument("--chromium", default=None, help="browser binary (default: the first of %s)" % ", ".join(BROWSERS))
+    browsers = ", ".join(BROWSERS)
+    parser.add_argument("--chromium", default=None, help=f"browser binary (default: the first found of {browsers})")
     parser.add_argument("--full-colour", action="store_true", help="keep the browser's 24-bit PNG (larger)")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the server and for each page")
     args = parser.parse_args(argv)
