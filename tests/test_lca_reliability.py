@@ -13,9 +13,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from learnscope import LossChangeAllocation
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 from learnscope._probe import ProbeError, collect_batches
 from learnscope.functional import allocate_step, gradient_evaluator
+from learnscope.functional.nfa import nfa_metrics, preactivation_grams
 from models import Classifier, MemoryLogger, assert_bitwise_equal, digits, digits_loader, mlp, state_of, trainer
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -217,6 +218,7 @@ def test_ddp_totals_equal_one_process_on_the_same_probe_set(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # BatchNorm buffers differ between ranks; the values do not
+    assert set(ranks[0]["nfa"]) == {"net.0", "net.3", "net.6"}
     params = torch.load(tmp_path / "params.pt")
     net = mlp(batchnorm=True)
     loader = digits_loader(batch_size=64, shuffle=False)
@@ -230,6 +232,19 @@ def test_ddp_totals_equal_one_process_on_the_same_probe_set(tmp_path):
         assert ranks[0]["delta_losses"][str(step)] == pytest.approx(single.delta_loss, rel=1e-5)
     events = list(tmp_path.rglob("events.out.tfevents*"))
     assert len(events) == 1  # written once, by rank 0
+    # NFA: every rank holds the same metrics, equal to one process at rank 0's weights and buffers
+    final = torch.load(tmp_path / "final.pt")
+    model = Classifier(net=mlp(batchnorm=True))
+    model.load_state_dict(final["state"])
+    model.eval()
+    inputs = torch.cat([x for x, _ in chunks])
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    grams = preactivation_grams(model, inputs, layers)
+    for name in ("net.0", "net.3"):
+        weight = layers[name].weight.detach().double()
+        expected = nfa_metrics(weight, grams[name], initial_weight=final["initial"][name].double(), null_draws=0)
+        for metric in ("pearson_a1", "pearson_a0.5", "sphericity", "weight_change"):
+            assert ranks[0]["nfa"][name][metric] == pytest.approx(expected[metric], rel=1e-5)
 
 
 # -- 5. mixed precision ---------------------------------------------------------------------------
@@ -373,17 +388,25 @@ class _CompiledInside(Classifier):
 
 @pytest.mark.slow
 def test_a_compiled_submodule_gives_the_same_allocations_as_the_eager_one():
-    results = []
+    results, nfa_metrics_at_end = [], []
     for compiled in (False, True):
         callback = LossChangeAllocation(probe_size=256)
+        nfa = NeuralFeatureAnsatz(every_n_steps=3, probe_size=256, images=False)
         torch.manual_seed(0)
         logger = MemoryLogger()
-        trainer(callbacks=[callback], loggers=[logger], max_steps=6).fit(_CompiledInside(compiled), digits_loader())
+        trainer(callbacks=[callback, nfa], loggers=[logger], max_steps=6).fit(_CompiledInside(compiled), digits_loader())
         results.append(logger.series)
+        nfa_metrics_at_end.append([nfa.last_record.metrics[name] for name in sorted(nfa.last_record.metrics)])
     eager, compiled = results
     for step in range(6):
         assert compiled["lca/total"][step] == pytest.approx(eager["lca/total"][step], rel=1e-5)
         assert compiled["lca/delta_loss"][step] == pytest.approx(eager["lca/delta_loss"][step], rel=1e-5)
+    eager_nfa, compiled_nfa = nfa_metrics_at_end
+    assert len(eager_nfa) == len(compiled_nfa) == 3
+    for a, b in zip(eager_nfa, compiled_nfa):
+        assert a.keys() == b.keys()
+        for metric in a:
+            assert b[metric] == pytest.approx(a[metric], rel=1e-5, abs=1e-7)
 
 
 # -- 10. inputs the probes cannot read --------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The Lightning callbacks (thin: when and on what to measure; math in learnscope.functional)."""
 
 from learnscope.callbacks.lca import LossChangeAllocation
+from learnscope.callbacks.nfa import NeuralFeatureAnsatz
 
-__all__ = ["LossChangeAllocation"]
+__all__ = ["LossChangeAllocation", "NeuralFeatureAnsatz"]

@@ -20,6 +20,7 @@ from learnscope._probe import (
     ProbeError,
     build_probe_set,
     probe_context,
+    rank_sum,
     require_validation_data,
     to_module_device,
 )
@@ -360,8 +361,8 @@ class NeuralFeatureAnsatz(Callback):
         step = trainer.global_step
         self._last_measured_step = step
         self._measuring_trainer = trainer
-        if not trainer.is_global_zero:
-            return
+        # Under DDP every rank measures its share of the probe set and G is summed over
+        # ranks, so all ranks hold the same values; only rank zero writes them.
         if not self._inspected:
             self._inspect(pl_module)
         grams, estimator = self._preactivation_grams(pl_module, step)
@@ -462,19 +463,30 @@ class NeuralFeatureAnsatz(Callback):
         self._inspected = True
 
     def _preactivation_grams(self, pl_module: pl.LightningModule, step: int) -> tuple[dict[str, Tensor], str]:
+        trainer = self._measuring_trainer
+        model: nn.Module = pl_module
+        if getattr(trainer, "world_size", 1) > 1 and any(True for _ in pl_module.buffers()):
+            # BatchNorm running statistics differ between ranks: measure all ranks with rank 0's.
+            buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
+            model = _WithBuffers(pl_module, trainer.strategy.broadcast(buffers, src=0))
         accumulator = PreactivationGramAccumulator(
-            pl_module,
+            model,
             self._layers,
             output_fn=self._prediction,
             estimator=self.estimator,
             num_probes=self.num_probes,
-            # Hutchinson probes: reproducible, independent between steps, never the global RNG.
-            generator=torch.Generator().manual_seed(step),
+            # Hutchinson probes: reproducible, independent between steps and ranks, never the global RNG.
+            generator=torch.Generator().manual_seed(step * 1009 + self._rank),
         )
         with probe_context(pl_module, mode="eval", device=pl_module.device):
             for chunk in self._probe_set:
                 accumulator.update(self._model_inputs(chunk.batch))
-        return accumulator.compute(), str(accumulator.estimator)
+        return accumulator.compute(reduce=rank_sum(trainer)), str(accumulator.estimator)
+
+    @property
+    def _rank(self) -> int:
+        trainer = getattr(self, "_measuring_trainer", None)
+        return getattr(trainer, "global_rank", 0) if trainer is not None else 0
 
     def _describe(self, estimator: str, grams: Mapping[str, Tensor]) -> None:
         samples = sum(chunk.size for chunk in self._probe_set)
@@ -526,6 +538,19 @@ class NeuralFeatureAnsatz(Callback):
             skipped=self._skipped,
             matrices=matrices,
         )
+
+
+class _WithBuffers(nn.Module):
+    """Runs ``module`` with substitute buffers (live buffers untouched); hooks on its
+    layers still fire. The module is held, not registered, so it is not a child."""
+
+    def __init__(self, module: nn.Module, buffers: dict[str, Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "wrapped", module)
+        self.substitute = buffers
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.wrapped, self.substitute, args, kwargs, strict=False)
 
 
 def _check_alphas(alphas: Any) -> tuple[float, ...]:

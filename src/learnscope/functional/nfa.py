@@ -423,8 +423,16 @@ class PreactivationGramAccumulator:
                 )
         return stacked
 
-    def compute(self) -> dict[str, Tensor]:
-        """G_l = (accumulated Σ) / n for every layer that was called, float64."""
+    def compute(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """G_l = (accumulated Σ) / n for every layer that was called, float64.
+
+        ``reduce`` sums a tensor over processes (e.g. ``trainer.strategy.reduce`` with
+        ``"sum"``): each process accumulates its share of the probe set and the sums,
+        sample counts and call counts are combined in one collective, so every process
+        returns the same G. Every process must call it, also one that saw no samples.
+        """
+        if reduce is not None:
+            self._reduce(reduce)
         if self.num_samples == 0:
             raise RuntimeError("no samples accumulated: call update(inputs) first")
         return {
@@ -432,6 +440,26 @@ class PreactivationGramAccumulator:
             for name in self.layers
             if self._calls[name] > 0
         }
+
+    def _reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        names = list(self.layers)
+        device = next((g.device for g in self._gram_sums.values()), None)
+        sums = []
+        for name in names:
+            if name in self._gram_sums:
+                sums.append(self._gram_sums[name])
+            else:
+                k = handler_for(self.layers[name]).out_features(self.layers[name])
+                sums.append(torch.zeros(k, k, dtype=torch.float64, device=device))
+        counts = torch.tensor([self.num_samples] + [self._calls[n] for n in names], dtype=torch.float64, device=device)
+        flat = reduce(torch.cat([g.reshape(-1) for g in sums] + [counts]))
+        offset = 0
+        for name, g in zip(names, sums):
+            self._gram_sums[name] = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        totals = flat[offset:].round().long().tolist()
+        self.num_samples = int(totals[0])
+        self._calls = {name: int(c) for name, c in zip(names, totals[1:])}
 
 
 def preactivation_grams(
