@@ -135,10 +135,6 @@ def test_command_line_options_override_the_yaml_config(example, tmp_path):
     assert callbacks[0].rule == "simpson" and callbacks[0].state_key != cheap.state_key
 
 
-# TEMPORARY: jsonargparse reads ``Callable[..., Tensor]`` as "a factory of Tensor" and rejects
-# a function whose return is not annotated as a Tensor. Remove this marker once loss_fn and
-# output_fn are typed ``Optional[Callable[[...], Any]]`` in src/ (strict: an XPASS fails).
-@pytest.mark.xfail(strict=True, reason="loss_fn/output_fn typed Callable[..., Tensor] in src/ (pending fix)")
 @pytest.mark.parametrize(
     "callback, flag, function",
     [

@@ -144,7 +144,7 @@ class LossChangeAllocation(Callback):
         probe_batch_size: int = 256,
         rule: Literal["first_order", "trapezoid", "simpson", "adaptive"] = "simpson",
         tolerance: float = 1e-3,
-        loss_fn: Optional[Callable[[pl.LightningModule, Any], Tensor]] = None,
+        loss_fn: Optional[Callable[[pl.LightningModule, Any], Any]] = None,
         histograms: bool = True,
         modules: Optional[list[str]] = None,
         decompose: bool = True,

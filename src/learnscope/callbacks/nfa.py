@@ -164,7 +164,7 @@ class NeuralFeatureAnsatz(Callback):
         alphas: list[float] = [1.0, 0.5],  # noqa: B006  (never mutated: copied to a tuple)
         null_draws: int = 4,
         input_fn: Optional[Callable[[Any], Any]] = None,
-        output_fn: Optional[Callable[[Any], Tensor]] = None,
+        output_fn: Optional[Callable[[Any], Any]] = None,
         estimator: Literal["exact", "hutchinson", "auto"] = "auto",
         num_probes: int = 16,
         images: bool = True,

@@ -195,7 +195,7 @@ def _write_figures(figures, run: RunRecords, summary: RunSummary, directory: Pat
         "lca_parts": lambda path: figures.plot_lca_parts(run, path),
         "nfa_alignment": lambda path: figures.plot_nfa_alignment(run, path),
         "nfa_metrics": lambda path: figures.plot_nfa_metrics(run, path),
-        "synchronisation": lambda path: figures.plot_synchronisation(summary.sync, path, title=run.name),
+        "synchronisation": lambda path: figures.plot_synchronisation(summary.sync, path, title=figures._run_title(run)),
         "unit_lca": lambda path: figures.plot_unit_lca(run, path),
     }
     written = {}

@@ -67,6 +67,11 @@ NFA_CONTEXT_METRICS = (
 )
 
 
+
+def _run_title(run: RunRecords) -> str:
+    """A run's name for titles: the folder's own name when LOGDIR is the run itself."""
+    return run.name if run.name not in ("", ".") else Path(run.path).name
+
 def _layer_colour(index: int) -> str:
     return colormaps["tab10"](index % 10)
 
@@ -122,7 +127,7 @@ def plot_cumulative_lca(run: RunRecords, path: str | Path) -> Path | None:
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xlabel("step")
     axes.set_ylabel("cumulative LCA (negative = helped)")
-    axes.set_title(f"Cumulative loss change allocation per layer — {run.name}")
+    axes.set_title(f"Cumulative loss change allocation per layer — {_run_title(run)}")
     axes.legend(fontsize="small", ncols=2 if len(curves) > 8 else 1)
     return _save(figure, path)
 
@@ -215,14 +220,16 @@ def plot_lca_parts(run: RunRecords, path: str | Path) -> Path | None:
     for index, part in enumerate(parts):
         values = np.array([totals[name].get(part, 0.0) for name in totals])
         bottom = np.where(values >= 0, up, down)
-        axes.bar(positions, values, bottom=bottom, color=_part_colour(part, index), label=part, width=0.6)
+        bars = axes.bar(positions, values, bottom=bottom, color=_part_colour(part, index), label=part, width=0.6)
+        for bar in bars:  # a tiny residual stacked at a bar's tip must not pin the axis limit there
+            bar.sticky_edges.y[:] = [0.0]
         up += np.clip(values, 0, None)
         down += np.clip(values, None, 0)
     axes.scatter(positions, up + down, color="black", marker="D", zorder=3, label="sum of parts")
     axes.axhline(0, color="black", linewidth=0.8)
     _layer_ticks(axes, list(totals))
     axes.set_ylabel("cumulative LCA (negative = helped)")
-    axes.set_title(f"LCA split by optimizer part — {run.name}")
+    axes.set_title(f"LCA split by optimizer part — {_run_title(run)}")
     axes.legend(fontsize="small")
     return _save(figure, path)
 
@@ -272,7 +279,7 @@ def plot_nfa_alignment(run: RunRecords, path: str | Path) -> Path | None:
         axes.legend(fontsize="x-small", loc="lower right")
     for axes in grid[len(layers) :]:
         axes.set_visible(False)
-    figure.suptitle(f"Neural Feature Ansatz: NFM vs AGOP^α against the rotation null — {run.name}")
+    figure.suptitle(f"Neural Feature Ansatz: NFM vs AGOP^α against the rotation null — {_run_title(run)}")
     return _save(figure, path)
 
 
@@ -307,7 +314,7 @@ def plot_nfa_metrics(run: RunRecords, path: str | Path) -> Path | None:
     figure.legend(handles, list(colours), loc="outside lower center", ncols=min(len(colours), 8), fontsize="small")
     for axes in grid[len(present) :]:
         axes.set_visible(False)
-    figure.suptitle(f"NFA metrics per layer — {run.name}")
+    figure.suptitle(f"NFA metrics per layer — {_run_title(run)}")
     return _save(figure, path)
 
 
@@ -388,7 +395,7 @@ def plot_unit_lca(run: RunRecords, path: str | Path, max_layers: int = 8) -> Pat
         axes.set_ylabel(f"{name}\noutput unit")
         axes.set_xlabel("step")
         figure.colorbar(image, ax=axes, label="LCA (green = helped)")
-    figure.suptitle(f"Per-neuron loss change allocation — {run.name}")
+    figure.suptitle(f"Per-neuron loss change allocation — {_run_title(run)}")
     return _save(figure, path)
 
 
