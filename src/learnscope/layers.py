@@ -173,11 +173,15 @@ def default_layers(model: nn.Module) -> dict[str, nn.Module]:
     Unsupported instances of these types (grouped convolutions, uninitialised
     lazy layers) are skipped with one warning.
     """
+    candidates = ((name, m) for name, m in model.named_modules() if handler_for(m) is not None)
+    return supported_only(candidates, stacklevel=3)
+
+
+def supported_only(layers: Iterable[tuple[str, nn.Module]], *, stacklevel: int = 2) -> dict[str, nn.Module]:
+    """The (name, module) pairs a handler can measure; the rest skipped with one warning."""
     selected: dict[str, nn.Module] = {}
     skipped: list[str] = []
-    for name, module in model.named_modules():
-        if handler_for(module) is None:
-            continue
+    for name, module in layers:
         reason = unsupported_reason(module)
         if reason is None:
             selected[name] = module
@@ -186,7 +190,7 @@ def default_layers(model: nn.Module) -> dict[str, nn.Module]:
     if skipped:
         warnings.warn(
             "learnscope NFA: skipping layers that cannot be measured: " + "; ".join(skipped),
-            stacklevel=2,
+            stacklevel=stacklevel + 1,
         )
     return selected
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from learnscope.layers import handler_for, select_layers, unsupported_reason
+from learnscope.layers import handler_for, select_layers, supported_only
 
 __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
@@ -159,20 +159,7 @@ def _resolve_layers(
             "layers must be a mapping name -> module, a list of glob patterns, or None; "
             f"got {type(layers).__name__}"
         )
-    resolved: dict[str, nn.Module] = {}
-    skipped = []
-    for name, module in layers.items():
-        reason = unsupported_reason(module)
-        if reason is None:
-            resolved[name] = module
-        else:
-            skipped.append(f"{name} ({type(module).__name__}: {reason})")
-    if skipped:
-        warnings.warn(
-            "learnscope NFA: skipping layers that cannot be measured: " + "; ".join(skipped),
-            stacklevel=3,
-        )
-    return resolved
+    return supported_only(layers.items(), stacklevel=3)
 
 
 # --------------------------------------------------------------------------- #
