@@ -270,3 +270,24 @@ def test_a_run_without_any_logger_still_measures():
     trainer(callbacks=[callback], loggers=False, max_steps=5).fit(Classifier(), digits_loader())
     assert set(callback.cumulative) == {"net.0", "net.2", "net.4"}
     assert math.isfinite(callback.cumulative_relative_error)
+
+
+def test_presets_set_their_flags_and_explicit_flags_win():
+    cheap = LossChangeAllocation(preset="cheap")
+    assert (cheap.probe, cheap.rule, cheap.histograms, cheap.decompose) == ("batch", "first_order", False, False)
+    paper = LossChangeAllocation(preset="paper", probe_size=512)
+    assert (paper.probe, paper.rule, paper.tolerance, paper.probe_size) == ("train", "adaptive", 1e-3, 512)
+    assert LossChangeAllocation(preset="cheap", rule="trapezoid").rule == "trapezoid"
+    with pytest.raises(ValueError, match="preset must be one of 'cheap', 'default', 'paper'"):
+        LossChangeAllocation(preset="fast")
+
+
+def test_the_cheap_preset_runs_no_extra_gradient_pass():
+    calls = []
+
+    def loss_fn(module, batch):
+        calls.append(1)
+        return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+    logger, _ = _fit(LossChangeAllocation(preset="cheap", loss_fn=loss_fn), "sgd", max_steps=5, lr=0.05)
+    assert calls == [] and len(logger.series["lca/total"]) == 5
