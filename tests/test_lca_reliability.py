@@ -487,3 +487,27 @@ def test_frozen_parameters_are_excluded_and_modes_and_values_untouched():
     assert model.net[2].training is False and model.net[5].training is True
     assert "lca/layer/net.0" not in logger.series and "lca/layer/net.3" in logger.series
     assert torch.equal(model.net[0].weight, reference_model.net[0].weight)
+
+
+# -- 12. sharded training (FSDP2 fully_shard, 2 processes, gloo) ---------------------------------------
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_allocations_equal_the_unsharded_value(tmp_path):
+    import os
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # gloo crashed in init_process_group here without it
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", "29563", str(SCRIPTS / "lca_fsdp.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["untouched"] and ranks[1]["untouched"]  # shards and .grad restored bitwise
+    for sharded_0, sharded_1 in zip(ranks[0]["results"], ranks[1]["results"]):
+        assert sharded_0["modules"] == sharded_1["modules"]
+        for module, value in sharded_0["modules"].items():
+            assert value == pytest.approx(sharded_0["unsharded"][module], rel=1e-5)
+        assert sharded_0["delta_loss"] == pytest.approx(sharded_0["unsharded_delta_loss"], rel=1e-5)
+    assert len(ranks[0]["results"]) == 4
