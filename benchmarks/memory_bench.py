@@ -10,7 +10,6 @@ the peak of the same fit without it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -67,7 +66,6 @@ class MemoryResult:
 
 def _fit_peak(workload: Workload, callbacks: list[Any], steps: int) -> int:
     logdir = scratch_dir()
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     try:
         return peak_bytes(lambda: fit(workload, callbacks, steps, logdir=logdir))
     finally:

@@ -61,7 +61,6 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 
 def machine_note(threads: int, mode: str) -> str:
