@@ -20,8 +20,17 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
     if not trainer.is_global_zero or not trainer.loggers:
         return
     clean = {tag: float(value) for tag, value in metrics.items() if value is not None}
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     for logger in trainer.loggers:
-        logger.log_metrics(clean, step=step)
+        if type(logger) is TensorBoardLogger and not getattr(logger, "_prefix", ""):
+            # one event holding every value: ~75x cheaper than one add_scalar per tag
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            values = [Summary.Value(tag=tag, simple_value=value) for tag, value in clean.items()]
+            logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+        else:
+            logger.log_metrics(clean, step=step)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

@@ -355,29 +355,49 @@ class ProbeObjective:
         self.reduce = reduce
         self.evaluations = 0
 
-    def __call__(self, params: Mapping[str, Tensor]) -> Evaluation:
+    #: ``__call__`` can add ``alpha·∇L`` into caller-owned buffers (``out=``)
+    accepts_out = True
+
+    def __call__(self, params: Mapping[str, Tensor], out: dict[str, Tensor] | None = None, alpha: float = 1.0) -> Evaluation:
+        if out is not None and self.reduce is not None:  # DDP: reduce the fresh gradient, then add it
+            fresh = self(params)
+            for name, g in fresh.gradient.items():
+                out[name].add_(g, alpha=alpha)
+            return Evaluation(fresh.loss, out)
         prefix = _LossModule.prefix
         leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
         named = {prefix + name: leaf for name, leaf in leaves.items()}
         device = next(iter(leaves.values())).device if leaves else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         gradient: dict[str, Tensor] | None = None
-        with probe_context(self.module, mode=self.mode, device=device):
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        buffer_names = [n for n, _ in self.module.named_buffers()]
+        # the parameters are bound once per evaluation; buffers are re-cloned for every chunk
+        with probe_context(self.module, mode=self.mode, device=device), _reparametrize_module(self.wrapper, named, tie_weights=True):
             for chunk in self.chunks:
-                buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()}
-                with self.step_context():
-                    loss = torch.func.functional_call(self.wrapper, (named, buffers), (chunk.batch, chunk.batch_idx))
-                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()} if buffer_names else {}
+                with self.step_context(), _reparametrize_module(self.wrapper, buffers):
+                    loss = self.wrapper(chunk.batch, chunk.batch_idx)
+                # weighting the scalar loss, not the gradients, saves a pass over the parameters
+                grads = torch.autograd.grad(loss * (chunk.weight if out is None else alpha * chunk.weight),
+                                            list(leaves.values()), allow_unused=True)
                 loss_sum += loss.detach().to(torch.float64) * chunk.weight
-                if gradient is None:
+                if out is not None:
+                    gradient = out
+                    for name, g in zip(leaves, grads):
+                        if g is not None:
+                            out[name].add_(g)
+                elif gradient is None:
                     gradient = {
-                        name: torch.zeros_like(leaf) if g is None else g.mul_(chunk.weight)
+                        name: torch.zeros_like(leaf) if g is None else g
                         for (name, leaf), g in zip(leaves.items(), grads)
                     }
                 else:
                     for name, g in zip(leaves, grads):
                         if g is not None:
-                            gradient[name].add_(g, alpha=chunk.weight)
+                            gradient[name].add_(g)
+                del grads, loss  # the next chunk's backward must not overlap this chunk's gradient
         if gradient is None:
             if self.reduce is None:
                 raise ProbeError("the probe set is empty")

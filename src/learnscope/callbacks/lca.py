@@ -54,12 +54,12 @@ def _delta(live: dict[str, Tensor], event: _StepEvent) -> dict[str, Tensor]:
     return {n: live[n] - event.start[n] for n in event.names}
 
 
-def _first_order(gradient: dict[str, Tensor], delta: dict[str, Tensor]) -> StepAllocation:
+def _first_order(gradient: dict[str, Tensor], delta: dict[str, Tensor], lazy_total: bool = False) -> StepAllocation:
     """The first-order allocation ``A = g ⊙ Δ`` with a known gradient (no evaluation)."""
     result = StepAllocation(
         path_gradient={n: gradient[n] for n in delta}, delta=delta, loss_start=None, loss_end=None, splits=1, end=None
     )
-    result.total = sum(float((gradient[n] * d).sum(dtype=torch.float64)) for n, d in delta.items())
+    result.total = math.nan if lazy_total else sum(float((gradient[n] * d).sum(dtype=torch.float64)) for n, d in delta.items())
     return result
 
 
@@ -435,7 +435,7 @@ class LossChangeAllocation(Callback):
             if self._cheap:
                 assert event.applied_gradient is not None
                 delta = {n: live[n] - event.start[n] for n in event.names}
-                allocation = _first_order(event.applied_gradient, delta)
+                allocation = _first_order(event.applied_gradient, delta, lazy_total=True)
             else:
                 data = "batch" if self.probe == "batch" else "probe"
                 objective = self._objective(data)
@@ -455,12 +455,16 @@ class LossChangeAllocation(Callback):
         except NonFiniteProbe as err:
             self._skip(event.step, f"non-finite probe value ({err})")
             return None
-        if not math.isfinite(allocation.total):
+        if not math.isnan(allocation.total) and not math.isfinite(allocation.total):
             self._skip(event.step, "non-finite allocation")
             return None
         if self.probe != "batch" and allocation.end is not None:
             self._cache, self._cache_versions = allocation.end, self._versions()
         record = self._summarise(event, allocation)
+        if not math.isfinite(allocation.total):
+            self._skip(event.step, "non-finite allocation")
+            return None
+        record.total = allocation.total
         record.ablation = corners
         self.observe(event.step, event.names, allocation, lambda name: self._part_tensors(event, name, allocation))
         return record
@@ -547,26 +551,26 @@ class LossChangeAllocation(Callback):
         pieces: dict[str, list[Tensor]] = {}
         want_hist = self.histograms and self._histogram_due(event.step)
         record = event.extras.get("record")
+        param_sums: dict[str, float] = {}
         for name in event.names:
             a = allocation.allocation(name)
             module = self._owner[name]
-            c = Counts(int((a < 0).sum()), int((a > 0).sum()), int((a != 0).sum()), a.numel())
+            c, m = _allocation_stats(a)
             counts.add(c)
-            a64 = a.detach().double()
-            sq = a64 * a64
-            moments.add(Moments(a.numel(), float(a64.sum()), float(sq.sum()), float((sq * a64).sum()), float((sq * sq).sum())))
+            moments.add(m)
+            param_sums[name] = m.s1
             split = self._parts(record, name, allocation) if record is not None else {}
             for part, value in split.items():
                 parts[part] = parts.get(part, 0.0) + value
             if module not in self._reported:
                 continue
-            layers[module] = layers.get(module, 0.0) + float(a64.sum())
+            layers[module] = layers.get(module, 0.0) + param_sums[name]
             layer_counts.setdefault(module, Counts()).add(c)
             mine = layer_parts.setdefault(module, {}) if split else {}
             for part, value in split.items():
                 mine[part] = mine.get(part, 0.0) + value
             if self.unit_allocations and a.ndim >= 1 and a.shape[0] <= 512:
-                per_unit = a64.reshape(a.shape[0], -1).sum(1).cpu()
+                per_unit = a.detach().double().reshape(a.shape[0], -1).sum(1).cpu()
                 if module in units and units[module].shape == per_unit.shape:
                     units[module] = units[module] + per_unit
                 elif module not in units:
@@ -574,6 +578,8 @@ class LossChangeAllocation(Callback):
             if want_hist:
                 pieces.setdefault(module, []).append(a.detach().reshape(-1).cpu())
         histograms = {m: torch.cat(v) for m, v in pieces.items()} if want_hist else None
+        if math.isnan(allocation.total):  # the cheap mode: Σ A comes from the statistics
+            allocation.total = sum(param_sums.values())
         if want_hist:
             self._last_histogram_step = event.step
         return LCAStepRecord(
@@ -637,3 +643,26 @@ class LossChangeAllocation(Callback):
     @property
     def skipped_steps(self) -> int:
         return self._skipped_steps
+
+
+_SLICE = 1 << 16  # bounds the float64 temporaries of the statistics to 0.5 MiB
+
+
+def _allocation_stats(a: Tensor) -> tuple[Counts, Moments]:
+    """Counts and raw moments of one tensor of allocations in few passes: signs give
+    helped/hurt/non-zero (helped = (nz − Σsign)/2), float64 dots give the moments."""
+    flat = a.detach().reshape(-1)
+    values = []
+    for start in range(0, flat.numel(), _SLICE):
+        piece = flat[start : start + _SLICE]
+        sign = torch.sign(piece).float()  # exact counts also for bf16 / fp16 allocations
+        p64 = piece.double()
+        sq = p64 * p64
+        values.append(torch.stack([
+            sign.sum().double(), torch.dot(sign, sign).double(), p64.sum(), sq.sum(), torch.dot(sq, p64), torch.dot(sq, sq)
+        ]))
+    if not values:
+        return Counts(0, 0, 0, 0), Moments(0, 0.0, 0.0, 0.0, 0.0)
+    net, nonzero, s1, s2, s3, s4 = torch.stack(values).sum(0).tolist()
+    helped, hurt = int(round((nonzero - net) / 2)), int(round((nonzero + net) / 2))
+    return Counts(helped, hurt, helped + hurt, flat.numel()), Moments(flat.numel(), s1, s2, s3, s4)

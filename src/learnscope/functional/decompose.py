@@ -524,6 +524,7 @@ def _modelled_parts(
     delta: Tensor,
     param_before: Tensor | None,
     dtype: torch.dtype,
+    keep_none: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """(gradient, momentum, weight_decay) in ``dtype``, or None when unmodelled."""
     model = _MODELS.get(type(record.optimizer))
@@ -563,9 +564,11 @@ def _modelled_parts(
     )
     parts = []
     for part in (gradient, momentum, weight_decay):
-        if part is None:
+        if part is None and not keep_none:
             part = torch.zeros_like(_real(delta))
-        parts.append(torch.view_as_complex(part.contiguous()) if dtype.is_complex else part)
+        if part is not None and dtype.is_complex:
+            part = torch.view_as_complex(part.contiguous())
+        parts.append(part)
     return parts[0], parts[1], parts[2]
 
 
@@ -585,8 +588,19 @@ def allocate_parts(
     in the promoted dtype of k, Δ and the parameter. Complex parameters use the
     real inner product Re(k)·Re(Δ) + Im(k)·Im(Δ).
     """
-    parts = step_parts(record, param, delta, param_before)
+    if not record.finished:
+        raise RuntimeError("step_parts needs finish_step(record) to have run (post-step hook)")
+    dtype = torch.promote_types(delta.dtype, param.dtype)
+    delta = delta.detach().to(dtype)
+    modelled = _modelled_parts(record, param, delta, param_before, dtype, keep_none=True)
     k_real = _real(k.detach())
-    dtype = torch.promote_types(k_real.dtype, _real(parts["residual"]).dtype)
+    dtype = torch.promote_types(k_real.dtype, _real(delta).dtype)
     k_flat = k_real.reshape(-1).to(dtype)
-    return {name: torch.dot(k_flat, _real(part).reshape(-1).to(dtype)) for name, part in parts.items()}
+    total = torch.dot(k_flat, _real(delta).reshape(-1).to(dtype))
+    zero = total.new_zeros(())
+    if modelled is None:
+        return {"gradient": zero, "momentum": zero, "weight_decay": zero.clone(), "residual": total}
+    values = [zero if p is None else torch.dot(k_flat, _real(p).reshape(-1).to(dtype)) for p in modelled]
+    # the residual part's allocation k·(Δ − Σ modelled) = k·Δ − Σ k·modelled, without the vector
+    residual = (total.double() - values[0].double() - values[1].double() - values[2].double()).to(total.dtype)
+    return {"gradient": values[0], "momentum": values[1], "weight_decay": values[2], "residual": residual}

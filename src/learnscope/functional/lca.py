@@ -182,8 +182,22 @@ def allocate_step(
     _validate(rule, tolerance, max_splits)
     if set(start) != set(end):
         raise ValueError("start and end must hold the same parameter names")
-    delta = {name: end[name] - start[name] for name in start}
     first = start_evaluation if start_evaluation is not None else evaluate(start)
+    if rule == "simpson" and getattr(evaluate, "accepts_out", False):
+        # k = g0/6 + 4·g_½/6 + g1/6 built in g0's buffers, g_½ added chunk by chunk
+        # (no midpoint buffer), Δ formed only at the end: peak θ_t, point, k, one chunk's gradient.
+        k = first.gradient
+        for g in k.values():
+            g.mul_(1.0 / 6.0)
+        evaluate({name: torch.lerp(start[name], end[name], 0.5) for name in start}, out=k, alpha=4.0 / 6.0)
+        last = evaluate(end)
+        for name, g in k.items():
+            g.add_(last.gradient[name], alpha=1.0 / 6.0)
+        delta = {name: end[name] - start[name] for name in start}
+        result = StepAllocation(path_gradient=k, delta=delta, loss_start=first.loss, loss_end=last.loss, splits=2, end=last)
+        result.total = _dot(k, delta)
+        return result
+    delta = {name: end[name] - start[name] for name in start}
 
     if rule == "first_order":
         last = evaluate(end) if evaluate_end else None

@@ -329,8 +329,10 @@ class PreactivationGramAccumulator:
                 if grad is None:
                     continue
                 module = self.layers[name]
-                rows = handler_for(module).gradient_rows(module, grad).to(torch.float64)
-                self._gram_sums[name].addmm_(rows.mT, rows, alpha=weight)
+                rows = handler_for(module).gradient_rows(module, grad)
+                # one chunk's Σ gᵀg in the gradient's dtype, accumulated over chunks in float64
+                self._gram_sums[name].add_(rows.mT @ rows, alpha=weight)
+                del rows, grad
 
     def _read_output(self, raw_output: Any) -> Tensor:
         if self.output_fn is None:
