@@ -66,11 +66,12 @@ class NFAProblem:
         return accumulator.compute()
 
     def gram_only(self, grads: list[Tensor]) -> None:
-        """The float64 Gram products alone, on VJP outputs of one chunk (attribution)."""
+        """The Gram products alone, on VJP outputs of one chunk (attribution), as the library
+        does them: each chunk's rowsᵀrows in the gradient's dtype, added into a float64 sum."""
         for g in grads:
             k = g.shape[2] if g.dim() > 3 else g.shape[-1]
-            rows = (g.movedim(2, -1) if g.dim() > 3 else g).reshape(-1, k).to(torch.float64)
-            torch.zeros(k, k, dtype=torch.float64).addmm_(rows.mT, rows)
+            rows = (g.movedim(2, -1) if g.dim() > 3 else g).reshape(-1, k)
+            torch.zeros(k, k, dtype=torch.float64).add_(rows.mT @ rows)
 
     def chunk_vjps(self) -> list[Tensor]:
         x = self.chunks[0]
@@ -255,8 +256,8 @@ def check_agreement(workload: Workload, samples: int = 256) -> float:
 
 def gram_model_inputs(workload: Workload, samples: int = 1024) -> dict[str, float]:
     """Inputs of the Gram-time model: Σ_l rows_l·k_l² over the probe set (rows: samples ×
-    output positions), the float64 matrix-product rate (flop/s), and the time to lay
-    one output's VJP rows out as float64 (``gradient_rows`` + ``.to(float64)``: Σ rows·k
+    output positions), the float32 matrix-product rate (flop/s), and the time to lay
+    one output's VJP rows out (``gradient_rows``: a view for a Linear, a copy for a conv: Σ rows·k
     elements at the per-element cost of a Linear's or a convolution's layout, timed here)."""
     net = workload.net().eval()
     x, _ = workload.data(1)
@@ -275,15 +276,15 @@ def gram_model_inputs(workload: Workload, samples: int = 1024) -> dict[str, floa
             rows_k_conv += samples * positions * k
         else:
             rows_k_linear += samples * k
-    a = torch.randn(2560, 512, dtype=torch.float64)
-    product = best_of(lambda: torch.zeros(512, 512, dtype=torch.float64).addmm_(a.mT, a), 5)
+    a = torch.randn(2560, 512)
+    product = best_of(lambda: torch.zeros(512, 512, dtype=torch.float64).add_(a.mT @ a), 5)
     # a chunk's batched VJP outputs (c, n, k[, H, W]): a Linear's rows are contiguous (a
     # conversion), a convolution's channels move last first (a strided copy); beyond the caches
     linear = torch.randn(10, CHUNK, 4096)
-    per_linear = best_of(lambda: linear.reshape(-1, 4096).to(torch.float64), 3) / linear.numel()
+    per_linear = best_of(lambda: linear.reshape(-1, 4096).contiguous(), 3) / linear.numel()
     del linear
     conv = torch.randn(10, CHUNK, 8, 28, 28)
-    per_conv = best_of(lambda: conv.movedim(2, -1).reshape(-1, 8).to(torch.float64), 3) / conv.numel()
+    per_conv = best_of(lambda: conv.movedim(2, -1).reshape(-1, 8), 3) / conv.numel()
     del conv
     return {"rows_k2": rows_k2, "rate64": 2 * 2560 * 512 * 512 / product,
             "layout_seconds": rows_k_linear * per_linear + rows_k_conv * per_conv,

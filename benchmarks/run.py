@@ -175,7 +175,7 @@ def nfa_section(results: Any, targets: list[Target], agreement: float | None) ->
         f"NFA, workload {r.workload}: exact G for every Linear/Conv layer, n = {r.samples} probe samples in chunks "
         f"of 256, c = {r.outputs}",
         f"  reference (forward + c batched VJPs) {ms(ref).strip()} ms;  learnscope G {ms(ours).strip()} ms "
-        f"(of which float64 Gram products {ms(r.time('gram')).strip()} ms);  metrics (nfa_metrics + range_spectrum, "
+        f"(of which Gram products {ms(r.time('gram')).strip()} ms);  metrics (nfa_metrics + range_spectrum, "
         f"all layers) {ms(r.time('metrics')).strip()} ms",
     ]
     targets.append(Target("3a", "NFA exact G, all layers ÷ (forward + c batched VJPs)", r.workload, ours / ref, 1.3))
@@ -251,7 +251,7 @@ def cost_model_section(lca_results: dict, nfa_results: dict, targets: list[Targe
             predicted = cost_model.nfa_gram_seconds(r.gram_model, r.outputs)
             lines.append(
                 f"  NFA {name}: Gram predicted {ms(predicted).strip()} ms (2·c·Σ rows·k² flops at "
-                f"{r.gram_model['rate64'] / 1e9:.0f} GFLOP/s + c·Σ rows·k float64 row entries at "
+                f"{r.gram_model['rate64'] / 1e9:.0f} GFLOP/s + c·Σ rows·k row entries at "
                 f"{r.gram_model['per_linear'] * 1e9:.1f} (Linear) / {r.gram_model['per_conv'] * 1e9:.1f} (Conv) ns), measured {ms(r.time('gram')).strip()} ms; "
                 f"G predicted {ms(r.time('reference') + predicted).strip()} ms (reference + Gram), "
                 f"measured {ms(r.time('learnscope')).strip()} ms"
