@@ -15,40 +15,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import learnscope
 from learnscope.report.cli import main as report_main
-
-
-class DigitsClassifier(pl.LightningModule):
-    """A plain user model: learnscope needs no change to it."""
-
-    def __init__(self, lr: float = 0.05, momentum: float = 0.9) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val/loss", nn.functional.cross_entropy(logits, y))
-        self.log("val/acc", (logits.argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+from cli import DigitsClassifier  # the example model (examples/cli.py), unaware of the probes
 
 
 def digits_loaders(batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
