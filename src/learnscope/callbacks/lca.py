@@ -448,7 +448,7 @@ class LossChangeAllocation(Callback):
                     corners[f"{data}_first_order"] = self._corner(event, first)
                 allocation = allocate_step(
                     objective, start, live, rule=self.rule, tolerance=self.tolerance,
-                    start_evaluation=start_evaluation,
+                    start_evaluation=start_evaluation, compute_total=False,  # _summarise sums A anyway
                 )
             if self.ablation:
                 self._ablation_corners(event, start, live, allocation, corners)
@@ -578,7 +578,7 @@ class LossChangeAllocation(Callback):
             if want_hist:
                 pieces.setdefault(module, []).append(a.detach().reshape(-1).cpu())
         histograms = {m: torch.cat(v) for m, v in pieces.items()} if want_hist else None
-        if math.isnan(allocation.total):  # the cheap mode: Σ A comes from the statistics
+        if math.isnan(allocation.total):  # Σ A comes from the statistics (see compute_total)
             allocation.total = sum(param_sums.values())
         if want_hist:
             self._last_histogram_step = event.step

@@ -159,6 +159,7 @@ def allocate_step(
     max_splits: int = 32,
     start_evaluation: Evaluation | None = None,
     evaluate_end: bool = True,
+    compute_total: bool = True,
 ) -> StepAllocation:
     """Allocate the loss change of the step ``start → end`` to every parameter.
 
@@ -173,6 +174,9 @@ def allocate_step(
         start_evaluation: the evaluation at ``start`` if already known (for example
             the previous step's ``end``). Its gradient buffers are reused as workspace
             and overwritten: pass ownership, keep no other reference.
+        compute_total: whether to form ``total = Σ_i k_i Δ_i`` (one pass over the
+            parameters); a caller that sums the allocations anyway passes False and
+            sets ``total`` itself (it is NaN until then).
         evaluate_end: for ``first_order`` only, whether to evaluate ``L(θ_{t+1})``
             (and its gradient, for reuse). The other rules always need it.
 
@@ -195,7 +199,7 @@ def allocate_step(
             g.add_(last.gradient[name], alpha=1.0 / 6.0)
         delta = {name: end[name] - start[name] for name in start}
         result = StepAllocation(path_gradient=k, delta=delta, loss_start=first.loss, loss_end=last.loss, splits=2, end=last)
-        result.total = _dot(k, delta)
+        result.total = _dot(k, delta) if compute_total else math.nan
         return result
     delta = {name: end[name] - start[name] for name in start}
 
@@ -224,7 +228,7 @@ def allocate_step(
         splits=splits,
         end=last,
     )
-    result.total = _dot(path_gradient, delta)
+    result.total = _dot(path_gradient, delta) if compute_total else math.nan
     return result
 
 
