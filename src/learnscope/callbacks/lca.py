@@ -54,13 +54,13 @@ def _delta(live: dict[str, Tensor], event: _StepEvent) -> dict[str, Tensor]:
     return {n: live[n] - event.start[n] for n in event.names}
 
 
-def _first_order(gradient: dict[str, Tensor], delta: dict[str, Tensor], lazy_total: bool = False) -> StepAllocation:
-    """The first-order allocation ``A = g ⊙ Δ`` with a known gradient (no evaluation)."""
-    result = StepAllocation(
+def _first_order(gradient: dict[str, Tensor], delta: dict[str, Tensor]) -> StepAllocation:
+    """The first-order allocation ``A = g ⊙ Δ`` with a known gradient (no evaluation).
+
+    ``total`` stays NaN: the callback sums the allocations in its statistics."""
+    return StepAllocation(
         path_gradient={n: gradient[n] for n in delta}, delta=delta, loss_start=None, loss_end=None, splits=1, end=None
     )
-    result.total = math.nan if lazy_total else sum(float((gradient[n] * d).sum(dtype=torch.float64)) for n, d in delta.items())
-    return result
 
 
 class LossChangeAllocation(Callback):
@@ -435,7 +435,7 @@ class LossChangeAllocation(Callback):
             if self._cheap:
                 assert event.applied_gradient is not None
                 delta = {n: live[n] - event.start[n] for n in event.names}
-                allocation = _first_order(event.applied_gradient, delta, lazy_total=True)
+                allocation = _first_order(event.applied_gradient, delta)
             else:
                 data = "batch" if self.probe == "batch" else "probe"
                 objective = self._objective(data)
@@ -455,16 +455,12 @@ class LossChangeAllocation(Callback):
         except NonFiniteProbe as err:
             self._skip(event.step, f"non-finite probe value ({err})")
             return None
-        if not math.isnan(allocation.total) and not math.isfinite(allocation.total):
+        record = self._summarise(event, allocation)
+        if not math.isfinite(record.total):
             self._skip(event.step, "non-finite allocation")
             return None
         if self.probe != "batch" and allocation.end is not None:
             self._cache, self._cache_versions = allocation.end, self._versions()
-        record = self._summarise(event, allocation)
-        if not math.isfinite(allocation.total):
-            self._skip(event.step, "non-finite allocation")
-            return None
-        record.total = allocation.total
         record.ablation = corners
         self.observe(event.step, event.names, allocation, lambda name: self._part_tensors(event, name, allocation))
         return record
@@ -505,10 +501,14 @@ class LossChangeAllocation(Callback):
             corners["batch_first_order"] = self._corner(event, _first_order(event.applied_gradient, _delta(live, event)))
         if self.rule != "first_order":
             other = "probe" if data == "batch" else "batch"
-            integral = allocate_step(self._objective(other), start, live, rule=self.rule, tolerance=self.tolerance)
+            integral = allocate_step(
+                self._objective(other), start, live, rule=self.rule, tolerance=self.tolerance, compute_total=False
+            )
             corners[f"{other}_{self.rule}"] = self._corner(event, integral)
         if "probe_first_order" not in corners:
-            first = allocate_step(self._objective("probe"), start, live, rule="first_order", evaluate_end=False)
+            first = allocate_step(
+                self._objective("probe"), start, live, rule="first_order", evaluate_end=False, compute_total=False
+            )
             corners["probe_first_order"] = self._corner(event, first)
 
     def _corner(self, event: _StepEvent, allocation: StepAllocation) -> CornerStats:
@@ -578,8 +578,7 @@ class LossChangeAllocation(Callback):
             if want_hist:
                 pieces.setdefault(module, []).append(a.detach().reshape(-1).cpu())
         histograms = {m: torch.cat(v) for m, v in pieces.items()} if want_hist else None
-        if math.isnan(allocation.total):  # Σ A comes from the statistics (see compute_total)
-            allocation.total = sum(param_sums.values())
+        allocation.total = sum(param_sums.values())  # Σ A from the statistics (allocate_step(compute_total=False))
         if want_hist:
             self._last_histogram_step = event.step
         return LCAStepRecord(
