@@ -48,15 +48,7 @@ class NFAProblem:
     # -- the inherent minimum
     def reference(self) -> None:
         for x in self.chunks:
-            outputs = []
-            h = x
-            for i, module in enumerate(self.net):
-                h = module(h)
-                if i in self.layers:
-                    outputs.append(h)
-            n, c = h.shape
-            one_hots = torch.eye(c).unsqueeze(1).expand(c, n, c)
-            torch.autograd.grad(h, outputs, grad_outputs=one_hots, is_grads_batched=True)
+            self.chunk_vjps(x)
 
     # -- what the library does
     def learnscope(self) -> dict[str, Tensor]:
@@ -73,8 +65,9 @@ class NFAProblem:
             rows = (g.movedim(2, -1) if g.dim() > 3 else g).reshape(-1, k)
             torch.zeros(k, k, dtype=torch.float64).add_(rows.mT @ rows)
 
-    def chunk_vjps(self) -> list[Tensor]:
-        x = self.chunks[0]
+    def chunk_vjps(self, x: Tensor | None = None) -> list[Tensor]:
+        """One forward over a chunk (default: the first) and c batched VJPs to every layer."""
+        x = self.chunks[0] if x is None else x
         outputs, h = [], x
         for i, module in enumerate(self.net):
             h = module(h)
