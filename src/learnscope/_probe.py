@@ -366,38 +366,37 @@ class ProbeObjective:
             return Evaluation(fresh.loss, out)
         prefix = _LossModule.prefix
         leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        if out is not None:
+            for name, leaf in leaves.items():
+                leaf.grad = out[name]  # backward adds every chunk's gradient into it in place
         named = {prefix + name: leaf for name, leaf in leaves.items()}
         device = next(iter(leaves.values())).device if leaves else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        gradient: dict[str, Tensor] | None = None
         from torch.nn.utils.stateless import _reparametrize_module
 
         buffer_names = [n for n, _ in self.module.named_buffers()]
+        inputs = list(leaves.values())
+        evaluated = False
         # the parameters are bound once per evaluation; buffers are re-cloned for every chunk
         with probe_context(self.module, mode=self.mode, device=device), _reparametrize_module(self.wrapper, named, tie_weights=True):
             for chunk in self.chunks:
                 buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()} if buffer_names else {}
                 with self.step_context(), _reparametrize_module(self.wrapper, buffers):
                     loss = self.wrapper(chunk.batch, chunk.batch_idx)
-                # weighting the scalar loss, not the gradients, saves a pass over the parameters
-                grads = torch.autograd.grad(loss * (chunk.weight if out is None else alpha * chunk.weight),
-                                            list(leaves.values()), allow_unused=True)
+                # Weighting the scalar loss, not the gradients, saves a pass over the parameters.
+                # backward(inputs=) accumulates into the probe's own leaves' .grad (never the
+                # model's): the first chunk's gradient is kept as it is and later chunks are added
+                # in place, one tensor at a time, so no second parameter-sized gradient is alive.
+                weight = chunk.weight if out is None else alpha * chunk.weight
+                torch.autograd.backward(loss * weight, inputs=inputs)
                 loss_sum += loss.detach().to(torch.float64) * chunk.weight
-                if out is not None:
-                    gradient = out
-                    for name, g in zip(leaves, grads):
-                        if g is not None:
-                            out[name].add_(g)
-                elif gradient is None:
-                    gradient = {
-                        name: torch.zeros_like(leaf) if g is None else g
-                        for (name, leaf), g in zip(leaves.items(), grads)
-                    }
-                else:
-                    for name, g in zip(leaves, grads):
-                        if g is not None:
-                            gradient[name].add_(g)
-                del grads, loss  # the next chunk's backward must not overlap this chunk's gradient
+                evaluated = True
+                del loss
+        gradient = None
+        if evaluated:
+            gradient = {name: torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for name, leaf in leaves.items()}
+            for leaf in inputs:
+                leaf.grad = None
         if gradient is None:
             if self.reduce is None:
                 raise ProbeError("the probe set is empty")

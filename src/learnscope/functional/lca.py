@@ -136,6 +136,17 @@ def _dot(a: Params, b: Params) -> float:
     return total
 
 
+def _delta(start: Params, end: Params, *, in_place: bool) -> dict[str, Tensor]:
+    """Δ = end − start; ``in_place``: written into start's own buffers (−start + end is
+    bitwise end − start), except where start and end are the same tensor (Δ = 0)."""
+    if not in_place:
+        return {name: end[name] - start[name] for name in start}
+    return {
+        name: torch.zeros_like(s) if s is end[name] else s.neg_().add_(end[name])
+        for name, s in start.items()
+    }
+
+
 def _lerp(start: Params, delta: Params, s: float) -> dict[str, Tensor]:
     return {name: torch.add(start[name], delta[name], alpha=s) for name in start}
 
@@ -160,6 +171,7 @@ def allocate_step(
     start_evaluation: Evaluation | None = None,
     evaluate_end: bool = True,
     compute_total: bool = True,
+    start_is_workspace: bool = False,
 ) -> StepAllocation:
     """Allocate the loss change of the step ``start → end`` to every parameter.
 
@@ -177,6 +189,10 @@ def allocate_step(
         compute_total: whether to form ``total = Σ_i k_i Δ_i`` (one pass over the
             parameters); a caller that sums the allocations anyway passes False and
             sets ``total`` itself (it is NaN until then).
+        start_is_workspace: the caller hands over ``start``'s buffers (copies it owns):
+            ``simpson`` then forms Δ in them in place instead of in new buffers, and
+            ``start`` holds Δ afterwards. An entry that is the same tensor object as its
+            ``end`` entry (a parameter that did not move) is never written.
         evaluate_end: for ``first_order`` only, whether to evaluate ``L(θ_{t+1})``
             (and its gradient, for reuse). The other rules always need it.
 
@@ -193,11 +209,13 @@ def allocate_step(
         k = first.gradient
         for g in k.values():
             g.mul_(1.0 / 6.0)
-        evaluate({name: torch.lerp(start[name], end[name], 0.5) for name in start}, out=k, alpha=4.0 / 6.0)
+        midpoint = {name: torch.lerp(start[name], end[name], 0.5) for name in start}
+        evaluate(midpoint, out=k, alpha=4.0 / 6.0)
+        del midpoint  # before the end point's gradient is allocated
         last = evaluate(end)
         for name, g in k.items():
             g.add_(last.gradient[name], alpha=1.0 / 6.0)
-        delta = {name: end[name] - start[name] for name in start}
+        delta = _delta(start, end, in_place=start_is_workspace)
         result = StepAllocation(path_gradient=k, delta=delta, loss_start=first.loss, loss_end=last.loss, splits=2, end=last)
         result.total = _dot(k, delta) if compute_total else math.nan
         return result
