@@ -46,10 +46,16 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return writers
 
 
-def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int) -> None:
-    """``add_histogram`` for each tag on every TensorBoard writer; skips empty tensors."""
+def log_histograms(trainer: pl.Trainer, values: Mapping[str, Any], step: int) -> None:
+    """``add_histogram`` for each tag on every TensorBoard writer; skips empty tensors.
+    A value may also be a ``StreamingHistogram`` (built without the values in one tensor)."""
+    from learnscope._stats import StreamingHistogram
+
     for writer in tensorboard_writers(trainer):
         for tag, tensor in values.items():
+            if isinstance(tensor, StreamingHistogram):
+                tensor.write(writer, tag, step)
+                continue
             if tensor.numel() == 0:
                 continue
             data = tensor.detach().float().cpu()

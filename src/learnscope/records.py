@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -103,7 +104,7 @@ class LCAStepRecord:
     parts: dict[str, float] = field(default_factory=dict)
     layer_parts: dict[str, dict[str, float]] = field(default_factory=dict)
     units: dict[str, Tensor] = field(default_factory=dict)
-    histograms: dict[str, Tensor] | None = None
+    histograms: dict[str, Any] | None = None  # module → StreamingHistogram
     ablation: dict[str, CornerStats] = field(default_factory=dict)
 
     @property

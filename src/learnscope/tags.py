@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -54,7 +55,7 @@ def lca_part_cumulative(cumulative_parts: Mapping[str, float]) -> dict[str, floa
     return {f"lca/part_cumulative/{key}": value for key, value in cumulative_parts.items()}
 
 
-def lca_histograms(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def lca_histograms(values: Mapping[str, Any]) -> dict[str, Any]:
     return {f"lca/hist/{module}": tensor for module, tensor in values.items()}
 
 

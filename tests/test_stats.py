@@ -1,0 +1,178 @@
+"""The per-step statistics and the streaming histogram against direct computations."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.tensorboard.summary import make_histogram
+
+from learnscope._stats import ProductStats, StreamingHistogram, product_stats
+
+
+def _allocations(dtype=torch.float32, n=200_000, seed=0):
+    """k ⊙ Δ-like data with exact zeros (digits' always-blank pixels), both signs and a wide range."""
+    digits = torch.as_tensor(load_digits().data, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    pixels = digits[torch.randint(0, len(digits), (n // 64 + 1,), generator=g)].reshape(-1)[:n]
+    k = torch.randn(n, generator=g, dtype=dtype) * pixels * 1e-3
+    delta = torch.randn(n, generator=g, dtype=dtype) * torch.logspace(-9, -2, n, dtype=dtype)
+    return k, delta
+
+
+def _direct(a: torch.Tensor):
+    a64 = a.double()
+    return (
+        int((a < 0).sum()), int((a > 0).sum()), int((a != 0).sum()),
+        [float(a64.sum()), float((a64**2).sum()), float((a64**3).sum()), float((a64**4).sum())],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_product_stats_equal_a_direct_computation(dtype):
+    k, delta = _allocations(dtype)
+    a = k * delta
+    counts, moments = product_stats(k, delta)
+    helped, hurt, nonzero, sums = _direct(a)
+    assert helped > 0 and hurt > 0 and nonzero < a.numel()  # the data exercises every count
+    assert (counts.helped, counts.hurt, counts.nonzero, counts.total) == (helped, hurt, nonzero, a.numel())
+    got = [moments.s1, moments.s2, moments.s3, moments.s4]
+    for value, expected in zip(got, sums):
+        assert value == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    # a = k when no Δ is given
+    counts_k, moments_k = product_stats(a)
+    assert counts_k == counts and moments_k.s2 == pytest.approx(moments.s2, rel=1e-12)
+
+
+def _proto_fields(proto):
+    return (proto.min, proto.max, proto.num, proto.sum, proto.sum_squares, list(proto.bucket_limit), list(proto.bucket))
+
+
+def test_streaming_histogram_equals_tensorboards_histogram_of_the_concatenation():
+    k, delta = _allocations(n=150_001)
+    parts = [k[:70_000] * delta[:70_000], (k[70_000:] * delta[70_000:]).reshape(-1, 1)]
+    streaming = StreamingHistogram()
+    for part in parts:
+        streaming.add(part)
+    values = torch.cat([p.reshape(-1) for p in parts]).float().numpy().astype(float)
+    expected = make_histogram(values, np.asarray(_tensorflow_bins()))
+    limits, counts = streaming.buckets()
+    assert (streaming.num, limits, counts) == (expected.num, list(expected.bucket_limit), list(expected.bucket))
+    assert streaming.min == expected.min and streaming.max == expected.max
+    assert streaming.sum == pytest.approx(expected.sum, rel=1e-9)
+    assert streaming.sum_squares == pytest.approx(expected.sum_squares, rel=1e-9)
+
+
+def _tensorflow_bins():
+    """SummaryWriter's default buckets, rebuilt here from TensorBoard's recipe."""
+    v, buckets = 1e-12, []
+    while v < 1e20:
+        buckets.append(v)
+        v *= 1.1
+    return [-b for b in reversed(buckets)] + [0] + buckets
+
+
+def test_streaming_histogram_drops_non_finite_values_and_edge_values_land_like_numpy():
+    values = torch.tensor([float("nan"), 1.0, -1.0, float("inf"), 0.0, 1e-12, -1e-12, 5e-13])
+    streaming = StreamingHistogram()
+    streaming.add(values)
+    finite = values[torch.isfinite(values)].double().numpy()
+    expected = make_histogram(finite, np.asarray(_tensorflow_bins()))
+    assert streaming.buckets() == (list(expected.bucket_limit), list(expected.bucket))
+    assert streaming.num == 6
+    assert StreamingHistogram().buckets() is None
+
+
+def test_streaming_histogram_reads_back_from_an_event_file(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    k, delta = _allocations(n=5000)
+    writer = SummaryWriter(str(tmp_path))
+    streaming = StreamingHistogram()
+    streaming.add(k * delta)
+    streaming.write(writer, "lca/hist/x", step=7)
+    writer.add_histogram("reference", (k * delta), global_step=7)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    events.Reload()
+    ours, theirs = events.Histograms("lca/hist/x")[0], events.Histograms("reference")[0]
+    assert ours.step == theirs.step == 7
+    assert ours.histogram_value.bucket == theirs.histogram_value.bucket
+    assert ours.histogram_value.bucket_limit == theirs.histogram_value.bucket_limit
+    assert ours.histogram_value.num == theirs.histogram_value.num == 5000
+
+
+def _have_compiler() -> bool:
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_statistics_equal_the_eager_ones():
+    stats = ProductStats(compiled=True)
+    for n, seed in ((200_000, 0), (70_001, 1)):  # two shapes: one compiled kernel (dynamic shapes)
+        k, delta = _allocations(n=n, seed=seed)
+        with _no_warning():  # a fallback to eager would warn
+            counts, moments = stats(k, delta)
+        eager_counts, eager_moments = product_stats(k, delta)
+        assert stats.compiled, "compiling failed"
+        assert counts == eager_counts
+        for got, expected in zip((moments.s1, moments.s2, moments.s3, moments.s4),
+                                 (eager_moments.s1, eager_moments.s2, eager_moments.s3, eager_moments.s4)):
+            assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no toolchain here")
+
+    import learnscope._stats
+
+    monkeypatch.setattr(learnscope._stats, "_KERNEL", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    stats = ProductStats(compiled=True)
+    k, delta = _allocations(n=100_000)
+    with pytest.warns(RuntimeWarning, match="compile_statistics=True but torch.compile failed"):
+        counts, _ = stats(k, delta)
+    assert not stats.compiled and counts == product_stats(k, delta)[0]
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._catch.__exit__(*exc)
+
+
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_callback_logs_the_same_values_with_compiled_statistics():
+    """A wider digits MLP (its first layer exceeds one slice, so the fused kernel runs):
+    every logged lca/ scalar agrees with the eager statistics; counts exactly."""
+    from learnscope import LossChangeAllocation
+    from models import Classifier, MemoryLogger, digits_loader, mlp, trainer
+
+    series = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        logger = MemoryLogger()
+        model = Classifier(net=mlp((64, 1200, 10)), optimizer="adam", lr=1e-3)
+        callback = LossChangeAllocation(preset="cheap", decompose=True, compile_statistics=compiled)
+        trainer(callbacks=[callback], loggers=[logger], max_steps=6).fit(model, digits_loader())
+        assert callback._stats.compiled is compiled
+        series[compiled] = logger.series
+    tags = sorted(t for t in series[False] if t.startswith("lca/"))
+    assert tags == sorted(t for t in series[True] if t.startswith("lca/")) and "lca/helped_fraction" in tags
+    for tag in tags:
+        for step, value in series[False][tag].items():
+            if "fraction" in tag:
+                assert series[True][tag][step] == value, tag
+            else:
+                assert series[True][tag][step] == pytest.approx(value, rel=1e-9, abs=1e-15), tag
