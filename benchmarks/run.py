@@ -129,6 +129,9 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
         Target("1c", f"  … every_n_steps={k}: extra ÷ (3·fb(P)/{k})", w, r.extra(f"simpson every {k}") / (3 * fb / k), 1.2),
         Target("2a", "LCA cheap (batch, first_order): step ÷ plain step", w, r.per_step("cheap") / r.per_step("plain"), 1.3),
         Target("2b", "  … decompose=True: step ÷ plain step", w, r.per_step("cheap+decompose") / r.per_step("plain"), 1.6),
+        Target("2a", "  … compile_statistics=True: step ÷ plain step", w, r.per_step("cheap compiled") / r.per_step("plain"), 1.3),
+        Target("2b", "  … decompose, compile_statistics: step ÷ plain", w,
+               r.per_step("cheap+decomp. compiled") / r.per_step("plain"), 1.6),
     ]
     # 5: logging against the probe's own cost, in the default configuration (Simpson, decompose on)
     name = "simpson+decompose"
