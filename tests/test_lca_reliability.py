@@ -372,6 +372,8 @@ def test_resume_continues_cumulative_values_exactly_and_two_instances_coexist(tm
         assert a.state_key == b.state_key
         assert b.cumulative == pytest.approx(a.cumulative, rel=1e-6)
         assert b.cumulative_relative_error == pytest.approx(a.cumulative_relative_error, rel=1e-6)
+        # log_every_n_steps=50: one histogram step (0) in 20 steps, also across the resume at step 10
+        assert a._last_histogram_step == b._last_histogram_step == 0
     assert resumed[0].state_key != resumed[1].state_key
     assert resumed[0].cumulative_relative_error < resumed[1].cumulative_relative_error  # each got its own state
 

@@ -250,6 +250,7 @@ class LossChangeAllocation(Callback):
             "skipped_steps": self._skipped_steps,
             "measured_steps": self._measured_steps,
             "cumulative_parts": dict(self._cumulative_parts),
+            "last_histogram_step": self._last_histogram_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -260,6 +261,7 @@ class LossChangeAllocation(Callback):
         self._skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._measured_steps = int(state_dict.get("measured_steps", 0))
         self._cumulative_parts = dict(state_dict.get("cumulative_parts", {}))
+        self._last_histogram_step = state_dict.get("last_histogram_step")  # the histogram cadence resumes too
 
     # ------------------------------------------------------------------ set-up
 
