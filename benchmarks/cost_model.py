@@ -53,7 +53,8 @@ class Prediction:
 
 def _mode(config: str) -> str:
     cheap = config.startswith("cheap")
-    return ("cheap" if cheap else "integral") + ("+decompose" if "decompose" in config else "")
+    mode = ("cheap" if cheap else "integral") + ("+decompose" if "decomp" in config else "")
+    return mode + (" compiled" if "compiled" in config else "")
 
 
 def _evaluations(config: str) -> tuple[int, int]:
@@ -77,7 +78,8 @@ def calibrate(lca_results: dict) -> tuple[dict[str, tuple[float, float]], float]
     workloads' every-step configurations, and ρ (median ProbeObjective / fb(P))."""
     constants: dict[str, tuple[float, float]] = {}
     for mode, config in (("integral", "simpson"), ("integral+decompose", "simpson+decompose"),
-                         ("cheap", "cheap"), ("cheap+decompose", "cheap+decompose")):
+                         ("cheap", "cheap"), ("cheap+decompose", "cheap+decompose"),
+                         ("cheap compiled", "cheap compiled"), ("cheap+decompose compiled", "cheap+decomp. compiled")):
         points = [(r.params, bookkeeping(r, config)) for r in lca_results.values() if config in r.runs]
         if len(points) == 1:
             n, t = points[0]
