@@ -75,17 +75,29 @@ How to use it from the torch step hooks (the LCA callback does exactly this)::
     # later, before this optimizer's next step and before grads are zeroed:
     for p, theta_t, k in zip(params, theta_before, path_gradients):
         delta = p.detach() - theta_t
-        allocation = allocate_parts(k, record, p, delta, theta_t)
+        values = allocate_part_values(k, record, p, delta, total=sum_k_delta)  # floats
+        # or allocate_parts(...) for 0-dim tensors (no device sync), or
+        # step_parts(record, p, delta, theta_t) for the part tensors themselves
+
+Allocations are fused: no part tensor is formed. Each model writes k·Δ_part as
+a linear combination of a few dot products, combined in float64: SGD k·g,
+k·buf_t (and k·θ_t with weight decay); Adam with q = k/D formed once, q·g,
+q·m_t (and q·θ_t, or k·θ_t for AdamW); RMSprop q·g, k·b_t; Adagrad q·g. The
+dots run in the working dtype (float32 dots for a float32 model). Without θ_t,
+x·θ_t is x·θ_{t+1} − x·Δ, and k·Δ is the total the caller may pass in. Adam's
+capturable / differentiable path (float32 tensor bias corrections) falls back
+to the materialised split.
 
 Memory: ``capture_step`` clones only scalars (tensor-valued hyper-parameters)
 and one bool per parameter for SGD; ``finish_step`` keeps *references* to
 ``p.grad`` and to the optimizer's state tensors (plus clones of the scalar step
-counters). Nothing of parameter size is copied. Parts are built one parameter
-at a time and are transient. Because the references are live, the parts must
-be requested before the optimizer's next step and before the gradients are
-zeroed in place; a changed tensor is detected (via its version counter) and
-raises. Drop the record when done so that gradients freed by
-``zero_grad(set_to_none=True)`` are not kept alive.
+counters). Nothing of parameter size is copied. An allocation holds at most one
+parameter-sized temporary (k/D); ``step_parts`` builds the parts one parameter
+at a time. Because the references are live, the parts must be requested before
+the optimizer's next step and before the gradients are zeroed in place; a
+changed tensor is detected (via its version counter) and raises. Drop the
+record when done so that gradients freed by ``zero_grad(set_to_none=True)``
+are not kept alive.
 """
 
 from __future__ import annotations
@@ -767,7 +779,7 @@ def _allocation_forms(
             return tensor
         return _real(tensor.to(parts_dtype)).to(dtype)
 
-    form = _Form(k_real.to(dtype), delta, param_before, param, working)
+    form = _Form(k_real if k_real.dtype == dtype else k_real.to(dtype), delta, param_before, param, working)
     model, rec = _lookup(record, param)
     if not isinstance(rec, _ParamStep):  # unmodelled (all in the residual) or zero
         return form, (None, None, None)
