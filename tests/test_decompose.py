@@ -9,6 +9,7 @@ registers them: ``capture_step`` in the pre-hook (θ_t snapshotted there too),
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 
 from learnscope.functional.decompose import (
     PARTS,
+    allocate_part_values,
     allocate_parts,
     capture_step,
     finish_step,
@@ -389,6 +391,9 @@ def test_hooks_leave_training_bitwise_identical(name, batches):
             if hooks:  # the callback asks for every part of every parameter each step
                 for param, theta, delta, _ in probe.parts():
                     allocate_parts(param.grad, probe.record, param, delta, theta)
+                    allocate_parts(param.grad, probe.record, param, delta, total=1.0)
+                    allocate_part_values(param.grad, probe.record, param, delta)
+                    allocate_part_values(torch.ones_like(param), probe.record, param, delta, theta)
             model_params = [p for g in optimizer.param_groups for p in g["params"]]
         return [p.detach().clone() for p in model_params], optimizer.state_dict()
 
@@ -540,3 +545,250 @@ def test_differentiable_optimizers_follow_the_same_model(make_optimizer, batches
         optimizer.step()
         for _, _, delta, parts in probe.parts():
             assert float(parts["residual"].abs().sum()) <= 1e-12 * float(delta.abs().sum())
+
+
+# --------------------------------------------------------------------------- #
+# Fused allocations (no part tensors) against the materialised split
+# --------------------------------------------------------------------------- #
+
+
+def _real_view(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def materialised_allocations(k, record, param, delta, theta) -> tuple[dict[str, float], float, float]:
+    """Σ_i k_i·part_i in float64 from ``step_parts`` (the part tensors, split in float64).
+
+    Returns the allocations, Σ k·Δ and the scale Σ_part Σ_i |k_i·part_i| + Σ_i |k_i·Δ_i|,
+    which bounds every intermediate of the fused forms (m_t/D = β1·m_{t−1}/D + (1−β1)·g'/D,
+    buf_t = μ·buf_{t−1} + a·g', and likewise: each term is one part).
+    """
+    wide = torch.complex128 if delta.is_complex() else torch.float64
+    parts = step_parts(record, param, delta.to(wide), theta.to(wide))
+    k64 = _real_view(k).double()
+    products = {name: k64 * _real_view(part) for name, part in parts.items()}
+    values = {name: float(p.sum()) for name, p in products.items()}
+    total_products = k64 * _real_view(delta.to(wide))
+    scale = sum(float(p.abs().sum()) for p in products.values()) + float(total_products.abs().sum())
+    return values, float(total_products.sum()), scale
+
+
+def assert_fused_matches(k, record, param, delta, theta, tol: float) -> None:
+    """Every entry point of the fused path equals the materialised float64 allocations within tol·scale."""
+    expected, total, scale = materialised_allocations(k, record, param, delta, theta)
+    work = torch.promote_types(_real_view(k).dtype, _real_view(delta).dtype)
+    k_before = k.clone()
+    results = {
+        "parts(θ_t)": {n: float(v) for n, v in allocate_parts(k, record, param, delta, theta).items()},
+        "parts()": {n: float(v) for n, v in allocate_parts(k, record, param, delta).items()},
+        "parts(total)": {n: float(v) for n, v in allocate_parts(k, record, param, delta, total=total).items()},
+        "values(θ_t)": allocate_part_values(k, record, param, delta, theta),
+        "values(total)": allocate_part_values(k, record, param, delta, total=total),
+    }
+    tensors = allocate_parts(k, record, param, delta)
+    assert tuple(tensors) == PARTS
+    assert all(v.dim() == 0 and v.dtype == work for v in tensors.values())
+    assert torch.equal(k, k_before)
+    for how, got in results.items():
+        assert tuple(got) == PARTS, how
+        for name in PARTS:
+            assert abs(got[name] - expected[name]) <= tol * scale, (how, name, got[name], expected[name], scale)
+    # With the total given, the parts sum to it (float64 Python sums: to rounding of the total).
+    given = results["values(total)"]
+    assert abs(math.fsum(given.values()) - total) <= 4 * torch.finfo(torch.float64).eps * (abs(total) + scale)
+
+
+# Float64 models: the fused forms regroup the same float64 products (D formed as
+# (√v̂ + ε·√(1−β2^t))/√(1−β2^t) instead of √v̂/√(1−β2^t) + ε, dots instead of products
+# then sums), a few units of 2⁻⁵³ per term; 1e-12 of the scale leaves > 100× margin
+# for the ≤ 1536-element dots here and fails on any wrong coefficient or sign.
+FLOAT64_TOL = 1e-12
+
+
+@pytest.mark.parametrize("make_optimizer", CONFIGS)
+def test_fused_allocations_equal_the_materialised_parts(make_optimizer, batches):
+    generator = torch.Generator().manual_seed(3)
+    for _, probe, _ in train(make_optimizer, batches, steps=4):
+        for param, theta, delta, _ in probe.parts():
+            # k = g (the cheap mode) and an unrelated k (a probe's path gradient)
+            assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, FLOAT64_TOL)
+            k = torch.randn(param.shape, generator=generator, dtype=DTYPE)
+            assert_fused_matches(k, probe.record, param, delta, theta, FLOAT64_TOL)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fused_allocations_for_loop_foreach_and_fused_implementations(name, batches):
+    make, has_fused = VARIANTS[name]
+    for flavour in [dict(foreach=False), dict(foreach=True)] + ([dict(fused=True)] if has_fused else []):
+        for _, probe, _ in train(make(**flavour), batches, steps=3, closure=False):
+            for param, theta, delta, _ in probe.parts():
+                assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, FLOAT64_TOL)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.05),
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, maximize=True),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True, maximize=True),
+        lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
+        lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05),
+        lambda ps: Adagrad(ps, lr=0.1, lr_decay=0.1, weight_decay=0.05),
+    ],
+    ids=["sgd", "nesterov-maximize", "adam-wd", "adam-amsgrad-maximize", "adamw-amsgrad", "rmsprop", "adagrad"],
+)
+def test_fused_allocations_of_a_float32_model(make_optimizer, batches):
+    # float32 dots and denominators against the float64 split of the same float32 state:
+    # float32 rounding (2⁻²⁴ ≈ 6e-8) of D, of the state and of the dots' partial sums. 1e-6
+    # of the scale leaves ≈ 10× margin over what the materialised float32 split itself
+    # shows (≈ 1e-7 on the 784-512-512-10 MLP) and is far below any modelling error.
+    model = make_mlp().float()
+    params = list(model.parameters())
+    optimizer = make_optimizer(params)
+    probe = StepProbe(optimizer, params)
+    for x, y in batches[:3]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x.float()), y).backward()
+        optimizer.step()
+        for param, theta, delta, _ in probe.parts():
+            assert delta.dtype == torch.float32
+            assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, 1e-6)
+            # a float64 k promotes the whole allocation to float64
+            k64 = param.grad.double()
+            assert allocate_parts(k64, probe.record, param, delta)["gradient"].dtype == torch.float64
+            assert_fused_matches(k64, probe.record, param, delta, theta, 1e-6)
+
+
+def test_fused_allocations_of_skipped_unmodelled_and_sparse_parameters(batches):
+    # skipped: a parameter without gradient has all parts 0 and residual k·Δ = 0
+    model = make_mlp()
+    params = list(model.parameters())
+    params[1].requires_grad_(False)
+    optimizer = AdamW(params, lr=0.01, weight_decay=0.1)
+    probe = StepProbe(optimizer, params)
+    for x, y in batches[:2]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        k = torch.ones_like(params[1])
+        _, _, delta, _ = probe.parts()[1]
+        assert allocate_part_values(k, probe.record, params[1], delta) == dict.fromkeys(PARTS, 0.0)
+        assert allocate_part_values(k, probe.record, params[1], delta, total=0.0) == dict.fromkeys(PARTS, 0.0)
+        assert all(float(v) == 0.0 for v in allocate_parts(k, probe.record, params[1], delta).values())
+    # unmodelled: everything is residual, = k·Δ or the given total
+    for _, probe, _ in train(lambda ps: SignSGD(ps, lr=0.01), batches, steps=2):
+        for param, theta, delta, _ in probe.parts():
+            k = param.grad.clone()
+            total = float((k * delta).sum())
+            values = allocate_part_values(k, probe.record, param, delta, theta)
+            assert values["residual"] == pytest.approx(total, rel=1e-12) and total != 0
+            assert [values[n] for n in MODELLED] == [0.0, 0.0, 0.0]
+            assert allocate_part_values(k, probe.record, param, delta, total=total)["residual"] == total
+            tensors = allocate_parts(k, probe.record, param, delta, total=total)
+            assert float(tensors["residual"]) == total and all(float(tensors[n]) == 0.0 for n in MODELLED)
+    # sparse gradient: that parameter is unmodelled, the dense ones fused
+    embedding = nn.Embedding(20, 4, sparse=True).to(DTYPE)
+    head = nn.Linear(4, 1).to(DTYPE)
+    params = [embedding.weight, head.weight, head.bias]
+    optimizer = SGD(params, lr=0.1, momentum=0.9)
+    probe = StepProbe(optimizer, params)
+    for _ in range(2):
+        optimizer.zero_grad()
+        head(embedding(torch.tensor([1, 3, 3, 7]))).pow(2).mean().backward()
+        optimizer.step()
+        [(sparse, theta, delta, _), *dense] = probe.parts()
+        k = torch.ones_like(sparse)
+        values = allocate_part_values(k, probe.record, sparse, delta, theta)
+        assert values["residual"] == pytest.approx(float(delta.sum()), rel=1e-12)
+        for param, theta, delta, _ in dense:
+            assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, FLOAT64_TOL)
+
+
+def test_fused_allocations_of_a_step_skipped_for_found_inf(batches):
+    model = make_mlp()
+    params = list(model.parameters())
+    optimizer = Adam(params, lr=0.01, weight_decay=0.05, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    probe = StepProbe(optimizer, params)
+    for step, (x, y) in enumerate(batches):
+        optimizer.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if step == 2:
+            params[0].grad[0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+        for param, theta, delta, _ in probe.parts():
+            k = torch.ones_like(param)
+            if step == 2:
+                assert allocate_part_values(k, probe.record, param, delta, theta) == dict.fromkeys(PARTS, 0.0)
+            else:
+                assert_fused_matches(k, probe.record, param, delta, theta, FLOAT64_TOL)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.05),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True),
+        lambda ps: AdamW(ps, lr=0.01, weight_decay=0.05),
+        lambda ps: RMSprop(ps, lr=0.01, momentum=0.5, centered=True, weight_decay=0.05),
+        lambda ps: Adagrad(ps, lr=0.1, weight_decay=0.05),
+    ],
+    ids=["sgd", "adam", "adamw", "rmsprop", "adagrad"],
+)
+def test_fused_allocations_of_complex_parameters_use_the_real_inner_product(make_optimizer):
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 6, dtype=torch.complex128, generator=generator)
+    b = torch.randn(32, dtype=torch.complex128, generator=generator)
+    z = nn.Parameter(torch.zeros(6, dtype=torch.complex128))
+    optimizer = make_optimizer([z])
+    probe = StepProbe(optimizer, [z])
+    for _ in range(4):
+        optimizer.zero_grad()
+        (a @ z - b).abs().pow(2).mean().backward()
+        optimizer.step()
+        [(_, theta, delta, _)] = probe.parts()
+        k = torch.randn(6, dtype=torch.complex128, generator=generator)
+        assert_fused_matches(k, probe.record, z, delta, theta, FLOAT64_TOL)
+        values = allocate_part_values(k, probe.record, z, delta)
+        # Re(k)·Re(Δ) + Im(k)·Im(Δ)
+        assert math.fsum(values.values()) == pytest.approx(float((k.conj() * delta).real.sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.05, differentiable=True),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, differentiable=True),
+        lambda ps: RMSprop(ps, lr=0.01, momentum=0.5, differentiable=True),
+        lambda ps: Adagrad(ps, lr=0.1, differentiable=True),
+    ],
+    ids=["sgd", "adam", "rmsprop", "adagrad"],
+)
+def test_fused_allocations_of_differentiable_optimizers(make_optimizer, batches):
+    model = make_mlp()
+    params = [p.detach().clone() for p in model.parameters()]
+    optimizer = make_optimizer(params)
+    probe = StepProbe(optimizer, params)
+    for x, y in batches[:3]:
+        leaves = [p.clone().requires_grad_(True) for p in params]
+        out = F.linear(torch.tanh(F.linear(x, leaves[0], leaves[1])), leaves[2], leaves[3])
+        grads = torch.autograd.grad(F.cross_entropy(out, y), leaves)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        for param, theta, delta, _ in probe.parts():
+            assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, FLOAT64_TOL)
+
+
+def test_fused_allocations_are_refused_after_the_gradient_changed(batches):
+    for optimizer, probe, _ in train(lambda ps: SGD(ps, lr=0.1, momentum=0.9), batches, steps=2):
+        pass
+    param = probe.params[0]
+    allocate_part_values(param.grad.clone(), probe.record, param, torch.zeros_like(param))
+    optimizer.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="zeroed"):
+        allocate_part_values(torch.ones_like(param), probe.record, param, torch.zeros_like(param))
+    with pytest.raises(RuntimeError, match="zeroed"):
+        allocate_parts(torch.ones_like(param), probe.record, param, torch.zeros_like(param), total=0.0)

@@ -75,21 +75,34 @@ How to use it from the torch step hooks (the LCA callback does exactly this)::
     # later, before this optimizer's next step and before grads are zeroed:
     for p, theta_t, k in zip(params, theta_before, path_gradients):
         delta = p.detach() - theta_t
-        allocation = allocate_parts(k, record, p, delta, theta_t)
+        values = allocate_part_values(k, record, p, delta, total=sum_k_delta)  # floats
+        # or allocate_parts(...) for 0-dim tensors (no device sync), or
+        # step_parts(record, p, delta, theta_t) for the part tensors themselves
+
+Allocations are fused: no part tensor is formed. Each model writes k·Δ_part as
+a linear combination of a few dot products, combined in float64: SGD k·g,
+k·buf_t (and k·θ_t with weight decay); Adam with q = k/D formed once, q·g,
+q·m_t (and q·θ_t, or k·θ_t for AdamW); RMSprop q·g, k·b_t; Adagrad q·g. The
+dots run in the working dtype (float32 dots for a float32 model). Without θ_t,
+x·θ_t is x·θ_{t+1} − x·Δ, and k·Δ is the total the caller may pass in. Adam's
+capturable / differentiable path (float32 tensor bias corrections) falls back
+to the materialised split.
 
 Memory: ``capture_step`` clones only scalars (tensor-valued hyper-parameters)
 and one bool per parameter for SGD; ``finish_step`` keeps *references* to
 ``p.grad`` and to the optimizer's state tensors (plus clones of the scalar step
-counters). Nothing of parameter size is copied. Parts are built one parameter
-at a time and are transient. Because the references are live, the parts must
-be requested before the optimizer's next step and before the gradients are
-zeroed in place; a changed tensor is detected (via its version counter) and
-raises. Drop the record when done so that gradients freed by
-``zero_grad(set_to_none=True)`` are not kept alive.
+counters). Nothing of parameter size is copied. An allocation holds at most one
+parameter-sized temporary (k/D); ``step_parts`` builds the parts one parameter
+at a time. Because the references are live, the parts must be requested before
+the optimizer's next step and before the gradients are zeroed in place; a
+changed tensor is detected (via its version counter) and raises. Drop the
+record when done so that gradients freed by ``zero_grad(set_to_none=True)``
+are not kept alive.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +112,7 @@ from torch import Tensor
 __all__ = [
     "PARTS",
     "StepRecord",
+    "allocate_part_values",
     "allocate_parts",
     "capture_step",
     "finish_step",
@@ -185,6 +199,66 @@ def _to_python(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- #
+# Fused allocations: linear forms over a few dot products
+# --------------------------------------------------------------------------- #
+
+_Row = dict
+"""A linear form: dot index → coefficient; the key ``_TOTAL`` stands for k·Δ."""
+_TOTAL = -1
+
+
+def _rows(*terms: tuple[float, _Row]) -> _Row:
+    """Σ c·row over (c, row) pairs."""
+    out: dict[int, float] = {}
+    for coef, row in terms:
+        for index, value in row.items():
+            out[index] = out.get(index, 0.0) + coef * value
+    return out
+
+
+class _Form:
+    """The dot products an allocation needs, each computed once (no sync).
+
+    A part's allocation k·Δ_part is linear in a few dots such as k·g or
+    (k/D)·m_t, so the models return rows of coefficients over ``dots`` instead
+    of part tensors. Every tensor here is a real view in the working dtype.
+    """
+
+    def __init__(self, k: Tensor, delta: Tensor, before: Tensor | None, after: Tensor, working: Any) -> None:
+        self.k = k
+        self._delta = delta
+        self._before = before  # θ_t, when the caller has it
+        self._after = after  # θ_{t+1}
+        self.working = working  # a tensor as a real view in the working dtype
+        self.dots: list[Tensor] = []
+        self._index: dict[str, int] = {}
+
+    @property
+    def delta(self) -> Tensor:
+        return self.working(self._delta)
+
+    def dot(self, key: str, a: Tensor, b: Tensor) -> _Row:
+        """The form 1·(a·b); ``key`` names the product so it is computed once."""
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = len(self.dots)
+            self.dots.append(torch.dot(a.reshape(-1), b.reshape(-1)))
+        return {index: 1.0}
+
+    def theta(self, key: str, x: Tensor, x_is_k: bool = False) -> _Row:
+        """The form x·θ_t: one dot with θ_t if given, else x·θ_{t+1} − x·Δ (k·Δ is the total)."""
+        if self._before is not None:
+            return self.dot(f"{key}·θ_t", x, self.working(self._before))
+        after = self.dot(f"{key}·θ_t+1", x, self.working(self._after))
+        delta = {_TOTAL: 1.0} if x_is_k else self.dot(f"{key}·Δ", x, self.delta)
+        return _rows((1.0, after), (-1.0, delta))
+
+    def scaled_k(self, denominator: Tensor) -> Tensor:
+        """k / D, written over ``denominator`` (a fresh tensor the caller owns)."""
+        return torch.div(self.k, denominator, out=denominator)
+
+
+# --------------------------------------------------------------------------- #
 # Per-optimizer models (one class per optimizer type, one interface)
 # --------------------------------------------------------------------------- #
 
@@ -221,6 +295,24 @@ class _StepModel:
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         raise NotImplementedError
 
+    def allocate(
+        self,
+        hyper: dict[str, Any],
+        raw: dict[str, Any],
+        rec: _ParamStep,
+        form: _Form,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        step: float | Tensor | None,
+    ) -> tuple[_Row | None, _Row | None, _Row | None] | None:
+        """The allocations k·Δ_part as linear forms over a few dot products (see ``_Form``).
+
+        The same model as ``split``, without the part tensors: (gradient, momentum,
+        weight_decay) rows, None for an exact zero part; None overall to fall back
+        to ``split`` (materialised parts).
+        """
+        return None
+
 
 class _SGDModel(_StepModel):
     has_step_counter = False
@@ -254,6 +346,25 @@ class _SGDModel(_StepModel):
         gradient = grad * (-lr * coef * sign)
         weight_decay = theta * (-lr * coef * wd) if wd != 0 else None
         momentum = None if carried is None else carried * (-lr)
+        return gradient, momentum, weight_decay
+
+    def allocate(self, hyper, raw, rec, form, grad, state, step):
+        lr, mu, tau, wd = hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
+        sign = -1.0 if hyper["maximize"] else 1.0
+        kg = form.dot("k·g", form.k, grad)
+        theta = form.theta("k", form.k, x_is_k=True) if wd != 0 else {}
+        momentum = None
+        if mu == 0:
+            coef = 1.0
+        else:
+            a = 1.0 if rec.first_step else 1.0 - tau
+            coef = 1.0 + mu * a if hyper["nesterov"] else a
+            if not rec.first_step:
+                # k·(μ·buf_{t−1}) = k·buf_t − a·(s·k·g + λ·k·θ_t)
+                carried = _rows((1.0, form.dot("k·buf", form.k, state["momentum_buffer"])), (-a * sign, kg), (-a * wd, theta))
+                momentum = _rows((-lr * (mu if hyper["nesterov"] else 1.0), carried))
+        gradient = _rows((-lr * coef * sign, kg))
+        weight_decay = _rows((-lr * coef * wd, theta)) if wd != 0 else None
         return gradient, momentum, weight_decay
 
 
@@ -309,6 +420,42 @@ class _AdamModel(_StepModel):
             momentum = carried.mul_(scale).div_(denom)
         return gradient, momentum, weight_decay
 
+    def allocate(self, hyper, raw, rec, form, grad, state, step):
+        if hyper.get("capturable", False) or hyper.get("differentiable", False):
+            return None  # float32 tensor bias corrections: the materialised split follows them
+        lr, eps, wd = hyper["lr"], hyper["eps"], hyper["weight_decay"]
+        beta1, beta2 = hyper["betas"]
+        decoupled = (
+            self.decoupled
+            if self.decoupled is not None
+            else hyper.get("decoupled_weight_decay", False)
+        )
+        sign = -1.0 if hyper["maximize"] else 1.0
+        second = state["max_exp_avg_sq"] if hyper.get("amsgrad", False) else state["exp_avg_sq"]
+        t = float(step)
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        scale = -float(raw["lr"] / (1 - beta1**t))
+        # Δ_adam = scale·m_t / D with D = √v̂_t/√(1−β2^t) + ε = (√v̂_t + ε·√(1−β2^t)) / √(1−β2^t):
+        # with q = k / (√v̂_t + ε·√(1−β2^t)), k·(x / D) = √(1−β2^t)·(q·x).
+        q = form.scaled_k(second.sqrt().add_(eps * bias_correction2_sqrt))
+        c = scale * bias_correction2_sqrt
+        qg = form.dot("q·g", q, grad)
+        gradient = _rows((c * (1 - beta1) * sign, qg))
+        weight_decay = None
+        theta_q: _Row = {}
+        if wd != 0:
+            if decoupled:
+                weight_decay = _rows((-lr * wd, form.theta("k", form.k, x_is_k=True)))
+            else:
+                theta_q = form.theta("q", q)
+                weight_decay = _rows((c * (1 - beta1) * wd, theta_q))
+        momentum = None
+        if t != 1:  # m_0 = 0 on the first step
+            # k·(β1·m_{t−1} / D) with β1·m_{t−1} = m_t − (1−β1)·g'
+            qm = form.dot("q·m", q, state["exp_avg"])
+            momentum = _rows((c, qm), (-c * (1 - beta1) * sign, qg), (-c * (1 - beta1) * wd, theta_q))
+        return gradient, momentum, weight_decay
+
 
 class _RMSpropModel(_StepModel):
     def state_keys_for(self, hyper):
@@ -338,6 +485,25 @@ class _RMSpropModel(_StepModel):
             momentum = carried.mul_(-lr)
         return gradient, momentum, weight_decay
 
+    def allocate(self, hyper, raw, rec, form, grad, state, step):
+        lr, eps, wd, mu = hyper["lr"], hyper["eps"], hyper["weight_decay"], hyper["momentum"]
+        sign = -1.0 if hyper["maximize"] else 1.0
+        if hyper["centered"]:
+            avg = state["square_avg"].addcmul(state["grad_avg"], state["grad_avg"], value=-1).sqrt_()
+        else:
+            avg = state["square_avg"].sqrt()
+        q = form.scaled_k(avg.add_(eps))  # k / D
+        qg = form.dot("q·g", q, grad)
+        theta_q = form.theta("q", q) if wd != 0 else {}
+        gradient = _rows((-lr * sign, qg))
+        weight_decay = _rows((-lr * wd, theta_q)) if wd != 0 else None
+        momentum = None
+        if mu > 0 and float(step) != 1:  # b_0 = 0 on the first step
+            # −lr·k·(μ·b_{t−1}) with μ·b_{t−1} = b_t − g'/D
+            kb = form.dot("k·b", form.k, state["momentum_buffer"])
+            momentum = _rows((-lr, kb), (lr * sign, qg), (lr * wd, theta_q))
+        return gradient, momentum, weight_decay
+
 
 class _AdagradModel(_StepModel):
     state_keys = ("sum",)
@@ -349,6 +515,15 @@ class _AdagradModel(_StepModel):
         denom = state["sum"].sqrt().add_(eps)
         gradient = grad * (-clr * sign) / denom
         weight_decay = theta * (-clr * wd) / denom if wd != 0 else None
+        return gradient, None, weight_decay
+
+    def allocate(self, hyper, raw, rec, form, grad, state, step):
+        eps, wd, lr_decay = hyper["eps"], hyper["weight_decay"], hyper["lr_decay"]
+        sign = -1.0 if hyper["maximize"] else 1.0
+        clr = float(raw["lr"] / (1 + (float(step) - 1) * lr_decay))
+        q = form.scaled_k(state["sum"].sqrt().add_(eps))  # k / D
+        gradient = _rows((-clr * sign, form.dot("q·g", q, grad)))
+        weight_decay = _rows((-clr * wd, form.theta("q", q))) if wd != 0 else None
         return gradient, None, weight_decay
 
 
@@ -518,6 +693,31 @@ def step_parts(
     return {"gradient": gradient, "momentum": momentum, "weight_decay": weight_decay, "residual": residual}
 
 
+_UNMODELLED, _ZERO = "unmodelled", "zero"
+
+
+def _lookup(record: StepRecord, param: Tensor) -> tuple[_StepModel | None, _ParamStep | str]:
+    """The model and this parameter's entry, or ``_UNMODELLED`` / ``_ZERO`` (all modelled parts 0)."""
+    model = _MODELS.get(type(record.optimizer))
+    if model is None:
+        return None, _UNMODELLED
+    rec = record._params.get(param)
+    if rec is None:
+        # not this optimizer's parameter: nothing explains Δ; else skipped (grad was None)
+        return model, _UNMODELLED if param not in record._group_of else _ZERO
+    if rec.unmodelled_reason is not None:
+        return model, _UNMODELLED
+    versions = (rec.grad._version, *(t._version for t in rec.state.values()))
+    if versions != rec.versions:
+        raise RuntimeError(
+            "the gradient or optimizer state changed after the step: request the parts "
+            "before the optimizer's next step and before gradients are zeroed"
+        )
+    if record.step_was_skipped():
+        return model, _ZERO
+    return model, rec
+
+
 def _modelled_parts(
     record: StepRecord,
     param: Tensor,
@@ -527,26 +727,13 @@ def _modelled_parts(
     keep_none: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """(gradient, momentum, weight_decay) in ``dtype``, or None when unmodelled."""
-    model = _MODELS.get(type(record.optimizer))
-    if model is None:
+    model, rec = _lookup(record, param)
+    if rec is _UNMODELLED:
         return None
-    rec = record._params.get(param)
-    if rec is None:
-        if param not in record._group_of:
-            return None  # not this optimizer's parameter: nothing explains Δ
-        zero = torch.zeros_like(delta)
-        return zero, zero.clone(), zero.clone()  # skipped: grad was None
-    if rec.unmodelled_reason is not None:
-        return None
-    versions = (rec.grad._version, *(t._version for t in rec.state.values()))
-    if versions != rec.versions:
-        raise RuntimeError(
-            "the gradient or optimizer state changed after the step: request the parts "
-            "before the optimizer's next step and before gradients are zeroed"
-        )
-    if record.step_was_skipped():
+    if rec is _ZERO:
         zero = torch.zeros_like(delta)
         return zero, zero.clone(), zero.clone()
+    assert model is not None and isinstance(rec, _ParamStep)
     theta = (param.detach() - delta) if param_before is None else param_before.detach()
 
     def working(tensor: Tensor) -> Tensor:
@@ -572,6 +759,44 @@ def _modelled_parts(
     return parts[0], parts[1], parts[2]
 
 
+def _allocation_forms(
+    k: Tensor,
+    record: StepRecord,
+    param: Tensor,
+    delta: Tensor,
+    param_before: Tensor | None,
+) -> tuple[_Form, tuple[_Row | None, _Row | None, _Row | None]]:
+    """The dots and the (gradient, momentum, weight_decay) rows of one parameter's allocation."""
+    if not record.finished:
+        raise RuntimeError("step_parts needs finish_step(record) to have run (post-step hook)")
+    parts_dtype = torch.promote_types(delta.dtype, param.dtype)  # may be complex
+    k_real = _real(k)
+    dtype = torch.promote_types(k_real.dtype, parts_dtype.to_real())
+
+    def working(tensor: Tensor) -> Tensor:
+        # Same dtype: the tensor itself (under no_grad), so the models never write to it.
+        if tensor.dtype == dtype:
+            return tensor
+        return _real(tensor.to(parts_dtype)).to(dtype)
+
+    form = _Form(k_real if k_real.dtype == dtype else k_real.to(dtype), delta, param_before, param, working)
+    model, rec = _lookup(record, param)
+    if not isinstance(rec, _ParamStep):  # unmodelled (all in the residual) or zero
+        return form, (None, None, None)
+    assert model is not None
+    hyper, raw = record.hyperparameters(rec.group), record.groups[rec.group]
+    state = {key: working(value) for key, value in rec.state.items()}
+    rows = model.allocate(hyper, raw, rec, form, working(rec.grad), state, rec.step)
+    if rows is None:  # no fused form: materialise the parts, one dot each
+        parts = _modelled_parts(record, param, delta.detach().to(parts_dtype), param_before, parts_dtype, keep_none=True)
+        assert parts is not None
+        rows = tuple(
+            None if part is None else form.dot(f"k·part{i}", form.k, _real(part).to(dtype))
+            for i, part in enumerate(parts)
+        )
+    return form, rows
+
+
 @torch.no_grad()
 def allocate_parts(
     k: Tensor,
@@ -579,28 +804,73 @@ def allocate_parts(
     param: Tensor,
     delta: Tensor,
     param_before: Tensor | None = None,
+    *,
+    total: float | Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-part loss change allocation of one parameter: A_part = Σ_i k_i · Δ_part,i.
 
     ``k`` is the path-averaged gradient for this parameter (BRIEF 2.1). Returns
     0-dim tensors keyed by ``PARTS`` (no device sync); they sum to Σ_i k_i Δ_i up
-    to rounding, the residual being computed from Δ − Σ modelled parts. Computed
-    in the promoted dtype of k, Δ and the parameter. Complex parameters use the
-    real inner product Re(k)·Re(Δ) + Im(k)·Im(Δ).
+    to rounding, the residual being Σ_i k_i Δ_i − Σ modelled parts. Computed in
+    the promoted dtype of k, Δ and the parameter. Complex parameters use the real
+    inner product Re(k)·Re(Δ) + Im(k)·Im(Δ).
+
+    The part tensors are never formed: each model writes its allocations as a few
+    dot products (k·g, (k/D)·m_t, ...) combined in float64, so the cost is a few
+    passes over the parameter (Adam: √v̂, + ε, k/D and two dots).
+
+    Args:
+        param_before: θ_t (only the weight-decay parts use it); if None, x·θ_t is
+            taken as x·θ_{t+1} − x·Δ (no parameter-sized temporary).
+        total: Σ_i k_i Δ_i if the caller has it (a float64 sum, say); else one dot.
     """
-    if not record.finished:
-        raise RuntimeError("step_parts needs finish_step(record) to have run (post-step hook)")
-    dtype = torch.promote_types(delta.dtype, param.dtype)
-    delta = delta.detach().to(dtype)
-    modelled = _modelled_parts(record, param, delta, param_before, dtype, keep_none=True)
-    k_real = _real(k.detach())
-    dtype = torch.promote_types(k_real.dtype, _real(delta).dtype)
-    k_flat = k_real.reshape(-1).to(dtype)
-    total = torch.dot(k_flat, _real(delta).reshape(-1).to(dtype))
-    zero = total.new_zeros(())
-    if modelled is None:
-        return {"gradient": zero, "momentum": zero, "weight_decay": zero.clone(), "residual": total}
-    values = [zero if p is None else torch.dot(k_flat, _real(p).reshape(-1).to(dtype)) for p in modelled]
-    # the residual part's allocation k·(Δ − Σ modelled) = k·Δ − Σ k·modelled, without the vector
-    residual = (total.double() - values[0].double() - values[1].double() - values[2].double()).to(total.dtype)
-    return {"gradient": values[0], "momentum": values[1], "weight_decay": values[2], "residual": residual}
+    form, rows = _allocation_forms(k, record, param, delta, param_before)
+    basis = list(form.dots)
+    if total is None:
+        total_index = len(basis)
+        basis.append(torch.dot(form.k.reshape(-1), form.delta.reshape(-1)))
+    else:
+        total_index = len(basis)
+        basis.append(torch.as_tensor(total, dtype=torch.float64, device=form.k.device).reshape(()))
+    matrix = [[0.0] * len(basis) for _ in PARTS]
+    matrix[3][total_index] = 1.0
+    for p, row in enumerate(rows):
+        for index, coef in (row or {}).items():
+            column = total_index if index == _TOTAL else index
+            matrix[p][column] += coef
+            matrix[3][column] -= coef
+    values = torch.stack(basis).double()
+    allocations = torch.mv(torch.tensor(matrix, dtype=torch.float64, device=values.device), values)
+    return dict(zip(PARTS, allocations.to(form.k.dtype).unbind()))
+
+
+@torch.no_grad()
+def allocate_part_values(
+    k: Tensor,
+    record: StepRecord,
+    param: Tensor,
+    delta: Tensor,
+    param_before: Tensor | None = None,
+    *,
+    total: float | Tensor | None = None,
+) -> dict[str, float]:
+    """``allocate_parts`` as Python floats, combined in float64 (one device sync).
+
+    What the LCA callback needs per parameter: pass ``total`` = Σ_i k_i Δ_i when
+    it is already known (the residual is then ``total`` − Σ modelled parts, so the
+    parts sum to it exactly) and leave ``param_before`` None unless θ_t is at hand.
+    """
+    form, rows = _allocation_forms(k, record, param, delta, param_before)
+    if total is None:
+        form.dot("k·Δ", form.k, form.delta)
+    values = torch.stack(form.dots).tolist() if form.dots else []
+    grand = values[form._index["k·Δ"]] if total is None else float(total)
+
+    def evaluate(row: _Row | None) -> float:
+        if row is None:
+            return 0.0
+        return math.fsum(coef * (grand if index == _TOTAL else values[index]) for index, coef in row.items())
+
+    gradient, momentum, weight_decay = (evaluate(row) for row in rows)
+    residual = grand - math.fsum((gradient, momentum, weight_decay))
+    return {"gradient": gradient, "momentum": momentum, "weight_decay": weight_decay, "residual": residual}
