@@ -539,17 +539,18 @@ class LossChangeAllocation(Callback):
                     stats.parts[part] = stats.parts.get(part, 0.0) + value
         return stats
 
-    def _parts(self, record: Any, name: str, allocation: StepAllocation) -> dict[str, float]:
+    def _parts(self, record: Any, name: str, allocation: StepAllocation, total: float | None = None) -> dict[str, float]:
+        """The part allocations of one tensor (a few fused dot products); ``total``: its
+        Σ k ⊙ Δ when known, so the parts sum to exactly what the statistics logged."""
         param = self._tracked[name]
         delta = allocation.delta[name]
         try:
-            parts = decompose.allocate_parts(allocation.path_gradient[name], record, param, delta, param.detach() - delta)
+            return decompose.allocate_part_values(allocation.path_gradient[name], record, param, delta, total=total)
         except RuntimeError as err:  # the gradient or optimizer state changed before we could read it
             if not self._stale_warned:
                 self._stale_warned = True
                 rank_zero_warn(f"LossChangeAllocation: no optimizer parts for this step ({err}); the total is unaffected.")
             return {}
-        return {part: float(value) for part, value in parts.items()}
 
     def _skip(self, step: int, why: str) -> None:
         self._skipped_steps += 1
@@ -578,7 +579,7 @@ class LossChangeAllocation(Callback):
             counts.add(c)
             moments.add(m)
             param_sums[name] = m.s1
-            split = self._parts(record, name, allocation) if record is not None else {}
+            split = self._parts(record, name, allocation, total=m.s1) if record is not None else {}
             for part, value in split.items():
                 parts[part] = parts.get(part, 0.0) + value
             if module not in self._reported:
