@@ -95,6 +95,10 @@ def install_logging_timers() -> None:
     if not hasattr(_logging.log_scalars, "__wrapped__"):
         _logging.log_scalars = _timed_logging(_logging.log_scalars, "log_scalars")
         _logging.log_histograms = _timed_logging(_logging.log_histograms, "log_histograms")
+    from learnscope._stats import StreamingHistogram
+
+    if not hasattr(StreamingHistogram.add, "__wrapped__"):  # histograms are built in the statistics
+        StreamingHistogram.add = _timed_logging(StreamingHistogram.add, "histogram_build")
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ def _edges() -> list[float]:
 
 
 _EDGES = _edges()
+_EDGES_ARRAY = np.asarray(_EDGES)
 
 
 class StreamingHistogram:
@@ -46,44 +47,39 @@ class StreamingHistogram:
     squares (float64). Non-finite values are left out, as learnscope's logging does."""
 
     def __init__(self) -> None:
-        self.counts: Tensor | None = None
+        self.counts: np.ndarray | None = None
         self.num = 0
         self.sum = 0.0
         self.sum_squares = 0.0
         self.min = math.inf
         self.max = -math.inf
-        self._edges: Tensor | None = None
 
     def add(self, values: Tensor) -> None:
         flat = values.detach().reshape(-1)
         for start in range(0, flat.numel(), _HISTOGRAM_SLICE):
-            piece = flat[start : start + _HISTOGRAM_SLICE].double()
+            piece = flat[start : start + _HISTOGRAM_SLICE].double().cpu()
             if not bool(torch.isfinite(piece).all()):
                 piece = piece[torch.isfinite(piece)]
             if piece.numel() == 0:
                 continue
-            if self._edges is None or self._edges.device != piece.device:
-                self._edges = torch.tensor(_EDGES, dtype=torch.float64, device=piece.device)
-            # np.histogram's buckets [e_i, e_i+1), the last one closed; outside values are dropped
-            index = torch.bucketize(piece, self._edges, right=True)
-            index = torch.where(piece == self._edges[-1], index - 1, index)
-            counts = torch.bincount(index, minlength=len(_EDGES) + 1)
+            # np.histogram, as TensorBoard's make_histogram uses it: buckets [e_i, e_i+1), the last
+            # one closed, values outside dropped (it sorts the values: far faster than a binary search)
+            counts = np.histogram(piece.numpy(), bins=_EDGES_ARRAY)[0]
             self.counts = counts if self.counts is None else self.counts + counts
             lo, hi = torch.aminmax(piece)
-            stats = torch.stack([piece.sum(), torch.dot(piece, piece), lo, hi]).tolist()
+            total, squares, lo, hi = torch.stack([piece.sum(), torch.dot(piece, piece), lo, hi]).tolist()
             self.num += piece.numel()
-            self.sum += stats[0]
-            self.sum_squares += stats[1]
-            self.min = min(self.min, stats[2])
-            self.max = max(self.max, stats[3])
+            self.sum += total
+            self.sum_squares += squares
+            self.min = min(self.min, lo)
+            self.max = max(self.max, hi)
 
     def buckets(self) -> tuple[list[float], list[int]] | None:
         """(bucket right limits, counts), trimmed to the support as TensorBoard's
         ``make_histogram`` does; None when no value was added."""
         if self.num == 0 or self.counts is None:
             return None
-        counts = self.counts[1 : len(_EDGES)].cpu().numpy()  # the len(edges) − 1 real buckets
-        limits = np.asarray(_EDGES)
+        counts, limits = self.counts, _EDGES_ARRAY
         if counts.sum() == 0:  # every value beyond ±1e20: one bucket holding them, as a fallback
             return [float(self.max)], [int(self.num)]
         nonzero = np.flatnonzero(counts)
@@ -132,17 +128,24 @@ def product_stats(k: Tensor, delta: Tensor | None = None, histogram: StreamingHi
     return _from_sums(flat_k.numel(), *torch.stack(values).sum(0).tolist())
 
 
-def _fused_sums(k: Tensor, delta: Tensor) -> Tensor:
-    a = (k * delta).reshape(-1)
-    sign = torch.sign(a).float()
-    a64 = a.double()
-    sq = a64 * a64
-    return torch.stack([
-        sign.sum().double(), (sign * sign).sum().double(), a64.sum(), sq.sum(), (sq * a64).sum(), (sq * sq).sum()
-    ])
+def _fused_sums(ks: list[Tensor], deltas: list[Tensor]) -> Tensor:
+    """[Σsign, Σsign², Σa, Σa², Σa³, Σa⁴] of a = k ⊙ Δ for each pair of 1-D tensors:
+    one row per pair, fused by the compiler into one pass over each pair."""
+    rows = []
+    for k, delta in zip(ks, deltas):
+        a = k * delta
+        sign = torch.sign(a).float()
+        a64 = a.double()
+        sq = a64 * a64
+        rows.append(torch.stack([
+            sign.sum().double(), (sign * sign).sum().double(), a64.sum(), sq.sum(), (sq * a64).sum(), (sq * sq).sum()
+        ]))
+    return torch.stack(rows)
 
 
 _KERNEL: Any = None  # the compiled _fused_sums, shared by every callback in the process
+_GROUP = 16  # tensors per compiled call: one call's overhead (~40 µs) for many small tensors,
+# and one graph for every group of this length (the last, shorter group compiles a second one)
 
 
 def _kernel() -> Any:
@@ -153,18 +156,29 @@ def _kernel() -> Any:
 
 
 class ProductStats:
-    """``product_stats`` of many tensors; ``compiled=True`` runs one fused kernel per
-    tensor (``torch.compile``, compiled once per process for all shapes), falling back
-    to the eager slices with one warning if compiling fails (e.g. no C++ compiler)."""
+    """``product_stats`` of many tensors. ``compiled=True`` sums groups of tensors with one
+    fused kernel (``torch.compile``, compiled once per process for every size), falling
+    back to the eager slices with one warning if compiling fails (e.g. no C++ compiler)."""
 
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
 
     def __call__(self, k: Tensor, delta: Tensor, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
-        if not self.compiled or histogram is not None or k.numel() < _SLICE:
-            return product_stats(k, delta, histogram)
+        return self.many([k], [delta], [histogram])[0]
+
+    def many(
+        self, ks: list[Tensor], deltas: list[Tensor], histograms: list[StreamingHistogram | None] | None = None
+    ) -> list[tuple[Counts, Moments]]:
+        """Counts and moments of every ``k ⊙ delta`` pair (histograms: eager, slice by slice)."""
+        if not self.compiled or (histograms is not None and any(h is not None for h in histograms)):
+            hists = histograms or [None] * len(ks)
+            return [product_stats(k, d, h) for k, d, h in zip(ks, deltas, hists)]
         try:
-            sums = _kernel()(k.detach(), delta.detach()).tolist()
+            rows: list[list[float]] = []
+            for start in range(0, len(ks), _GROUP):
+                group_k = [k.detach().reshape(-1) for k in ks[start : start + _GROUP]]
+                group_d = [d.detach().reshape(-1) for d in deltas[start : start + _GROUP]]
+                rows += _kernel()(group_k, group_d).tolist()
         except Exception as err:  # a missing toolchain or an unsupported dtype / device
             self.compiled = False
             warnings.warn(
@@ -173,5 +187,5 @@ class ProductStats:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return product_stats(k, delta)
-        return _from_sums(k.numel(), *sums)
+            return [product_stats(k, d) for k, d in zip(ks, deltas)]
+        return [_from_sums(k.numel(), *row) for k, row in zip(ks, rows)]

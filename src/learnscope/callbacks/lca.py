@@ -532,8 +532,10 @@ class LossChangeAllocation(Callback):
     def _corner(self, event: _StepEvent, allocation: StepAllocation) -> CornerStats:
         stats = CornerStats()
         record = event.extras.get("record")
-        for name in event.names:
-            stats.counts.add(self._stats(allocation.path_gradient[name], allocation.delta[name])[0])
+        names = event.names
+        all_stats = self._stats.many([allocation.path_gradient[n] for n in names], [allocation.delta[n] for n in names])
+        for name, (c, _) in zip(names, all_stats):
+            stats.counts.add(c)
             if record is not None:
                 for part, value in self._parts(record, name, allocation).items():
                     stats.parts[part] = stats.parts.get(part, 0.0) + value
@@ -570,12 +572,16 @@ class LossChangeAllocation(Callback):
         want_hist = self.histograms and self._histogram_due(event.step)
         record = event.extras.get("record")
         param_sums: dict[str, float] = {}
-        for name in event.names:
+        hists = [
+            histograms.setdefault(self._owner[name], StreamingHistogram())
+            if want_hist and self._owner[name] in self._reported else None
+            for name in event.names
+        ]
+        all_stats = self._stats.many(
+            [allocation.path_gradient[n] for n in event.names], [allocation.delta[n] for n in event.names], hists
+        )
+        for name, (c, m) in zip(event.names, all_stats):
             module = self._owner[name]
-            histogram = None
-            if want_hist and module in self._reported:
-                histogram = histograms.setdefault(module, StreamingHistogram())
-            c, m = self._stats(allocation.path_gradient[name], allocation.delta[name], histogram)
             counts.add(c)
             moments.add(m)
             param_sums[name] = m.s1
