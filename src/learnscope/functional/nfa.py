@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from learnscope.layers import handler_for, select_layers, supported_only
+from learnscope.layers import handler_for, select_layers, supported_only, symmetric_from_upper
 
 __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
@@ -192,6 +192,13 @@ class PreactivationGramAccumulator:
       P = ``num_probes``: unbiased; independent draws per sample make the
       per-sample errors average out (≈10× better than one probe shared by the batch).
 
+    Each batch of VJPs goes into the layer's float64 sum Σ gᵀg through its handler's
+    ``add_gram`` (``learnscope.layers``): the product in the gradient's dtype, only
+    its blocks on and above the diagonal (about half the work; G is symmetrised in
+    ``compute``), a convolution's in its native (…, k, positions) layout. The probes
+    p are stored as one expanded zero each, and the last batch of VJPs of a chunk
+    frees the graph as it goes, as a plain backward does.
+
     A layer called several times in one forward (weight sharing) contributes all
     its calls, as if they were further positions.
 
@@ -267,39 +274,8 @@ class PreactivationGramAccumulator:
             self._update(_clone_inference_tensors(inputs))
 
     def _update(self, inputs: Any) -> None:
-        leaves: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-
-        def make_hook(name: str) -> Callable:
-            def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                if not isinstance(output, Tensor) or not output.is_floating_point():
-                    return None
-                probe = torch.zeros_like(output, requires_grad=True)
-                leaves[name].append(probe)
-                return output + probe
-
-            return hook
-
-        handles = []
-        try:
-            for name, module in self.layers.items():
-                handles.append(module.register_forward_hook(make_hook(name)))
-            raw_output = _call_model(self.model, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        output = self._read_output(raw_output)
-        num_samples = output.shape[0]
-        outputs_per_position = output.shape[-1]
-        flat_output = output.reshape(num_samples, -1)
-
-        if self.estimator is None:
-            if self.requested_estimator == "auto":
-                self.estimator = (
-                    "exact" if outputs_per_position <= AUTO_EXACT_MAX_OUTPUTS else "hutchinson"
-                )
-            else:
-                self.estimator = self.requested_estimator
+        flat_output, leaves = self._forward(inputs)
+        num_samples = flat_output.shape[0]
 
         for name in self.layers:
             if not leaves[name] and name not in self._warned:
@@ -323,16 +299,60 @@ class PreactivationGramAccumulator:
         if not probes or not flat_output.requires_grad:
             return  # no measured layer influences the output: G gets zeros
 
-        for grad_outputs, weight in self._grad_output_batches(flat_output):
-            grads = self._batched_vjp(flat_output, probes, grad_outputs)
+        for grad_outputs, weight, last in self._grad_output_batches(flat_output):
+            # The last batch lets autograd free the graph as it goes (as a plain backward
+            # does): the saved activations are released before the chunk's peak.
+            grads = self._batched_vjp(flat_output, probes, grad_outputs, retain_graph=not last)
+            if grads is None:
+                # The batched VJP failed after freeing part of the graph: build it again
+                # (same inputs, eval mode: the same graph) and finish one VJP at a time.
+                flat_output, leaves = self._forward(inputs)
+                probes = [probe for name in self.layers for probe in leaves[name]]
+                grads = self._batched_vjp(flat_output, probes, grad_outputs, retain_graph=not last)
             for name, grad in zip(names, grads):
                 if grad is None:
                     continue
                 module = self.layers[name]
-                rows = handler_for(module).gradient_rows(module, grad)
-                # one chunk's Σ gᵀg in the gradient's dtype, accumulated over chunks in float64
-                self._gram_sums[name].add_(rows.mT @ rows, alpha=weight)
-                del rows, grad
+                # one chunk's Σ gᵀg in the gradient's dtype, in blocks on and above the
+                # diagonal, accumulated over chunks in float64 (symmetrised in compute)
+                handler_for(module).add_gram(module, grad, self._gram_sums[name], alpha=weight)
+            grads = grad = None  # release this batch's gradients before the next batch's VJPs
+
+    def _forward(self, inputs: Any) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        """One forward with a zero probe p added to every measured layer's output:
+        the flattened prediction (n, C) and each layer's probes (one per call)."""
+        leaves: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+
+        def make_hook(name: str) -> Callable:
+            def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                if not isinstance(output, Tensor) or not output.is_floating_point():
+                    return None
+                # A zero leaf of the output's shape, stored as one expanded element:
+                # ∂f/∂p = ∂f/∂z, and z + p replaces z at no memory beyond z's.
+                probe = output.new_zeros(()).expand(output.shape).requires_grad_()
+                leaves[name].append(probe)
+                return output + probe
+
+            return hook
+
+        handles = []
+        try:
+            for name, module in self.layers.items():
+                handles.append(module.register_forward_hook(make_hook(name)))
+            raw_output = _call_model(self.model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        output = self._read_output(raw_output)
+        if self.estimator is None:
+            if self.requested_estimator == "auto":
+                self.estimator = (
+                    "exact" if output.shape[-1] <= AUTO_EXACT_MAX_OUTPUTS else "hutchinson"
+                )
+            else:
+                self.estimator = self.requested_estimator
+        return output.reshape(output.shape[0], -1), leaves
 
     def _read_output(self, raw_output: Any) -> Tensor:
         if self.output_fn is None:
@@ -358,15 +378,18 @@ class PreactivationGramAccumulator:
             output = output.unsqueeze(-1)  # (n,) regression: one output per sample
         return output
 
-    def _grad_output_batches(self, flat_output: Tensor) -> Iterator[tuple[Tensor, float]]:
+    def _grad_output_batches(self, flat_output: Tensor) -> Iterator[tuple[Tensor, float, bool]]:
+        """(grad_outputs, weight, last): the batches of VJP directions of one chunk."""
         num_samples, num_outputs = flat_output.shape
         options = dict(dtype=flat_output.dtype, device=flat_output.device)
         if self.estimator == "exact":
+            # Row j of V is the one-hot e_j for every sample: rows of the identity,
+            # expanded over the samples (no n × C storage per row).
+            identity = torch.eye(num_outputs, **options)
             for start in range(0, num_outputs, self.output_chunk):
-                index = torch.arange(start, min(start + self.output_chunk, num_outputs))
-                one_hots = torch.zeros(len(index), num_samples, num_outputs, **options)
-                one_hots[torch.arange(len(index)), :, index] = 1.0
-                yield one_hots, 1.0
+                stop = min(start + self.output_chunk, num_outputs)
+                one_hots = identity[start:stop].unsqueeze(1).expand(stop - start, num_samples, num_outputs)
+                yield one_hots, 1.0, stop == num_outputs
             return
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(_DEFAULT_SEED)
@@ -376,15 +399,18 @@ class PreactivationGramAccumulator:
                 0, 2, (count, num_samples, num_outputs),
                 generator=self.generator, device=self.generator.device,
             )
-            yield (2 * signs - 1).to(**options), 1.0 / self.num_probes
+            yield (2 * signs - 1).to(**options), 1.0 / self.num_probes, start + count == self.num_probes
 
     def _batched_vjp(
-        self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor
-    ) -> Sequence[Tensor | None]:
+        self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor, *, retain_graph: bool
+    ) -> Sequence[Tensor | None] | None:
+        """The VJPs of every row of ``grad_outputs``, stacked, for every probe; None when
+        the batched VJP failed with ``retain_graph=False`` (the graph may be partly freed:
+        the caller builds it again and calls once more, which then goes one row at a time)."""
         if self._batched_vjp_works:
             try:
                 return torch.autograd.grad(
-                    output, probes, grad_outputs=grad_outputs, retain_graph=True,
+                    output, probes, grad_outputs=grad_outputs, retain_graph=retain_graph,
                     allow_unused=True, is_grads_batched=True,
                 )
             except RuntimeError as error:
@@ -395,11 +421,15 @@ class PreactivationGramAccumulator:
                     "VJP per output, which is slower",
                     stacklevel=4,
                 )
+                if not retain_graph:
+                    return None
+        last_row = len(grad_outputs) - 1
         per_row = [
             torch.autograd.grad(
-                output, probes, grad_outputs=row, retain_graph=True, allow_unused=True
+                output, probes, grad_outputs=row, retain_graph=retain_graph or i < last_row,
+                allow_unused=True,
             )
-            for row in grad_outputs
+            for i, row in enumerate(grad_outputs)
         ]
         stacked: list[Tensor | None] = []
         for position, probe in enumerate(probes):
@@ -408,7 +438,7 @@ class PreactivationGramAccumulator:
                 stacked.append(None)
             else:
                 stacked.append(
-                    torch.stack([torch.zeros_like(probe) if g is None else g for g in column])
+                    torch.stack([torch.zeros(probe.shape, dtype=probe.dtype, device=probe.device) if g is None else g for g in column])
                 )
         return stacked
 
@@ -425,7 +455,7 @@ class PreactivationGramAccumulator:
         if self.num_samples == 0:
             raise RuntimeError("no samples accumulated: call update(inputs) first")
         return {
-            name: self._gram_sums[name] / self.num_samples
+            name: symmetric_from_upper(self._gram_sums[name]).div_(self.num_samples)
             for name in self.layers
             if self._calls[name] > 0
         }
