@@ -23,8 +23,10 @@ from learnscope.functional.nfa import (
     PreactivationGramAccumulator,
     agop,
     eval_mode,
+    _haar_transpose_times,
     haar_orthogonal,
     nfa_metrics,
+    nfa_metrics_and_spectrum,
     preactivation_grams,
     range_spectrum,
 )
@@ -827,6 +829,43 @@ def test_haar_orthogonal_is_orthogonal_and_reproducible():
     q = haar_orthogonal(9, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(q @ q.mT, torch.eye(9, dtype=DTYPE), atol=1e-12)
     assert torch.equal(q, haar_orthogonal(9, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize(
+    "shape, rank, readout",
+    [((5, 12), None, False), ((40, 9), None, False), ((30, 50), 4, False), ((10, 30), None, True), ((1, 7), None, False)],
+    ids=["k<d", "k>d", "low-rank", "readout", "k=1"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, DTYPE])
+def test_metrics_and_spectrum_from_one_svd_equal_the_separate_calls(shape, rank, readout, dtype):
+    generator = torch.Generator().manual_seed(13)
+    k, d = shape
+    weight = torch.randn(k, d, generator=generator, dtype=DTYPE) + 0.3
+    if rank is not None:
+        weight = torch.randn(k, rank, generator=generator, dtype=DTYPE) @ weight[:rank]
+    weight = weight.to(dtype)
+    gram = random_gram(k, generator)
+    options = dict(alphas=(1.0, 0.5, 2.0), initial_weight=0.8 * weight + 0.1, null_draws=3, readout=readout)
+    separate_source, shared_source = torch.Generator().manual_seed(14), torch.Generator().manual_seed(14)
+    separate = nfa_metrics(weight, gram, generator=separate_source, **options)
+    shared, spectrum = nfa_metrics_and_spectrum(weight, gram, generator=shared_source, **options)
+    assert torch.equal(separate_source.get_state(), shared_source.get_state())  # the same null draws
+    assert shared.keys() == separate.keys()
+    for key, value in separate.items():
+        assert shared[key] == pytest.approx(value, rel=1e-12, abs=1e-300) or math.isnan(value) and math.isnan(shared[key]), key
+    assert torch.equal(spectrum, range_spectrum(weight, gram))
+
+
+@pytest.mark.parametrize("k, r", [(1, 1), (6, 0), (6, 3), (40, 40), (70, 25)])
+def test_null_rotation_without_forming_q_is_haar_orthogonal_transposed(k, r):
+    frame = torch.linalg.qr(torch.randn(k, max(r, 1), dtype=DTYPE))[0][:, :r]
+    source, reference_source = torch.Generator().manual_seed(15), torch.Generator().manual_seed(15)
+    for _ in range(3):  # successive draws stay in step with haar_orthogonal's
+        rotated = _haar_transpose_times(frame, source)
+        expected = haar_orthogonal(k, generator=reference_source).mT @ frame
+        assert rotated.shape == (k, r)
+        assert torch.allclose(rotated, expected, rtol=0, atol=1e-13)
+    assert torch.equal(source.get_state(), reference_source.get_state())
 
 
 def test_metrics_leave_the_global_rng_alone():

@@ -37,6 +37,7 @@ __all__ = [
     "eval_mode",
     "haar_orthogonal",
     "nfa_metrics",
+    "nfa_metrics_and_spectrum",
     "preactivation_grams",
     "range_spectrum",
 ]
@@ -595,6 +596,36 @@ def _range_svd(weight: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor, Tensor
     return u[:, :rank], s[:rank], vh[:rank].mT
 
 
+def _range_frame(
+    weight_flat: Tensor, gram: Tensor, rank_rtol: float
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+    """(G symmetrised, W, the thin SVD (U, S, V) of W on its range, UᵀGU), float64 on G's device."""
+    gram = gram.detach().to(torch.float64)
+    gram = 0.5 * (gram + gram.mT)
+    weight = weight_flat.detach().to(dtype=torch.float64, device=gram.device)
+    u, s, v = _range_svd(weight, rank_rtol)
+    return gram, weight, (u, s, v), u.mT @ gram @ u
+
+
+def _haar_transpose_times(frame: Tensor, generator: torch.Generator) -> Tensor:
+    """Qᵀ·frame for the Haar-random Q that ``haar_orthogonal(k, generator=generator)`` would
+    return (the same draw), without forming Q: the Householder QR of the same Gaussian
+    matrix, its reflectors applied to ``frame`` (k×r) and the sign correction
+    Q → Q·diag(sign R_ii) applied to the rows. Round-off aside, equal to
+    ``haar_orthogonal(k, generator=generator).mT @ frame``, in about half the time."""
+    k = frame.shape[0]
+    gaussian = torch.randn(
+        k, k, generator=generator, dtype=torch.float64,
+        device=generator.device if generator is not None else "cpu",
+    )
+    reflectors, tau = torch.geqrf(gaussian)
+    signs = torch.sign(torch.diagonal(reflectors))
+    signs[signs == 0] = 1.0
+    frame_here = frame.to(device=reflectors.device)
+    rotated = torch.ormqr(reflectors, tau, frame_here, left=True, transpose=True) * signs[:, None]
+    return rotated.to(device=frame.device)
+
+
 def _psd_power(matrix: Tensor, alpha: float) -> Tensor:
     """M^α for symmetric PSD M via eigh; round-off (negative or ≤ r·ε·λ_max) eigenvalues → 0."""
     if matrix.numel() == 0:
@@ -708,6 +739,48 @@ def nfa_metrics(
 
     Undefined values (W = 0, G = 0, ΔW = 0) are NaN. Returns Python floats.
     """
+    return _nfa_metrics_and_spectrum(
+        weight_flat, gram, alphas=alphas, initial_weight=initial_weight, null_draws=null_draws,
+        generator=generator, readout=readout, rank_rtol=rank_rtol, with_spectrum=False,
+    )[0]
+
+
+def nfa_metrics_and_spectrum(
+    weight_flat: Tensor,
+    gram: Tensor,
+    *,
+    alphas: Sequence[float] = (1.0, 0.5),
+    initial_weight: Tensor | None = None,
+    null_draws: int = 4,
+    generator: torch.Generator | None = None,
+    readout: bool = False,
+    rank_rtol: float | None = None,
+) -> tuple[dict[str, float], Tensor]:
+    """``(nfa_metrics(...), range_spectrum(weight_flat, gram))`` from one SVD of W.
+
+    Same arguments as :func:`nfa_metrics`; the same values as the two calls (the
+    spectrum with the same ``rank_rtol``), at the cost of one thin SVD of W and one
+    compression UᵀGU fewer: what the ``NeuralFeatureAnsatz`` callback computes at
+    every measurement.
+    """
+    return _nfa_metrics_and_spectrum(
+        weight_flat, gram, alphas=alphas, initial_weight=initial_weight, null_draws=null_draws,
+        generator=generator, readout=readout, rank_rtol=rank_rtol, with_spectrum=True,
+    )
+
+
+def _nfa_metrics_and_spectrum(
+    weight_flat: Tensor,
+    gram: Tensor,
+    *,
+    alphas: Sequence[float],
+    initial_weight: Tensor | None,
+    null_draws: int,
+    generator: torch.Generator | None,
+    readout: bool,
+    rank_rtol: float | None,
+    with_spectrum: bool,
+) -> tuple[dict[str, float], Tensor | None]:
     if weight_flat.dim() != 2:
         raise ValueError(f"weight_flat must be a k×d matrix, got shape {tuple(weight_flat.shape)}")
     k, d = weight_flat.shape
@@ -726,11 +799,7 @@ def nfa_metrics(
         rank_rtol = _default_rank_rtol(weight_flat)
 
     device = gram.device
-    gram = gram.detach().to(torch.float64)
-    gram = 0.5 * (gram + gram.mT)
-    weight = weight_flat.detach().to(dtype=torch.float64, device=device)
-    u, s, v = _range_svd(weight, rank_rtol)
-    compressed = u.mT @ gram @ u
+    gram, weight, (u, s, v), compressed = _range_frame(weight_flat, gram, rank_rtol)
     reported = [alpha for alpha in alphas if not (readout and alpha == 1.0)]
 
     metrics: dict[str, float] = {}
@@ -744,8 +813,7 @@ def nfa_metrics(
             generator = torch.Generator().manual_seed(_DEFAULT_SEED)
         null_sums = {alpha: 0.0 for alpha in reported}
         for _ in range(null_draws):
-            rotation = haar_orthogonal(k, generator=generator, device=device)
-            rotated_frame = rotation.mT @ u  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
+            rotated_frame = _haar_transpose_times(u, generator)  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
             rotated = rotated_frame.mT @ gram @ rotated_frame
             for alpha in reported:
                 null_sums[alpha] += _nfa_correlations(s, v, rotated, alpha, d)[1]
@@ -775,7 +843,8 @@ def nfa_metrics(
         if not readout:
             du, ds, dv = _range_svd(delta, rank_rtol)
             metrics["cnfa_pearson_a1"] = _nfa_correlations(ds, dv, du.mT @ gram @ du, 1.0, d)[1]
-    return metrics
+    spectrum = torch.linalg.eigvalsh(compressed).flip(0) if with_spectrum else None
+    return metrics, spectrum
 
 
 def range_spectrum(weight_flat: Tensor, gram: Tensor, *, rank_rtol: float | None = None) -> Tensor:
@@ -786,8 +855,5 @@ def range_spectrum(weight_flat: Tensor, gram: Tensor, *, rank_rtol: float | None
     """
     if rank_rtol is None:
         rank_rtol = _default_rank_rtol(weight_flat)
-    gram = gram.detach().to(torch.float64)
-    weight = weight_flat.detach().to(dtype=torch.float64, device=gram.device)
-    u, _, _ = _range_svd(weight, rank_rtol)
-    compressed = u.mT @ (0.5 * (gram + gram.mT)) @ u
+    compressed = _range_frame(weight_flat, gram, rank_rtol)[3]
     return torch.linalg.eigvalsh(compressed).flip(0)
