@@ -21,6 +21,7 @@ from torch.func import jacrev, vmap
 
 from learnscope.functional.nfa import (
     PreactivationGramAccumulator,
+    _nfa_correlations,
     agop,
     eval_mode,
     _haar_transpose_times,
@@ -866,6 +867,28 @@ def test_null_rotation_without_forming_q_is_haar_orthogonal_transposed(k, r):
         assert rotated.shape == (k, r)
         assert torch.allclose(rotated, expected, rtol=0, atol=1e-13)
     assert torch.equal(source.get_state(), reference_source.get_state())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.25])
+def test_correlations_without_forming_agop_power_equal_the_formed_matrices(alpha):
+    """In range(W), NFM = V S² Vᵀ and AGOP^α = V M^α Vᵀ: Pearson and cosine from the r×r
+    matrices formed explicitly (M^α by eigh) agree with the eigen-form sums to 1e-12."""
+    generator = torch.Generator().manual_seed(16)
+    d, r = 30, 12
+    frame = torch.randn(d, r, generator=generator, dtype=DTYPE)
+    frame[:, 0] = 1.0  # range(W) contains 𝟙, with the largest singular value: mean entries ≠ 0
+    v = torch.linalg.qr(frame)[0]
+    s = torch.rand(r, generator=generator, dtype=DTYPE) + 0.2
+    s[0] = 2.0
+    compressed = random_gram(r, generator) + 0.3
+    m = s[:, None] * compressed * s[None, :]
+    eigenvalues, eigenvectors = torch.linalg.eigh(m)
+    nfm = v @ torch.diag(s**2) @ v.mT
+    agop_power = v @ (eigenvectors * eigenvalues**alpha) @ eigenvectors.mT @ v.mT
+    cosine, pearson = _nfa_correlations(s, v, compressed, alpha, d)
+    assert cosine == pytest.approx(reference_cosine(nfm, agop_power), rel=1e-12)
+    assert pearson == pytest.approx(reference_pearson(nfm, agop_power), rel=1e-12)
+    assert abs(pearson - cosine) > 0.01
 
 
 def test_metrics_leave_the_global_rng_alone():

@@ -43,11 +43,11 @@ __all__ = [
     "symmetric_from_upper",
 ]
 
-#: Row-block height of the symmetric Gram products in ``add_upper_gram``. Each block
-#: row i costs a (b × m)·(m × (k − i·b)) product, so the total is k(k + b)/2 of k²
-#: multiply-adds per row; 64 is where the products still run at the full matrix
-#: product rate on a CPU core (measured: k = 512, m = 2560: 0.57 × the time of the
-#: full product with b = 64, 0.61 with 128, 0.80 with 32).
+#: Row-block height of the symmetric Gram products in ``add_upper_gram``. Block row i
+#: costs a (b × m)·(m × (k − i·b)) product: about k(k + b)/2 multiply-adds per row
+#: instead of k². 64 is where the blocks still run at the full matrix-product rate on
+#: a CPU core (measured, k = 512, m = 2560, float32: 0.57 × the time of the full
+#: product with b = 64, 0.61 with 128, 0.80 with 32).
 GRAM_BLOCK = 64
 
 # Elements of the float32 temporary per slice of the batched convolution Gram
@@ -185,8 +185,8 @@ class ConvHandler(LayerHandler):
         ``GRAM_BLOCK`` rows on and right of the diagonal only. The copy that
         ``gradient_rows`` makes (channels last, a strided transpose of every entry)
         costs far more than the products when k is small (k = 8 channels on 28×28
-        positions: 7× the time of the batched products). When P < k/4 the k×k
-        per-slice products outweigh the copy and the rows path is used instead.
+        positions: 7 to 10 × the time of the batched products). When P < k/4 the
+        per-slice products are too small to run fast and the rows path is used instead.
         """
         k = self.out_features(module)
         channel_dim = -(self.spatial_dims + 1)

@@ -626,18 +626,25 @@ def _haar_transpose_times(frame: Tensor, generator: torch.Generator) -> Tensor:
     return rotated.to(device=frame.device)
 
 
-def _psd_power(matrix: Tensor, alpha: float) -> Tensor:
-    """M^α for symmetric PSD M via eigh; round-off (negative or ≤ r·ε·λ_max) eigenvalues → 0."""
-    if matrix.numel() == 0:
-        return matrix
-    if alpha == 1:
-        return matrix
+def _psd_eigen_power(matrix: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """(p, E) with M^α = E diag(p) Eᵀ for symmetric PSD M (eigh); round-off (negative or
+    ≤ r·ε·λ_max) eigenvalues → 0."""
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     largest = eigenvalues.abs().max()
     cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * largest
     powered = torch.where(
         eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues)
     )
+    return powered, eigenvectors
+
+
+def _psd_power(matrix: Tensor, alpha: float) -> Tensor:
+    """M^α for symmetric PSD M via eigh; round-off (negative or ≤ r·ε·λ_max) eigenvalues → 0."""
+    if matrix.numel() == 0:
+        return matrix
+    if alpha == 1:
+        return matrix
+    powered, eigenvectors = _psd_eigen_power(matrix, alpha)
     return (eigenvectors * powered) @ eigenvectors.mT
 
 
@@ -648,38 +655,44 @@ def _ratio(numerator: Tensor | float, denominator: Tensor | float) -> float:
     return numerator / denominator
 
 
-def _cosine_and_pearson(x: Tensor, y: Tensor, v: Tensor, d: int) -> tuple[float, float]:
-    r"""Cosine and Pearson of the flattened d×d matrices A = V X Vᵀ and B = V Y Vᵀ.
+def _nfa_correlations(
+    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int
+) -> tuple[float, float]:
+    r"""Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S.
 
-    With Vᵀ V = I (r columns) and X, Y symmetric r×r:
-        ⟨A, B⟩ = tr(XY),  ‖A‖² = tr(X²),
-        mean entry a = 1ᵀA1/d² = uᵀXu/d² with u = Vᵀ1,
+    Both are d×d matrices A = V X Vᵀ, B = V Y Vᵀ with Vᵀ V = I (r columns),
+    X = S² diagonal and Y = M^α (r×r symmetric), so with u = Vᵀ1:
+        ⟨A, B⟩ = tr(XY) = Σ_i s_i² Y_ii,  ‖A‖² = Σ_i s_i⁴,  ‖B‖² = ‖Y‖_F²,
+        mean entries a = uᵀXu/d² = Σ_i s_i² u_i²/d²,  b = uᵀYu/d²,
         ⟨A − a𝟙, B − b𝟙⟩ = ⟨A, B⟩ − d²ab,  ‖A − a𝟙‖² = ‖A‖² − d²a²,
-    and Pearson is the cosine of the centred matrices.
+    and Pearson is the cosine of the centred matrices. For α ≠ 1, Y = E diag(p) Eᵀ
+    (eigh of M) is not formed: Y_ii = Σ_j E_ij² p_j, ‖Y‖_F² = Σ_j p_j² and
+    uᵀYu = Σ_j p_j (Eᵀu)_j².
     """
-    if x.numel() == 0:
+    if s.numel() == 0:
         return float("nan"), float("nan")
-    inner = (x * y).sum()
-    norm_x2 = (x * x).sum()
-    norm_y2 = (y * y).sum()
-    cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
+    x = s**2
     u = v.sum(dim=0)
-    mean_x = (u @ x @ u) / d**2
-    mean_y = (u @ y @ u) / d**2
+    m = s[:, None] * compressed_gram * s[None, :]
+    if alpha == 1:
+        diagonal_y = torch.diagonal(m)
+        norm_y2 = (m * m).sum()
+        u_y_u = u @ m @ u
+    else:
+        powered, eigenvectors = _psd_eigen_power(m, alpha)
+        diagonal_y = (eigenvectors * eigenvectors) @ powered
+        norm_y2 = (powered * powered).sum()
+        u_y_u = (powered * (eigenvectors.mT @ u) ** 2).sum()
+    inner = (x * diagonal_y).sum()
+    norm_x2 = (x * x).sum()
+    cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
+    mean_x = (x * u * u).sum() / d**2
+    mean_y = u_y_u / d**2
     covariance = inner - d**2 * mean_x * mean_y
     variance_x = (norm_x2 - d**2 * mean_x**2).clamp_min(0)
     variance_y = (norm_y2 - d**2 * mean_y**2).clamp_min(0)
     pearson = _ratio(covariance, torch.sqrt(variance_x * variance_y))
     return cosine, pearson
-
-
-def _nfa_correlations(
-    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int
-) -> tuple[float, float]:
-    """Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S."""
-    nfm = torch.diag(s**2)
-    m = s[:, None] * compressed_gram * s[None, :]
-    return _cosine_and_pearson(nfm, _psd_power(m, alpha), v, d)
 
 
 def _sphericity(gram: Tensor) -> float:
