@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from learnscope.functional.nfa import PreactivationGramAccumulator, nfa_metrics, range_spectrum
+from learnscope.functional.nfa import PreactivationGramAccumulator, nfa_metrics_and_spectrum
+from learnscope.layers import GRAM_BLOCK, handler_for
 from timing import Stopwatch, best_of, interleaved, median
 from workloads import StepClock, Workload, fit, scratch_dir
 
@@ -59,11 +60,14 @@ class NFAProblem:
 
     def gram_only(self, grads: list[Tensor]) -> None:
         """The Gram products alone, on VJP outputs of one chunk (attribution), as the library
-        does them: each chunk's rowsᵀrows in the gradient's dtype, added into a float64 sum."""
-        for g in grads:
-            k = g.shape[2] if g.dim() > 3 else g.shape[-1]
-            rows = (g.movedim(2, -1) if g.dim() > 3 else g).reshape(-1, k)
-            torch.zeros(k, k, dtype=torch.float64).add_(rows.mT @ rows)
+        does them: each layer handler's ``add_gram`` (the blocks of rowsᵀrows on and above
+        the diagonal in the gradient's dtype, a convolution's in its native layout), added
+        into a float64 sum."""
+        for index, g in zip(self.layers, grads):
+            module = self.net[index]
+            handler = handler_for(module)
+            k = handler.out_features(module)
+            handler.add_gram(module, g, torch.zeros(k, k, dtype=torch.float64))
 
     def chunk_vjps(self, x: Tensor | None = None) -> list[Tensor]:
         """One forward over a chunk (default: the first) and c batched VJPs to every layer."""
@@ -98,11 +102,12 @@ class NFAProblem:
         return agops
 
     def metrics(self, grams: dict[str, Tensor]) -> None:
+        """nfa_metrics and range_spectrum of every layer, from one SVD of W as the callback
+        computes them (``nfa_metrics_and_spectrum``)."""
         for name, gram in grams.items():
             weight = self.net[int(name)].weight.detach()
             weight = weight.reshape(weight.shape[0], -1)
-            nfa_metrics(weight, gram, initial_weight=weight)
-            range_spectrum(weight, gram)
+            nfa_metrics_and_spectrum(weight, gram, initial_weight=weight)
 
 
 @dataclass
@@ -247,11 +252,22 @@ def check_agreement(workload: Workload, samples: int = 256) -> float:
     return float((ours - theirs).norm() / theirs.norm()) if theirs.norm() > 0 else math.nan
 
 
+def product_madds_per_row(k: int) -> int:
+    """Multiply-adds per row of ``add_upper_gram``'s blocked product (k² up to one block,
+    about k(k + b)/2 above)."""
+    if k <= GRAM_BLOCK:
+        return k * k
+    return sum(min(GRAM_BLOCK, k - start) * (k - start) for start in range(0, k, GRAM_BLOCK))
+
+
 def gram_model_inputs(workload: Workload, samples: int = 1024) -> dict[str, float]:
-    """Inputs of the Gram-time model: Σ_l rows_l·k_l² over the probe set (rows: samples ×
-    output positions), the float32 matrix-product rate (flop/s), and the time to lay
-    one output's VJP rows out (``gradient_rows``: a view for a Linear, a copy for a conv: Σ rows·k
-    elements at the per-element cost of a Linear's or a convolution's layout, timed here)."""
+    """Inputs of the Gram-time model: Σ_l rows_l·(multiply-adds per row of the blocked
+    symmetric product, ≈ k_l²/2) over the probe set for the layers whose rows are a matrix
+    (Linear; rows: samples × positions), the float32 matrix-product rate (flop/s), and
+    the time per row entry of the rest: a Linear's rows are a view (no copy, timed here
+    as such); a convolution's Gram is contracted in its native layout by batched
+    products (``ConvHandler.add_gram``), timed here per gradient entry on a chunk of
+    8 channels on 28×28 positions."""
     net = workload.net().eval()
     x, _ = workload.data(1)
     shapes: dict[int, torch.Size] = {}
@@ -264,20 +280,22 @@ def gram_model_inputs(workload: Workload, samples: int = 1024) -> dict[str, floa
     for index in measured_layers(net):
         k = shapes[index][1]
         positions = math.prod(shapes[index][2:]) if len(shapes[index]) > 2 else 1
-        rows_k2 += samples * positions * k * k
-        if len(shapes[index]) > 2:
+        if len(shapes[index]) > 2 and 4 * positions >= k:
             rows_k_conv += samples * positions * k
-        else:
-            rows_k_linear += samples * k
+        else:  # a Linear, or a convolution with few positions (rows path: counted like a Linear)
+            rows_k2 += samples * positions * product_madds_per_row(k)
+            rows_k_linear += samples * positions * k
     a = torch.randn(2560, 512)
     product = best_of(lambda: torch.zeros(512, 512, dtype=torch.float64).add_(a.mT @ a), 5)
     # a chunk's batched VJP outputs (c, n, k[, H, W]): a Linear's rows are contiguous (a
-    # conversion), a convolution's channels move last first (a strided copy); beyond the caches
+    # view); a convolution's Gram in its native layout; beyond the caches
     linear = torch.randn(10, CHUNK, 4096)
     per_linear = best_of(lambda: linear.reshape(-1, 4096).contiguous(), 3) / linear.numel()
     del linear
     conv = torch.randn(10, CHUNK, 8, 28, 28)
-    per_conv = best_of(lambda: conv.movedim(2, -1).reshape(-1, 8), 3) / conv.numel()
+    conv_layer = nn.Conv2d(1, 8, 3)
+    target = torch.zeros(8, 8, dtype=torch.float64)
+    per_conv = best_of(lambda: handler_for(conv_layer).add_gram(conv_layer, conv, target), 3) / conv.numel()
     del conv
     return {"rows_k2": rows_k2, "rate64": 2 * 2560 * 512 * 512 / product,
             "layout_seconds": rows_k_linear * per_linear + rows_k_conv * per_conv,

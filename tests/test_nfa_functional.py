@@ -8,6 +8,7 @@ d×d matrices.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -20,14 +21,25 @@ from torch.func import jacrev, vmap
 
 from learnscope.functional.nfa import (
     PreactivationGramAccumulator,
+    _nfa_correlations,
     agop,
     eval_mode,
+    _haar_transpose_times,
     haar_orthogonal,
     nfa_metrics,
+    nfa_metrics_and_spectrum,
     preactivation_grams,
     range_spectrum,
 )
-from learnscope.layers import default_layers, select_layers
+from learnscope import layers as layers_module
+from learnscope.layers import (
+    ConvHandler,
+    LinearHandler,
+    add_upper_gram,
+    default_layers,
+    select_layers,
+    symmetric_from_upper,
+)
 
 DTYPE = torch.float64
 
@@ -242,6 +254,192 @@ def test_sequence_chunked_accumulation_equals_one_batch():
         accumulator.update(chunk)
     for name, gram in accumulator.compute().items():
         assert torch.allclose(gram, whole[name], rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- #
+# Gram products: blocked, symmetric, convolutions in their native layout
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 65, 100, 130, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_symmetric_gram_equals_naive_float64_product(k, dtype):
+    generator = torch.Generator().manual_seed(k)
+    chunks = [torch.randn(m, k, generator=generator, dtype=dtype) for m in (37, 1, 0, 90)]
+    expected = sum(c.to(DTYPE).mT @ c.to(DTYPE) for c in chunks)
+    for block in (layers_module.GRAM_BLOCK, 7, 1):
+        upper = torch.zeros(k, k, dtype=DTYPE)
+        for c in chunks:
+            add_upper_gram(c, upper, alpha=0.5, block=block)
+            add_upper_gram(c, upper, alpha=0.5, block=block)
+        gram = symmetric_from_upper(upper)
+        assert torch.equal(gram, gram.mT)
+        tolerance = 1e-12 if dtype == DTYPE else 1e-6
+        assert relative_error(gram, expected) < tolerance, block
+
+
+def test_symmetric_from_upper_ignores_the_lower_triangle():
+    upper = torch.arange(16.0, dtype=DTYPE).reshape(4, 4)
+    expected = torch.triu(upper) + torch.triu(upper, 1).mT
+    assert torch.equal(symmetric_from_upper(upper), expected)
+    assert torch.equal(symmetric_from_upper(upper + torch.tril(torch.ones(4, 4), -1)), expected)
+
+
+def movedim_gram(grad, spatial_dims):
+    """Σ rowsᵀ rows from the channels-last rows (the straightforward layout), float64."""
+    rows = grad.to(DTYPE).movedim(-(spatial_dims + 1), -1)
+    rows = rows.reshape(-1, rows.shape[-1])
+    return rows.mT @ rows
+
+
+@pytest.mark.parametrize(
+    "conv, spatial",
+    [
+        (nn.Conv1d(3, 5, 3, stride=2, padding=1), (11,)),
+        (nn.Conv1d(2, 70, 2, dilation=2), (9,)),  # k > block, 4·positions < k: the rows path
+        (nn.Conv2d(1, 8, 3, padding=1), (6, 7)),
+        (nn.Conv2d(2, 130, 3, stride=2, padding=2), (13, 12)),  # k > block, not a multiple
+        (nn.Conv2d(3, 200, 3, stride=3), (9, 9)),  # 9 positions, k = 200: the rows path
+        (nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(0, 1, 1)), (4, 5, 3)),
+    ],
+    ids=["conv1d-strided", "conv1d-k70-rows", "conv2d-k8", "conv2d-k130-strided", "conv2d-k200-rows", "conv3d"],
+)
+@pytest.mark.parametrize("slice_elements", [1 << 19, 50])  # 50: one sample per batched product
+def test_conv_gram_in_native_layout_equals_movedim_gram(conv, spatial, slice_elements, monkeypatch):
+    monkeypatch.setattr(layers_module, "_GRAM_SLICE_ELEMENTS", slice_elements)
+    torch.manual_seed(9)
+    handler = ConvHandler(len(spatial))
+    output = conv(torch.randn(6, conv.in_channels, *spatial))
+    for grad in (
+        torch.randn(3, *output.shape),  # batched VJPs (c, n, k, *grid), float32
+        torch.randn(*output.shape, dtype=DTYPE),  # one VJP, float64
+        torch.randn(*output.shape[1:], 2, 3).movedim((-2, -1), (0, 1)),  # non-contiguous
+    ):
+        upper = torch.zeros(conv.out_channels, conv.out_channels, dtype=DTYPE)
+        handler.add_gram(conv, grad, upper, alpha=2.0)
+        handler.add_gram(conv, grad, upper, alpha=-1.0)
+        expected = movedim_gram(grad, len(spatial))
+        tolerance = 1e-12 if grad.dtype == DTYPE else 1e-6
+        assert relative_error(symmetric_from_upper(upper), expected) < tolerance
+        rows = handler.gradient_rows(conv, grad)  # still there for other uses
+        assert torch.allclose(rows.to(DTYPE).mT @ rows.to(DTYPE), expected, rtol=1e-12, atol=1e-9)
+
+
+def test_conv_gram_rejects_a_gradient_without_the_layer_channels():
+    conv = nn.Conv2d(1, 4, 3)
+    with pytest.raises(ValueError, match="4 channels"):
+        ConvHandler(2).add_gram(conv, torch.randn(2, 5, 3, 3), torch.zeros(4, 4, dtype=DTYPE))
+
+
+def test_linear_gram_of_token_gradients_equals_naive_product():
+    layer = nn.Linear(4, 90)
+    grad = torch.randn(3, 5, 7, 90, dtype=DTYPE)  # (VJPs, samples, tokens, k)
+    upper = torch.zeros(90, 90, dtype=DTYPE)
+    LinearHandler().add_gram(layer, grad, upper)
+    rows = grad.reshape(-1, 90)
+    assert relative_error(symmetric_from_upper(upper), rows.mT @ rows) < 1e-13
+
+
+def reference_preactivation_gram(model, index, x):
+    """(1/n) Σ_x J_xᵀ J_x with J_x = ∂f/∂z (c × k) by jacrev through the network's tail."""
+    z = run(model[: index + 1], x)
+    jacobian = vmap(jacrev(lambda h: run(model[index + 1 :], h.unsqueeze(0)).squeeze(0)))(z)
+    return torch.einsum("ncj,nck->jk", jacobian, jacobian) / len(x)
+
+
+def test_wide_and_width_one_layers_match_jacrev_gram_over_several_chunks(digits):
+    """k = 150 (> the block, not a multiple of it) and k = 1, fed in uneven chunks."""
+    torch.manual_seed(10)
+    model = nn.Sequential(
+        nn.Linear(64, 150), nn.Tanh(), nn.Linear(150, 1), nn.Tanh(), nn.Linear(1, 70), nn.ReLU(),
+        nn.Linear(70, 10),
+    ).to(DTYPE).eval()
+    accumulator = PreactivationGramAccumulator(model, None, output_chunk=4)
+    for chunk in digits.split(70):  # 70, 70, 70, 46
+        accumulator.update(chunk)
+    grams = accumulator.compute()
+    for index in (0, 2, 4, 6):
+        expected = reference_preactivation_gram(model, index, digits)
+        assert torch.equal(grams[str(index)], grams[str(index)].mT)
+        assert relative_error(grams[str(index)], expected) < 1e-12, index
+    # float32: the products in float32, the sums in float64
+    model32 = copy.deepcopy(model).to(torch.float32)
+    grams32 = preactivation_grams(model32, digits.to(torch.float32), None)
+    for index in (0, 2, 4):
+        expected = reference_preactivation_gram(model, index, digits)
+        assert relative_error(grams32[str(index)], expected) < 1e-5, index
+
+
+def test_reduce_over_processes_gives_the_gram_of_all_samples(digits):
+    """compute(reduce=) as under DDP: three simulated ranks, one of which saw no samples."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(64, 100), nn.Tanh(), nn.Linear(100, 10)).to(DTYPE).eval()
+    whole = preactivation_grams(model, digits, None)
+    ranks = [PreactivationGramAccumulator(model, None) for _ in range(3)]
+    ranks[0].update(digits[:90])
+    ranks[1].update(digits[90:200])
+    ranks[1].update(digits[200:])
+    shares = []
+    for rank in ranks:  # each rank's flat contribution, as the collective would receive it
+        rank._reduce(lambda t: shares.append(t.clone()) or t)
+    assert len({t.numel() for t in shares}) == 1
+    total = sum(shares)
+    for rank in ranks:
+        grams = rank.compute(reduce=lambda t: total)
+        assert rank.num_samples == len(digits)
+        for name, gram in whole.items():
+            assert torch.allclose(grams[name], gram, rtol=1e-12, atol=1e-15), name
+
+
+class NotBatchable(torch.autograd.Function):
+    """sin(x) whose backward branches on data: no vmap rule, so batched VJPs fail."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError("non-finite gradient")
+        return grad * x.cos()
+
+
+class SineNet(nn.Module):
+    def __init__(self, batchable):
+        super().__init__()
+        torch.manual_seed(11)
+        self.first, self.second, self.head = nn.Linear(64, 30), nn.Linear(30, 80), nn.Linear(80, 10)
+        self.activation = torch.sin if batchable else NotBatchable.apply
+
+    def forward(self, x):
+        return self.head(self.activation(self.second(self.activation(self.first(x)))))
+
+
+@pytest.mark.parametrize("output_chunk", [16, 3], ids=["one-batch", "four-batches"])
+@pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
+def test_fallback_to_one_vjp_per_output_gives_the_batched_gram(digits, output_chunk, estimator):
+    """With one batch of VJP directions the graph is freed during the batched attempt:
+    the fallback must rebuild it; with several, the first batch falls back in place."""
+    options = dict(output_chunk=output_chunk, estimator=estimator, num_probes=5)
+    batched = PreactivationGramAccumulator(
+        SineNet(True).to(DTYPE).eval(), None, generator=torch.Generator().manual_seed(1), **options
+    )
+    looped = PreactivationGramAccumulator(
+        SineNet(False).to(DTYPE).eval(), None, generator=torch.Generator().manual_seed(1), **options
+    )
+    with pytest.warns(UserWarning, match="falling back"):
+        looped.update(digits[:100])
+    looped.update(digits[100:])
+    for chunk in (digits[:100], digits[100:]):
+        batched.update(chunk)
+    expected, measured = batched.compute(), looped.compute()
+    assert list(measured) == ["first", "second", "head"]
+    assert looped.num_samples == len(digits) and looped._calls == batched._calls
+    for name in expected:
+        assert relative_error(measured[name], expected[name]) < 1e-13, name
 
 
 # --------------------------------------------------------------------------- #
@@ -632,6 +830,65 @@ def test_haar_orthogonal_is_orthogonal_and_reproducible():
     q = haar_orthogonal(9, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(q @ q.mT, torch.eye(9, dtype=DTYPE), atol=1e-12)
     assert torch.equal(q, haar_orthogonal(9, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize(
+    "shape, rank, readout",
+    [((5, 12), None, False), ((40, 9), None, False), ((30, 50), 4, False), ((10, 30), None, True), ((1, 7), None, False)],
+    ids=["k<d", "k>d", "low-rank", "readout", "k=1"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, DTYPE])
+def test_metrics_and_spectrum_from_one_svd_equal_the_separate_calls(shape, rank, readout, dtype):
+    generator = torch.Generator().manual_seed(13)
+    k, d = shape
+    weight = torch.randn(k, d, generator=generator, dtype=DTYPE) + 0.3
+    if rank is not None:
+        weight = torch.randn(k, rank, generator=generator, dtype=DTYPE) @ weight[:rank]
+    weight = weight.to(dtype)
+    gram = random_gram(k, generator)
+    options = dict(alphas=(1.0, 0.5, 2.0), initial_weight=0.8 * weight + 0.1, null_draws=3, readout=readout)
+    separate_source, shared_source = torch.Generator().manual_seed(14), torch.Generator().manual_seed(14)
+    separate = nfa_metrics(weight, gram, generator=separate_source, **options)
+    shared, spectrum = nfa_metrics_and_spectrum(weight, gram, generator=shared_source, **options)
+    assert torch.equal(separate_source.get_state(), shared_source.get_state())  # the same null draws
+    assert shared.keys() == separate.keys()
+    for key, value in separate.items():
+        assert shared[key] == pytest.approx(value, rel=1e-12, abs=1e-300) or math.isnan(value) and math.isnan(shared[key]), key
+    assert torch.equal(spectrum, range_spectrum(weight, gram))
+
+
+@pytest.mark.parametrize("k, r", [(1, 1), (6, 0), (6, 3), (40, 40), (70, 25)])
+def test_null_rotation_without_forming_q_is_haar_orthogonal_transposed(k, r):
+    frame = torch.linalg.qr(torch.randn(k, max(r, 1), dtype=DTYPE))[0][:, :r]
+    source, reference_source = torch.Generator().manual_seed(15), torch.Generator().manual_seed(15)
+    for _ in range(3):  # successive draws stay in step with haar_orthogonal's
+        rotated = _haar_transpose_times(frame, source)
+        expected = haar_orthogonal(k, generator=reference_source).mT @ frame
+        assert rotated.shape == (k, r)
+        assert torch.allclose(rotated, expected, rtol=0, atol=1e-13)
+    assert torch.equal(source.get_state(), reference_source.get_state())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.25])
+def test_correlations_without_forming_agop_power_equal_the_formed_matrices(alpha):
+    """In range(W), NFM = V S² Vᵀ and AGOP^α = V M^α Vᵀ: Pearson and cosine from the r×r
+    matrices formed explicitly (M^α by eigh) agree with the eigen-form sums to 1e-12."""
+    generator = torch.Generator().manual_seed(16)
+    d, r = 30, 12
+    frame = torch.randn(d, r, generator=generator, dtype=DTYPE)
+    frame[:, 0] = 1.0  # range(W) contains 𝟙, with the largest singular value: mean entries ≠ 0
+    v = torch.linalg.qr(frame)[0]
+    s = torch.rand(r, generator=generator, dtype=DTYPE) + 0.2
+    s[0] = 2.0
+    compressed = random_gram(r, generator) + 0.3
+    m = s[:, None] * compressed * s[None, :]
+    eigenvalues, eigenvectors = torch.linalg.eigh(m)
+    nfm = v @ torch.diag(s**2) @ v.mT
+    agop_power = v @ (eigenvectors * eigenvalues**alpha) @ eigenvectors.mT @ v.mT
+    cosine, pearson = _nfa_correlations(s, v, compressed, alpha, d)
+    assert cosine == pytest.approx(reference_cosine(nfm, agop_power), rel=1e-12)
+    assert pearson == pytest.approx(reference_pearson(nfm, agop_power), rel=1e-12)
+    assert abs(pearson - cosine) > 0.01
 
 
 def test_metrics_leave_the_global_rng_alone():

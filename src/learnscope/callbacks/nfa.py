@@ -32,8 +32,7 @@ from learnscope.functional.nfa import (
     _psd_power,
     agop,
     default_output_fn,
-    nfa_metrics,
-    range_spectrum,
+    nfa_metrics_and_spectrum,
 )
 from learnscope.layers import handler_for, select_layers
 from learnscope.records import NFARecord
@@ -509,7 +508,7 @@ class NeuralFeatureAnsatz(Callback):
         for name, gram in grams.items():
             weight = weights[name]
             readout = name == self._readout
-            values = nfa_metrics(
+            values, spectra[name] = nfa_metrics_and_spectrum(
                 weight,
                 gram,
                 alphas=self.alphas,
@@ -521,7 +520,6 @@ class NeuralFeatureAnsatz(Callback):
             if readout:  # and ψ(I) = 1: sphericity says nothing there either
                 del values["sphericity"], values["sphericity_range"]
             metrics[name] = {key: value for key, value in values.items() if math.isfinite(value)}
-            spectra[name] = range_spectrum(weight, gram)
             if draw and weight.shape[1] <= IMAGE_MAX_INPUT_DIM:
                 weight64 = weight.to(torch.float64)
                 full_agop = agop(weight64, gram)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from learnscope.layers import handler_for, select_layers, supported_only
+from learnscope.layers import handler_for, select_layers, supported_only, symmetric_from_upper
 
 __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
@@ -37,6 +37,7 @@ __all__ = [
     "eval_mode",
     "haar_orthogonal",
     "nfa_metrics",
+    "nfa_metrics_and_spectrum",
     "preactivation_grams",
     "range_spectrum",
 ]
@@ -192,6 +193,13 @@ class PreactivationGramAccumulator:
       P = ``num_probes``: unbiased; independent draws per sample make the
       per-sample errors average out (≈10× better than one probe shared by the batch).
 
+    Each batch of VJPs goes into the layer's float64 sum Σ gᵀg through its handler's
+    ``add_gram`` (``learnscope.layers``): the product in the gradient's dtype, only
+    its blocks on and above the diagonal (about half the work; G is symmetrised in
+    ``compute``), a convolution's in its native (…, k, positions) layout. The probes
+    p are stored as one expanded zero each, and the last batch of VJPs of a chunk
+    frees the graph as it goes, as a plain backward does.
+
     A layer called several times in one forward (weight sharing) contributes all
     its calls, as if they were further positions.
 
@@ -267,39 +275,8 @@ class PreactivationGramAccumulator:
             self._update(_clone_inference_tensors(inputs))
 
     def _update(self, inputs: Any) -> None:
-        leaves: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-
-        def make_hook(name: str) -> Callable:
-            def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                if not isinstance(output, Tensor) or not output.is_floating_point():
-                    return None
-                probe = torch.zeros_like(output, requires_grad=True)
-                leaves[name].append(probe)
-                return output + probe
-
-            return hook
-
-        handles = []
-        try:
-            for name, module in self.layers.items():
-                handles.append(module.register_forward_hook(make_hook(name)))
-            raw_output = _call_model(self.model, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        output = self._read_output(raw_output)
-        num_samples = output.shape[0]
-        outputs_per_position = output.shape[-1]
-        flat_output = output.reshape(num_samples, -1)
-
-        if self.estimator is None:
-            if self.requested_estimator == "auto":
-                self.estimator = (
-                    "exact" if outputs_per_position <= AUTO_EXACT_MAX_OUTPUTS else "hutchinson"
-                )
-            else:
-                self.estimator = self.requested_estimator
+        flat_output, leaves = self._forward(inputs)
+        num_samples = flat_output.shape[0]
 
         for name in self.layers:
             if not leaves[name] and name not in self._warned:
@@ -323,16 +300,60 @@ class PreactivationGramAccumulator:
         if not probes or not flat_output.requires_grad:
             return  # no measured layer influences the output: G gets zeros
 
-        for grad_outputs, weight in self._grad_output_batches(flat_output):
-            grads = self._batched_vjp(flat_output, probes, grad_outputs)
+        for grad_outputs, weight, last in self._grad_output_batches(flat_output):
+            # The last batch lets autograd free the graph as it goes (as a plain backward
+            # does): the saved activations are released before the chunk's peak.
+            grads = self._batched_vjp(flat_output, probes, grad_outputs, retain_graph=not last)
+            if grads is None:
+                # The batched VJP failed after freeing part of the graph: build it again
+                # (same inputs, eval mode: the same graph) and finish one VJP at a time.
+                flat_output, leaves = self._forward(inputs)
+                probes = [probe for name in self.layers for probe in leaves[name]]
+                grads = self._batched_vjp(flat_output, probes, grad_outputs, retain_graph=not last)
             for name, grad in zip(names, grads):
                 if grad is None:
                     continue
                 module = self.layers[name]
-                rows = handler_for(module).gradient_rows(module, grad)
-                # one chunk's Σ gᵀg in the gradient's dtype, accumulated over chunks in float64
-                self._gram_sums[name].add_(rows.mT @ rows, alpha=weight)
-                del rows, grad
+                # one chunk's Σ gᵀg in the gradient's dtype, in blocks on and above the
+                # diagonal, accumulated over chunks in float64 (symmetrised in compute)
+                handler_for(module).add_gram(module, grad, self._gram_sums[name], alpha=weight)
+            grads = grad = None  # release this batch's gradients before the next batch's VJPs
+
+    def _forward(self, inputs: Any) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        """One forward with a zero probe p added to every measured layer's output:
+        the flattened prediction (n, C) and each layer's probes (one per call)."""
+        leaves: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+
+        def make_hook(name: str) -> Callable:
+            def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                if not isinstance(output, Tensor) or not output.is_floating_point():
+                    return None
+                # A zero leaf of the output's shape, stored as one expanded element:
+                # ∂f/∂p = ∂f/∂z, and z + p replaces z at no memory beyond z's.
+                probe = output.new_zeros(()).expand(output.shape).requires_grad_()
+                leaves[name].append(probe)
+                return output + probe
+
+            return hook
+
+        handles = []
+        try:
+            for name, module in self.layers.items():
+                handles.append(module.register_forward_hook(make_hook(name)))
+            raw_output = _call_model(self.model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        output = self._read_output(raw_output)
+        if self.estimator is None:
+            if self.requested_estimator == "auto":
+                self.estimator = (
+                    "exact" if output.shape[-1] <= AUTO_EXACT_MAX_OUTPUTS else "hutchinson"
+                )
+            else:
+                self.estimator = self.requested_estimator
+        return output.reshape(output.shape[0], -1), leaves
 
     def _read_output(self, raw_output: Any) -> Tensor:
         if self.output_fn is None:
@@ -358,15 +379,18 @@ class PreactivationGramAccumulator:
             output = output.unsqueeze(-1)  # (n,) regression: one output per sample
         return output
 
-    def _grad_output_batches(self, flat_output: Tensor) -> Iterator[tuple[Tensor, float]]:
+    def _grad_output_batches(self, flat_output: Tensor) -> Iterator[tuple[Tensor, float, bool]]:
+        """(grad_outputs, weight, last): the batches of VJP directions of one chunk."""
         num_samples, num_outputs = flat_output.shape
         options = dict(dtype=flat_output.dtype, device=flat_output.device)
         if self.estimator == "exact":
+            # Row j of V is the one-hot e_j for every sample: rows of the identity,
+            # expanded over the samples (no n × C storage per row).
+            identity = torch.eye(num_outputs, **options)
             for start in range(0, num_outputs, self.output_chunk):
-                index = torch.arange(start, min(start + self.output_chunk, num_outputs))
-                one_hots = torch.zeros(len(index), num_samples, num_outputs, **options)
-                one_hots[torch.arange(len(index)), :, index] = 1.0
-                yield one_hots, 1.0
+                stop = min(start + self.output_chunk, num_outputs)
+                one_hots = identity[start:stop].unsqueeze(1).expand(stop - start, num_samples, num_outputs)
+                yield one_hots, 1.0, stop == num_outputs
             return
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(_DEFAULT_SEED)
@@ -376,15 +400,18 @@ class PreactivationGramAccumulator:
                 0, 2, (count, num_samples, num_outputs),
                 generator=self.generator, device=self.generator.device,
             )
-            yield (2 * signs - 1).to(**options), 1.0 / self.num_probes
+            yield (2 * signs - 1).to(**options), 1.0 / self.num_probes, start + count == self.num_probes
 
     def _batched_vjp(
-        self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor
-    ) -> Sequence[Tensor | None]:
+        self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor, *, retain_graph: bool
+    ) -> Sequence[Tensor | None] | None:
+        """The VJPs of every row of ``grad_outputs``, stacked, for every probe; None when
+        the batched VJP failed with ``retain_graph=False`` (the graph may be partly freed:
+        the caller builds it again and calls once more, which then goes one row at a time)."""
         if self._batched_vjp_works:
             try:
                 return torch.autograd.grad(
-                    output, probes, grad_outputs=grad_outputs, retain_graph=True,
+                    output, probes, grad_outputs=grad_outputs, retain_graph=retain_graph,
                     allow_unused=True, is_grads_batched=True,
                 )
             except RuntimeError as error:
@@ -395,11 +422,15 @@ class PreactivationGramAccumulator:
                     "VJP per output, which is slower",
                     stacklevel=4,
                 )
+                if not retain_graph:
+                    return None
+        last_row = len(grad_outputs) - 1
         per_row = [
             torch.autograd.grad(
-                output, probes, grad_outputs=row, retain_graph=True, allow_unused=True
+                output, probes, grad_outputs=row, retain_graph=retain_graph or i < last_row,
+                allow_unused=True,
             )
-            for row in grad_outputs
+            for i, row in enumerate(grad_outputs)
         ]
         stacked: list[Tensor | None] = []
         for position, probe in enumerate(probes):
@@ -408,7 +439,7 @@ class PreactivationGramAccumulator:
                 stacked.append(None)
             else:
                 stacked.append(
-                    torch.stack([torch.zeros_like(probe) if g is None else g for g in column])
+                    torch.stack([torch.zeros(probe.shape, dtype=probe.dtype, device=probe.device) if g is None else g for g in column])
                 )
         return stacked
 
@@ -425,7 +456,7 @@ class PreactivationGramAccumulator:
         if self.num_samples == 0:
             raise RuntimeError("no samples accumulated: call update(inputs) first")
         return {
-            name: self._gram_sums[name] / self.num_samples
+            name: symmetric_from_upper(self._gram_sums[name]).div_(self.num_samples)
             for name in self.layers
             if self._calls[name] > 0
         }
@@ -565,18 +596,55 @@ def _range_svd(weight: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor, Tensor
     return u[:, :rank], s[:rank], vh[:rank].mT
 
 
-def _psd_power(matrix: Tensor, alpha: float) -> Tensor:
-    """M^α for symmetric PSD M via eigh; round-off (negative or ≤ r·ε·λ_max) eigenvalues → 0."""
-    if matrix.numel() == 0:
-        return matrix
-    if alpha == 1:
-        return matrix
+def _range_frame(
+    weight_flat: Tensor, gram: Tensor, rank_rtol: float
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+    """(G symmetrised, W, the thin SVD (U, S, V) of W on its range, UᵀGU), float64 on G's device."""
+    gram = gram.detach().to(torch.float64)
+    gram = 0.5 * (gram + gram.mT)
+    weight = weight_flat.detach().to(dtype=torch.float64, device=gram.device)
+    u, s, v = _range_svd(weight, rank_rtol)
+    return gram, weight, (u, s, v), u.mT @ gram @ u
+
+
+def _haar_transpose_times(frame: Tensor, generator: torch.Generator) -> Tensor:
+    """Qᵀ·frame for the Haar-random Q that ``haar_orthogonal(k, generator=generator)`` would
+    return (the same draw), without forming Q: the Householder QR of the same Gaussian
+    matrix, its reflectors applied to ``frame`` (k×r) and the sign correction
+    Q → Q·diag(sign R_ii) applied to the rows. Round-off aside, equal to
+    ``haar_orthogonal(k, generator=generator).mT @ frame``, in about half the time."""
+    k = frame.shape[0]
+    gaussian = torch.randn(
+        k, k, generator=generator, dtype=torch.float64,
+        device=generator.device if generator is not None else "cpu",
+    )
+    reflectors, tau = torch.geqrf(gaussian)
+    signs = torch.sign(torch.diagonal(reflectors))
+    signs[signs == 0] = 1.0
+    frame_here = frame.to(device=reflectors.device)
+    rotated = torch.ormqr(reflectors, tau, frame_here, left=True, transpose=True) * signs[:, None]
+    return rotated.to(device=frame.device)
+
+
+def _psd_eigen_power(matrix: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """(p, E) with M^α = E diag(p) Eᵀ for symmetric PSD M (eigh); round-off (negative or
+    ≤ r·ε·λ_max) eigenvalues → 0."""
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     largest = eigenvalues.abs().max()
     cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * largest
     powered = torch.where(
         eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues)
     )
+    return powered, eigenvectors
+
+
+def _psd_power(matrix: Tensor, alpha: float) -> Tensor:
+    """M^α for symmetric PSD M via eigh; round-off (negative or ≤ r·ε·λ_max) eigenvalues → 0."""
+    if matrix.numel() == 0:
+        return matrix
+    if alpha == 1:
+        return matrix
+    powered, eigenvectors = _psd_eigen_power(matrix, alpha)
     return (eigenvectors * powered) @ eigenvectors.mT
 
 
@@ -587,38 +655,44 @@ def _ratio(numerator: Tensor | float, denominator: Tensor | float) -> float:
     return numerator / denominator
 
 
-def _cosine_and_pearson(x: Tensor, y: Tensor, v: Tensor, d: int) -> tuple[float, float]:
-    r"""Cosine and Pearson of the flattened d×d matrices A = V X Vᵀ and B = V Y Vᵀ.
+def _nfa_correlations(
+    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int
+) -> tuple[float, float]:
+    r"""Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S.
 
-    With Vᵀ V = I (r columns) and X, Y symmetric r×r:
-        ⟨A, B⟩ = tr(XY),  ‖A‖² = tr(X²),
-        mean entry a = 1ᵀA1/d² = uᵀXu/d² with u = Vᵀ1,
+    Both are d×d matrices A = V X Vᵀ, B = V Y Vᵀ with Vᵀ V = I (r columns),
+    X = S² diagonal and Y = M^α (r×r symmetric), so with u = Vᵀ1:
+        ⟨A, B⟩ = tr(XY) = Σ_i s_i² Y_ii,  ‖A‖² = Σ_i s_i⁴,  ‖B‖² = ‖Y‖_F²,
+        mean entries a = uᵀXu/d² = Σ_i s_i² u_i²/d²,  b = uᵀYu/d²,
         ⟨A − a𝟙, B − b𝟙⟩ = ⟨A, B⟩ − d²ab,  ‖A − a𝟙‖² = ‖A‖² − d²a²,
-    and Pearson is the cosine of the centred matrices.
+    and Pearson is the cosine of the centred matrices. For α ≠ 1, Y = E diag(p) Eᵀ
+    (eigh of M) is not formed: Y_ii = Σ_j E_ij² p_j, ‖Y‖_F² = Σ_j p_j² and
+    uᵀYu = Σ_j p_j (Eᵀu)_j².
     """
-    if x.numel() == 0:
+    if s.numel() == 0:
         return float("nan"), float("nan")
-    inner = (x * y).sum()
-    norm_x2 = (x * x).sum()
-    norm_y2 = (y * y).sum()
-    cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
+    x = s**2
     u = v.sum(dim=0)
-    mean_x = (u @ x @ u) / d**2
-    mean_y = (u @ y @ u) / d**2
+    m = s[:, None] * compressed_gram * s[None, :]
+    if alpha == 1:
+        diagonal_y = torch.diagonal(m)
+        norm_y2 = (m * m).sum()
+        u_y_u = u @ m @ u
+    else:
+        powered, eigenvectors = _psd_eigen_power(m, alpha)
+        diagonal_y = (eigenvectors * eigenvectors) @ powered
+        norm_y2 = (powered * powered).sum()
+        u_y_u = (powered * (eigenvectors.mT @ u) ** 2).sum()
+    inner = (x * diagonal_y).sum()
+    norm_x2 = (x * x).sum()
+    cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
+    mean_x = (x * u * u).sum() / d**2
+    mean_y = u_y_u / d**2
     covariance = inner - d**2 * mean_x * mean_y
     variance_x = (norm_x2 - d**2 * mean_x**2).clamp_min(0)
     variance_y = (norm_y2 - d**2 * mean_y**2).clamp_min(0)
     pearson = _ratio(covariance, torch.sqrt(variance_x * variance_y))
     return cosine, pearson
-
-
-def _nfa_correlations(
-    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int
-) -> tuple[float, float]:
-    """Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S."""
-    nfm = torch.diag(s**2)
-    m = s[:, None] * compressed_gram * s[None, :]
-    return _cosine_and_pearson(nfm, _psd_power(m, alpha), v, d)
 
 
 def _sphericity(gram: Tensor) -> float:
@@ -678,6 +752,48 @@ def nfa_metrics(
 
     Undefined values (W = 0, G = 0, ΔW = 0) are NaN. Returns Python floats.
     """
+    return _nfa_metrics_and_spectrum(
+        weight_flat, gram, alphas=alphas, initial_weight=initial_weight, null_draws=null_draws,
+        generator=generator, readout=readout, rank_rtol=rank_rtol, with_spectrum=False,
+    )[0]
+
+
+def nfa_metrics_and_spectrum(
+    weight_flat: Tensor,
+    gram: Tensor,
+    *,
+    alphas: Sequence[float] = (1.0, 0.5),
+    initial_weight: Tensor | None = None,
+    null_draws: int = 4,
+    generator: torch.Generator | None = None,
+    readout: bool = False,
+    rank_rtol: float | None = None,
+) -> tuple[dict[str, float], Tensor]:
+    """``(nfa_metrics(...), range_spectrum(weight_flat, gram))`` from one SVD of W.
+
+    Same arguments as :func:`nfa_metrics`; the same values as the two calls (the
+    spectrum with the same ``rank_rtol``), at the cost of one thin SVD of W and one
+    compression UᵀGU fewer: what the ``NeuralFeatureAnsatz`` callback computes at
+    every measurement.
+    """
+    return _nfa_metrics_and_spectrum(
+        weight_flat, gram, alphas=alphas, initial_weight=initial_weight, null_draws=null_draws,
+        generator=generator, readout=readout, rank_rtol=rank_rtol, with_spectrum=True,
+    )
+
+
+def _nfa_metrics_and_spectrum(
+    weight_flat: Tensor,
+    gram: Tensor,
+    *,
+    alphas: Sequence[float],
+    initial_weight: Tensor | None,
+    null_draws: int,
+    generator: torch.Generator | None,
+    readout: bool,
+    rank_rtol: float | None,
+    with_spectrum: bool,
+) -> tuple[dict[str, float], Tensor | None]:
     if weight_flat.dim() != 2:
         raise ValueError(f"weight_flat must be a k×d matrix, got shape {tuple(weight_flat.shape)}")
     k, d = weight_flat.shape
@@ -696,11 +812,7 @@ def nfa_metrics(
         rank_rtol = _default_rank_rtol(weight_flat)
 
     device = gram.device
-    gram = gram.detach().to(torch.float64)
-    gram = 0.5 * (gram + gram.mT)
-    weight = weight_flat.detach().to(dtype=torch.float64, device=device)
-    u, s, v = _range_svd(weight, rank_rtol)
-    compressed = u.mT @ gram @ u
+    gram, weight, (u, s, v), compressed = _range_frame(weight_flat, gram, rank_rtol)
     reported = [alpha for alpha in alphas if not (readout and alpha == 1.0)]
 
     metrics: dict[str, float] = {}
@@ -714,8 +826,7 @@ def nfa_metrics(
             generator = torch.Generator().manual_seed(_DEFAULT_SEED)
         null_sums = {alpha: 0.0 for alpha in reported}
         for _ in range(null_draws):
-            rotation = haar_orthogonal(k, generator=generator, device=device)
-            rotated_frame = rotation.mT @ u  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
+            rotated_frame = _haar_transpose_times(u, generator)  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
             rotated = rotated_frame.mT @ gram @ rotated_frame
             for alpha in reported:
                 null_sums[alpha] += _nfa_correlations(s, v, rotated, alpha, d)[1]
@@ -745,7 +856,8 @@ def nfa_metrics(
         if not readout:
             du, ds, dv = _range_svd(delta, rank_rtol)
             metrics["cnfa_pearson_a1"] = _nfa_correlations(ds, dv, du.mT @ gram @ du, 1.0, d)[1]
-    return metrics
+    spectrum = torch.linalg.eigvalsh(compressed).flip(0) if with_spectrum else None
+    return metrics, spectrum
 
 
 def range_spectrum(weight_flat: Tensor, gram: Tensor, *, rank_rtol: float | None = None) -> Tensor:
@@ -756,8 +868,5 @@ def range_spectrum(weight_flat: Tensor, gram: Tensor, *, rank_rtol: float | None
     """
     if rank_rtol is None:
         rank_rtol = _default_rank_rtol(weight_flat)
-    gram = gram.detach().to(torch.float64)
-    weight = weight_flat.detach().to(dtype=torch.float64, device=gram.device)
-    u, _, _ = _range_svd(weight, rank_rtol)
-    compressed = u.mT @ (0.5 * (gram + gram.mT)) @ u
+    compressed = _range_frame(weight_flat, gram, rank_rtol)[3]
     return torch.linalg.eigvalsh(compressed).flip(0)
