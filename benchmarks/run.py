@@ -178,7 +178,7 @@ def nfa_section(results: Any, targets: list[Target], agreement: float | None) ->
         f"NFA, workload {r.workload}: exact G for every Linear/Conv layer, n = {r.samples} probe samples in chunks "
         f"of 256, c = {r.outputs}",
         f"  reference (forward + c batched VJPs) {ms(ref).strip()} ms;  learnscope G {ms(ours).strip()} ms "
-        f"(of which Gram products {ms(r.time('gram')).strip()} ms);  metrics (nfa_metrics + range_spectrum, "
+        f"(of which Gram products {ms(r.time('gram')).strip()} ms);  metrics (nfa_metrics_and_spectrum, "
         f"all layers) {ms(r.time('metrics')).strip()} ms",
     ]
     targets.append(Target("3a", "NFA exact G, all layers ÷ (forward + c batched VJPs)", r.workload, ours / ref, 1.3))
