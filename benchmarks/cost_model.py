@@ -17,8 +17,9 @@ LCA, extra time per training step, for a model with N trainable parameters::
 
 The number of model outputs c does not enter LCA (its loss is a scalar). It
 drives the NFA: a measurement costs one forward and c batched VJPs over the n
-probe samples, plus the Gram products 2·c·Σ_l rows_l·k_l² flops (per chunk in the
-gradient's dtype; rows_l: samples × output positions of layer l) and the copy of the
+probe samples, plus the Gram products 2·c·Σ_l rows_l·m(k_l) flops, m(k) ≈ k(k+64)/2
+(the blocks on and above the diagonal, per chunk in the gradient's dtype; rows_l:
+samples × output positions of layer l) and the copy of the
 c·Σ_l rows_l·k_l VJP entries they read, plus the metrics' linear algebra.
 
 γ and δ are calibrated per mode from the instrumented callback's own stopwatch
@@ -111,7 +112,8 @@ def predict(lca_results: dict) -> tuple[list[Prediction], dict[str, tuple[float,
 
 
 def nfa_gram_seconds(model: dict[str, float], outputs: int) -> float:
-    """Predicted Gram time of exact G: 2·c·Σ rows·k² flops at the float32 product rate
+    """Predicted Gram time of exact G: 2·c·Σ rows·m(k) flops at the float32 product rate,
+    m(k) ≈ k(k + 64)/2 the multiply-adds per row of the blocked upper-triangular product
     (each chunk's product, summed in float64), plus c·Σ rows·k elements laid out as rows
     (a copy for convolutions, dominant with few channels and many positions)."""
     flops = 2.0 * outputs * model["rows_k2"] / model["rate64"]

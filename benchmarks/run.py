@@ -253,7 +253,7 @@ def cost_model_section(lca_results: dict, nfa_results: dict, targets: list[Targe
         if r.gram_model:
             predicted = cost_model.nfa_gram_seconds(r.gram_model, r.outputs)
             lines.append(
-                f"  NFA {name}: Gram predicted {ms(predicted).strip()} ms (2·c·Σ rows·k² flops at "
+                f"  NFA {name}: Gram predicted {ms(predicted).strip()} ms (2·c·Σ rows·m(k) flops, m(k) ≈ k(k+64)/2 for the blocked upper triangle, at "
                 f"{r.gram_model['rate64'] / 1e9:.0f} GFLOP/s + c·Σ rows·k row entries at "
                 f"{r.gram_model['per_linear'] * 1e9:.1f} (Linear) / {r.gram_model['per_conv'] * 1e9:.1f} (Conv) ns), measured {ms(r.time('gram')).strip()} ms; "
                 f"G predicted {ms(r.time('reference') + predicted).strip()} ms (reference + Gram), "
