@@ -164,16 +164,20 @@ class ConvHandler(LayerHandler):
         weight = module.weight.detach()
         return weight.reshape(weight.shape[0], -1)
 
-    def gradient_rows(self, module: nn.Module, output_grad: Tensor) -> Tensor:
+    def _channels(self, module: nn.Module, output_grad: Tensor) -> tuple[int, int]:
+        """(k, the channel dimension), checked. Counted from the end: works for batched
+        (n, k, *spatial), unbatched (k, *spatial) and extra leading dims from batched VJPs alike."""
         k = self.out_features(module)
-        # Counted from the end: works for batched (n, k, *spatial), unbatched
-        # (k, *spatial) and extra leading dims from batched VJPs alike.
         channel_dim = -(self.spatial_dims + 1)
         if output_grad.dim() < self.spatial_dims + 1 or output_grad.shape[channel_dim] != k:
             raise ValueError(
                 f"gradient of shape {tuple(output_grad.shape)} does not have the layer's "
                 f"{k} channels at dimension {channel_dim}"
             )
+        return k, channel_dim
+
+    def gradient_rows(self, module: nn.Module, output_grad: Tensor) -> Tensor:
+        k, channel_dim = self._channels(module, output_grad)
         return output_grad.movedim(channel_dim, -1).reshape(-1, k)
 
     def add_gram(self, module: nn.Module, output_grad: Tensor, out: Tensor, *, alpha: float = 1.0) -> None:
@@ -188,13 +192,7 @@ class ConvHandler(LayerHandler):
         positions: 7 to 10 × the time of the batched products). When P < k/4 the
         per-slice products are too small to run fast and the rows path is used instead.
         """
-        k = self.out_features(module)
-        channel_dim = -(self.spatial_dims + 1)
-        if output_grad.dim() < self.spatial_dims + 1 or output_grad.shape[channel_dim] != k:
-            raise ValueError(
-                f"gradient of shape {tuple(output_grad.shape)} does not have the layer's "
-                f"{k} channels at dimension {channel_dim}"
-            )
+        k, channel_dim = self._channels(module, output_grad)
         positions = math.prod(output_grad.shape[channel_dim + 1 :])
         if 4 * positions < k or positions == 0:
             add_upper_gram(self.gradient_rows(module, output_grad), out, alpha=alpha)
