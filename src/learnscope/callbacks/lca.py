@@ -31,7 +31,7 @@ from learnscope._probe import (
 )
 from learnscope._validate import check_bool, check_choice, check_int, check_positive_float, check_patterns
 from learnscope.functional import decompose
-from learnscope.functional.lca import RULES, Evaluation, StepAllocation, allocate_step
+from learnscope.functional.lca import RULES, Evaluation, StepAllocation, allocate_step, step_delta
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
 
 PROBES = ("train", "val", "batch")
@@ -52,11 +52,8 @@ class _StepEvent:
 
 
 def _delta(live: dict[str, Tensor], event: _StepEvent, *, in_place: bool = False) -> dict[str, Tensor]:
-    """Δ = θ_{t+1} − θ_t; ``in_place``: in the θ_t copies' own buffers (bitwise the same
-    values: −θ_t + θ_{t+1}), which then no longer hold θ_t."""
-    if in_place:
-        return {n: event.start[n].neg_().add_(live[n]) for n in event.names}
-    return {n: live[n] - event.start[n] for n in event.names}
+    """Δ of the step's parameters; ``in_place``: in the θ_t copies, which then hold Δ."""
+    return step_delta(event.start, live, in_place=in_place)
 
 
 def _first_order(gradient: dict[str, Tensor], delta: dict[str, Tensor]) -> StepAllocation:

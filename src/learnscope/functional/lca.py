@@ -136,7 +136,7 @@ def _dot(a: Params, b: Params) -> float:
     return total
 
 
-def _delta(start: Params, end: Params, *, in_place: bool) -> dict[str, Tensor]:
+def step_delta(start: Params, end: Params, *, in_place: bool = False) -> dict[str, Tensor]:
     """Δ = end − start; ``in_place``: written into start's own buffers (−start + end is
     bitwise end − start), except where start and end are the same tensor (Δ = 0)."""
     if not in_place:
@@ -215,7 +215,7 @@ def allocate_step(
         last = evaluate(end)
         for name, g in k.items():
             g.add_(last.gradient[name], alpha=1.0 / 6.0)
-        delta = _delta(start, end, in_place=start_is_workspace)
+        delta = step_delta(start, end, in_place=start_is_workspace)
         result = StepAllocation(path_gradient=k, delta=delta, loss_start=first.loss, loss_end=last.loss, splits=2, end=last)
         result.total = _dot(k, delta) if compute_total else math.nan
         return result
