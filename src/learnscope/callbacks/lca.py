@@ -117,8 +117,8 @@ class LossChangeAllocation(Callback):
             inputs, plus its bias) of modules with at most 512 units, as scalars
             ``lca/unit/<module>/<unit>``, for the report's per-neuron heatmaps.
         compile_statistics: compute each step's statistics (counts and moments of
-            A = k ⊙ Δ) with one fused ``torch.compile`` kernel per parameter tensor
-            instead of a few eager passes. Costs a one-off compile (≈ 5–20 s per
+            A = k ⊙ Δ) with one fused ``torch.compile`` kernel per group of up to 16
+            parameter tensors instead of a few eager passes per tensor. Costs a one-off compile (≈ 5–20 s per
             process; needs a C++ compiler on CPU, Triton on CUDA) and then saves
             ≈ 2–3 ns per parameter per measured step: worth it for long runs and the
             cheap mode on large models. If compiling fails, one warning and the eager
