@@ -3,7 +3,7 @@
 Every measured step needs, per parameter tensor, the helped / hurt / non-zero counts
 and the raw power sums Σa, Σa², Σa³, Σa⁴ (for the total, the layer sums and the
 kurtosis). They are computed from ``k`` and ``Δ`` in slices, so no parameter-sized
-temporary is ever alive (the slices bound them to 0.5 MiB), or, with
+temporary is ever alive (the slices bound them to about 1 MiB), or, with
 ``compile_statistics=True``, in one fused ``torch.compile`` kernel per group of
 tensors that reads k and Δ once.
 
