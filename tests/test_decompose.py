@@ -519,7 +519,7 @@ def test_complex_parameters_are_split_on_their_real_view(make_optimizer):
         assert float(parts["residual"].abs().sum()) <= 1e-12 * float(delta.abs().sum())
 
 
-@pytest.mark.parametrize(
+differentiable_optimizers = pytest.mark.parametrize(
     "make_optimizer",
     [
         lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.05, differentiable=True),
@@ -529,9 +529,11 @@ def test_complex_parameters_are_split_on_their_real_view(make_optimizer):
     ],
     ids=["sgd", "adam", "rmsprop", "adagrad"],
 )
-def test_differentiable_optimizers_follow_the_same_model(make_optimizer, batches):
-    # differentiable=True steps under grad mode, so the parameters are plain tensors
-    # with gradients assigned by hand (Adam's bias corrections are then float32 numbers).
+
+
+def _differentiable_steps(make_optimizer, batches):
+    """Three steps of a differentiable optimizer on plain tensors (it steps under grad mode,
+    so gradients are assigned by hand); yields the probe after each step."""
     model = make_mlp()
     params = [p.detach().clone() for p in model.parameters()]
     optimizer = make_optimizer(params)
@@ -543,6 +545,13 @@ def test_differentiable_optimizers_follow_the_same_model(make_optimizer, batches
         for p, g in zip(params, grads):
             p.grad = g
         optimizer.step()
+        yield probe
+
+
+@differentiable_optimizers
+def test_differentiable_optimizers_follow_the_same_model(make_optimizer, batches):
+    # Adam's bias corrections are float32 numbers under differentiable=True
+    for probe in _differentiable_steps(make_optimizer, batches):
         for _, _, delta, parts in probe.parts():
             assert float(parts["residual"].abs().sum()) <= 1e-12 * float(delta.abs().sum())
 
@@ -756,28 +765,9 @@ def test_fused_allocations_of_complex_parameters_use_the_real_inner_product(make
         assert math.fsum(values.values()) == pytest.approx(float((k.conj() * delta).real.sum()), rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    "make_optimizer",
-    [
-        lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.05, differentiable=True),
-        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, differentiable=True),
-        lambda ps: RMSprop(ps, lr=0.01, momentum=0.5, differentiable=True),
-        lambda ps: Adagrad(ps, lr=0.1, differentiable=True),
-    ],
-    ids=["sgd", "adam", "rmsprop", "adagrad"],
-)
+@differentiable_optimizers
 def test_fused_allocations_of_differentiable_optimizers(make_optimizer, batches):
-    model = make_mlp()
-    params = [p.detach().clone() for p in model.parameters()]
-    optimizer = make_optimizer(params)
-    probe = StepProbe(optimizer, params)
-    for x, y in batches[:3]:
-        leaves = [p.clone().requires_grad_(True) for p in params]
-        out = F.linear(torch.tanh(F.linear(x, leaves[0], leaves[1])), leaves[2], leaves[3])
-        grads = torch.autograd.grad(F.cross_entropy(out, y), leaves)
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
+    for probe in _differentiable_steps(make_optimizer, batches):
         for param, theta, delta, _ in probe.parts():
             assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, FLOAT64_TOL)
 

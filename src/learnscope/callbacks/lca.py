@@ -529,14 +529,20 @@ class LossChangeAllocation(Callback):
     def _corner(self, event: _StepEvent, allocation: StepAllocation) -> CornerStats:
         stats = CornerStats()
         record = event.extras.get("record")
-        names = event.names
-        all_stats = self._stats.many([allocation.path_gradient[n] for n in names], [allocation.delta[n] for n in names])
-        for name, (c, _) in zip(names, all_stats):
+        for name, (c, _) in zip(event.names, self._statistics(allocation, event.names)):
             stats.counts.add(c)
             if record is not None:
                 for part, value in self._parts(record, name, allocation).items():
                     stats.parts[part] = stats.parts.get(part, 0.0) + value
         return stats
+
+    def _statistics(
+        self, allocation: StepAllocation, names: list[str], histograms: list[StreamingHistogram | None] | None = None
+    ) -> list[tuple[Counts, Moments]]:
+        """Counts and moments of A = k ⊙ Δ for each of ``names`` (histograms filled on the way)."""
+        return self._stats.many(
+            [allocation.path_gradient[n] for n in names], [allocation.delta[n] for n in names], histograms
+        )
 
     def _parts(self, record: Any, name: str, allocation: StepAllocation, total: float | None = None) -> dict[str, float]:
         """The part allocations of one tensor (a few fused dot products); ``total``: its
@@ -574,10 +580,7 @@ class LossChangeAllocation(Callback):
             if want_hist and self._owner[name] in self._reported else None
             for name in event.names
         ]
-        all_stats = self._stats.many(
-            [allocation.path_gradient[n] for n in event.names], [allocation.delta[n] for n in event.names], hists
-        )
-        for name, (c, m) in zip(event.names, all_stats):
+        for name, (c, m) in zip(event.names, self._statistics(allocation, event.names, hists)):
             module = self._owner[name]
             counts.add(c)
             moments.add(m)
