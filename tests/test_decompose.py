@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 
 import pytest
 import torch
@@ -782,3 +783,54 @@ def test_fused_allocations_are_refused_after_the_gradient_changed(batches):
         allocate_part_values(torch.ones_like(param), probe.record, param, torch.zeros_like(param))
     with pytest.raises(RuntimeError, match="zeroed"):
         allocate_parts(torch.ones_like(param), probe.record, param, torch.zeros_like(param), total=0.0)
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
+@pytest.mark.parametrize(
+    "make_optimizer, fused_runs",
+    [
+        (lambda ps: Adam(ps, lr=0.01), True),
+        (lambda ps: Adam(ps, lr=0.01, amsgrad=True, maximize=True), True),
+        (lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1), True),
+        (lambda ps: Adam(ps, lr=0.01, weight_decay=0.05), False),  # coupled decay needs q·θ: q is formed
+    ],
+    ids=["adam", "adam-amsgrad-maximize", "adamw", "adam-coupled-wd"],
+)
+def test_compiled_adam_dots_equal_the_materialised_parts(make_optimizer, fused_runs, batches, monkeypatch):
+    """fused=True (the callback's compile_statistics): on a tensor of ≥ 2¹⁶ entries Adam's dots
+    (k/D)·g and (k/D)·m come from one compiled pass; the parts equal the float64 split within
+    float32 rounding, as the eager float32 dots do, and Δ is never formed when the total is given."""
+    import learnscope.functional.decompose as decompose_module
+
+    calls = []
+    real = decompose_module._fused_scaled_sums
+    monkeypatch.setattr(decompose_module, "_fused_scaled_sums", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 1100), nn.Tanh(), nn.Linear(1100, 10))  # 70 400 weights
+    params = list(model.parameters())
+    optimizer = make_optimizer(params)
+    probe = StepProbe(optimizer, params)
+    for x, y in batches[:3]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x.float()), y).backward()
+        optimizer.step()
+        param, theta, delta, _ = probe.parts()[0]
+        for k in (param.grad.clone(), torch.randn_like(param)):
+            expected, total, scale = materialised_allocations(k, probe.record, param, delta, theta)
+            formed = []
+
+            def deferred():
+                formed.append(1)
+                return delta
+
+            got = allocate_part_values(k, probe.record, param, deferred, total=total, fused=True)
+            eager = allocate_part_values(k, probe.record, param, delta, total=total)
+            for name in PARTS:
+                assert abs(got[name] - expected[name]) <= 1e-6 * scale, (name, got[name], expected[name])
+                assert abs(got[name] - eager[name]) <= 1e-6 * scale
+            assert abs(math.fsum(got.values()) - total) <= 1e-12 * scale
+            if fused_runs:
+                assert not formed, "Δ was formed although no part needs it"
+    assert bool(calls) is fused_runs

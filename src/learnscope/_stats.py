@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -104,17 +104,32 @@ def _from_sums(numel: int, net: float, nonzero: float, s1: float, s2: float, s3:
     return Counts(helped, hurt, helped + hurt, numel), Moments(numel, s1, s2, s3, s4)
 
 
-def product_stats(k: Tensor, delta: Tensor | None = None, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
+#: Δ as a tensor, or as ``(start, end)`` with Δ = end − start formed slice by slice (never whole).
+Delta = Union[Tensor, tuple[Tensor, Tensor]]
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    return tensor.detach().reshape(-1)
+
+
+def product_stats(k: Tensor, delta: Delta | None = None, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
     """Counts and raw moments of ``a = k ⊙ delta`` (or of ``k`` itself when ``delta`` is
     None), slice by slice: signs give helped / hurt / non-zero (helped = (nz − Σsign)/2,
-    exact), float64 dots give the moments. ``histogram`` also receives every slice of a."""
-    flat_k = k.detach().reshape(-1)
-    flat_d = None if delta is None else delta.detach().reshape(-1)
+    exact), float64 dots give the moments. ``delta`` may be ``(start, end)``: each slice
+    of Δ is then end − start (bitwise what ``step_delta`` writes). ``histogram`` also
+    receives every slice of a."""
+    flat_k = _flat(k)
+    pair = isinstance(delta, tuple)
+    flat_d = None if delta is None or pair else _flat(delta)
+    flat_s, flat_e = (_flat(delta[0]), _flat(delta[1])) if pair else (None, None)
     values = []
     for start in range(0, flat_k.numel(), _SLICE):
-        piece = flat_k[start : start + _SLICE]
+        stop = start + _SLICE
+        piece = flat_k[start:stop]
         if flat_d is not None:
-            piece = piece * flat_d[start : start + _SLICE]
+            piece = piece * flat_d[start:stop]
+        elif flat_s is not None:
+            piece = piece * (flat_e[start:stop] - flat_s[start:stop])
         if histogram is not None:
             histogram.add(piece)
         sign = torch.sign(piece).float()  # exact counts also for bf16 / fp16 allocations
@@ -128,31 +143,36 @@ def product_stats(k: Tensor, delta: Tensor | None = None, histogram: StreamingHi
     return _from_sums(flat_k.numel(), *torch.stack(values).sum(0).tolist())
 
 
+def _sums_row(a: Tensor) -> Tensor:
+    sign = torch.sign(a).float()
+    a64 = a.double()
+    sq = a64 * a64
+    return torch.stack([
+        sign.sum().double(), (sign * sign).sum().double(), a64.sum(), sq.sum(), (sq * a64).sum(), (sq * sq).sum()
+    ])
+
+
 def _fused_sums(ks: list[Tensor], deltas: list[Tensor]) -> Tensor:
     """[Σsign, Σsign², Σa, Σa², Σa³, Σa⁴] of a = k ⊙ Δ for each pair of 1-D tensors:
     one row per pair, fused by the compiler into one pass over each pair."""
-    rows = []
-    for k, delta in zip(ks, deltas):
-        a = k * delta
-        sign = torch.sign(a).float()
-        a64 = a.double()
-        sq = a64 * a64
-        rows.append(torch.stack([
-            sign.sum().double(), (sign * sign).sum().double(), a64.sum(), sq.sum(), (sq * a64).sum(), (sq * sq).sum()
-        ]))
-    return torch.stack(rows)
+    return torch.stack([_sums_row(k * delta) for k, delta in zip(ks, deltas)])
 
 
-_KERNEL: Any = None  # the compiled _fused_sums, shared by every callback in the process
+def _fused_sums_between(ks: list[Tensor], starts: list[Tensor], ends: list[Tensor]) -> Tensor:
+    """``_fused_sums`` with Δ = end − start computed in the same pass (Δ is never written)."""
+    return torch.stack([_sums_row(k * (end - start)) for k, start, end in zip(ks, starts, ends)])
+
+
+_KERNELS: dict[str, Any] = {}  # the compiled sums, shared by every callback in the process
 _GROUP = 16  # tensors per compiled call: one call's overhead (~40 µs) for many small tensors,
 # and one graph for every group of this length (the last, shorter group compiles a second one)
 
 
-def _kernel() -> Any:
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = torch.compile(_fused_sums, dynamic=True)
-    return _KERNEL
+def _kernel(between: bool) -> Any:
+    key = "between" if between else "delta"
+    if key not in _KERNELS:
+        _KERNELS[key] = torch.compile(_fused_sums_between if between else _fused_sums, dynamic=True)
+    return _KERNELS[key]
 
 
 class ProductStats:
@@ -167,18 +187,25 @@ class ProductStats:
         return self.many([k], [delta], [histogram])[0]
 
     def many(
-        self, ks: list[Tensor], deltas: list[Tensor], histograms: list[StreamingHistogram | None] | None = None
+        self, ks: list[Tensor], deltas: list[Delta], histograms: list[StreamingHistogram | None] | None = None
     ) -> list[tuple[Counts, Moments]]:
-        """Counts and moments of every ``k ⊙ delta`` pair (histograms: eager, slice by slice)."""
+        """Counts and moments of every ``k ⊙ delta`` pair (histograms: eager, slice by slice).
+        A delta may be ``(start, end)`` (Δ = end − start, read in the same pass)."""
         if not self.compiled or (histograms is not None and any(h is not None for h in histograms)):
             hists = histograms or [None] * len(ks)
             return [product_stats(k, d, h) for k, d, h in zip(ks, deltas, hists)]
         try:
-            rows: list[list[float]] = []
-            for start in range(0, len(ks), _GROUP):
-                group_k = [k.detach().reshape(-1) for k in ks[start : start + _GROUP]]
-                group_d = [d.detach().reshape(-1) for d in deltas[start : start + _GROUP]]
-                rows += _kernel()(group_k, group_d).tolist()
+            rows: dict[int, list[float]] = {}
+            for between in (False, True):
+                which = [i for i, d in enumerate(deltas) if isinstance(d, tuple) == between]
+                for first in range(0, len(which), _GROUP):
+                    group = which[first : first + _GROUP]
+                    operands = [[_flat(ks[i]) for i in group]]
+                    if between:
+                        operands += [[_flat(deltas[i][0]) for i in group], [_flat(deltas[i][1]) for i in group]]
+                    else:
+                        operands.append([_flat(deltas[i]) for i in group])
+                    rows.update(zip(group, _kernel(between)(*operands).tolist()))
         except Exception as err:  # a missing toolchain or an unsupported dtype / device
             self.compiled = False
             warnings.warn(
@@ -188,4 +215,4 @@ class ProductStats:
                 stacklevel=2,
             )
             return [product_stats(k, d) for k, d in zip(ks, deltas)]
-        return [_from_sums(k.numel(), *row) for k, row in zip(ks, rows)]
+        return [_from_sums(k.numel(), *rows[i]) for i, k in enumerate(ks)]

@@ -31,7 +31,7 @@ from learnscope._probe import (
 )
 from learnscope._validate import check_bool, check_choice, check_int, check_positive_float, check_patterns
 from learnscope.functional import decompose
-from learnscope.functional.lca import RULES, Evaluation, StepAllocation, allocate_step, step_delta
+from learnscope.functional.lca import RULES, Evaluation, LazyDelta, StepAllocation, allocate_step, step_delta
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
 
 PROBES = ("train", "val", "batch")
@@ -205,6 +205,7 @@ class LossChangeAllocation(Callback):
         self._events: list[_StepEvent] = []
         self._records: dict[int, LCAStepRecord] = {}
         self._hook_handles: list[Any] = []
+        self._free_starts: dict[tuple[str, ...], dict[str, Tensor]] = {}  # θ_t buffers to reuse, per optimizer
         self._cache: Evaluation | None = None
         self._cache_versions: tuple[int, ...] | None = None
         self._hooked_steps = 0
@@ -314,11 +315,13 @@ class LossChangeAllocation(Callback):
         self._events.clear()
         self._pending_batches.clear()
         self._cache = None
+        self._free_starts = {}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._chunks = []
         self._cache = None
+        self._free_starts = {}
 
     # ------------------------------------------------------------------ step hooks
 
@@ -343,7 +346,7 @@ class LossChangeAllocation(Callback):
             step=step,
             optimizer=optimizer,
             names=names,
-            start={n: self._tracked[n].detach().clone() for n in names},
+            start=self._copy_start(names),
             applied_gradient=None,
             start_evaluation=cache if reusable else None,
         )
@@ -354,6 +357,19 @@ class LossChangeAllocation(Callback):
                 self._unmodelled_reported.add(record.optimizer_class)
                 rank_zero_info(f"LossChangeAllocation: {record.unmodelled_reason}.")
         self._events.append(event)
+
+    def _copy_start(self, names: list[str]) -> dict[str, Tensor]:
+        """θ_t of ``names``: copies into the buffers of an earlier step when one is free
+        (the cheap mode measures every step: no allocation, no page faults), else clones."""
+        live = [self._tracked[n].detach() for n in names]
+        buffers = self._free_starts.pop(tuple(names), None)
+        if buffers is not None and all(
+            b.shape == p.shape and b.dtype == p.dtype and b.device == p.device for b, p in zip(buffers.values(), live)
+        ):
+            for buffer, param in zip(buffers.values(), live):
+                buffer.copy_(param)
+            return buffers
+        return {n: p.clone() for n, p in zip(names, live)}
 
     @staticmethod
     def _grad_or_zero(p: Tensor) -> Tensor:
@@ -408,6 +424,8 @@ class LossChangeAllocation(Callback):
         self._events = [e for e in self._events if not e.done]
         for event in done:
             record = self._measure(event)
+            if self._cheap and not self.ablation:  # nothing keeps the θ_t copies (now Δ) past the measurement
+                self._free_starts[tuple(event.names)] = event.start
             if record is None:
                 continue
             if record.step in self._records:
@@ -448,7 +466,9 @@ class LossChangeAllocation(Callback):
         try:
             if self._cheap:
                 assert event.applied_gradient is not None
-                delta = _delta(live, event, in_place=not self.ablation)  # the ablation still needs θ_t
+                # Δ formed only where something needs it (decomposition, units, observe): the statistics
+                # read θ_t and θ_{t+1} directly. In the θ_t copies, unless the ablation still needs θ_t.
+                delta = LazyDelta(event.start, live, in_place=not self.ablation)
                 allocation = _first_order(event.applied_gradient, delta)
             else:
                 data = "batch" if self.probe == "batch" else "probe"
@@ -540,17 +560,19 @@ class LossChangeAllocation(Callback):
         self, allocation: StepAllocation, names: list[str], histograms: list[StreamingHistogram | None] | None = None
     ) -> list[tuple[Counts, Moments]]:
         """Counts and moments of A = k ⊙ Δ for each of ``names`` (histograms filled on the way)."""
-        return self._stats.many(
-            [allocation.path_gradient[n] for n in names], [allocation.delta[n] for n in names], histograms
-        )
+        delta = allocation.delta
+        operands = [delta.operands(n) if isinstance(delta, LazyDelta) else delta[n] for n in names]
+        return self._stats.many([allocation.path_gradient[n] for n in names], operands, histograms)
 
     def _parts(self, record: Any, name: str, allocation: StepAllocation, total: float | None = None) -> dict[str, float]:
         """The part allocations of one tensor (a few fused dot products); ``total``: its
         Σ k ⊙ Δ when known, so the parts sum to exactly what the statistics logged."""
         param = self._tracked[name]
-        delta = allocation.delta[name]
         try:
-            return decompose.allocate_part_values(allocation.path_gradient[name], record, param, delta, total=total)
+            return decompose.allocate_part_values(
+                allocation.path_gradient[name], record, param, lambda: allocation.delta[name], total=total,
+                fused=self._stats.compiled,  # compile_statistics, unless compiling failed
+            )
         except RuntimeError as err:  # the gradient or optimizer state changed before we could read it
             if not self._stale_warned:
                 self._stale_warned = True

@@ -104,6 +104,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -224,8 +225,11 @@ class _Form:
     of part tensors. Every tensor here is a real view in the working dtype.
     """
 
-    def __init__(self, k: Tensor, delta: Tensor, before: Tensor | None, after: Tensor, working: Any) -> None:
+    def __init__(
+        self, k: Tensor, delta: Tensor, before: Tensor | None, after: Tensor, working: Any, fused: bool = False
+    ) -> None:
         self.k = k
+        self.fused = fused  # large tensors' scaled dots in one compiled pass (see scaled_dots)
         self._delta = delta
         self._before = before  # θ_t, when the caller has it
         self._after = after  # θ_{t+1}
@@ -235,6 +239,8 @@ class _Form:
 
     @property
     def delta(self) -> Tensor:
+        if callable(self._delta):  # Δ formed on first use (the callers that have θ_t and θ_{t+1})
+            self._delta = self._delta()
         return self.working(self._delta)
 
     def dot(self, key: str, a: Tensor, b: Tensor) -> _Row:
@@ -257,10 +263,61 @@ class _Form:
         """k / D, written over ``denominator`` (a fresh tensor the caller owns)."""
         return torch.div(self.k, denominator, out=denominator)
 
+    def scaled_dots(self, second: Tensor, eps: float, named: dict[str, Tensor]) -> dict[str, _Row] | None:
+        """The forms q·x for each named x, q = k / (√second + eps), in one fused pass that
+        never writes q (``torch.compile``), or None where that does not apply: not asked
+        for (``fused=False``), a small tensor (one compiled call costs ~0.1 ms), or a
+        compile failure (one warning; the caller then forms q eagerly)."""
+        if not self.fused or self.k.numel() < _FUSED_MIN_NUMEL or any(key in self._index for key in named):
+            return None
+        sums = _fused_scaled_sums(self.k, second, eps, list(named.values()))
+        if sums is None:
+            return None
+        rows = {}
+        for (key, _), value in zip(named.items(), sums.unbind()):
+            self._index[key] = len(self.dots)
+            self.dots.append(value)
+            rows[key] = {self._index[key]: 1.0}
+        return rows
+
 
 # --------------------------------------------------------------------------- #
 # Per-optimizer models (one class per optimizer type, one interface)
 # --------------------------------------------------------------------------- #
+
+
+#: Tensors below this size take the eager dots even with ``fused=True``.
+_FUSED_MIN_NUMEL = 1 << 16
+_FUSED_KERNEL: list[Any] = []  # the compiled _scaled_sums (one per process); [None] after a failure
+
+
+def _scaled_sums(k: Tensor, second: Tensor, eps: Tensor, xs: list[Tensor]) -> Tensor:
+    q = k / (second.sqrt() + eps)
+    return torch.stack([(q * x).double().sum() for x in xs])
+
+
+def _fused_scaled_sums(k: Tensor, second: Tensor, eps: float, xs: list[Tensor]) -> Tensor | None:
+    """[Σ q·x for x in xs] in float64 with q = k / (√second + eps), one compiled pass; None
+    once compiling has failed in this process (after one warning)."""
+    if not _FUSED_KERNEL:
+        _FUSED_KERNEL.append(torch.compile(_scaled_sums, dynamic=True))
+    kernel = _FUSED_KERNEL[0]
+    if kernel is None:
+        return None
+    flat = [t.detach().reshape(-1) for t in (k, second, *xs)]
+    try:
+        return kernel(flat[0], flat[1], torch.tensor(eps, dtype=k.dtype, device=k.device), flat[2:])
+    except Exception as err:  # a missing toolchain or an unsupported dtype / device
+        _FUSED_KERNEL[0] = None
+        import warnings
+
+        warnings.warn(
+            f"learnscope: the fused decomposition dots could not be compiled ({type(err).__name__}: {err}); "
+            "using the eager ones instead. Training goes on.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 class _StepModel:
@@ -437,9 +494,17 @@ class _AdamModel(_StepModel):
         scale = -float(raw["lr"] / (1 - beta1**t))
         # Δ_adam = scale·m_t / D with D = √v̂_t/√(1−β2^t) + ε = (√v̂_t + ε·√(1−β2^t)) / √(1−β2^t):
         # with q = k / (√v̂_t + ε·√(1−β2^t)), k·(x / D) = √(1−β2^t)·(q·x).
-        q = form.scaled_k(second.sqrt().add_(eps * bias_correction2_sqrt))
         c = scale * bias_correction2_sqrt
-        qg = form.dot("q·g", q, grad)
+        eps_term = eps * bias_correction2_sqrt
+        fused = None
+        if wd == 0 or decoupled:  # no q·θ needed: q need not exist
+            named = {"q·g": grad} if t == 1 else {"q·g": grad, "q·m": state["exp_avg"]}
+            fused = form.scaled_dots(second, eps_term, named)
+        if fused is not None:
+            q, qg = None, fused["q·g"]
+        else:
+            q = form.scaled_k(second.sqrt().add_(eps_term))
+            qg = form.dot("q·g", q, grad)
         gradient = _rows((c * (1 - beta1) * sign, qg))
         weight_decay = None
         theta_q: _Row = {}
@@ -452,7 +517,7 @@ class _AdamModel(_StepModel):
         momentum = None
         if t != 1:  # m_0 = 0 on the first step
             # k·(β1·m_{t−1} / D) with β1·m_{t−1} = m_t − (1−β1)·g'
-            qm = form.dot("q·m", q, state["exp_avg"])
+            qm = fused["q·m"] if fused is not None else form.dot("q·m", q, state["exp_avg"])
             momentum = _rows((c, qm), (-c * (1 - beta1) * sign, qg), (-c * (1 - beta1) * wd, theta_q))
         return gradient, momentum, weight_decay
 
@@ -763,13 +828,15 @@ def _allocation_forms(
     k: Tensor,
     record: StepRecord,
     param: Tensor,
-    delta: Tensor,
+    delta: Tensor | Callable[[], Tensor],
     param_before: Tensor | None,
+    fused: bool = False,
 ) -> tuple[_Form, tuple[_Row | None, _Row | None, _Row | None]]:
     """The dots and the (gradient, momentum, weight_decay) rows of one parameter's allocation."""
     if not record.finished:
         raise RuntimeError("step_parts needs finish_step(record) to have run (post-step hook)")
-    parts_dtype = torch.promote_types(delta.dtype, param.dtype)  # may be complex
+    delta_dtype = param.dtype if callable(delta) else delta.dtype  # a deferred Δ has the parameter's dtype
+    parts_dtype = torch.promote_types(delta_dtype, param.dtype)  # may be complex
     k_real = _real(k)
     dtype = torch.promote_types(k_real.dtype, parts_dtype.to_real())
 
@@ -779,7 +846,7 @@ def _allocation_forms(
             return tensor
         return _real(tensor.to(parts_dtype)).to(dtype)
 
-    form = _Form(k_real if k_real.dtype == dtype else k_real.to(dtype), delta, param_before, param, working)
+    form = _Form(k_real if k_real.dtype == dtype else k_real.to(dtype), delta, param_before, param, working, fused)
     model, rec = _lookup(record, param)
     if not isinstance(rec, _ParamStep):  # unmodelled (all in the residual) or zero
         return form, (None, None, None)
@@ -788,6 +855,8 @@ def _allocation_forms(
     state = {key: working(value) for key, value in rec.state.items()}
     rows = model.allocate(hyper, raw, rec, form, working(rec.grad), state, rec.step)
     if rows is None:  # no fused form: materialise the parts, one dot each
+        if callable(delta):
+            delta = delta()
         parts = _modelled_parts(record, param, delta.detach().to(parts_dtype), param_before, parts_dtype, keep_none=True)
         assert parts is not None
         rows = tuple(
@@ -849,18 +918,23 @@ def allocate_part_values(
     k: Tensor,
     record: StepRecord,
     param: Tensor,
-    delta: Tensor,
+    delta: Tensor | Callable[[], Tensor],
     param_before: Tensor | None = None,
     *,
     total: float | Tensor | None = None,
+    fused: bool = False,
 ) -> dict[str, float]:
     """``allocate_parts`` as Python floats, combined in float64 (one device sync).
 
     What the LCA callback needs per parameter: pass ``total`` = Σ_i k_i Δ_i when
     it is already known (the residual is then ``total`` − Σ modelled parts, so the
     parts sum to it exactly) and leave ``param_before`` None unless θ_t is at hand.
+    ``delta`` may be a callable returning Δ: it is called only if a part needs Δ
+    (Adam without coupled weight decay, with ``total`` given, never does).
+    ``fused=True``: on large tensors, Adam's dots (k/D)·g and (k/D)·m in one
+    ``torch.compile`` pass that never writes k/D (falls back to eager, once warned).
     """
-    form, rows = _allocation_forms(k, record, param, delta, param_before)
+    form, rows = _allocation_forms(k, record, param, delta, param_before, fused)
     if total is None:
         form.dot("k·Δ", form.k, form.delta)
     values = torch.stack(form.dots).tolist() if form.dots else []

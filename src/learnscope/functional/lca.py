@@ -44,6 +44,7 @@ from torch import Tensor
 __all__ = [
     "RULES",
     "Evaluation",
+    "LazyDelta",
     "StepAllocation",
     "allocate_step",
     "gradient_evaluator",
@@ -145,6 +146,38 @@ def step_delta(start: Params, end: Params, *, in_place: bool = False) -> dict[st
         name: torch.zeros_like(s) if s is end[name] else s.neg_().add_(end[name])
         for name, s in start.items()
     }
+
+
+class LazyDelta(Mapping[str, Tensor]):
+    """Δ = end − start per tensor, formed on first access (``step_delta`` one tensor at a time).
+
+    Until a tensor's Δ is read, ``operands(name)`` gives ``(start, end)`` instead, so a
+    consumer that only reduces over Δ (the per-step statistics) can read θ_t and θ_{t+1}
+    directly and Δ is never written. With ``in_place`` the first read writes Δ into
+    start's own buffer (θ_t is then gone): read every ``operands`` first.
+    """
+
+    def __init__(self, start: Params, end: Params, *, in_place: bool = False) -> None:
+        self._start, self._end, self._in_place = start, end, in_place
+        self._formed: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        delta = self._formed.get(name)
+        if delta is None:
+            delta = step_delta({name: self._start[name]}, self._end, in_place=self._in_place)[name]
+            self._formed[name] = delta
+        return delta
+
+    def __iter__(self):
+        return iter(self._start)
+
+    def __len__(self) -> int:
+        return len(self._start)
+
+    def operands(self, name: str) -> Tensor | tuple[Tensor, Tensor]:
+        """Δ if already formed, else ``(start, end)`` with Δ = end − start."""
+        formed = self._formed.get(name)
+        return formed if formed is not None else (self._start[name], self._end[name])
 
 
 def _lerp(start: Params, delta: Params, s: float) -> dict[str, Tensor]:
