@@ -76,7 +76,7 @@ def _tensorflow_bins():
 
 
 def test_streaming_histogram_drops_non_finite_values_and_edge_values_land_like_numpy():
-    values = torch.tensor([float("nan"), 1.0, -1.0, float("inf"), 0.0, 1e-12, -1e-12, 5e-13])
+    values = torch.tensor([float("nan"), 1.0, -1.0, float("inf"), 0.0, 1e-12, -1e-12, 5e-13, float("-inf")])
     streaming = StreamingHistogram()
     streaming.add(values)
     finite = values[torch.isfinite(values)].double().numpy()

@@ -25,7 +25,7 @@ from torch import Tensor
 from learnscope.records import Counts, Moments
 
 _SLICE = 1 << 15  # elements per slice: float64 temporaries of 256 KiB, cache-resident
-_HISTOGRAM_SLICE = 1 << 14  # histogram steps are rare: smaller slices, smaller temporaries
+_HISTOGRAM_SLICE = 1 << 16  # a sorted float32 copy of 256 KiB and its float64 view of 512 KiB
 
 
 def _edges() -> list[float]:
@@ -56,23 +56,27 @@ class StreamingHistogram:
 
     def add(self, values: Tensor) -> None:
         flat = values.detach().reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; float32 holds fp16/bf16 exactly
+            flat = flat.float()
         for start in range(0, flat.numel(), _HISTOGRAM_SLICE):
-            piece = flat[start : start + _HISTOGRAM_SLICE].double().cpu()
-            if not bool(torch.isfinite(piece).all()):
-                piece = piece[torch.isfinite(piece)]
-            if piece.numel() == 0:
+            # Sorted once, in the values' own dtype: min, max and every bucket count come from the sorted
+            # slice. The counts are np.histogram's (TensorBoard's make_histogram): buckets [e_i, e_i+1), the
+            # last one closed, values outside dropped, found by the same binary searches it makes.
+            ordered = np.sort(flat[start : start + _HISTOGRAM_SLICE].cpu().numpy())
+            if ordered.size and not (np.isfinite(ordered[0]) and np.isfinite(ordered[-1])):
+                ordered = ordered[np.isfinite(ordered)]  # ±inf sort to the ends, NaN to the end
+            if ordered.size == 0:
                 continue
-            # np.histogram, as TensorBoard's make_histogram uses it: buckets [e_i, e_i+1), the last
-            # one closed, values outside dropped (it sorts the values: far faster than a binary search)
-            counts = np.histogram(piece.numpy(), bins=_EDGES_ARRAY)[0]
+            wide = ordered.astype(np.float64, copy=False)
+            positions = np.append(np.searchsorted(wide, _EDGES_ARRAY[:-1], "left"),
+                                  np.searchsorted(wide, _EDGES_ARRAY[-1], "right"))
+            counts = np.diff(positions)
             self.counts = counts if self.counts is None else self.counts + counts
-            lo, hi = torch.aminmax(piece)
-            total, squares, lo, hi = torch.stack([piece.sum(), torch.dot(piece, piece), lo, hi]).tolist()
-            self.num += piece.numel()
-            self.sum += total
-            self.sum_squares += squares
-            self.min = min(self.min, lo)
-            self.max = max(self.max, hi)
+            self.num += wide.size
+            self.sum += float(wide.sum())
+            self.sum_squares += float(np.dot(wide, wide))
+            self.min = min(self.min, float(wide[0]))
+            self.max = max(self.max, float(wide[-1]))
 
     def buckets(self) -> tuple[list[float], list[int]] | None:
         """(bucket right limits, counts), trimmed to the support as TensorBoard's
