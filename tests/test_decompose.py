@@ -635,6 +635,18 @@ def test_fused_allocations_for_loop_foreach_and_fused_implementations(name, batc
                 assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, FLOAT64_TOL)
 
 
+def float32_steps(model: nn.Module, make_optimizer, batches, steps: int = 3):
+    """Train a float32 ``model`` on ``steps`` digits batches; yield the StepProbe after each step."""
+    params = list(model.parameters())
+    optimizer = make_optimizer(params)
+    probe = StepProbe(optimizer, params)
+    for x, y in batches[:steps]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x.float()), y).backward()
+        optimizer.step()
+        yield probe
+
+
 @pytest.mark.parametrize(
     "make_optimizer",
     [
@@ -653,14 +665,7 @@ def test_fused_allocations_of_a_float32_model(make_optimizer, batches):
     # float32 rounding (2⁻²⁴ ≈ 6e-8) of D, of the state and of the dots' partial sums. 1e-6
     # of the scale leaves ≈ 10× margin over what the materialised float32 split itself
     # shows (≈ 1e-7 on the 784-512-512-10 MLP) and is far below any modelling error.
-    model = make_mlp().float()
-    params = list(model.parameters())
-    optimizer = make_optimizer(params)
-    probe = StepProbe(optimizer, params)
-    for x, y in batches[:3]:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x.float()), y).backward()
-        optimizer.step()
+    for probe in float32_steps(make_mlp().float(), make_optimizer, batches):
         for param, theta, delta, _ in probe.parts():
             assert delta.dtype == torch.float32
             assert_fused_matches(param.grad.clone(), probe.record, param, delta, theta, 1e-6)
@@ -809,13 +814,7 @@ def test_compiled_adam_dots_equal_the_materialised_parts(make_optimizer, fused_r
     monkeypatch.setattr(decompose_module, "_fused_scaled_sums", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 1100), nn.Tanh(), nn.Linear(1100, 10))  # 70 400 weights
-    params = list(model.parameters())
-    optimizer = make_optimizer(params)
-    probe = StepProbe(optimizer, params)
-    for x, y in batches[:3]:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x.float()), y).backward()
-        optimizer.step()
+    for probe in float32_steps(model, make_optimizer, batches):
         param, theta, delta, _ = probe.parts()[0]
         for k in (param.grad.clone(), torch.randn_like(param)):
             expected, total, scale = materialised_allocations(k, probe.record, param, delta, theta)
