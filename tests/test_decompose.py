@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -833,3 +834,26 @@ def test_compiled_adam_dots_equal_the_materialised_parts(make_optimizer, fused_r
             if fused_runs:
                 assert not formed, "Δ was formed although no part needs it"
     assert bool(calls) is fused_runs
+
+
+def test_fused_adam_dots_fall_back_to_eager_with_one_warning_when_compiling_fails(batches, monkeypatch):
+    import learnscope._compile
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no toolchain here")
+
+    monkeypatch.setattr(learnscope._compile, "_KERNELS", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    model = nn.Sequential(nn.Linear(64, 1100), nn.Tanh(), nn.Linear(1100, 10))  # 70 400 weights
+    probes = float32_steps(model, lambda ps: Adam(ps, lr=0.01), batches, steps=2)
+    for step, probe in enumerate(probes):
+        param, _, delta, _ = probe.parts()[0]
+        k = param.grad.clone()
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+                got = allocate_part_values(k, probe.record, param, delta, fused=True)
+        else:  # failed once in this process: eager from then on, silently
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                got = allocate_part_values(k, probe.record, param, delta, fused=True)
+        assert got == allocate_part_values(k, probe.record, param, delta)

@@ -163,9 +163,9 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no toolchain here")
 
-    import learnscope._stats
+    import learnscope._compile
 
-    monkeypatch.setattr(learnscope._stats, "_KERNELS", {})
+    monkeypatch.setattr(learnscope._compile, "_KERNELS", {})
     monkeypatch.setattr(torch, "compile", broken)
     stats = ProductStats(compiled=True)
     k, delta = _allocations(n=100_000)

@@ -15,13 +15,13 @@ slices, so histogram steps do not need the concatenated allocations either.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from learnscope._compile import call_compiled
 from learnscope.records import Counts, Moments
 
 _SLICE = 1 << 15  # elements per slice: float64 temporaries of 256 KiB, cache-resident
@@ -167,16 +167,8 @@ def _fused_sums_between(ks: list[Tensor], starts: list[Tensor], ends: list[Tenso
     return torch.stack([_sums_row(k * (end - start)) for k, start, end in zip(ks, starts, ends)])
 
 
-_KERNELS: dict[str, Any] = {}  # the compiled sums, shared by every callback in the process
 _GROUP = 16  # tensors per compiled call: one call's overhead (~40 µs) for many small tensors,
 # and one graph for every group of this length (the last, shorter group compiles a second one)
-
-
-def _kernel(between: bool) -> Any:
-    key = "between" if between else "delta"
-    if key not in _KERNELS:
-        _KERNELS[key] = torch.compile(_fused_sums_between if between else _fused_sums, dynamic=True)
-    return _KERNELS[key]
 
 
 class ProductStats:
@@ -198,25 +190,20 @@ class ProductStats:
         if not self.compiled or (histograms is not None and any(h is not None for h in histograms)):
             hists = histograms or [None] * len(ks)
             return [product_stats(k, d, h) for k, d, h in zip(ks, deltas, hists)]
-        try:
-            rows: dict[int, list[float]] = {}
-            for between in (False, True):
-                which = [i for i, d in enumerate(deltas) if isinstance(d, tuple) == between]
-                for first in range(0, len(which), _GROUP):
-                    group = which[first : first + _GROUP]
-                    operands = [[_flat(ks[i]) for i in group]]
-                    if between:
-                        operands += [[_flat(deltas[i][0]) for i in group], [_flat(deltas[i][1]) for i in group]]
-                    else:
-                        operands.append([_flat(deltas[i]) for i in group])
-                    rows.update(zip(group, _kernel(between)(*operands).tolist()))
-        except Exception as err:  # a missing toolchain or an unsupported dtype / device
-            self.compiled = False
-            warnings.warn(
-                f"learnscope: compile_statistics=True but torch.compile failed ({type(err).__name__}: {err}); "
-                "using the eager statistics instead. Training goes on.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return [product_stats(k, d) for k, d in zip(ks, deltas)]
+        rows: dict[int, list[float]] = {}
+        for between in (False, True):
+            which = [i for i, d in enumerate(deltas) if isinstance(d, tuple) == between]
+            for first in range(0, len(which), _GROUP):
+                group = which[first : first + _GROUP]
+                operands = [[_flat(ks[i]) for i in group]]
+                if between:
+                    operands += [[_flat(deltas[i][0]) for i in group], [_flat(deltas[i][1]) for i in group]]
+                else:
+                    operands.append([_flat(deltas[i]) for i in group])
+                kernel = _fused_sums_between if between else _fused_sums
+                sums = call_compiled(kernel, *operands, purpose="compile_statistics=True")
+                if sums is None:  # compiling failed (warned once): the eager statistics from here on
+                    self.compiled = False
+                    return [product_stats(k, d) for k, d in zip(ks, deltas)]
+                rows.update(zip(group, sums.tolist()))
         return [_from_sums(k.numel(), *rows[i]) for i, k in enumerate(ks)]

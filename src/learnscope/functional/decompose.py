@@ -110,6 +110,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from learnscope._compile import call_compiled
+
 __all__ = [
     "PARTS",
     "StepRecord",
@@ -288,7 +290,6 @@ class _Form:
 
 #: Tensors below this size take the eager dots even with ``fused=True``.
 _FUSED_MIN_NUMEL = 1 << 16
-_FUSED_KERNEL: list[Any] = []  # the compiled _scaled_sums (one per process); [None] after a failure
 
 
 def _scaled_sums(k: Tensor, second: Tensor, eps: Tensor, xs: list[Tensor]) -> Tensor:
@@ -298,26 +299,11 @@ def _scaled_sums(k: Tensor, second: Tensor, eps: Tensor, xs: list[Tensor]) -> Te
 
 def _fused_scaled_sums(k: Tensor, second: Tensor, eps: float, xs: list[Tensor]) -> Tensor | None:
     """[Σ q·x for x in xs] in float64 with q = k / (√second + eps), one compiled pass; None
-    once compiling has failed in this process (after one warning)."""
-    if not _FUSED_KERNEL:
-        _FUSED_KERNEL.append(torch.compile(_scaled_sums, dynamic=True))
-    kernel = _FUSED_KERNEL[0]
-    if kernel is None:
-        return None
+    when compiling fails (one warning per process)."""
     flat = [t.detach().reshape(-1) for t in (k, second, *xs)]
-    try:
-        return kernel(flat[0], flat[1], torch.tensor(eps, dtype=k.dtype, device=k.device), flat[2:])
-    except Exception as err:  # a missing toolchain or an unsupported dtype / device
-        _FUSED_KERNEL[0] = None
-        import warnings
-
-        warnings.warn(
-            f"learnscope: the fused decomposition dots could not be compiled ({type(err).__name__}: {err}); "
-            "using the eager ones instead. Training goes on.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+    eps_tensor = torch.tensor(eps, dtype=k.dtype, device=k.device)
+    return call_compiled(_scaled_sums, flat[0], flat[1], eps_tensor, flat[2:],
+                         purpose="compile_statistics=True (the decomposition's fused dots)")
 
 
 class _StepModel:
