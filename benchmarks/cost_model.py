@@ -102,8 +102,8 @@ def predict(lca_results: dict) -> tuple[list[Prediction], dict[str, tuple[float,
     for result in lca_results.values():
         fb_probe = (result.probe_size / BATCH_SIZE) * median(result.fb_batch)
         for config in result.runs:
-            if config in ("plain", "save iterates"):
-                continue
+            if config in ("plain", "save iterates") or "long run" in config:
+                continue  # (the long runs repeat the eager or the compiled configuration)
             evaluations, k = _evaluations(config)
             gamma, delta = constants[_mode(config)]
             predicted = (evaluations * fb_probe * rho + gamma * result.params + delta) / k

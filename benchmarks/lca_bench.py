@@ -31,6 +31,7 @@ from timing import Stopwatch, TimedLCA, best_of, interleaved, median, spread
 from workloads import BATCH_SIZE, Classifier, StepClock, Workload, fit, scratch_dir
 
 CHUNK = 256  # probe_batch_size, the callback's default
+LONG_RUN = 100_000  # max_steps of the "long run" configurations (they train cheap_steps of it)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Config:
     warmup: int
     lca: dict[str, Any] | None = None
     save_iterates: bool = False
+    planned_steps: int | None = None  # the Trainer's max_steps, if it plans a longer run than it trains
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RunResult:
     histogram_steps: int
     log_bytes: int
     iterate_bytes: int = 0
+    compiled: bool | None = None  # whether the callback's statistics ran compiled (None: no callback)
 
 
 def directory_bytes(path: str) -> int:
@@ -98,7 +101,7 @@ def run_config(workload: Workload, config: Config, probe_size: int, iterate_dir:
 
     clock = StepClock(config.warmup, on_warm)
     try:
-        fit(workload, [*callbacks, clock], config.steps, logdir=logdir)
+        fit(workload, [*callbacks, clock], config.steps, logdir=logdir, planned_steps=config.planned_steps)
         log_bytes = directory_bytes(logdir)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
@@ -123,6 +126,7 @@ def run_config(workload: Workload, config: Config, probe_size: int, iterate_dir:
         histogram_steps=len(histogram_calls),
         log_bytes=log_bytes,
         iterate_bytes=0 if saver is None else saver.bytes // (config.steps + 1),
+        compiled=None if lca is None else lca._stats.compiled,
     )
 
 
@@ -232,6 +236,11 @@ class LCAResults:
     def stage(self, name: str, label: str) -> float:
         return median([r.stages.get(label, 0.0) for r in self.runs[name]])
 
+    def statistics(self, name: str) -> str:
+        """How the callback computed its statistics in the runs of ``name``."""
+        modes = {r.compiled for r in self.runs[name]}
+        return "compiled" if modes == {True} else "eager" if modes == {False} else "mixed"
+
     def noise(self, name: str) -> float:
         return spread([r.per_step for r in self.runs[name]])
 
@@ -252,8 +261,11 @@ def configs(every_k: int, expensive_steps: int, cheap_steps: int, warmup: int) -
         Config("simpson+decompose", expensive_steps, warmup, {**simpson, "decompose": True}),
         Config(f"simpson every {every_k}", every_k * (1 + periods), every_k,
                {**simpson, "decompose": False, "every_n_steps": every_k}),
-        Config("cheap", cheap_steps, warmup, {**cheap, "decompose": False}),
-        Config("cheap+decompose", cheap_steps, warmup, {**cheap, "decompose": True}),
+        Config("cheap", cheap_steps, warmup, {**cheap, "decompose": False, "compile_statistics": False}),
+        Config("cheap+decompose", cheap_steps, warmup, {**cheap, "decompose": True, "compile_statistics": False}),
+        # the flags' defaults in a Trainer planned for a long run: compile_statistics=None decides
+        Config("cheap long run", cheap_steps, warmup, {**cheap, "decompose": False}, planned_steps=LONG_RUN),
+        Config("cheap+decomp. long run", cheap_steps, warmup, {**cheap, "decompose": True}, planned_steps=LONG_RUN),
         Config("cheap compiled", cheap_steps, warmup, {**cheap, "decompose": False, "compile_statistics": True}),
         Config("cheap+decomp. compiled", cheap_steps, warmup, {**cheap, "decompose": True, "compile_statistics": True}),
         Config("save iterates", cheap_steps, warmup, save_iterates=True),

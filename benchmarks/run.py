@@ -127,12 +127,18 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
         Target("1a", "LCA simpson every step: extra ÷ 2·fb(P)", w, r.extra("simpson") / (2 * fb), 1.2),
         Target("1b", "  … decompose=True: extra ÷ 2·fb(P)", w, r.extra("simpson+decompose") / (2 * fb), 1.4),
         Target("1c", f"  … every_n_steps={k}: extra ÷ (3·fb(P)/{k})", w, r.extra(f"simpson every {k}") / (3 * fb / k), 1.2),
-        Target("2a", "LCA cheap (batch, first_order): step ÷ plain step", w, r.per_step("cheap") / r.per_step("plain"), 1.3),
-        Target("2b", "  … decompose=True: step ÷ plain step", w, r.per_step("cheap+decompose") / r.per_step("plain"), 1.6),
-        Target("2a", "  … compile_statistics=True: step ÷ plain step", w, r.per_step("cheap compiled") / r.per_step("plain"), 1.3),
-        Target("2b", "  … decompose, compile_statistics: step ÷ plain", w,
-               r.per_step("cheap+decomp. compiled") / r.per_step("plain"), 1.6),
+        Target("2a", f"LCA cheap, long run ({r.statistics('cheap long run')}): step ÷ plain", w,
+               r.per_step("cheap long run") / r.per_step("plain"), 1.3),
+        Target("2b", f"  … decompose=True ({r.statistics('cheap+decomp. long run')}): step ÷ plain", w,
+               r.per_step("cheap+decomp. long run") / r.per_step("plain"), 1.6),
+        Target("2a", "LCA cheap, short run (eager statistics): step ÷ plain", w, r.per_step("cheap") / r.per_step("plain"), 1.3),
+        Target("2b", "  … decompose=True: step ÷ plain", w, r.per_step("cheap+decompose") / r.per_step("plain"), 1.6),
     ]
+    lines.append(
+        f"  cheap with compile_statistics=True: {r.per_step('cheap compiled') / r.per_step('plain'):.3f} × plain, "
+        f"with decompose {r.per_step('cheap+decomp. compiled') / r.per_step('plain'):.3f} × "
+        "(the default from 2³² measured parameter-steps on CPU: a 'long run')"
+    )
     # 5: logging against the probe's own cost, in the default configuration (Simpson, decompose on)
     name = "simpson+decompose"
     histogram_calls = [t for run in r.runs[name] for t in run.histogram_calls]

@@ -127,6 +127,16 @@ class StepClock(pl.Callback):
         return (self.stamps[-1] - self.stamps[self.warmup - 1]) / self.steps
 
 
+class _StopAt(pl.Callback):
+    """Ends the fit after ``steps`` optimizer steps, whatever ``max_steps`` says."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.global_step >= self.steps
+
+
 def fit(
     workload: Workload,
     callbacks: Sequence[pl.Callback],
@@ -134,15 +144,20 @@ def fit(
     *,
     logdir: str | None = None,
     log_every_n_steps: int = 50,
+    planned_steps: int | None = None,
 ) -> Classifier:
     """Train ``steps`` optimizer steps from the seeded initialisation (same batches
-    every time). ``logdir``: a TensorBoardLogger there (what users get), else no logger."""
+    every time). ``logdir``: a TensorBoardLogger there (what users get), else no logger.
+    ``planned_steps``: the Trainer's ``max_steps`` (what callbacks see as the run's
+    length), the fit stopping after ``steps`` all the same."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     model = Classifier(workload.net())
     logger: Any = TensorBoardLogger(logdir, name="", version="") if logdir is not None else False
+    if planned_steps is not None:
+        callbacks = [*callbacks, _StopAt(steps)]
     trainer = pl.Trainer(
-        max_steps=steps,
+        max_steps=steps if planned_steps is None else planned_steps,
         accelerator="cpu",
         devices=1,
         logger=logger,

@@ -225,6 +225,7 @@ def test_val_probe_uses_the_validation_data():
         (dict(tolerance=-1.0), "tolerance must be a positive finite float"),
         (dict(loss_fn="mse"), "loss_fn must be a callable"),
         (dict(histograms="yes"), "histograms must be True or False"),
+        (dict(compile_statistics="auto"), "compile_statistics must be True or False or None"),
         (dict(modules="net.0"), "modules must be None or a list of glob patterns"),
     ],
 )

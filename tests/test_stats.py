@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import shutil
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
 from torch.utils.tensorboard.summary import make_histogram
 
+from learnscope import LossChangeAllocation
 from learnscope._stats import ProductStats, StreamingHistogram, product_stats
+from models import Classifier, MemoryLogger, assert_bitwise_equal, digits_loader, mlp, state_of, trainer
 
 
 def _allocations(dtype=torch.float32, n=200_000, seed=0):
@@ -125,6 +128,21 @@ def test_compiled_statistics_equal_the_eager_ones():
             assert got == pytest.approx(expected, rel=1e-9)
 
 
+
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_counts_stay_exact_past_float32_integers():
+    """One tensor of 2²⁴ + 3 entries: a float32 sum of its signs would round to an even
+    number; the compiled statistics count exactly, as the eager slices do."""
+    n = (1 << 24) + 3
+    k = torch.ones(n)
+    k[:5] = -1.0
+    k[5:7] = 0.0
+    delta = torch.full((n,), 1e-4)
+    with _no_warning():
+        counts, moments = ProductStats(compiled=True)(k, delta)
+    assert (counts.helped, counts.hurt, counts.nonzero, counts.total) == (5, n - 7, n - 2, n)
+    assert moments.s1 == pytest.approx((n - 12) * float(torch.tensor(1e-4)), rel=1e-12)
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
     not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler"))])
 def test_statistics_between_two_points_equal_those_of_the_formed_delta(compiled):
@@ -169,7 +187,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     stats = ProductStats(compiled=True)
     k, delta = _allocations(n=100_000)
-    with pytest.warns(RuntimeWarning, match="compile_statistics=True but torch.compile failed"):
+    with pytest.warns(RuntimeWarning, match="compile_statistics is on but torch.compile failed"):
         counts, _ = stats(k, delta)
     assert not stats.compiled and counts == product_stats(k, delta)[0]
 
@@ -191,8 +209,6 @@ def test_callback_logs_the_same_values_with_compiled_statistics():
     """A wider digits MLP (its first layer exceeds one slice and 2¹⁶ entries, so the fused
     statistics and Adam dots run): every logged lca/ scalar, the optimizer parts included,
     agrees with the eager computation; counts exactly."""
-    from learnscope import LossChangeAllocation
-    from models import Classifier, MemoryLogger, digits_loader, mlp, trainer
 
     series = {}
     for compiled in (False, True):
@@ -218,3 +234,51 @@ def test_callback_logs_the_same_values_with_compiled_statistics():
                 assert series[True][tag][step] == pytest.approx(value, abs=1e-6 * scale), tag
             else:
                 assert series[True][tag][step] == pytest.approx(value, rel=1e-9, abs=1e-15), tag
+
+
+
+class _StopAfter(pl.Callback):
+    """Ends a fit after ``n`` steps whatever max_steps says (a long run, cut short)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.global_step >= self.n
+
+
+def _fit_digits_mlp(max_steps: int, lca: LossChangeAllocation | None):
+    """Four Adam steps of a 90 610-parameter digits MLP in a fit planned for ``max_steps``."""
+    torch.manual_seed(0)
+    model = Classifier(net=mlp((64, 1200, 10)), optimizer="adam", lr=1e-3)
+    fit = trainer(callbacks=[_StopAfter(4)] + ([lca] if lca else []), max_steps=max_steps)
+    fit.fit(model, digits_loader())
+    return state_of(model, fit.optimizers[0])
+
+
+def _cheap(**flags) -> LossChangeAllocation:
+    return LossChangeAllocation(probe="batch", rule="first_order", histograms=False, **flags)
+
+
+@pytest.mark.parametrize(
+    "max_steps, flags, compiled",
+    [
+        (40_000, {}, False),  # 40 000 × 90 610 ≈ 3.6e9 parameter-steps < 2³²
+        (50_000, dict(every_n_steps=2), False),  # 25 000 measured steps
+        (50_000, dict(compile_statistics=False), False),  # the user's choice wins
+        (2, dict(compile_statistics=True), True),
+    ],
+)
+def test_compile_statistics_none_compiles_only_runs_long_enough_to_repay_it(max_steps, flags, compiled):
+    callback = _cheap(**flags)
+    _fit_digits_mlp(max_steps, callback)
+    assert callback.compile_statistics == flags.get("compile_statistics")
+    assert callback._stats.compiled is compiled
+
+
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_a_long_run_compiles_by_default_and_trains_bitwise_as_without_the_callback():
+    callback = _cheap(decompose=True)
+    with_callback = _fit_digits_mlp(50_000, callback)  # 50 000 × 90 610 ≈ 4.5e9 ≥ 2³²
+    assert callback.compile_statistics is None and callback._stats.compiled is True
+    assert_bitwise_equal(with_callback, _fit_digits_mlp(50_000, None))

@@ -167,6 +167,7 @@ def _fused_sums_between(ks: list[Tensor], starts: list[Tensor], ends: list[Tenso
     return torch.stack([_sums_row(k * (end - start)) for k, start, end in zip(ks, starts, ends)])
 
 
+_EXACT_COUNTS = 1 << 24  # entries per compiled piece: float32 sums of signs are exact up to 2²⁴
 _GROUP = 16  # tensors per compiled call: one call's overhead (~40 µs) for many small tensors,
 # and one graph for every group of this length (the last, shorter group compiles a second one)
 
@@ -190,20 +191,24 @@ class ProductStats:
         if not self.compiled or (histograms is not None and any(h is not None for h in histograms)):
             hists = histograms or [None] * len(ks)
             return [product_stats(k, d, h) for k, d, h in zip(ks, deltas, hists)]
-        rows: dict[int, list[float]] = {}
-        for between in (False, True):
-            which = [i for i, d in enumerate(deltas) if isinstance(d, tuple) == between]
-            for first in range(0, len(which), _GROUP):
-                group = which[first : first + _GROUP]
-                operands = [[_flat(ks[i]) for i in group]]
-                if between:
-                    operands += [[_flat(deltas[i][0]) for i in group], [_flat(deltas[i][1]) for i in group]]
-                else:
-                    operands.append([_flat(deltas[i]) for i in group])
-                kernel = _fused_sums_between if between else _fused_sums
-                sums = call_compiled(kernel, *operands, purpose="compile_statistics=True")
+        # (tensor index, operands) pieces of at most _EXACT_COUNTS entries each, so that the
+        # kernel's float32 sums of signs stay exact; the pieces' rows add up per tensor
+        pieces: dict[bool, list[tuple[int, list[Tensor]]]] = {False: [], True: []}
+        for i, (k, d) in enumerate(zip(ks, deltas)):
+            between = isinstance(d, tuple)
+            flat = [_flat(k), *((_flat(d[0]), _flat(d[1])) if between else (_flat(d),))]
+            for start in range(0, max(flat[0].numel(), 1), _EXACT_COUNTS):
+                pieces[between].append((i, [t[start : start + _EXACT_COUNTS] for t in flat]))
+        rows = [[0.0] * 6 for _ in ks]
+        for between, todo in pieces.items():
+            kernel = _fused_sums_between if between else _fused_sums
+            for first in range(0, len(todo), _GROUP):
+                group = todo[first : first + _GROUP]
+                operands = [[piece[j] for _, piece in group] for j in range(len(group[0][1]))]
+                sums = call_compiled(kernel, *operands, purpose="compile_statistics is on")
                 if sums is None:  # compiling failed (warned once): the eager statistics from here on
                     self.compiled = False
                     return [product_stats(k, d) for k, d in zip(ks, deltas)]
-                rows.update(zip(group, sums.tolist()))
+                for (i, _), row in zip(group, sums.tolist()):
+                    rows[i] = [a + b for a, b in zip(rows[i], row)]
         return [_from_sums(k.numel(), *rows[i]) for i, k in enumerate(ks)]

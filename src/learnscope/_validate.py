@@ -25,9 +25,9 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def check_bool(name: str, value: Any) -> bool:
+def check_bool(name: str, value: Any, *, extra: str = "") -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be True or False{' ' + extra if extra else ''}, got {value!r}")
     return value
 
 

@@ -303,7 +303,7 @@ def _fused_scaled_sums(k: Tensor, second: Tensor, eps: float, xs: list[Tensor]) 
     flat = [t.detach().reshape(-1) for t in (k, second, *xs)]
     eps_tensor = torch.tensor(eps, dtype=k.dtype, device=k.device)
     return call_compiled(_scaled_sums, flat[0], flat[1], eps_tensor, flat[2:],
-                         purpose="compile_statistics=True (the decomposition's fused dots)")
+                         purpose="compile_statistics is on (the decomposition's fused dots)")
 
 
 class _StepModel:
