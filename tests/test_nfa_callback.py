@@ -116,6 +116,33 @@ def test_readout_layer_logs_only_alpha_half_correlations_and_context(fitted):
         assert {tag.split("/")[2] for tag in series if tag.startswith(f"nfa/{name}/")} == ALL_METRICS
 
 
+
+class _Temperature(nn.Module):
+    """logits / T after the network: the last Linear's output is not the prediction tensor."""
+
+    def __init__(self, net: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.net, self.temperature = net, temperature
+
+    def forward(self, x):
+        return self.net(x) / self.temperature
+
+
+def test_a_readout_scaled_by_a_temperature_is_found_from_its_isotropic_gram():
+    x, y = digits()
+    callback = NeuralFeatureAnsatz(every_n_steps=10, probe=DataLoader(TensorDataset(x[:200], y[:200]), batch_size=100))
+    logger = MemoryLogger()
+    torch.manual_seed(0)
+    model = Classifier(net=_Temperature(mlp(), 2.5), optimizer="sgd", lr=0.1)
+    trainer(callbacks=[callback], loggers=[logger], max_steps=10).fit(model, digits_loader())
+    readout = f"net.{READOUT}"
+    assert callback.readout == readout
+    expected = torch.eye(10, dtype=torch.float64) / 2.5**2  # G = s²·I with s = 1 / T
+    assert torch.allclose(callback.last_record.grams[readout], expected, atol=1e-12)
+    assert {t.split("/")[2] for t in logger.series if t.startswith(f"nfa/{readout}/")} == READOUT_METRICS
+    for name in HIDDEN:  # the hidden layers' G are far from isotropic: all their metrics
+        assert {t.split("/")[2] for t in logger.series if t.startswith(f"nfa/net.{name}/")} == ALL_METRICS
+
 def test_measures_at_fit_start_every_n_steps_and_fit_end(fitted):
     series = fitted["logger"].series
     assert sorted(series["nfa/net.0/pearson_a1"]) == [0, 10, 20, 30]  # step 30 once, not again at fit end

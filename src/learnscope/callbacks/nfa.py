@@ -119,8 +119,10 @@ class NeuralFeatureAnsatz(Callback):
     (``stable_rank``, ``weight_change``) are logged. The rule: the readout is the measured layer
     whose output tensor *is* the prediction tensor returned by ``output_fn`` (the
     same tensor, or a view of all of its elements), checked by one extra forward
-    at the first measurement. A layer followed by any operation (a scaling, a
-    softmax) is not the readout: its G is not I.
+    at the first measurement; failing that, with the exact G, the last layer whose
+    first G is a multiple of I to 1e-6 (a readout followed by a scaling or a shift,
+    ``logits / T``: G = s²·I). A layer followed by a non-linear operation (a
+    softmax) is not the readout: its G is not ∝ I.
 
     Args:
         every_n_steps: measure whenever ``global_step`` reaches a multiple of it.
@@ -367,6 +369,8 @@ class NeuralFeatureAnsatz(Callback):
         grams, estimator = self._preactivation_grams(pl_module, step)
         if self.resolved_estimator is None:
             self.resolved_estimator = estimator
+            if self._readout is None and estimator == "exact":
+                self._readout = _isotropic_last(grams)
             self._describe(estimator, grams)
         weights = {name: handler_for(self._layers[name]).weight_flat(self._layers[name]) for name in grams}
         non_finite = [
@@ -491,7 +495,7 @@ class NeuralFeatureAnsatz(Callback):
         samples = sum(chunk.size for chunk in self._probe_set)
         how = "exact" if estimator == "exact" else f"a Hutchinson estimate ({self.num_probes} probes per sample)"
         readout = (
-            f"; readout layer {self._readout!r} (G = I: its α = 1 metrics, nulls and sphericities are not logged)"
+            f"; readout layer {self._readout!r} (G ∝ I: its α = 1 metrics, nulls and sphericities are not logged)"
             if self._readout
             else ""
         )
@@ -536,6 +540,21 @@ class NeuralFeatureAnsatz(Callback):
             skipped=self._skipped,
             matrices=matrices,
         )
+
+
+def _isotropic_last(grams: Mapping[str, Tensor], tolerance: float = 1e-6) -> str | None:
+    """The last layer whose exact G is a multiple of the identity to ``tolerance`` (relative,
+    Frobenius): a readout followed by a scaling (``logits / T``) has G = s²·I, so its
+    α = 1 metrics are identically 1, as at a raw readout. None if no layer's is."""
+    for name in reversed(list(grams)):
+        gram = grams[name].to(torch.float64)
+        k = gram.shape[0]
+        scale = torch.trace(gram) / k
+        if k > 1 and scale > 0:
+            off = gram - scale * torch.eye(k, dtype=gram.dtype, device=gram.device)
+            if float(torch.linalg.matrix_norm(off)) <= tolerance * float(torch.linalg.matrix_norm(gram)):
+                return name
+    return None
 
 
 class _WithBuffers(nn.Module):
