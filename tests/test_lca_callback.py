@@ -292,3 +292,34 @@ def test_the_cheap_preset_runs_no_extra_gradient_pass():
 
     logger, _ = _fit(LossChangeAllocation(preset="cheap", loss_fn=loss_fn), "sgd", max_steps=5, lr=0.05)
     assert calls == [] and len(logger.series["lca/total"]) == 5
+
+
+class _AllocationRecorder(LossChangeAllocation):
+    """Keeps every measured step's allocations A = k ⊙ Δ, all parameters in one vector."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.allocations = {}
+
+    def observe(self, step, names, allocation, parts):
+        self.allocations[step] = torch.cat([allocation.allocation(n).detach().double().reshape(-1) for n in names])
+
+
+def _direct_excess_kurtosis(a: torch.Tensor) -> float:
+    centred = a - a.mean()
+    return float(a.numel() * (centred**4).sum() / (centred**2).sum() ** 2 - 3.0)
+
+
+def test_excess_kurtosis_tags_equal_direct_computations_over_all_and_over_nonzero_allocations():
+    # digits' always-blank pixels give the first layer exact-zero gradients: A = 0 there
+    callback = _AllocationRecorder(probe_size=256, histograms=False)
+    logger, _ = _fit(callback, "sgd", max_steps=6, lr=0.05, momentum=0.9)
+    series = logger.series
+    assert sorted(series["lca/excess_kurtosis_nonzero"]) == sorted(callback.allocations)
+    for step, a in callback.allocations.items():
+        nonzero = a[a != 0]
+        assert 0 < nonzero.numel() < a.numel()
+        assert series["lca/excess_kurtosis"][step] == pytest.approx(_direct_excess_kurtosis(a), rel=1e-6)
+        expected = _direct_excess_kurtosis(nonzero)
+        assert series["lca/excess_kurtosis_nonzero"][step] == pytest.approx(expected, rel=1e-6)
+        assert series["lca/excess_kurtosis_nonzero"][step] < series["lca/excess_kurtosis"][step]

@@ -88,6 +88,7 @@ def write_synthetic_run(logdir: Path, seed: int = 0) -> dict:
             / abs(delta_loss[: step + 1].sum()),
             "lca/helped_fraction_nonzero": 0.52,
             "lca/excess_kurtosis": 4.0 + step / 60,
+            "lca/excess_kurtosis_nonzero": 1.5 + step / 60,
             "lca/skipped_steps": 0.0,
             "lca/ablation/batch_first_order/helped_fraction": 1.0,
             "lca/ablation/batch_first_order/part/gradient": -0.01,
@@ -224,6 +225,7 @@ def test_table_reports_cumulative_relative_error_and_synchronisation(report_run)
     assert match and float(match.group(1)) == pytest.approx(100 * written["relative_error"], rel=1e-2)
     assert "mean helped fraction (parameters with A != 0): 0.520" in stdout
     assert re.search(r"mean excess kurtosis of the allocations: 4\.49", stdout)
+    assert re.search(r"mean excess kurtosis of the allocations \(parameters with A != 0\): 1\.99", stdout)
     match = re.search(r"synchronisation: .* p = ([0-9.e+-]+)", stdout)
     assert match and float(match.group(1)) < 0.05  # the synthetic layers share 8 planted dips
 

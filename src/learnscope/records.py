@@ -58,6 +58,11 @@ class Moments:
         self.s3 += other.s3
         self.s4 += other.s4
 
+    def over(self, n: int) -> Moments:
+        """The moments of the same values with exact zeros dropped, for ``n`` non-zero
+        values: zeros add nothing to any power sum, so only the count changes."""
+        return Moments(n, self.s1, self.s2, self.s3, self.s4)
+
     @property
     def excess_kurtosis(self) -> float:
         """``n Σ(a−μ)⁴ / (Σ(a−μ)²)² − 3`` (0 for a normal distribution)."""

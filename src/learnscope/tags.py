@@ -23,6 +23,10 @@ def lca_scalars(record: LCAStepRecord, cumulative: Mapping[str, float], cumulati
     kurtosis = record.moments.excess_kurtosis
     if math.isfinite(kurtosis):
         out["lca/excess_kurtosis"] = kurtosis
+    # frozen or never-reached parameters (A = 0 exactly) pile up at 0 and inflate the all-parameter kurtosis
+    kurtosis_nonzero = record.moments.over(record.counts.nonzero).excess_kurtosis
+    if math.isfinite(kurtosis_nonzero):
+        out["lca/excess_kurtosis_nonzero"] = kurtosis_nonzero
     if record.delta_loss is not None:
         out["lca/delta_loss"] = record.delta_loss
         out["lca/abs_error"] = abs(record.delta_loss - record.total)

@@ -140,7 +140,10 @@ def _lca_categories(parts: Sequence[str], ablation: bool) -> list[layout_pb2.Cat
                 "helped / hurt fraction (all parameters; helped among A != 0)",
                 [_exact("lca/helped_fraction"), _exact("lca/hurt_fraction"), _exact("lca/helped_fraction_nonzero")],
             ),
-            _chart("excess kurtosis of the allocations", [_exact("lca/excess_kurtosis")]),
+            _chart(
+                "excess kurtosis of the allocations (all; A != 0)",
+                [_exact("lca/excess_kurtosis"), _exact("lca/excess_kurtosis_nonzero")],
+            ),
             _chart("quadrature sub-intervals", [_exact("lca/splits")]),
             _chart("skipped steps", [_exact("lca/skipped_steps")]),
         ],

@@ -15,7 +15,7 @@ tag                                            kind        record
 =============================================  ==========  =========================
 ``lca/<metric>``                               scalar      ``LcaRecords.<metric>``
   metric ∈ total, delta_loss, abs_error, splits, helped_fraction, hurt_fraction,
-  helped_fraction_nonzero, excess_kurtosis, cumulative_relative_error,
+  helped_fraction_nonzero, excess_kurtosis, excess_kurtosis_nonzero, cumulative_relative_error,
   skipped_steps; any other ``lca/<name>`` goes to ``LcaRecords.extra[name]``
 ``lca/layer/<m>``                              scalar      ``LcaLayer.allocation``
 ``lca/layer_cumulative/<m>``                   scalar      ``LcaLayer.cumulative``
@@ -92,6 +92,7 @@ LCA_RUN_METRICS = (
     "hurt_fraction",
     "helped_fraction_nonzero",
     "excess_kurtosis",
+    "excess_kurtosis_nonzero",
     "cumulative_relative_error",
     "skipped_steps",
 )
@@ -211,6 +212,7 @@ class LcaRecords:
     hurt_fraction: ScalarSeries | None = None
     helped_fraction_nonzero: ScalarSeries | None = None  # over parameters with A != 0
     excess_kurtosis: ScalarSeries | None = None
+    excess_kurtosis_nonzero: ScalarSeries | None = None  # over parameters with A != 0
     cumulative_relative_error: ScalarSeries | None = None
     skipped_steps: ScalarSeries | None = None
     extra: dict[str, ScalarSeries] = field(default_factory=dict)  # other lca/<name> run-level tags

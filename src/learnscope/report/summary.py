@@ -80,6 +80,7 @@ class RunSummary:
     mean_helped_fraction: float | None = None
     mean_helped_fraction_nonzero: float | None = None
     mean_excess_kurtosis: float | None = None
+    mean_excess_kurtosis_nonzero: float | None = None
     skipped_steps: float | None = None
     sync: SyncResult | None = None
     sync_message: str | None = None  # why there is no sync result
@@ -217,6 +218,7 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
             mean_helped_fraction=_mean(lca.helped_fraction),
             mean_helped_fraction_nonzero=_mean(lca.helped_fraction_nonzero),
             mean_excess_kurtosis=_mean(lca.excess_kurtosis),
+            mean_excess_kurtosis_nonzero=_mean(lca.excess_kurtosis_nonzero),
             skipped_steps=(
                 lca.skipped_steps.last() if lca.skipped_steps is not None and len(lca.skipped_steps) else None
             ),
@@ -299,6 +301,10 @@ def format_headline(summary: RunSummary) -> list[str]:
         lines.append(f"mean helped fraction (parameters with A != 0): {summary.mean_helped_fraction_nonzero:.3f}")
     if summary.mean_excess_kurtosis is not None:
         lines.append(f"mean excess kurtosis of the allocations: {summary.mean_excess_kurtosis:.3g}")
+    if summary.mean_excess_kurtosis_nonzero is not None:
+        lines.append(
+            f"mean excess kurtosis of the allocations (parameters with A != 0): {summary.mean_excess_kurtosis_nonzero:.3g}"
+        )
     if summary.skipped_steps:
         lines.append(f"skipped steps: {summary.skipped_steps:g}")
     if summary.sync is not None:
