@@ -169,6 +169,110 @@ def test_event_files_hold_every_tag(tmp_path):
     assert len([p for p in tmp_path.rglob("events.out.tfevents*")]) == 1
 
 
+class _WhenLogger(MemoryLogger):
+    """A MemoryLogger that also notes the trainer's global_step at each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer: pl.Trainer | None = None
+        self.written_at: dict[int, int] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        if "lca/total" in metrics:
+            self.written_at[int(step)] = self.trainer.global_step
+
+
+class _FailAt(Classifier):
+    def __init__(self, fail_at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail_at = fail_at
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.fail_at:
+            raise RuntimeError("user code failed")
+        return super().training_step(batch, batch_idx)
+
+
+def _fit_logged(log_every_n_steps, model=None, max_steps=12):
+    torch.manual_seed(0)
+    logger = _WhenLogger()
+    t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order")], loggers=[logger],
+                max_steps=max_steps, log_every_n_steps=log_every_n_steps)
+    logger.trainer = t
+    t.fit(model or Classifier(optimizer="adam", lr=1e-3), digits_loader())
+    return logger
+
+
+def test_scalars_are_written_a_batch_of_steps_at_a_time_with_every_step_and_value_unchanged():
+    batched, each = _fit_logged(5), _fit_logged(1)
+    lca_tags = {tag for tag in each.series if tag.startswith("lca/")}
+    assert len(lca_tags) > 10 and lca_tags == {tag for tag in batched.series if tag.startswith("lca/")}
+    for tag in lca_tags:
+        assert batched.series[tag] == each.series[tag], tag  # same steps, bitwise the same values
+    assert sorted(batched.written_at) == list(range(12))
+    lags = [batched.written_at[step] - step for step in range(12)]
+    assert max(lags) <= 5  # nothing waits longer than log_every_n_steps
+    assert sorted(set(batched.written_at.values())) == [5, 10, 12]  # three writes: steps 0-4, 5-9, 10-11
+    assert sorted(set(each.written_at.values())) == list(range(1, 13))  # log_every_n_steps=1: every step
+
+
+def test_scalars_measured_before_an_exception_still_reach_the_logger():
+    logger = _WhenLogger()
+    torch.manual_seed(0)
+    t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order")], loggers=[logger],
+                max_steps=12, log_every_n_steps=50)
+    logger.trainer = t
+    with pytest.raises(RuntimeError, match="user code failed"):
+        t.fit(_FailAt(7, optimizer="adam", lr=1e-3), digits_loader())
+    assert sorted(logger.series["lca/total"]) == list(range(7))
+
+
+def test_a_checkpoint_finds_every_step_it_counts_already_logged(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Spy(pl.Callback):
+        def __init__(self, logger):
+            self.logger, self.seen = logger, []
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            self.seen.append((trainer.global_step, sorted(self.logger.series["lca/total"])))
+
+    logger = MemoryLogger()
+    spy = Spy(logger)
+    torch.manual_seed(0)
+    t = trainer(
+        callbacks=[LossChangeAllocation(probe="batch", rule="first_order"), spy,
+                   ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1)],
+        loggers=[logger], max_steps=12, log_every_n_steps=50, enable_checkpointing=True,
+    )
+    t.fit(Classifier(optimizer="adam", lr=1e-3), digits_loader())
+    assert [g for g, _ in spy.seen] == [4, 8, 12]
+    for global_step, logged in spy.seen:
+        assert logged == list(range(global_step))
+
+
+def test_deferred_log_writes_at_once_when_the_oldest_entry_is_older_than_max_delay():
+    from types import SimpleNamespace
+
+    from learnscope._logging import DeferredLog
+
+    logger = MemoryLogger()
+    fake = SimpleNamespace(is_global_zero=True, loggers=[logger])
+    patient, hurried = DeferredLog(max_delay=3600.0), DeferredLog(max_delay=0.0)
+    for step in range(3):
+        patient.add(fake, step, {"a": float(step)})
+        patient.flush_if_due(fake, every=100)
+        hurried.add(fake, step, {"b": float(step)})
+        hurried.flush_if_due(fake, every=100)
+    assert logger.series["b"] == {0: 0.0, 1: 1.0, 2: 2.0} and "a" not in logger.series and len(patient) == 3
+    patient.flush(fake)
+    assert logger.series["a"] == {0: 0.0, 1: 1.0, 2: 2.0} and len(patient) == 0
+    off_rank_zero = DeferredLog()
+    off_rank_zero.add(SimpleNamespace(is_global_zero=False, loggers=[logger]), 0, {"c": 1.0})
+    assert len(off_rank_zero) == 0
+
+
 # -- flags and their validation ---------------------------------------------------------------
 
 

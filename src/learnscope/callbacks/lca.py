@@ -214,6 +214,7 @@ class LossChangeAllocation(Callback):
         self._pending_batches: list[tuple[Any, int]] = []
         self._events: list[_StepEvent] = []
         self._records: dict[int, LCAStepRecord] = {}
+        self._log = _logging.DeferredLog()  # per-step scalars, written a batch of steps at a time
         self._hook_handles: list[Any] = []
         self._free_starts: dict[tuple[str, ...], dict[str, Tensor]] = {}  # θ_t buffers to reuse, per optimizer
         self._cache: Evaluation | None = None
@@ -343,13 +344,21 @@ class LossChangeAllocation(Callback):
         self._hook_handles = []
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log.flush(trainer)
         self._remove_hooks()
         self._events.clear()
         self._pending_batches.clear()
         self._cache = None
         self._free_starts = {}
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._log.flush(trainer)  # what was measured before the failure still reaches the logs
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._log.flush(trainer)  # the logs hold every step the checkpoint's cumulative state counts
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._log.flush(trainer)
         self._remove_hooks()
         self._chunks = []
         self._cache = None
@@ -441,10 +450,12 @@ class LossChangeAllocation(Callback):
             skipped = {"lca/skipped_steps": float(self._skipped_steps), "lca/total": 0.0}
             if not self._cheap:
                 skipped["lca/delta_loss"] = 0.0
-            _logging.log_scalars(trainer, skipped, step=trainer.global_step - 1)
+            self._log.add(trainer, trainer.global_step - 1, skipped)
         if advanced > 0 or stepped > 0:
             self._pending_batches.clear()
         self._log_records(trainer)
+        # one write per batch of steps (the events' steps and values are unchanged)
+        self._log.flush_if_due(trainer, every=max(1, trainer.log_every_n_steps))
 
     # ------------------------------------------------------------------ measurement
 
@@ -616,7 +627,7 @@ class LossChangeAllocation(Callback):
         self._cache = None
         rank_zero_warn(f"LossChangeAllocation: step {step} skipped: {why}. Training goes on.")
         if self._trainer is not None:
-            _logging.log_scalars(self._trainer, {"lca/skipped_steps": self._skipped_steps}, step=step)
+            self._log.add(self._trainer, step, {"lca/skipped_steps": float(self._skipped_steps)})
 
     def _summarise(self, event: _StepEvent, allocation: StepAllocation) -> LCAStepRecord:
         counts, moments = Counts(), Moments()
@@ -698,9 +709,8 @@ class LossChangeAllocation(Callback):
             scalars = tags.lca_scalars(record, self._cumulative, self.cumulative_relative_error)
             if record.parts:
                 scalars.update(tags.lca_part_cumulative(self._cumulative_parts))
-            _logging.log_scalars(trainer, scalars, step=step)
-            if record.histograms:
-                _logging.log_histograms(trainer, tags.lca_histograms(record.histograms), step=step)
+            histograms = tags.lca_histograms(record.histograms) if record.histograms else None
+            self._log.add(trainer, step, scalars, histograms)
         self._records.clear()
 
     # ------------------------------------------------------------------ results
