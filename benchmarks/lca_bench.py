@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from learnscope._probe import ProbeObjective, chunk_weights
 from timing import Stopwatch, TimedLCA, best_of, interleaved, median, spread
-from workloads import BATCH_SIZE, Classifier, StepClock, Workload, fit, scratch_dir
+from workloads import BATCH_SIZE, LOG_EVERY_N_STEPS, Classifier, StepClock, Workload, fit, scratch_dir
 
 CHUNK = 256  # probe_batch_size, the callback's default
 LONG_RUN = 100_000  # max_steps of the "long run" configurations (they train cheap_steps of it)
@@ -56,6 +56,7 @@ class RunResult:
     log_bytes: int
     iterate_bytes: int = 0
     compiled: bool | None = None  # whether the callback's statistics ran compiled (None: no callback)
+    scalars: dict[str, float] | None = None  # one step's logged scalars (for the logging cost)
 
 
 def directory_bytes(path: str) -> int:
@@ -127,6 +128,7 @@ def run_config(workload: Workload, config: Config, probe_size: int, iterate_dir:
         log_bytes=log_bytes,
         iterate_bytes=0 if saver is None else saver.bytes // (config.steps + 1),
         compiled=None if lca is None else lca._stats.compiled,
+        scalars=None if lca is None else lca.stopwatch.last_scalars,
     )
 
 
@@ -279,11 +281,15 @@ def run(
     probe_size: int = 1024,
     every_k: int = 4,
     expensive_steps: int = 18,
-    cheap_steps: int = 62,
+    cheap_steps: int = 52,
     warmup: int = 2,
     offline_steps: int = 8,
     progress: Any = None,
 ) -> LCAResults:
+    if (cheap_steps - warmup) % LOG_EVERY_N_STEPS:
+        # the callback writes its scalars every LOG_EVERY_N_STEPS steps: a timed window of
+        # whole logging periods holds as many written steps as timed steps
+        raise ValueError(f"cheap_steps - warmup must be a multiple of {LOG_EVERY_N_STEPS}, got {cheap_steps - warmup}")
     results = LCAResults(workload.name, workload.parameter_count(), probe_size, every_k)
     reference = ProbeReference(workload, probe_size)
     iterate_dir = scratch_dir()

@@ -8,7 +8,9 @@ statistic is the median over repeats. Ratios are formed from those medians.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -60,6 +62,7 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.calls: dict[str, list[float]] = defaultdict(list)
+        self.last_scalars: Mapping[str, float] | None = None  # the last step's scalars, for event_write_cost
 
     @contextlib.contextmanager
     def time(self, label: str) -> Iterator[None]:
@@ -83,6 +86,8 @@ def _timed_logging(function: Callable, label: str) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not _ACTIVE:
             return function(*args, **kwargs)
+        if label == "log_scalars":
+            _ACTIVE[-1].last_scalars = args[1]
         with _ACTIVE[-1].time(label):
             return function(*args, **kwargs)
 
@@ -99,6 +104,34 @@ def install_logging_timers() -> None:
 
     if not hasattr(StreamingHistogram.add, "__wrapped__"):  # histograms are built in the statistics
         StreamingHistogram.add = _timed_logging(StreamingHistogram.add, "histogram_build")
+
+
+def event_write_cost(scalars: Mapping[str, float], events: int = 200) -> float:
+    """Seconds per step of learnscope's scalar logging of ``scalars`` into TensorBoard,
+    the SummaryWriter's thread included (TensorBoard computes each record's CRC32C in
+    pure Python there, out of sight of a stopwatch around the call): ``events`` steps
+    written through a TensorBoardLogger, then ``flush``, which returns once the thread
+    has written them all."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logdir = tempfile.mkdtemp(prefix="learnscope-bench-")
+    try:
+        logger = TensorBoardLogger(logdir)
+        trainer = SimpleNamespace(is_global_zero=True, loggers=[logger])
+        write = getattr(_logging.log_scalars, "__wrapped__", _logging.log_scalars)
+        write(trainer, scalars, 0)
+        logger.experiment.flush()  # the writer and its file exist before the clock starts
+        start = time.perf_counter()
+        for step in range(1, events + 1):
+            write(trainer, scalars, step)
+        logger.experiment.flush()
+        cost = (time.perf_counter() - start) / events
+        logger.experiment.close()
+        return cost
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -132,7 +165,8 @@ class TimedLCA(LossChangeAllocation):
     capture), ``probe_evaluation`` (ProbeObjective calls: forward+backward over the
     probe set), ``summarise`` (per-step statistics of the allocations), ``measure``
     (everything of a measured step but logging), ``batch_end`` (the whole
-    ``on_train_batch_end``, logging included).
+    ``on_train_batch_end``, logging included), ``train_end`` (``on_train_end``: the
+    last batch of steps' scalars are written there).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -165,3 +199,7 @@ class TimedLCA(LossChangeAllocation):
     def on_train_batch_end(self, *args: Any) -> None:
         with self.stopwatch.time("batch_end"), active(self.stopwatch):
             super().on_train_batch_end(*args)
+
+    def on_train_end(self, *args: Any) -> None:
+        with self.stopwatch.time("train_end"), active(self.stopwatch):  # writes the last steps' scalars
+            super().on_train_end(*args)

@@ -97,6 +97,9 @@ def train_loader(workload: Workload) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=True, generator=generator, drop_last=True)
 
 
+LOG_EVERY_N_STEPS = 50  # Lightning's default, used by every Trainer run of the benchmarks
+
+
 class StepClock(pl.Callback):
     """Wall-clock time at the end of every training batch.
 
@@ -143,7 +146,7 @@ def fit(
     steps: int,
     *,
     logdir: str | None = None,
-    log_every_n_steps: int = 50,
+    log_every_n_steps: int = LOG_EVERY_N_STEPS,
     planned_steps: int | None = None,
 ) -> Classifier:
     """Train ``steps`` optimizer steps from the seeded initialisation (same batches
