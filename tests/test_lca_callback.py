@@ -194,10 +194,10 @@ class _FailAt(Classifier):
         return super().training_step(batch, batch_idx)
 
 
-def _fit_logged(log_every_n_steps, model=None, max_steps=12):
+def _fit_logged(log_every_n_steps, model=None, max_steps=12, **flags):
     torch.manual_seed(0)
     logger = _WhenLogger()
-    t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order")], loggers=[logger],
+    t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order", **flags)], loggers=[logger],
                 max_steps=max_steps, log_every_n_steps=log_every_n_steps)
     logger.trainer = t
     t.fit(model or Classifier(optimizer="adam", lr=1e-3), digits_loader())
@@ -215,6 +215,9 @@ def test_scalars_are_written_a_batch_of_steps_at_a_time_with_every_step_and_valu
     assert max(lags) <= 5  # nothing waits longer than log_every_n_steps
     assert sorted(set(batched.written_at.values())) == [5, 10, 12]  # three writes: steps 0-4, 5-9, 10-11
     assert sorted(set(each.written_at.values())) == list(range(1, 13))  # log_every_n_steps=1: every step
+    # measuring every 3rd step, the wait is still counted in steps: steps 0 and 3 are written after step 4
+    sparse = _fit_logged(5, every_n_steps=3)
+    assert sparse.written_at == {0: 5, 3: 5, 6: 11, 9: 11}
 
 
 def test_scalars_measured_before_an_exception_still_reach_the_logger():
@@ -258,9 +261,10 @@ def test_deferred_log_writes_at_once_when_the_oldest_entry_is_older_than_max_del
     from learnscope._logging import DeferredLog
 
     logger = MemoryLogger()
-    fake = SimpleNamespace(is_global_zero=True, loggers=[logger])
+    fake = SimpleNamespace(is_global_zero=True, loggers=[logger], global_step=0)
     patient, hurried = DeferredLog(max_delay=3600.0), DeferredLog(max_delay=0.0)
     for step in range(3):
+        fake.global_step = step + 1
         patient.add(fake, step, {"a": float(step)})
         patient.flush_if_due(fake, every=100)
         hurried.add(fake, step, {"b": float(step)})
