@@ -197,14 +197,17 @@ class ProductStats:
         for i, (k, d) in enumerate(zip(ks, deltas)):
             between = isinstance(d, tuple)
             flat = [_flat(k), *((_flat(d[0]), _flat(d[1])) if between else (_flat(d),))]
-            for start in range(0, max(flat[0].numel(), 1), _EXACT_COUNTS):
+            if flat[0].numel() <= _EXACT_COUNTS:  # one piece: the tensors themselves, no slicing
+                pieces[between].append((i, flat))
+                continue
+            for start in range(0, flat[0].numel(), _EXACT_COUNTS):
                 pieces[between].append((i, [t[start : start + _EXACT_COUNTS] for t in flat]))
         rows = [[0.0] * 6 for _ in ks]
         for between, todo in pieces.items():
             kernel = _fused_sums_between if between else _fused_sums
             for first in range(0, len(todo), _GROUP):
                 group = todo[first : first + _GROUP]
-                operands = [[piece[j] for _, piece in group] for j in range(len(group[0][1]))]
+                operands = list(zip(*(piece for _, piece in group)))
                 sums = call_compiled(kernel, *operands, purpose="compile_statistics is on")
                 if sums is None:  # compiling failed (warned once): the eager statistics from here on
                     self.compiled = False
