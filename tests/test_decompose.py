@@ -22,6 +22,8 @@ from torch.nn import functional as F
 from learnscope.functional.decompose import (
     PARTS,
     allocate_part_values,
+    part_values,
+    plan_part_values,
     allocate_parts,
     capture_step,
     finish_step,
@@ -674,6 +676,23 @@ def test_fused_allocations_of_a_float32_model(make_optimizer, batches):
             k64 = param.grad.double()
             assert allocate_parts(k64, probe.record, param, delta)["gradient"].dtype == torch.float64
             assert_fused_matches(k64, probe.record, param, delta, theta, 1e-6)
+
+
+def test_many_parameters_read_back_at_once_equal_each_read_back_alone(batches):
+    # the callback plans every parameter's dots, then reads them all back in one sync
+    momentum = []
+    for probe in float32_steps(make_mlp().float(), lambda ps: Adam(ps, lr=0.01, weight_decay=0.05), batches):
+        parts = list(probe.parts())
+        plans, alone = [], []
+        for i, (param, theta, delta, _) in enumerate(parts):
+            k = param.grad.clone() if i % 2 else param.grad.double()  # mixed float32 / float64 dots
+            total = None if i % 3 else float((k.double() * delta.double()).sum())
+            plans.append(plan_part_values(k, probe.record, param, delta, total=total))
+            alone.append(allocate_part_values(k, probe.record, param, delta, total=total))
+        together = part_values(plans)
+        assert len(together) == len(parts) > 2 and together == alone
+        momentum += [v["momentum"] for v in together]
+    assert any(m != 0.0 for m in momentum)  # Adam's steps after the first have momentum parts
 
 
 def test_fused_allocations_of_skipped_unmodelled_and_sparse_parameters(batches):

@@ -50,6 +50,27 @@ def test_product_stats_equal_a_direct_computation(dtype):
     assert counts_k == counts and moments_k.s2 == pytest.approx(moments.s2, rel=1e-12)
 
 
+@pytest.mark.parametrize("slice_size", [1000, 1 << 20])
+def test_product_stats_do_not_depend_on_the_slice_size(monkeypatch, slice_size):
+    """CUDA takes slices of 2²⁰ entries (few kernel launches), CPU 2¹⁵; both equal the direct
+    computation, and many tensors read back at once equal each read back alone."""
+    import learnscope._stats as stats
+
+    k, delta = _allocations(n=1_500_000)
+    expected = product_stats(k, delta)
+    monkeypatch.setattr(stats, "_slice_size", lambda tensor: slice_size)
+    assert (1_500_000 + slice_size - 1) // slice_size > 1  # several slices, the last one partial
+    counts, moments = product_stats(k, delta)
+    helped, hurt, nonzero, sums = _direct(k * delta)
+    assert (counts.helped, counts.hurt, counts.nonzero) == (helped, hurt, nonzero) and counts == expected[0]
+    for value, direct in zip([moments.s1, moments.s2, moments.s3, moments.s4], sums):
+        assert value == pytest.approx(direct, rel=1e-9, abs=1e-300)
+    pieces = [(k[:10], delta[:10]), (k[10:700_000], delta[10:700_000]), (k[:0], delta[:0]), (k, (delta, 2 * delta))]
+    together = stats.many_product_stats([p for p, _ in pieces], [d for _, d in pieces])
+    assert together == [product_stats(p, d) for p, d in pieces]
+    assert together[2] == (stats.Counts(0, 0, 0, 0), stats.Moments(0, 0.0, 0.0, 0.0, 0.0))
+
+
 def _proto_fields(proto):
     return (proto.min, proto.max, proto.num, proto.sum, proto.sum_squares, list(proto.bucket_limit), list(proto.bucket))
 

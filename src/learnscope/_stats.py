@@ -24,7 +24,10 @@ from torch import Tensor
 from learnscope._compile import call_compiled
 from learnscope.records import Counts, Moments
 
-_SLICE = 1 << 15  # elements per slice: float64 temporaries of 256 KiB, cache-resident
+_SLICE = 1 << 15  # elements per slice on CPU: float64 temporaries of 256 KiB, cache-resident
+# Elements per slice elsewhere (CUDA): each eager op is a kernel launch, so slices of 2¹⁵ would
+# launch ~13 kernels per 32 k parameters; 2²⁰ keeps the float64 temporaries at 8 MiB each.
+_DEVICE_SLICE = 1 << 20
 _HISTOGRAM_SLICE = 1 << 16  # a sorted float32 copy of 256 KiB and its float64 view of 512 KiB
 
 
@@ -116,19 +119,25 @@ def _flat(tensor: Tensor) -> Tensor:
     return tensor.detach().reshape(-1)
 
 
-def product_stats(k: Tensor, delta: Delta | None = None, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
-    """Counts and raw moments of ``a = k ⊙ delta`` (or of ``k`` itself when ``delta`` is
-    None), slice by slice: signs give helped / hurt / non-zero (helped = (nz − Σsign)/2,
-    exact), float64 dots give the moments. ``delta`` may be ``(start, end)``: each slice
-    of Δ is then end − start (bitwise what ``step_delta`` writes). ``histogram`` also
-    receives every slice of a."""
+def _slice_size(tensor: Tensor) -> int:
+    return _SLICE if tensor.device.type == "cpu" else _DEVICE_SLICE
+
+
+def product_sums(k: Tensor, delta: Delta | None = None, histogram: StreamingHistogram | None = None) -> Tensor:
+    """[Σsign, Σsign², Σa, Σa², Σa³, Σa⁴] of ``a = k ⊙ delta`` (or of ``k`` itself when
+    ``delta`` is None): float64, on k's device, without a device sync. Slice by slice:
+    signs give helped / hurt / non-zero (helped = (nz − Σsign)/2, exact), float64 dots
+    give the moments. ``delta`` may be ``(start, end)``: each slice of Δ is then
+    end − start (bitwise what ``step_delta`` writes). ``histogram`` also receives every
+    slice of a."""
     flat_k = _flat(k)
     pair = isinstance(delta, tuple)
     flat_d = None if delta is None or pair else _flat(delta)
     flat_s, flat_e = (_flat(delta[0]), _flat(delta[1])) if pair else (None, None)
+    size = _slice_size(flat_k)
     values = []
-    for start in range(0, flat_k.numel(), _SLICE):
-        stop = start + _SLICE
+    for start in range(0, flat_k.numel(), size):
+        stop = start + size
         piece = flat_k[start:stop]
         if flat_d is not None:
             piece = piece * flat_d[start:stop]
@@ -143,8 +152,34 @@ def product_stats(k: Tensor, delta: Delta | None = None, histogram: StreamingHis
             sign.sum().double(), torch.dot(sign, sign).double(), p64.sum(), sq.sum(), torch.dot(sq, p64), torch.dot(sq, sq)
         ]))
     if not values:
-        return Counts(0, 0, 0, 0), Moments(0, 0.0, 0.0, 0.0, 0.0)
-    return _from_sums(flat_k.numel(), *torch.stack(values).sum(0).tolist())
+        return torch.zeros(6, dtype=torch.float64, device=flat_k.device)
+    return values[0] if len(values) == 1 else torch.stack(values).sum(0)
+
+
+def product_stats(k: Tensor, delta: Delta | None = None, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
+    """Counts and raw moments of ``a = k ⊙ delta`` (see ``product_sums``)."""
+    return _from_sums(k.numel(), *product_sums(k, delta, histogram).tolist())
+
+
+def _to_python(rows: list[Tensor]) -> list[list[float]]:
+    """``row.tolist()`` of every row, with one device sync per device rather than per row."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_device.setdefault(row.device, []).append(i)
+    out: list[list[float]] = [[] for _ in rows]
+    for indices in by_device.values():
+        for i, values in zip(indices, torch.stack([rows[i] for i in indices]).tolist()):
+            out[i] = values
+    return out
+
+
+def many_product_stats(
+    ks: list[Tensor], deltas: list[Delta | None], histograms: list[StreamingHistogram | None] | None = None
+) -> list[tuple[Counts, Moments]]:
+    """``product_stats`` of every pair, read back to Python in one device sync."""
+    hists = histograms or [None] * len(ks)
+    rows = _to_python([product_sums(k, d, h) for k, d, h in zip(ks, deltas, hists)])
+    return [_from_sums(k.numel(), *row) for k, row in zip(ks, rows)]
 
 
 def _sums_row(a: Tensor) -> Tensor:
@@ -189,8 +224,7 @@ class ProductStats:
         """Counts and moments of every ``k ⊙ delta`` pair (histograms: eager, slice by slice).
         A delta may be ``(start, end)`` (Δ = end − start, read in the same pass)."""
         if not self.compiled or (histograms is not None and any(h is not None for h in histograms)):
-            hists = histograms or [None] * len(ks)
-            return [product_stats(k, d, h) for k, d, h in zip(ks, deltas, hists)]
+            return many_product_stats(ks, deltas, histograms)
         # (tensor index, operands) pieces of at most _EXACT_COUNTS entries each, so that the
         # kernel's float32 sums of signs stay exact; the pieces' rows add up per tensor
         pieces: dict[bool, list[tuple[int, list[Tensor]]]] = {False: [], True: []}
@@ -211,7 +245,7 @@ class ProductStats:
                 sums = call_compiled(kernel, *operands, purpose="compile_statistics is on")
                 if sums is None:  # compiling failed (warned once): the eager statistics from here on
                     self.compiled = False
-                    return [product_stats(k, d) for k, d in zip(ks, deltas)]
+                    return many_product_stats(ks, deltas)
                 for (i, _), row in zip(group, sums.tolist()):
                     rows[i] = [a + b for a, b in zip(rows[i], row)]
         return [_from_sums(k.numel(), *rows[i]) for i, k in enumerate(ks)]

@@ -592,11 +592,11 @@ class LossChangeAllocation(Callback):
     def _corner(self, event: _StepEvent, allocation: StepAllocation) -> CornerStats:
         stats = CornerStats()
         record = event.extras.get("record")
-        for name, (c, _) in zip(event.names, self._statistics(allocation, event.names)):
+        splits = self._parts(record, event.names, allocation) if record is not None else [{} for _ in event.names]
+        for (c, _), split in zip(self._statistics(allocation, event.names), splits):
             stats.counts.add(c)
-            if record is not None:
-                for part, value in self._parts(record, name, allocation).items():
-                    stats.parts[part] = stats.parts.get(part, 0.0) + value
+            for part, value in split.items():
+                stats.parts[part] = stats.parts.get(part, 0.0) + value
         return stats
 
     def _statistics(
@@ -607,20 +607,29 @@ class LossChangeAllocation(Callback):
         operands = [delta.operands(n) if isinstance(delta, LazyDelta) else delta[n] for n in names]
         return self._stats.many([allocation.path_gradient[n] for n in names], operands, histograms)
 
-    def _parts(self, record: Any, name: str, allocation: StepAllocation, total: float | None = None) -> dict[str, float]:
-        """The part allocations of one tensor (a few fused dot products); ``total``: its
-        Σ k ⊙ Δ when known, so the parts sum to exactly what the statistics logged."""
-        param = self._tracked[name]
-        try:
-            return decompose.allocate_part_values(
-                allocation.path_gradient[name], record, param, lambda: allocation.delta[name], total=total,
-                fused=self._stats.compiled,  # compile_statistics, unless compiling failed
-            )
-        except RuntimeError as err:  # the gradient or optimizer state changed before we could read it
-            if not self._stale_warned:
-                self._stale_warned = True
-                rank_zero_warn(f"LossChangeAllocation: no optimizer parts for this step ({err}); the total is unaffected.")
-            return {}
+    def _parts(
+        self, record: Any, names: list[str], allocation: StepAllocation, totals: list[float] | None = None
+    ) -> list[dict[str, float]]:
+        """The part allocations of each of ``names`` (a few fused dot products per tensor,
+        read back in one device sync); ``totals``: their Σ k ⊙ Δ when known, so the parts
+        sum to exactly what the statistics logged."""
+        plans, planned = [], []
+        for i, name in enumerate(names):
+            try:
+                plans.append(decompose.plan_part_values(
+                    allocation.path_gradient[name], record, self._tracked[name], lambda name=name: allocation.delta[name],
+                    total=None if totals is None else totals[i],
+                    fused=self._stats.compiled,  # compile_statistics, unless compiling failed
+                ))
+                planned.append(i)
+            except RuntimeError as err:  # the gradient or optimizer state changed before we could read it
+                if not self._stale_warned:
+                    self._stale_warned = True
+                    rank_zero_warn(f"LossChangeAllocation: no optimizer parts for this step ({err}); the total is unaffected.")
+        splits: list[dict[str, float]] = [{} for _ in names]
+        for i, values in zip(planned, decompose.part_values(plans)):
+            splits[i] = values
+        return splits
 
     def _skip(self, step: int, why: str) -> None:
         self._skipped_steps += 1
@@ -645,12 +654,16 @@ class LossChangeAllocation(Callback):
             if want_hist and self._owner[name] in self._reported else None
             for name in event.names
         ]
-        for name, (c, m) in zip(event.names, self._statistics(allocation, event.names, hists)):
+        statistics = self._statistics(allocation, event.names, hists)
+        splits = (
+            self._parts(record, event.names, allocation, totals=[m.s1 for _, m in statistics])
+            if record is not None else [{} for _ in event.names]
+        )
+        for name, (c, m), split in zip(event.names, statistics, splits):
             module = self._owner[name]
             counts.add(c)
             moments.add(m)
             param_sums[name] = m.s1
-            split = self._parts(record, name, allocation, total=m.s1) if record is not None else {}
             for part, value in split.items():
                 parts[part] = parts.get(part, 0.0) + value
             if module not in self._reported:

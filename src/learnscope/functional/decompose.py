@@ -104,7 +104,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -115,11 +115,14 @@ from learnscope._compile import call_compiled
 __all__ = [
     "PARTS",
     "StepRecord",
+    "PartValuesPlan",
     "allocate_part_values",
     "allocate_parts",
     "capture_step",
     "finish_step",
     "has_step_model",
+    "part_values",
+    "plan_part_values",
     "step_parts",
 ]
 
@@ -899,6 +902,68 @@ def allocate_parts(
     return dict(zip(PARTS, allocations.to(form.k.dtype).unbind()))
 
 
+@dataclass
+class PartValuesPlan:
+    """One parameter's part allocations, launched but not read back (see ``plan_part_values``)."""
+
+    form: _Form
+    rows: tuple[_Row | None, _Row | None, _Row | None]
+    total: float | Tensor | None
+    dots: Tensor | None  # the form's dots, stacked on the parameter's device
+
+
+@torch.no_grad()
+def plan_part_values(
+    k: Tensor,
+    record: StepRecord,
+    param: Tensor,
+    delta: Tensor | Callable[[], Tensor],
+    param_before: Tensor | None = None,
+    *,
+    total: float | Tensor | None = None,
+    fused: bool = False,
+) -> PartValuesPlan:
+    """The dot products of ``allocate_part_values``, queued on the device (no sync):
+    ``part_values`` reads many plans back at once. Same arguments."""
+    form, rows = _allocation_forms(k, record, param, delta, param_before, fused)
+    if total is None:
+        form.dot("k·Δ", form.k, form.delta)
+    return PartValuesPlan(form, rows, total, torch.stack(form.dots) if form.dots else None)
+
+
+def part_values(plans: Sequence[PartValuesPlan]) -> list[dict[str, float]]:
+    """The part allocations of every plan as Python floats, combined in float64, with one
+    device sync per device (not one per parameter)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, plan in enumerate(plans):
+        if plan.dots is not None:
+            by_device.setdefault(plan.dots.device, []).append(i)
+    values: list[list[float]] = [[] for _ in plans]
+    for indices in by_device.values():
+        dots = [plans[i].dots for i in indices]
+        widths = [len(d) for d in dots]
+        flat = torch.cat([d.to(torch.float64) for d in dots]).tolist()
+        offset = 0
+        for i, width in zip(indices, widths):
+            values[i] = flat[offset : offset + width]
+            offset += width
+    return [_evaluate_parts(plan, row_values) for plan, row_values in zip(plans, values)]
+
+
+def _evaluate_parts(plan: PartValuesPlan, values: list[float]) -> dict[str, float]:
+    form = plan.form
+    grand = values[form._index["k·Δ"]] if plan.total is None else float(plan.total)
+
+    def evaluate(row: _Row | None) -> float:
+        if row is None:
+            return 0.0
+        return math.fsum(coef * (grand if index == _TOTAL else values[index]) for index, coef in row.items())
+
+    gradient, momentum, weight_decay = (evaluate(row) for row in plan.rows)
+    residual = grand - math.fsum((gradient, momentum, weight_decay))
+    return {"gradient": gradient, "momentum": momentum, "weight_decay": weight_decay, "residual": residual}
+
+
 @torch.no_grad()
 def allocate_part_values(
     k: Tensor,
@@ -919,18 +984,6 @@ def allocate_part_values(
     (Adam without coupled weight decay, with ``total`` given, never does).
     ``fused=True``: on large tensors, Adam's dots (k/D)·g and (k/D)·m in one
     ``torch.compile`` pass that never writes k/D (falls back to eager, once warned).
+    Many parameters: ``plan_part_values`` for each, then ``part_values`` (one sync).
     """
-    form, rows = _allocation_forms(k, record, param, delta, param_before, fused)
-    if total is None:
-        form.dot("k·Δ", form.k, form.delta)
-    values = torch.stack(form.dots).tolist() if form.dots else []
-    grand = values[form._index["k·Δ"]] if total is None else float(total)
-
-    def evaluate(row: _Row | None) -> float:
-        if row is None:
-            return 0.0
-        return math.fsum(coef * (grand if index == _TOTAL else values[index]) for index, coef in row.items())
-
-    gradient, momentum, weight_decay = (evaluate(row) for row in rows)
-    residual = grand - math.fsum((gradient, momentum, weight_decay))
-    return {"gradient": gradient, "momentum": momentum, "weight_decay": weight_decay, "residual": residual}
+    return part_values([plan_part_values(k, record, param, delta, param_before, total=total, fused=fused)])[0]

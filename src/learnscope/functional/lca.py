@@ -130,11 +130,13 @@ class StepAllocation:
 
 
 def _dot(a: Params, b: Params) -> float:
-    """Σ_i a_i b_i over all tensors, accumulated in float64."""
-    total = 0.0
+    """Σ_i a_i b_i over all tensors, accumulated in float64 on each device (one sync per
+    device, not per tensor)."""
+    sums: dict[torch.device, Tensor] = {}
     for name, x in a.items():
-        total += float((x * b[name]).sum(dtype=torch.float64))
-    return total
+        term = (x * b[name]).sum(dtype=torch.float64)
+        sums[term.device] = sums[term.device] + term if term.device in sums else term
+    return sum(float(value) for value in sums.values())
 
 
 def step_delta(start: Params, end: Params, *, in_place: bool = False) -> dict[str, Tensor]:
