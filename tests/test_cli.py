@@ -57,6 +57,10 @@ def probe_loss(module, batch):  # deliberately unannotated, as most users write 
     return nn.functional.cross_entropy(module(x), y)
 
 
+def graphs_in(batch):  # a batch_size_fn, unannotated
+    return len(batch[1])
+
+
 def logits_of(output):
     return output
 
@@ -140,6 +144,8 @@ def test_command_line_options_override_the_yaml_config(example, tmp_path):
     [
         ("LossChangeAllocation", "loss_fn", probe_loss),
         ("NeuralFeatureAnsatz", "output_fn", logits_of),
+        ("LossChangeAllocation", "batch_size_fn", graphs_in),
+        ("NeuralFeatureAnsatz", "batch_size_fn", graphs_in),
     ],
 )
 def test_function_flags_accept_an_import_path(example, tmp_path, callback, flag, function):

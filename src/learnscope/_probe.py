@@ -12,6 +12,7 @@ restored mode flags, and ``self.log`` silenced during probe passes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,13 +126,16 @@ def probe_context(module: nn.Module, *, mode: str, device: torch.device | None =
 
 
 def batch_size_of(batch: Any) -> int:
-    """Leading dimension of the first tensor found in a (nested) batch."""
+    """Leading dimension of the first tensor found in a (nested) batch: a tensor, a
+    mapping, a list or tuple, or a dataclass (its fields in order)."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.ndim > 0 else 1
     if isinstance(batch, Mapping):
         items: Sequence[Any] = list(batch.values())
     elif isinstance(batch, (list, tuple)):
         items = batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        items = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
     else:
         raise ProbeError(f"cannot find a tensor in a batch of type {type(batch).__name__}")
     for item in items:
@@ -140,6 +144,22 @@ def batch_size_of(batch: Any) -> int:
         except ProbeError:
             continue
     raise ProbeError(f"cannot find a tensor in a batch of type {type(batch).__name__}")
+
+
+def samples_in(batch: Any, batch_size_fn: Callable[[Any], int] | None = None) -> int:
+    """The number of samples in ``batch``: ``batch_size_fn(batch)`` when given (checked to be
+    a positive int), else :func:`batch_size_of`."""
+    if batch_size_fn is None:
+        return batch_size_of(batch)
+    try:
+        size = batch_size_fn(batch)
+    except Exception as error:
+        raise ProbeError(f"batch_size_fn raised {type(error).__name__}: {error}") from error
+    if isinstance(size, Tensor) and size.numel() == 1 and not size.is_floating_point():
+        size = int(size)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProbeError(f"batch_size_fn must return the number of samples as an int >= 0, got {size!r}")
+    return size
 
 
 def clone_tensors(batch: Any) -> Any:
@@ -165,19 +185,25 @@ class ProbeChunk:
     size: int
 
 
-def chunk_weights(batches: Sequence[Any], *, equal: bool = False) -> list[ProbeChunk]:
+def chunk_weights(
+    batches: Sequence[Any], *, equal: bool = False, batch_size_fn: Callable[[Any], int] | None = None
+) -> list[ProbeChunk]:
     """Weight chunks by their sample count (a mean over samples), or equally (a mean
-    over micro-batches, as gradient accumulation does)."""
+    over micro-batches, as gradient accumulation does). ``batch_size_fn`` counts the
+    samples of batches whose first tensor's leading dimension is not it (e.g. graphs)."""
     if not batches:
         raise ProbeError("the probe set is empty")
     if equal:
         return [ProbeChunk(b, i, 1.0 / len(batches), 0) for i, b in enumerate(batches)]
     try:
-        sizes = [batch_size_of(b) for b in batches]
+        sizes = [samples_in(b, batch_size_fn) for b in batches]
     except ProbeError as err:
+        if batch_size_fn is not None:
+            raise
         raise ProbeError(
             f"{err}: the probe set's chunks are weighted by their number of samples, read from the first tensor "
-            "of each batch. Pass probe=DataLoader(...) yielding tensors, tuples, lists or dicts of tensors."
+            "of each batch (tensors, tuples, lists, dicts or dataclasses of tensors). For other batch types pass "
+            "batch_size_fn=callable(batch) -> number of samples, or probe=DataLoader(...) yielding such batches."
         ) from None
     total = sum(sizes)
     if total == 0:
@@ -202,7 +228,9 @@ def _subset_loader(loader: DataLoader, size: int | None, batch_size: int) -> Dat
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn, num_workers=0)
 
 
-def collect_batches(loader: Any, size: int | None, batch_size: int, *, subset: bool = True) -> list[Any]:
+def collect_batches(
+    loader: Any, size: int | None, batch_size: int, *, subset: bool = True, batch_size_fn: Callable[[Any], int] | None = None
+) -> list[Any]:
     """Take the probe batches from ``loader`` (a DataLoader or any iterable of batches).
 
     For a map-style DataLoader and ``subset=True``: a fixed random subset of ``size``
@@ -216,7 +244,8 @@ def collect_batches(loader: Any, size: int | None, batch_size: int, *, subset: b
     batches, seen = [], 0
     for batch in loader:
         batches.append(batch)
-        seen += batch_size_of(batch)
+        if size is not None:
+            seen += samples_in(batch, batch_size_fn)
         if size is not None and seen >= size:
             break
     return batches
@@ -246,7 +275,8 @@ def to_module_device(trainer: Any, batch: Any) -> Any:
 
 
 def build_probe_set(
-    trainer: Any, pl_module: nn.Module, probe: Any, size: int | None, batch_size: int, *, owner: str
+    trainer: Any, pl_module: nn.Module, probe: Any, size: int | None, batch_size: int, *, owner: str,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> list[ProbeChunk]:
     """The fixed probe set of a ``probe`` flag: ``"train"``, ``"val"`` or a DataLoader.
 
@@ -256,7 +286,7 @@ def build_probe_set(
     device = getattr(pl_module, "device", None)
     with preserved_rng(device), torch.inference_mode(False):
         if isinstance(probe, DataLoader):
-            raw = collect_batches(probe, None, batch_size, subset=False)
+            raw = collect_batches(probe, None, batch_size, subset=False, batch_size_fn=batch_size_fn)
             what = "the probe DataLoader"
         else:
             loader = trainer.train_dataloader if probe == "train" else _validation_loader(trainer)
@@ -267,11 +297,14 @@ def build_probe_set(
                     f"{owner}(probe={probe!r}) cannot take probe samples from a {type(loader).__name__}: "
                     "pass probe=DataLoader(...) instead"
                 )
-            raw = collect_batches(loader, size, batch_size)
+            raw = collect_batches(loader, size, batch_size, batch_size_fn=batch_size_fn)
             what = f"the {probe} data"
         if not raw:
             raise ProbeError(f"{owner}: {what} yielded no batches; set probe to non-empty data")
-        chunks = chunk_weights(raw)
+        try:
+            chunks = chunk_weights(raw, batch_size_fn=batch_size_fn)
+        except ProbeError as err:
+            raise ProbeError(f"{owner}: {err}") from None
         # Under DDP each rank evaluates whole chunks (so BatchNorm sees the same chunk
         # statistics as in one process) and the weighted sums are all-reduced.
         world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)

@@ -46,3 +46,10 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
     if not value:
         raise ValueError(f"{name} must be None or a non-empty list of glob patterns, got an empty list")
     return list(value)
+
+
+def check_callable(name: str, value: Any, what: str) -> Any:
+    """None or a callable; ``what`` says what it must be (e.g. ``"callable(batch) -> int"``)."""
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be None or a {what}, got {value!r}")
+    return value

@@ -29,7 +29,7 @@ from learnscope._probe import (
     rank_sum,
     require_validation_data,
 )
-from learnscope._validate import check_bool, check_choice, check_int, check_positive_float, check_patterns
+from learnscope._validate import check_bool, check_callable, check_choice, check_int, check_positive_float, check_patterns
 from learnscope.functional import decompose
 from learnscope.functional.lca import RULES, Evaluation, LazyDelta, StepAllocation, allocate_step, step_delta
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
@@ -131,6 +131,11 @@ class LossChangeAllocation(Callback):
             parameters ≥ ``AUTO_COMPILE_PARAMETER_STEPS`` (2³², e.g. 6 400 measured
             steps of a 670 k-parameter model). If compiling fails, one warning and the
             eager statistics.
+        batch_size_fn: ``batch -> number of samples``, for batches whose first tensor's
+            leading dimension is not the sample count (e.g. a graph batch whose first
+            tensor holds nodes: ``lambda b: b.num_graphs``), or that are not tensors,
+            tuples, lists, dicts or dataclasses. It weights the probe set's chunks and
+            sizes the ``"train"``/``"val"`` probe set when whole batches are taken.
 
     The cheap mode ``probe="batch", rule="first_order"`` uses the gradient the
     optimizer applied (no extra pass): with plain SGD every allocation is then
@@ -169,6 +174,7 @@ class LossChangeAllocation(Callback):
         unit_allocations: bool = False,
         preset: Optional[Literal["cheap", "default", "paper"]] = None,
         compile_statistics: Optional[bool] = None,
+        batch_size_fn: Optional[Callable[[Any], int]] = None,
     ) -> None:
         super().__init__()
         if preset is not None:
@@ -195,6 +201,7 @@ class LossChangeAllocation(Callback):
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be a callable (module, batch) -> scalar tensor or None, got {loss_fn!r}")
         self.loss_fn = loss_fn
+        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, "callable(batch) -> number of samples")
         self.histograms = check_bool("histograms", histograms)
         self.modules = check_patterns("modules", modules)
         self.decompose = check_bool("decompose", decompose)
@@ -300,12 +307,14 @@ class LossChangeAllocation(Callback):
             self._stats.compiled = self._long_run_on_cpu(trainer)
         if self.probe != "batch":
             self._chunks = build_probe_set(
-                trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="LossChangeAllocation"
+                trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="LossChangeAllocation",
+                batch_size_fn=self.batch_size_fn,
             )
             self.probe_samples = sum(chunk.size for chunk in self._chunks)
         elif self.ablation:  # the probe corners need a fixed set even when the main probe is the minibatch
             self._ablation_chunks = build_probe_set(
-                trainer, pl_module, "train", self.probe_size, self.probe_batch_size, owner="LossChangeAllocation"
+                trainer, pl_module, "train", self.probe_size, self.probe_batch_size, owner="LossChangeAllocation",
+                batch_size_fn=self.batch_size_fn,
             )
             self.probe_samples = sum(chunk.size for chunk in self._ablation_chunks)
         self._last_global_step = trainer.global_step

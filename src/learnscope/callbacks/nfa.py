@@ -24,7 +24,7 @@ from learnscope._probe import (
     require_validation_data,
     to_module_device,
 )
-from learnscope._validate import check_bool, check_choice, check_int, check_patterns, check_positive_float
+from learnscope._validate import check_bool, check_callable, check_choice, check_int, check_patterns, check_positive_float
 from learnscope.functional.nfa import (
     PreactivationGramAccumulator,
     _alpha_suffix,
@@ -147,6 +147,9 @@ class NeuralFeatureAnsatz(Callback):
         image_every_n_steps: also draw them at the first measurement at or after
             every multiple of this (default 10 × ``every_n_steps``); always at fit
             start and end.
+        batch_size_fn: ``batch -> number of samples``, for batches whose first tensor's
+            leading dimension is not the sample count, or that are not tensors, tuples,
+            lists, dicts or dataclasses (it weights the probe set's chunks).
 
     Example::
 
@@ -170,6 +173,7 @@ class NeuralFeatureAnsatz(Callback):
         num_probes: int = 16,
         images: bool = True,
         image_every_n_steps: Optional[int] = None,
+        batch_size_fn: Optional[Callable[[Any], int]] = None,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
@@ -186,6 +190,7 @@ class NeuralFeatureAnsatz(Callback):
                 raise ValueError(f"{name} must be None or a callable, got {fn!r}")
         self.input_fn = input_fn
         self.output_fn = output_fn
+        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, "callable(batch) -> number of samples")
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.num_probes = check_int("num_probes", num_probes, minimum=1)
         self.images = check_bool("images", images)
@@ -279,7 +284,8 @@ class NeuralFeatureAnsatz(Callback):
             return
         self._capture_initial_weights()
         self._probe_set = build_probe_set(
-            trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz"
+            trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz",
+            batch_size_fn=self.batch_size_fn,
         )
         _logging.write_layout(
             trainer, lca=False, nfa=True, nfa_metrics=self._metric_names(), nfa_layers=list(self._layers)
@@ -344,7 +350,8 @@ class NeuralFeatureAnsatz(Callback):
             ]
         elif isinstance(self.probe, DataLoader) or (self.probe == "val" and trainer.state.fn == "validate"):
             self._probe_set = build_probe_set(
-                trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz"
+                trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz",
+                batch_size_fn=self.batch_size_fn,
             )
         else:
             if not self._warned_no_probe:
