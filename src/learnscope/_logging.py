@@ -104,10 +104,8 @@ class DeferredLog:
         ):
             self.flush(trainer)
 
-    def flush(self, trainer: pl.Trainer | None) -> None:
+    def flush(self, trainer: pl.Trainer) -> None:
         entries, self._entries = self._entries, []
-        if trainer is None:
-            return
         for step, scalars, histograms in entries:
             if scalars:
                 log_scalars(trainer, scalars, step=step)

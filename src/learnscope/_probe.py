@@ -148,7 +148,7 @@ def batch_size_of(batch: Any) -> int:
 
 def samples_in(batch: Any, batch_size_fn: Callable[[Any], int] | None = None) -> int:
     """The number of samples in ``batch``: ``batch_size_fn(batch)`` when given (checked to be
-    a positive int), else :func:`batch_size_of`."""
+    an int >= 0), else :func:`batch_size_of`."""
     if batch_size_fn is None:
         return batch_size_of(batch)
     try:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from learnscope._compile import call_compiled
+from learnscope._readback import to_python
 from learnscope.records import Counts, Moments
 
 _SLICE = 1 << 15  # elements per slice on CPU: float64 temporaries of 256 KiB, cache-resident
@@ -161,24 +162,12 @@ def product_stats(k: Tensor, delta: Delta | None = None, histogram: StreamingHis
     return _from_sums(k.numel(), *product_sums(k, delta, histogram).tolist())
 
 
-def _to_python(rows: list[Tensor]) -> list[list[float]]:
-    """``row.tolist()`` of every row, with one device sync per device rather than per row."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_device.setdefault(row.device, []).append(i)
-    out: list[list[float]] = [[] for _ in rows]
-    for indices in by_device.values():
-        for i, values in zip(indices, torch.stack([rows[i] for i in indices]).tolist()):
-            out[i] = values
-    return out
-
-
 def many_product_stats(
     ks: list[Tensor], deltas: list[Delta | None], histograms: list[StreamingHistogram | None] | None = None
 ) -> list[tuple[Counts, Moments]]:
     """``product_stats`` of every pair, read back to Python in one device sync."""
     hists = histograms or [None] * len(ks)
-    rows = _to_python([product_sums(k, d, h) for k, d, h in zip(ks, deltas, hists)])
+    rows = to_python([product_sums(k, d, h) for k, d, h in zip(ks, deltas, hists)])
     return [_from_sums(k.numel(), *row) for k, row in zip(ks, rows)]
 
 

@@ -111,6 +111,7 @@ import torch
 from torch import Tensor
 
 from learnscope._compile import call_compiled
+from learnscope._readback import to_python
 
 __all__ = [
     "PARTS",
@@ -934,19 +935,7 @@ def plan_part_values(
 def part_values(plans: Sequence[PartValuesPlan]) -> list[dict[str, float]]:
     """The part allocations of every plan as Python floats, combined in float64, with one
     device sync per device (not one per parameter)."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, plan in enumerate(plans):
-        if plan.dots is not None:
-            by_device.setdefault(plan.dots.device, []).append(i)
-    values: list[list[float]] = [[] for _ in plans]
-    for indices in by_device.values():
-        dots = [plans[i].dots for i in indices]
-        widths = [len(d) for d in dots]
-        flat = torch.cat([d.to(torch.float64) for d in dots]).tolist()
-        offset = 0
-        for i, width in zip(indices, widths):
-            values[i] = flat[offset : offset + width]
-            offset += width
+    values = to_python([plan.dots for plan in plans])
     return [_evaluate_parts(plan, row_values) for plan, row_values in zip(plans, values)]
 
 
