@@ -232,6 +232,30 @@ def test_scalars_measured_before_an_exception_still_reach_the_logger():
     assert sorted(logger.series["lca/total"]) == list(range(7))
 
 
+def test_a_logger_failing_after_the_run_failed_does_not_mask_the_runs_exception():
+    class BrokenAfterFailure(MemoryLogger):
+        broken = False
+
+        def log_metrics(self, metrics, step=None):
+            if self.broken:
+                raise OSError("disk full")
+            super().log_metrics(metrics, step)
+
+    class Fail(_FailAt):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == self.fail_at:
+                logger.broken = True
+            return super().training_step(batch, batch_idx)
+
+    logger = BrokenAfterFailure()
+    torch.manual_seed(0)
+    t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order")], loggers=[logger],
+                max_steps=12, log_every_n_steps=50)
+    with pytest.warns(UserWarning, match="could not write the last steps' scalars .OSError: disk full"):
+        with pytest.raises(RuntimeError, match="user code failed"):
+            t.fit(Fail(7, optimizer="adam", lr=1e-3), digits_loader())
+
+
 def test_a_checkpoint_finds_every_step_it_counts_already_logged(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

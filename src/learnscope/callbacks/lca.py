@@ -361,7 +361,10 @@ class LossChangeAllocation(Callback):
         self._free_starts = {}
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._log.flush(trainer)  # what was measured before the failure still reaches the logs
+        try:
+            self._log.flush(trainer)  # what was measured before the failure still reaches the logs
+        except Exception as err:  # never mask the run's own exception with ours
+            rank_zero_warn(f"LossChangeAllocation: could not write the last steps' scalars ({type(err).__name__}: {err})")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._log.flush(trainer)  # the logs hold every step the checkpoint's cumulative state counts
