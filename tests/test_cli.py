@@ -139,6 +139,17 @@ def test_command_line_options_override_the_yaml_config(example, tmp_path):
     assert callbacks[0].rule == "simpson" and callbacks[0].state_key != cheap.state_key
 
 
+def test_a_cli_flag_equal_to_its_default_still_overrides_the_preset(example, tmp_path):
+    # LightningCLI passes every flag; the unset ones arrive as None and the preset fills them
+    cli = example.cli_main(
+        ["--trainer.callbacks+=learnscope.LossChangeAllocation", "--trainer.callbacks.preset=cheap",
+         "--trainer.callbacks.decompose=true", f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+    )  # fmt: skip
+    callback = the(cli.trainer.callbacks, learnscope.LossChangeAllocation)
+    assert (callback.probe, callback.rule, callback.histograms, callback.decompose) == ("batch", "first_order", False, True)
+
+
 @pytest.mark.parametrize(
     "callback, flag, function",
     [
@@ -171,7 +182,8 @@ def test_help_lists_every_constructor_flag(example, capsys, callback):
         if name != "self":
             assert f"--trainer.callbacks.{name} " in text, name
     if callback == "LossChangeAllocation":
-        assert "{first_order,trapezoid,simpson,adaptive}" in text
+        # the rule's choices (None: the preset's, else "simpson")
+        assert "Optional[Literal['first_order', 'trapezoid'," in text and "'simpson', 'adaptive']]" in text
         assert "(type: int, default: 1)" in text  # every_n_steps
 
 

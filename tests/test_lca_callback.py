@@ -412,6 +412,19 @@ def test_presets_set_their_flags_and_explicit_flags_win():
     paper = LossChangeAllocation(preset="paper", probe_size=512)
     assert (paper.probe, paper.rule, paper.tolerance, paper.probe_size) == ("train", "adaptive", 1e-3, 512)
     assert LossChangeAllocation(preset="cheap", rule="trapezoid").rule == "trapezoid"
+    # a flag you set wins also when it equals the default
+    cheap_split = LossChangeAllocation(preset="cheap", decompose=True, histograms=True)
+    assert (cheap_split.probe, cheap_split.rule, cheap_split.decompose, cheap_split.histograms) == (
+        "batch", "first_order", True, True)
+    assert LossChangeAllocation(preset="paper", rule="simpson").rule == "simpson"
+    assert LossChangeAllocation(preset="cheap", probe="train").probe == "train"
+    # without a preset, unset flags take the documented defaults
+    plain = LossChangeAllocation()
+    assert (plain.probe, plain.probe_size, plain.rule, plain.tolerance, plain.histograms, plain.decompose) == (
+        "train", 1024, "simpson", 1e-3, True, True)
+    # probe_size (None: the whole set) counts as unset at its default value
+    assert LossChangeAllocation(preset="paper").probe_size is None
+    assert LossChangeAllocation(preset="paper", probe_size=1024).probe_size is None
     with pytest.raises(ValueError, match="preset must be one of 'cheap', 'default', 'paper'"):
         LossChangeAllocation(preset="fast")
 

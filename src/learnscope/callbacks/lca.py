@@ -89,25 +89,27 @@ class LossChangeAllocation(Callback):
         every_n_steps: measure optimizer steps with ``global_step % every_n_steps == 0``
             (the first step is always measured).
         probe: ``"train"`` (a fixed random subset of the training data, chosen with
-            its own seed), ``"val"`` (the validation data), ``"batch"`` (the current
-            training minibatch; all micro-batches under gradient accumulation), or a
-            ``DataLoader`` (exactly that data).
+            its own seed; the default), ``"val"`` (the validation data), ``"batch"``
+            (the current training minibatch; all micro-batches under gradient
+            accumulation), or a ``DataLoader`` (exactly that data).
         probe_size: samples in the ``"train"``/``"val"`` probe set (None: all).
         probe_batch_size: chunk size of probe evaluations.
-        rule: ``"first_order"``, ``"trapezoid"``, ``"simpson"`` or ``"adaptive"``.
-        tolerance: absolute per-step error target of ``"adaptive"`` (≤ 32 sub-intervals).
+        rule: ``"first_order"``, ``"trapezoid"``, ``"simpson"`` (the default) or ``"adaptive"``.
+        tolerance: absolute per-step error target of ``"adaptive"`` (≤ 32 sub-intervals;
+            default 1e-3).
         loss_fn: ``loss_fn(module, batch) -> scalar tensor``; default: the module's
             ``training_step`` loss (a tensor or a dict's ``"loss"``). Required under
             manual optimization.
         histograms: per-layer histograms of allocations, at most every
-            ``trainer.log_every_n_steps`` steps.
+            ``trainer.log_every_n_steps`` steps (default True).
         modules: glob patterns over module names selecting which modules get
             per-layer tags and histograms. The integral always covers every
             trainable parameter, so ``lca/total`` and the error stay exact.
         decompose: split each step into ``gradient``, ``momentum``, ``weight_decay``
             and ``residual`` parts (exact models of torch's SGD, Adam, AdamW,
             RMSprop and Adagrad; any other optimizer: ``residual`` only). Their
-            allocations sum to the total: tags ``lca/part/<part>[/<module>]``.
+            allocations sum to the total: tags ``lca/part/<part>[/<module>]``
+            (default True).
         ablation: also evaluate the other corners of {minibatch, probe} loss ×
             {first order, ``rule``}, each with its helped fraction and parts: tags
             ``lca/ablation/<data>_<rule>/...``. Costs up to three more gradients per
@@ -117,7 +119,10 @@ class LossChangeAllocation(Callback):
             the parameters per step), ``"default"`` (the defaults above: 2 probe
             gradients per step), or ``"paper"`` (the whole training set and the
             adaptive rule: 2 to 32 full-training-set gradients per step). A preset
-            replaces the flags left at their defaults; flags you set win.
+            sets ``probe``, ``rule``, ``tolerance``, ``histograms`` and ``decompose``
+            where you leave them None (unset); a value you pass wins, also one equal
+            to the default. ``probe_size`` (whose None means the whole set) counts
+            as unset at its default, 1024.
         unit_allocations: per-output-unit allocations (a unit's weights summed over
             inputs, plus its bias) of modules with at most 512 units, as scalars
             ``lca/unit/<module>/<unit>``, for the report's per-neuron heatmaps.
@@ -152,6 +157,10 @@ class LossChangeAllocation(Callback):
     #: Named flag sets. ``cheap``: no extra gradient pass (the optimizer's own
     #: gradient, minibatch loss, first order). ``paper``: Lan et al.'s protocol
     #: (the whole training set, adaptive Simpson to 1e-3 per step).
+    #: The flags' values when neither you nor a preset sets them.
+    DEFAULTS: dict[str, Any] = dict(
+        probe="train", probe_size=1024, rule="simpson", tolerance=1e-3, histograms=True, decompose=True
+    )
     PRESETS: dict[str, dict[str, Any]] = {
         "cheap": dict(probe="batch", rule="first_order", histograms=False, decompose=False),
         "default": dict(),
@@ -161,15 +170,15 @@ class LossChangeAllocation(Callback):
     def __init__(
         self,
         every_n_steps: int = 1,
-        probe: Union[Literal["train", "val", "batch"], DataLoader] = "train",
+        probe: Union[Literal["train", "val", "batch"], DataLoader, None] = None,
         probe_size: Optional[int] = 1024,
         probe_batch_size: int = 256,
-        rule: Literal["first_order", "trapezoid", "simpson", "adaptive"] = "simpson",
-        tolerance: float = 1e-3,
+        rule: Optional[Literal["first_order", "trapezoid", "simpson", "adaptive"]] = None,
+        tolerance: Optional[float] = None,
         loss_fn: Optional[Callable[[pl.LightningModule, Any], Any]] = None,
-        histograms: bool = True,
+        histograms: Optional[bool] = None,
         modules: Optional[list[str]] = None,
-        decompose: bool = True,
+        decompose: Optional[bool] = None,
         ablation: bool = False,
         unit_allocations: bool = False,
         preset: Optional[Literal["cheap", "default", "paper"]] = None,
@@ -179,16 +188,16 @@ class LossChangeAllocation(Callback):
         super().__init__()
         if preset is not None:
             check_choice("preset", preset, tuple(self.PRESETS))
-            # A preset replaces flags left at their defaults; flags given other values win.
-            given = dict(probe=probe, probe_size=probe_size, rule=rule, tolerance=tolerance,
-                         histograms=histograms, decompose=decompose)
-            defaults = dict(probe="train", probe_size=1024, rule="simpson", tolerance=1e-3,
-                            histograms=True, decompose=True)
-            for flag, value in self.PRESETS[preset].items():
-                if given[flag] is defaults[flag] or (not isinstance(given[flag], DataLoader) and given[flag] == defaults[flag]):
-                    given[flag] = value
-            probe, probe_size, rule, tolerance = given["probe"], given["probe_size"], given["rule"], given["tolerance"]
-            histograms, decompose = given["histograms"], given["decompose"]
+        chosen = self.PRESETS[preset] if preset is not None else {}
+        # A flag left unset (None) takes the preset's value, else its default; a flag you set
+        # wins, also when it equals the default. probe_size's None already means "the whole
+        # set", so there the default value itself counts as unset.
+        given = dict(probe=probe, rule=rule, tolerance=tolerance, histograms=histograms, decompose=decompose)
+        resolved = {flag: chosen.get(flag, self.DEFAULTS[flag]) if value is None else value for flag, value in given.items()}
+        probe, rule, tolerance = resolved["probe"], resolved["rule"], resolved["tolerance"]
+        histograms, decompose = resolved["histograms"], resolved["decompose"]
+        if "probe_size" in chosen and probe_size == self.DEFAULTS["probe_size"]:
+            probe_size = chosen["probe_size"]
         self.preset = preset
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         if not isinstance(probe, DataLoader):
