@@ -613,7 +613,7 @@ class LossChangeAllocation(Callback):
     def _corner(self, event: _StepEvent, allocation: StepAllocation) -> CornerStats:
         stats = CornerStats()
         record = event.extras.get("record")
-        splits = self._parts(record, event.names, allocation) if record is not None else [{} for _ in event.names]
+        splits = self._parts(record, event.names, allocation)
         for (c, _), split in zip(self._statistics(allocation, event.names), splits):
             stats.counts.add(c)
             for part, value in split.items():
@@ -629,11 +629,14 @@ class LossChangeAllocation(Callback):
         return self._stats.many([allocation.path_gradient[n] for n in names], operands, histograms)
 
     def _parts(
-        self, record: Any, names: list[str], allocation: StepAllocation, totals: list[float] | None = None
+        self, record: Any | None, names: list[str], allocation: StepAllocation, totals: list[float] | None = None
     ) -> list[dict[str, float]]:
         """The part allocations of each of ``names`` (a few fused dot products per tensor,
         read back in one device sync); ``totals``: their Σ k ⊙ Δ when known, so the parts
-        sum to exactly what the statistics logged."""
+        sum to exactly what the statistics logged. No ``record`` (decompose off): no parts."""
+        splits: list[dict[str, float]] = [{} for _ in names]
+        if record is None:
+            return splits
         plans, planned = [], []
         for i, name in enumerate(names):
             try:
@@ -647,7 +650,6 @@ class LossChangeAllocation(Callback):
                 if not self._stale_warned:
                     self._stale_warned = True
                     rank_zero_warn(f"LossChangeAllocation: no optimizer parts for this step ({err}); the total is unaffected.")
-        splits: list[dict[str, float]] = [{} for _ in names]
         for i, values in zip(planned, decompose.part_values(plans)):
             splits[i] = values
         return splits
@@ -676,10 +678,7 @@ class LossChangeAllocation(Callback):
             for name in event.names
         ]
         statistics = self._statistics(allocation, event.names, hists)
-        splits = (
-            self._parts(record, event.names, allocation, totals=[m.s1 for _, m in statistics])
-            if record is not None else [{} for _ in event.names]
-        )
+        splits = self._parts(record, event.names, allocation, totals=[m.s1 for _, m in statistics])
         for name, (c, m), split in zip(event.names, statistics, splits):
             module = self._owner[name]
             counts.add(c)
