@@ -764,6 +764,45 @@ def test_metrics_match_explicit_dxd_reference(shape, rank):
     assert torch.allclose(spectrum, torch.linalg.eigvalsh(compressed).flip(0)[:true_rank], atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(300, 400), (400, 300), (256, 600)], ids=["k<d", "k>d", "cutoff inside"])
+def test_float32_weights_take_the_gram_route_and_match_lapack_svd(shape, monkeypatch):
+    """Large float32 weights get their thin SVD from eigh of the smaller Gram matrix (3×
+    faster); the metrics, the rank and the range spectrum equal those from LAPACK's SVD.
+    The singular values fall log-spaced from 1 to 10⁻⁶, so the rank cutoff (max(k, d)·ε₃₂)
+    lies inside the spectrum and small singular values are exercised."""
+    import learnscope.functional.nfa as nfa_module
+
+    generator = torch.Generator().manual_seed(21)
+    k, d = shape
+    r = min(k, d)
+    left = torch.linalg.qr(torch.randn(k, r, generator=generator, dtype=DTYPE))[0]
+    right = torch.linalg.qr(torch.randn(d, r, generator=generator, dtype=DTYPE))[0]
+    weight = ((left * torch.logspace(0, -6, r, dtype=DTYPE)) @ right.mT + 0.01).float()
+    initial = (weight.double() + 1e-3 * torch.randn(k, d, generator=generator, dtype=DTYPE)).float()
+    gram = random_gram(k, generator)
+    svd_calls = []
+    lapack_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: svd_calls.append(1) or lapack_svd(*a, **kw))
+
+    def run():
+        return nfa_metrics_and_spectrum(
+            weight, gram, initial_weight=initial, null_draws=2, generator=torch.Generator().manual_seed(22)
+        )
+
+    metrics, spectrum = run()
+    assert svd_calls == []  # both W and ΔW went through the Gram route
+    monkeypatch.setattr(nfa_module, "_GRAM_ROUTE_MARGIN", math.inf)
+    expected, expected_spectrum = run()
+    assert len(svd_calls) == 2
+    singular = torch.linalg.svdvals(weight.double())
+    rank = int((singular > max(k, d) * torch.finfo(torch.float32).eps * singular[0]).sum())
+    assert 0 < rank < r and len(spectrum) == len(expected_spectrum) == rank
+    assert torch.allclose(spectrum, expected_spectrum, rtol=0, atol=1e-9 * float(expected_spectrum[0]))
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-9), key
+
+
 def test_default_metric_keys_are_exactly_the_brief_list():
     generator = torch.Generator().manual_seed(10)
     weight = torch.randn(6, 9, generator=generator, dtype=DTYPE)
