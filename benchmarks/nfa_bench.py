@@ -58,12 +58,12 @@ class NFAProblem:
             accumulator.update(x)
         return accumulator.compute()
 
-    def gram_only(self, grads: list[Tensor]) -> None:
+    def gram_only(self, grads: list[Tensor], first_only: bool = False) -> None:
         """The Gram products alone, on VJP outputs of one chunk (attribution), as the library
         does them: each layer handler's ``add_gram`` (the blocks of rowsᵀrows on and above
         the diagonal in the gradient's dtype, a convolution's in its native layout), added
-        into a float64 sum."""
-        for index, g in zip(self.layers, grads):
+        into a float64 sum. ``first_only``: the first measured layer's alone."""
+        for index, g in list(zip(self.layers, grads))[: 1 if first_only else None]:
             module = self.net[index]
             handler = handler_for(module)
             k = handler.out_features(module)
@@ -226,6 +226,7 @@ def run(workload: Workload, *, samples: int, repeats: int, with_jacrev: bool = T
         "reference": lambda: best_of(problem.reference, 1),
         "learnscope": lambda: best_of(problem.learnscope, 1),
         "gram (one chunk)": lambda: best_of(lambda: problem.gram_only(vjps), 1),
+        "first gram (one chunk)": lambda: best_of(lambda: problem.gram_only(vjps, first_only=True), 1),
         "metrics": lambda: best_of(lambda: problem.metrics(grams), 1),
     }
     if with_jacrev:
@@ -233,6 +234,7 @@ def run(workload: Workload, *, samples: int, repeats: int, with_jacrev: bool = T
     samples_by_case = interleaved(cases, repeats)
     results.times = samples_by_case
     results.times["gram"] = [t * len(problem.chunks) for t in samples_by_case["gram (one chunk)"]]
+    results.times["first gram"] = [t * len(problem.chunks) for t in samples_by_case["first gram (one chunk)"]]
     if callback_repeats:
         results.callback = run_callback(workload, samples, callback_every, callback_periods, callback_repeats)
     return results
