@@ -404,6 +404,33 @@ def test_resume_restores_initial_weights_and_continues_exactly(tmp_path):
     assert logger.series["nfa/net.0/weight_change"][10] == pytest.approx(float(change), rel=1e-6)
 
 
+def test_non_finite_initial_weights_leave_out_weight_change_and_the_run_goes_on(tmp_path):
+    """A checkpoint whose saved W₀ of one layer is not finite: that layer's weight_change and
+    centred NFA are left out (undefined), everything else is measured, training goes on."""
+    torch.manual_seed(0)
+    first = NeuralFeatureAnsatz(every_n_steps=5, probe_size=128)
+    run = trainer(callbacks=[first], loggers=[MemoryLogger()], max_steps=5)
+    run.fit(Classifier(), digits_loader(shuffle=False))
+    run.save_checkpoint(tmp_path / "step5.ckpt")
+    checkpoint = torch.load(tmp_path / "step5.ckpt", weights_only=False)
+    state = checkpoint["callbacks"][first.state_key]
+    state["initial_weights"]["net.0"] = torch.full_like(state["initial_weights"]["net.0"], float("nan"))
+    torch.save(checkpoint, tmp_path / "broken.ckpt")
+
+    logger = MemoryLogger()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[NeuralFeatureAnsatz(every_n_steps=5, probe_size=128)], loggers=[logger], max_steps=10).fit(
+            Classifier(), digits_loader(shuffle=False), ckpt_path=tmp_path / "broken.ckpt"
+        )
+    ours = [str(w.message) for w in caught if "initial weight" in str(w.message)]
+    assert len(ours) == 1 and "'net.0' is not finite" in ours[0]
+    assert sorted(logger.series["nfa/net.0/pearson_a1"]) == [10]
+    assert "nfa/net.0/weight_change" not in logger.series and "nfa/net.0/cnfa_pearson_a1" not in logger.series
+    assert sorted(logger.series["nfa/net.2/weight_change"]) == [10]
+    assert sorted(logger.series["nfa/net.2/cnfa_pearson_a1"]) == [10]
+
+
 def test_state_key_separates_instances_with_different_flags():
     keys = {NeuralFeatureAnsatz().state_key, NeuralFeatureAnsatz(alphas=[2.0]).state_key,
             NeuralFeatureAnsatz(layers=["net.0"]).state_key}

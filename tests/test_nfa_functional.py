@@ -803,6 +803,21 @@ def test_float32_weights_take_the_gram_route_and_match_lapack_svd(shape, monkeyp
         assert metrics[key] == pytest.approx(value, rel=1e-9), key
 
 
+@pytest.mark.parametrize("shape", [(6, 9), (300, 400)], ids=["LAPACK SVD", "Gram route"])
+@pytest.mark.parametrize("argument", ["weight_flat", "gram", "initial_weight"])
+def test_non_finite_inputs_raise_naming_the_argument(shape, argument):
+    """Both SVD routes reject a NaN the same way, before any linear algebra (LAPACK's SVD
+    would raise its own error, eigh would return NaN metrics)."""
+    k, d = shape
+    inputs = {"weight_flat": torch.randn(k, d), "gram": torch.eye(k, dtype=DTYPE), "initial_weight": torch.randn(k, d)}
+    inputs[argument][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{argument} contains non-finite values"):
+        nfa_metrics(inputs["weight_flat"], inputs["gram"], initial_weight=inputs["initial_weight"])
+    if argument != "initial_weight":
+        with pytest.raises(ValueError, match=f"{argument} contains non-finite values"):
+            range_spectrum(inputs["weight_flat"], inputs["gram"])
+
+
 def test_default_metric_keys_are_exactly_the_brief_list():
     generator = torch.Generator().manual_seed(10)
     weight = torch.randn(6, 9, generator=generator, dtype=DTYPE)

@@ -307,14 +307,18 @@ class NeuralFeatureAnsatz(Callback):
         for name, module in self._layers.items():
             weight = handler_for(module).weight_flat(module)
             saved = self._initial_weights.get(name)
-            if saved is not None and saved.shape == weight.shape:
-                continue
-            if saved is not None:
+            if saved is None or saved.shape != weight.shape:
+                if saved is not None:
+                    rank_zero_warn(
+                        f"NeuralFeatureAnsatz: the saved initial weight of {name!r} has shape {tuple(saved.shape)}, "
+                        f"not {tuple(weight.shape)}; weight_change and cnfa_pearson_a1 restart from the current weights"
+                    )
+                self._initial_weights[name] = weight.clone()
+            if not bool(torch.isfinite(self._initial_weights[name]).all()):
                 rank_zero_warn(
-                    f"NeuralFeatureAnsatz: the saved initial weight of {name!r} has shape {tuple(saved.shape)}, "
-                    f"not {tuple(weight.shape)}; weight_change and cnfa_pearson_a1 restart from the current weights"
+                    f"NeuralFeatureAnsatz: the initial weight of {name!r} is not finite; its weight_change and "
+                    "cnfa_pearson_a1 are left out. Training goes on."
                 )
-            self._initial_weights[name] = weight.clone()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -519,11 +523,14 @@ class NeuralFeatureAnsatz(Callback):
         for name, gram in grams.items():
             weight = weights[name]
             readout = name == self._readout
+            initial = self._initial_weights.get(name)
+            if initial is not None and not bool(torch.isfinite(initial).all()):
+                initial = None  # weight_change and the centred NFA are undefined: left out
             values, spectra[name] = nfa_metrics_and_spectrum(
                 weight,
                 gram,
                 alphas=self.alphas,
-                initial_weight=self._initial_weights.get(name),
+                initial_weight=initial,
                 # G = I is rotation invariant: at the readout every null equals its value
                 null_draws=0 if readout else self.null_draws,
                 readout=readout,

@@ -637,10 +637,17 @@ def _range_svd_by_eigh(weight: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor
     return (basis, s, other) if wide else (other, s, basis)
 
 
+def _require_finite(name: str, tensor: Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or ±inf); the NFA metrics need finite inputs")
+
+
 def _range_frame(
     weight_flat: Tensor, gram: Tensor, rank_rtol: float
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
     """(G symmetrised, W, the thin SVD (U, S, V) of W on its range, UᵀGU), float64 on G's device."""
+    _require_finite("weight_flat", weight_flat)
+    _require_finite("gram", gram)
     gram = gram.detach().to(torch.float64)
     gram = 0.5 * (gram + gram.mT)
     weight = weight_flat.detach().to(dtype=torch.float64, device=gram.device)
@@ -844,6 +851,8 @@ def _nfa_metrics_and_spectrum(
         raise ValueError(
             f"initial_weight must have the weight's shape {(k, d)}, got {tuple(initial_weight.shape)}"
         )
+    if initial_weight is not None:
+        _require_finite("initial_weight", initial_weight)
     alphas = [float(alpha) for alpha in alphas]
     if any(not alpha > 0 for alpha in alphas):
         raise ValueError(f"alphas must be positive, got {alphas}")
