@@ -743,6 +743,32 @@ def _nfa_correlations(
     return cosine, pearson
 
 
+def _product_pearson(weight: Tensor, gram: Tensor) -> float:
+    r"""Pearson of A = WᵀW with B = WᵀGW (d×d, W k×d) without an SVD of W and without
+    forming them when k ≤ d: with P = WWᵀ (k×k) and w = W𝟙,
+        ⟨A, B⟩ = tr(PGP) = ⟨P, GP⟩,  ‖A‖² = ‖P‖²,  ‖B‖² = tr(GPGP),
+        Σ A_ij = ‖w‖²,  Σ B_ij = wᵀGw,
+    centred as in ``_nfa_correlations``. For k > d, A and B are formed (d×d is smaller).
+    Unlike the range-restricted metrics it keeps W's round-off directions, which weigh
+    in at (singular value / s_max)² ≤ rank_rtol² there."""
+    k, d = weight.shape
+    if k <= d:
+        p = weight @ weight.mT
+        gp = gram @ p
+        inner, norm_a2, norm_b2 = (p * gp).sum(), (p * p).sum(), (gp * gp.mT).sum()
+        w = weight.sum(dim=1)
+        sum_a, sum_b = w @ w, w @ gram @ w
+    else:
+        a, b = weight.mT @ weight, weight.mT @ gram @ weight
+        inner, norm_a2, norm_b2 = (a * b).sum(), (a * a).sum(), (b * b).sum()
+        sum_a, sum_b = a.sum(), b.sum()
+    mean_a, mean_b = sum_a / d**2, sum_b / d**2
+    covariance = inner - d**2 * mean_a * mean_b
+    variance_a = (norm_a2 - d**2 * mean_a**2).clamp_min(0)
+    variance_b = (norm_b2 - d**2 * mean_b**2).clamp_min(0)
+    return _ratio(covariance, torch.sqrt(variance_a * variance_b))
+
+
 def _sphericity(gram: Tensor) -> float:
     """ψ(G) = tr(G)² / (k·tr(G²)) ∈ [1/k, 1]; 1 ⇔ G ∝ I."""
     k = gram.shape[0]
@@ -790,7 +816,8 @@ def nfa_metrics(
     * ``stable_rank``: ‖W‖_F²/‖W‖_2²;
     * with ``initial_weight`` W₀: ``weight_change`` = ‖W − W₀‖_F/‖W‖_F and the
       centred NFA ``cnfa_pearson_a1``: ``pearson_a1`` with ΔW = W − W₀ in place
-      of W, i.e. Pearson(ΔWᵀΔW, ΔWᵀ G ΔW).
+      of W, i.e. Pearson(ΔWᵀΔW, ΔWᵀ G ΔW), from the k×k products ΔWΔWᵀ and GΔWΔWᵀ
+      (no SVD, no truncation of ΔW).
 
     ``readout=True`` marks a layer whose output is the raw model output, where G
     = I exactly (∇_z f_j = e_j): every α = 1 correlation is then identically 1 by
@@ -904,8 +931,7 @@ def _nfa_metrics_and_spectrum(
             torch.linalg.matrix_norm(delta), torch.linalg.matrix_norm(weight)
         )
         if not readout:
-            du, ds, dv = _range_svd(delta, rank_rtol)
-            metrics["cnfa_pearson_a1"] = _nfa_correlations(ds, dv, du.mT @ gram @ du, 1.0, d)[1]
+            metrics["cnfa_pearson_a1"] = _product_pearson(delta, gram)
     spectrum = torch.linalg.eigvalsh(compressed).flip(0) if with_spectrum else None
     return metrics, spectrum
 
