@@ -45,6 +45,12 @@ class NFAProblem:
         self.chunks = [x[i : i + CHUNK] for i in range(0, samples, CHUNK)]
         self.layers = measured_layers(self.net)
         self.outputs = self.net(self.chunks[0][:1]).shape[-1]
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            other = workload.build()
+        self.initial_weights = {
+            str(i): other[i].weight.detach().reshape(other[i].weight.shape[0], -1) for i in self.layers
+        }
 
     # -- the inherent minimum
     def reference(self) -> None:
@@ -103,11 +109,12 @@ class NFAProblem:
 
     def metrics(self, grams: dict[str, Tensor]) -> None:
         """nfa_metrics and range_spectrum of every layer, from one SVD of W as the callback
-        computes them (``nfa_metrics_and_spectrum``)."""
+        computes them (``nfa_metrics_and_spectrum``), with W₀ = an independent initialisation
+        (a dense ΔW, as after training: the centred NFA does its full work)."""
         for name, gram in grams.items():
             weight = self.net[int(name)].weight.detach()
             weight = weight.reshape(weight.shape[0], -1)
-            nfa_metrics_and_spectrum(weight, gram, initial_weight=weight)
+            nfa_metrics_and_spectrum(weight, gram, initial_weight=self.initial_weights[name])
 
 
 @dataclass
