@@ -734,13 +734,17 @@ def _nfa_correlations(
     inner = (x * diagonal_y).sum()
     norm_x2 = (x * x).sum()
     cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
-    mean_x = (x * u * u).sum() / d**2
-    mean_y = u_y_u / d**2
-    covariance = inner - d**2 * mean_x * mean_y
-    variance_x = (norm_x2 - d**2 * mean_x**2).clamp_min(0)
-    variance_y = (norm_y2 - d**2 * mean_y**2).clamp_min(0)
-    pearson = _ratio(covariance, torch.sqrt(variance_x * variance_y))
-    return cosine, pearson
+    return cosine, _centred_pearson(inner, norm_x2, norm_y2, (x * u * u).sum(), u_y_u, d)
+
+
+def _centred_pearson(inner: Tensor, norm_a2: Tensor, norm_b2: Tensor, sum_a: Tensor, sum_b: Tensor, d: int) -> float:
+    """Pearson of two d×d matrices A, B from ⟨A, B⟩, ‖A‖², ‖B‖² and their entry sums:
+    the cosine after subtracting each mean entry, ⟨A − a𝟙, B − b𝟙⟩ = ⟨A, B⟩ − d²ab."""
+    mean_a, mean_b = sum_a / d**2, sum_b / d**2
+    covariance = inner - d**2 * mean_a * mean_b
+    variance_a = (norm_a2 - d**2 * mean_a**2).clamp_min(0)
+    variance_b = (norm_b2 - d**2 * mean_b**2).clamp_min(0)
+    return _ratio(covariance, torch.sqrt(variance_a * variance_b))
 
 
 def _product_pearson(weight: Tensor, gram: Tensor) -> float:
@@ -748,7 +752,7 @@ def _product_pearson(weight: Tensor, gram: Tensor) -> float:
     forming them when k ≤ d: with P = WWᵀ (k×k) and w = W𝟙,
         ⟨A, B⟩ = tr(PGP) = ⟨P, GP⟩,  ‖A‖² = ‖P‖²,  ‖B‖² = tr(GPGP),
         Σ A_ij = ‖w‖²,  Σ B_ij = wᵀGw,
-    centred as in ``_nfa_correlations``. For k > d, A and B are formed (d×d is smaller).
+    then ``_centred_pearson``. For k > d, A and B are formed (d×d is smaller).
     Unlike the range-restricted metrics it keeps W's round-off directions, which weigh
     in at (singular value / s_max)² ≤ rank_rtol² there."""
     k, d = weight.shape
@@ -762,11 +766,7 @@ def _product_pearson(weight: Tensor, gram: Tensor) -> float:
         a, b = weight.mT @ weight, weight.mT @ gram @ weight
         inner, norm_a2, norm_b2 = (a * b).sum(), (a * a).sum(), (b * b).sum()
         sum_a, sum_b = a.sum(), b.sum()
-    mean_a, mean_b = sum_a / d**2, sum_b / d**2
-    covariance = inner - d**2 * mean_a * mean_b
-    variance_a = (norm_a2 - d**2 * mean_a**2).clamp_min(0)
-    variance_b = (norm_b2 - d**2 * mean_b**2).clamp_min(0)
-    return _ratio(covariance, torch.sqrt(variance_a * variance_b))
+    return _centred_pearson(inner, norm_a2, norm_b2, sum_a, sum_b, d)
 
 
 def _sphericity(gram: Tensor) -> float:
