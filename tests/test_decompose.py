@@ -497,6 +497,22 @@ def test_fused_optimizer_under_grad_scaler_uses_unscaled_gradient_and_skips_inf_
                 assert float(parts["residual"].abs().sum()) <= 1e-12 * float(parts["gradient"].abs().sum())
 
 
+def _complex_least_squares_steps(make_optimizer):
+    """Four steps of a complex least-squares problem: (probe, z, generator) after each,
+    the generator (seed 0) having drawn the problem's data first."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 6, dtype=torch.complex128, generator=generator)
+    b = torch.randn(32, dtype=torch.complex128, generator=generator)
+    z = nn.Parameter(torch.zeros(6, dtype=torch.complex128))
+    optimizer = make_optimizer([z])
+    probe = StepProbe(optimizer, [z])
+    for _ in range(4):
+        optimizer.zero_grad()
+        (a @ z - b).abs().pow(2).mean().backward()
+        optimizer.step()
+        yield probe, z, generator
+
+
 @pytest.mark.parametrize(
     "make_optimizer",
     [
@@ -508,16 +524,7 @@ def test_fused_optimizer_under_grad_scaler_uses_unscaled_gradient_and_skips_inf_
     ids=["sgd", "adam", "rmsprop", "adagrad"],
 )
 def test_complex_parameters_are_split_on_their_real_view(make_optimizer):
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(32, 6, dtype=torch.complex128, generator=generator)
-    b = torch.randn(32, dtype=torch.complex128, generator=generator)
-    z = nn.Parameter(torch.zeros(6, dtype=torch.complex128))
-    optimizer = make_optimizer([z])
-    probe = StepProbe(optimizer, [z])
-    for _ in range(4):
-        optimizer.zero_grad()
-        (a @ z - b).abs().pow(2).mean().backward()
-        optimizer.step()
+    for probe, _, _ in _complex_least_squares_steps(make_optimizer):
         [(_, _, delta, parts)] = probe.parts()
         assert parts["gradient"].dtype == torch.complex128
         assert float(parts["residual"].abs().sum()) <= 1e-12 * float(delta.abs().sum())
@@ -773,16 +780,7 @@ def test_fused_allocations_of_a_step_skipped_for_found_inf(batches):
     ids=["sgd", "adam", "adamw", "rmsprop", "adagrad"],
 )
 def test_fused_allocations_of_complex_parameters_use_the_real_inner_product(make_optimizer):
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(32, 6, dtype=torch.complex128, generator=generator)
-    b = torch.randn(32, dtype=torch.complex128, generator=generator)
-    z = nn.Parameter(torch.zeros(6, dtype=torch.complex128))
-    optimizer = make_optimizer([z])
-    probe = StepProbe(optimizer, [z])
-    for _ in range(4):
-        optimizer.zero_grad()
-        (a @ z - b).abs().pow(2).mean().backward()
-        optimizer.step()
+    for probe, z, generator in _complex_least_squares_steps(make_optimizer):
         [(_, theta, delta, _)] = probe.parts()
         k = torch.randn(6, dtype=torch.complex128, generator=generator)
         assert_fused_matches(k, probe.record, z, delta, theta, FLOAT64_TOL)
