@@ -58,27 +58,52 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def _is_dropout(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.dropout._DropoutNd)
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` follows PyTorch's running-statistics convention: in training
+    mode it normalises with the statistics of the batch it is given (BatchNorm,
+    SyncBatchNorm, InstanceNorm with ``track_running_stats``, and third-party layers
+    built on them or on the same ``running_mean`` / ``track_running_stats`` attributes)."""
+    return hasattr(module, "running_mean") or hasattr(module, "track_running_stats")
 
 
 @contextlib.contextmanager
 def module_modes(module: nn.Module, mode: str) -> Iterator[None]:
     """Temporarily set modes for a probe pass, restoring each module's own flag after.
 
-    ``mode="deterministic"``: dropout layers off, every other module as it is (so a
-    BatchNorm in train mode normalises with the probe chunk's own statistics).
-    ``mode="eval"``: every module in eval mode (samples never interact).
+    ``mode="deterministic"`` (LCA): every module in eval mode, so that anything a
+    module does differently when training (``nn.Dropout``, the attention-weight
+    dropout of ``nn.MultiheadAttention`` and of Hugging Face attention, DropPath /
+    StochasticDepth, noise layers, MoE jitter, ...) is off, whatever library it comes
+    from; except normalisation layers in training mode that use batch statistics
+    (:func:`uses_batch_statistics`), which keep training mode and normalise with each
+    probe chunk's own statistics (their running buffers are cloned by the caller).
+    ``mode="eval"`` (NFA): every module in eval mode (samples never interact).
     """
+    if mode not in ("deterministic", "eval"):
+        raise ValueError(f"mode must be 'deterministic' or 'eval', got {mode!r}")
     saved = [(m, m.training) for m in module.modules()]
     try:
-        for m, _ in saved:
-            if mode == "eval" or _is_dropout(m):
-                m.training = False
+        for m, training in saved:
+            m.training = training and mode == "deterministic" and uses_batch_statistics(m)
         yield
     finally:
         for m, flag in saved:
             m.training = flag
+
+
+def seed_random_streams(seed: int, device: torch.device | None = None) -> None:
+    """Set torch's CPU stream (and ``device``'s, when it is a CUDA device), Python's and
+    NumPy's to ``seed``. Call it inside :func:`preserved_rng`: the run's own streams are
+    restored afterwards. Probe passes seed every chunk this way, so that a forward that
+    still draws random numbers in eval mode draws the same ones at every θ (common
+    random numbers): the probe loss stays a function of θ."""
+    torch.random.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed % 2**32)
 
 
 @contextlib.contextmanager
@@ -365,9 +390,13 @@ class ProbeObjective:
     """``L(θ) = Σ_c w_c ℓ_c(θ)``: the loss on fixed probe chunks as a function of the
     tracked parameters only, with its gradient. Callable as an LCA evaluator.
 
-    Buffers are cloned for every chunk, so running statistics are never read from
-    or written to the live module by a train-mode BatchNorm (it normalises with the
-    chunk's own statistics), and any other buffer is read as it is.
+    Modules are set by :func:`module_modes` (``mode``): by default everything in eval
+    mode but batch-statistics normalisation. Buffers are cloned for every chunk, so
+    running statistics are never read from or written to the live module by a
+    train-mode BatchNorm (it normalises with the chunk's own statistics), and any
+    other buffer is read as it is. Every chunk's forward starts from a fixed random
+    stream (:func:`seed_random_streams`), so whatever randomness is left draws the
+    same numbers at every θ; :meth:`check_determinism` finds out whether any is left.
     """
 
     def __init__(
@@ -412,8 +441,9 @@ class ProbeObjective:
         evaluated = False
         # the parameters are bound once per evaluation; buffers are re-cloned for every chunk
         with probe_context(self.module, mode=self.mode, device=device), _reparametrize_module(self.wrapper, named, tie_weights=True):
-            for chunk in self.chunks:
+            for index, chunk in enumerate(self.chunks):
                 buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()} if buffer_names else {}
+                seed_random_streams(PROBE_SEED + index, device)
                 with self.step_context(), _reparametrize_module(self.wrapper, buffers):
                     loss = self.wrapper(chunk.batch, chunk.batch_idx)
                 # Weighting the scalar loss, not the gradients, saves a pass over the parameters.
@@ -453,3 +483,144 @@ class ProbeObjective:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         return flat[-1], gradient
+
+    def check_determinism(self, params: Mapping[str, Tensor]) -> ProbeNoise | None:
+        """The self-check: the first chunk's loss at ``params`` under two different random
+        streams. None when both agree (to 1e-6 relative; GPU reductions are not always
+        bitwise repeatable); else a :class:`ProbeNoise` naming the module where the two
+        forwards first part (traced with temporary forward hooks)."""
+        if not self.chunks:
+            return None
+        chunk = self.chunks[0]
+        prefix = _LossModule.prefix
+        named = {prefix + name: p.detach() for name, p in params.items()}
+        device = next(iter(named.values())).device if named else None
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        losses, traces = [], []
+        with probe_context(self.module, mode=self.mode, device=device), torch.no_grad():
+            with _reparametrize_module(self.wrapper, named, tie_weights=True):
+                for seed in (PROBE_SEED, PROBE_SEED + 1):
+                    buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()}
+                    seed_random_streams(seed, device)
+                    with traced_forward(self.module) as trace, self.step_context(), _reparametrize_module(
+                        self.wrapper, buffers
+                    ):
+                        losses.append(float(self.wrapper(chunk.batch, chunk.batch_idx)))
+                    traces.append(trace)
+        if _close(losses[0], losses[1]):
+            return None
+        module = first_divergence(traces[0], traces[1])
+        kind = None
+        if module is not None:
+            kind = type(self.module.get_submodule(module)).__name__ if module else type(self.module).__name__
+        return ProbeNoise(losses[0], losses[1], module, kind)
+
+
+# --------------------------------------------------------------------------- self-check
+
+
+def _close(a: float, b: float) -> bool:
+    return a == b or abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+
+
+@dataclass(frozen=True)
+class ProbeNoise:
+    """The probe loss of one chunk at one θ under two random streams, and where the two
+    forwards first part: ``module`` is a qualified module name (``""``: the root, i.e.
+    the LightningModule's own code or ``loss_fn``), None when no module could be named."""
+
+    loss_a: float
+    loss_b: float
+    module: str | None
+    module_type: str | None
+
+    def describe(self) -> str:
+        where = "somewhere in the forward"
+        if self.module == "":
+            where = f"in the root module's own code ({self.module_type}: its training_step, forward or loss_fn)"
+        elif self.module is not None:
+            where = f"in module {self.module!r} ({self.module_type})"
+        return (
+            f"two evaluations of the probe loss at the same θ on the same chunk differ "
+            f"({self.loss_a:.8g} vs {self.loss_b:.8g}): it draws random numbers even with every module in "
+            f"eval mode, first {where}"
+        )
+
+
+def _digest(value: Any) -> tuple[float, ...]:
+    """A cheap fingerprint of every floating tensor in a (nested) value."""
+    out: list[float] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            if item.is_floating_point() or item.is_complex():
+                flat = item.detach().to(torch.complex128 if item.is_complex() else torch.float64)
+                out += [float(flat.sum().real), float(flat.abs().sum())]
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return tuple(out)
+
+
+@dataclass
+class _TraceEvent:
+    kind: str  # "in" (a module is called) or "out" (it returned)
+    module: str
+    parent: str | None  # the module running when this one was called
+    digest: tuple[float, ...]
+
+
+@contextlib.contextmanager
+def traced_forward(module: nn.Module) -> Iterator[list[_TraceEvent]]:
+    """Record, for every submodule call, a fingerprint of its inputs and of its output."""
+    events: list[_TraceEvent] = []
+    running: list[str] = []
+
+    def before(name: str) -> Callable:
+        def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
+            events.append(_TraceEvent("in", name, running[-1] if running else None, _digest((args, kwargs))))
+            running.append(name)
+
+        return hook
+
+    def after(name: str) -> Callable:
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            if running and running[-1] == name:
+                running.pop()
+            events.append(_TraceEvent("out", name, running[-1] if running else None, _digest(output)))
+
+        return hook
+
+    handles = []
+    try:
+        for name, sub in module.named_modules():
+            handles.append(sub.register_forward_pre_hook(before(name), with_kwargs=True))
+            handles.append(sub.register_forward_hook(after(name)))
+        yield events
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_divergence(a: Sequence[_TraceEvent], b: Sequence[_TraceEvent]) -> str | None:
+    """The module where two traced forwards of the same inputs first differ.
+
+    A module whose output differs although its inputs agreed drew the random numbers
+    itself (or a child of it did, which would have been found first: outputs are
+    recorded innermost first). A module whose inputs differ although every earlier
+    call agreed was handed them by its caller's own code (e.g. functional dropout
+    in the parent's forward): the caller is named. Identical traces: the root.
+    """
+    for x, y in zip(a, b):
+        same = x.kind == y.kind and x.module == y.module and len(x.digest) == len(y.digest) and all(
+            _close(p, q) for p, q in zip(x.digest, y.digest)
+        )
+        if same:
+            continue
+        if x.kind == "out" and x.module == y.module:
+            return x.module
+        return x.parent if x.parent is not None else ""
+    return ""

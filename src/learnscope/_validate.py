@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,3 +54,29 @@ def check_callable(name: str, value: Any, what: str) -> Any:
     if value is not None and not callable(value):
         raise ValueError(f"{name} must be None or a {what}, got {value!r}")
     return value
+
+
+_TAG_ROOT = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_tag_root(name: str, value: Any) -> str:
+    """A callback's ``name``: the first field of every tag it writes (no ``/``)."""
+    if not isinstance(value, str) or not _TAG_ROOT.fullmatch(value):
+        raise ValueError(
+            f"{name} must be a non-empty string of letters, digits, '_', '.' or '-' (the root of every tag "
+            f"the callback writes, e.g. 'lca_val'), got {value!r}"
+        )
+    return value
+
+
+def check_unique_tag_roots(trainer: Any, callback: Any) -> None:
+    """Fail when another learnscope callback in ``trainer`` writes under the same ``name``."""
+    for other in getattr(trainer, "callbacks", []):
+        if other is callback or not hasattr(other, "tag_root"):
+            continue
+        if other.tag_root == callback.tag_root:
+            raise ValueError(
+                f"{type(callback).__name__}(name={callback.tag_root!r}) and {type(other).__name__}"
+                f"(name={other.tag_root!r}) in one Trainer would write the same tags: give each a distinct "
+                f"name= (e.g. name={callback.tag_root + '_val'!r})"
+            )

@@ -111,6 +111,8 @@ class LCAStepRecord:
     units: dict[str, Tensor] = field(default_factory=dict)
     histograms: dict[str, Any] | None = None  # module → StreamingHistogram
     ablation: dict[str, CornerStats] = field(default_factory=dict)
+    #: The determinism self-check's verdict, on the first measured step only (None elsewhere).
+    probe_stochastic: bool | None = None
 
     @property
     def abs_error(self) -> float | None:
@@ -139,6 +141,8 @@ class LCAStepRecord:
             self.units[name] = self.units[name] + values if name in self.units else values
         if other.histograms:
             self.histograms = {**(self.histograms or {}), **other.histograms}
+        if other.probe_stochastic is not None:
+            self.probe_stochastic = bool(self.probe_stochastic) or other.probe_stochastic
         for corner, stats in other.ablation.items():
             self.ablation.setdefault(corner, CornerStats()).add(stats)
 

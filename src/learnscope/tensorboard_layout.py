@@ -200,6 +200,8 @@ def build_layout(
     lca_ablation: bool = False,
     nfa_metrics: Sequence[str] = NFA_METRICS,
     nfa_layers: Sequence[str] | None = None,
+    lca_root: str = "lca",
+    nfa_root: str = "nfa",
 ) -> layout_pb2.Layout:
     """The custom-scalar layout for the probes that are on.
 
@@ -217,6 +219,8 @@ def build_layout(
         nfa_layers: names of the measured NFA layers. Given, every layer gets two
             charts (pearson_a1 with null_a1, pearson_a0.5 with null_a0.5); ``None``
             gives two charts with every layer's correlations and nulls instead.
+        lca_root, nfa_root: the callbacks' ``name`` (the first field of their tags);
+            categories of a non-default root carry it in their title.
 
     Returns:
         A ``tensorboard.plugins.custom_scalar.layout_pb2.Layout`` (empty when both
@@ -224,10 +228,24 @@ def build_layout(
     """
     categories: list[layout_pb2.Category] = []
     if lca:
-        categories.extend(_lca_categories(tuple(lca_parts), lca_ablation))
+        lca_categories = _lca_categories(tuple(lca_parts), lca_ablation)
+        categories.extend(_rooted(category, "lca", lca_root) for category in lca_categories)
     if nfa:
-        categories.append(_nfa_category(tuple(nfa_metrics), None if nfa_layers is None else tuple(nfa_layers)))
+        nfa_category = _nfa_category(tuple(nfa_metrics), None if nfa_layers is None else tuple(nfa_layers))
+        categories.append(_rooted(nfa_category, "nfa", nfa_root))
     return layout_pb2.Layout(category=categories)
+
+
+def _rooted(category: layout_pb2.Category, default: str, root: str) -> layout_pb2.Category:
+    """``category`` for tags under ``root/`` instead of ``default/`` (a renamed callback)."""
+    if root == default:
+        return category
+    prefix, rooted = f"^{default}/", "^" + re.escape(root) + "/"
+    charts = []
+    for chart in category.chart:
+        patterns = [rooted + p[len(prefix):] if p.startswith(prefix) else p for p in chart.multiline.tag]
+        charts.append(_chart(chart.title, patterns))
+    return layout_pb2.Category(title=f"{category.title} ({root})", chart=charts)
 
 
 def merge_layouts(*layouts: layout_pb2.Layout) -> layout_pb2.Layout:

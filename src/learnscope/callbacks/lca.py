@@ -29,7 +29,16 @@ from learnscope._probe import (
     rank_sum,
     require_validation_data,
 )
-from learnscope._validate import check_bool, check_callable, check_choice, check_int, check_positive_float, check_patterns
+from learnscope._validate import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_patterns,
+    check_positive_float,
+    check_tag_root,
+    check_unique_tag_roots,
+)
 from learnscope.functional import decompose
 from learnscope.functional.lca import RULES, Evaluation, LazyDelta, StepAllocation, allocate_step, step_delta
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
@@ -79,9 +88,15 @@ class LossChangeAllocation(Callback):
     to the quadrature error; **negative means the parameter helped**.
 
     The probe loss is the module's own ``training_step`` loss (or ``loss_fn``)
-    evaluated at other parameter values with dropout off, BatchNorm normalising
-    with each fixed probe chunk's own statistics and running buffers never read or
-    written, on a fixed probe set. Training is never perturbed: weights, buffers,
+    evaluated at other parameter values on a fixed probe set, as a deterministic
+    function of θ: every module in eval mode (dropout of any kind, attention
+    dropout, DropPath / stochastic depth and whatever else a module does only when
+    training are off), except normalisation layers that use batch statistics
+    (BatchNorm), which normalise with each fixed probe chunk's own statistics, their
+    running buffers never read or written. Each chunk is evaluated with the same
+    random numbers at every θ. On the first measured step a self-check evaluates the
+    loss twice under different random streams: if they differ, one warning names
+    the module that draws them and ``<name>/probe_stochastic`` is 1. Training is never perturbed: weights, buffers,
     gradients, RNG streams, module modes and optimizer state stay bitwise as they
     would be without the callback.
 
@@ -141,6 +156,10 @@ class LossChangeAllocation(Callback):
             tensor holds nodes: ``lambda b: b.num_graphs``), or that are not tensors,
             tuples, lists, dicts or dataclasses. It weights the probe set's chunks and
             sizes the ``"train"``/``"val"`` probe set when whole batches are taken.
+        name: the root of every tag (default ``"lca"``: ``lca/total``, ...). Two
+            instances in one Trainer need distinct names, e.g. ``probe="train"`` and
+            ``LossChangeAllocation(probe="val", name="lca_val")`` for the paper's
+            train / held-out overlay; the report shows each as its own section.
 
     The cheap mode ``probe="batch", rule="first_order"`` uses the gradient the
     optimizer applied (no extra pass): with plain SGD every allocation is then
@@ -184,8 +203,10 @@ class LossChangeAllocation(Callback):
         preset: Optional[Literal["cheap", "default", "paper"]] = None,
         compile_statistics: Optional[bool] = None,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
+        name: str = "lca",
     ) -> None:
         super().__init__()
+        self.name = check_tag_root("name", name)
         if preset is not None:
             check_choice("preset", preset, tuple(self.PRESETS))
         chosen = self.PRESETS[preset] if preset is not None else {}
@@ -252,6 +273,8 @@ class LossChangeAllocation(Callback):
         self._stale_warned = False
         self._ablation_chunks: list[ProbeChunk] = []
         self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
+        self._probe_noise: Any = None  # None: not checked; False: deterministic; else a ProbeNoise
+        self._noise_logged = False
 
     # ------------------------------------------------------------------ identity
 
@@ -264,7 +287,16 @@ class LossChangeAllocation(Callback):
             probe_size=self.probe_size,
             decompose=self.decompose,
             ablation=self.ablation,
+            name=self.name,
         )
+
+    @property
+    def tag_root(self) -> str:
+        """The first field of every tag this callback writes (``name``)."""
+        return self.name
+
+    def _tag(self, field: str) -> str:
+        return f"{self.name}/{field}"
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -291,6 +323,7 @@ class LossChangeAllocation(Callback):
     # ------------------------------------------------------------------ set-up
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_unique_tag_roots(trainer, self)
         if stage != "fit":
             return
         if not pl_module.automatic_optimization and self.loss_fn is None and not self._cheap:
@@ -328,7 +361,7 @@ class LossChangeAllocation(Callback):
             self.probe_samples = sum(chunk.size for chunk in self._ablation_chunks)
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
-        _logging.write_layout(trainer, lca=True, nfa=False, lca_ablation=self.ablation)
+        _logging.write_layout(trainer, lca=True, nfa=False, lca_ablation=self.ablation, lca_root=self.name)
 
     def _long_run_on_cpu(self, trainer: pl.Trainer) -> bool:
         """``compile_statistics=None``: whether this fit will measure enough parameter-steps
@@ -468,9 +501,9 @@ class LossChangeAllocation(Callback):
         stepped, self._hooked_steps = self._hooked_steps, 0
         if advanced > stepped:  # e.g. a GradScaler skipped the update: no hooks fired, θ did not move
             self._skipped_steps += advanced - stepped
-            skipped = {"lca/skipped_steps": float(self._skipped_steps), "lca/total": 0.0}
+            skipped = {self._tag("skipped_steps"): float(self._skipped_steps), self._tag("total"): 0.0}
             if not self._cheap:
-                skipped["lca/delta_loss"] = 0.0
+                skipped[self._tag("delta_loss")] = 0.0
             self._log.add(trainer, trainer.global_step - 1, skipped)
         if advanced > 0 or stepped > 0:
             self._pending_batches.clear()
@@ -537,6 +570,8 @@ class LossChangeAllocation(Callback):
             else:
                 data = "batch" if self.probe == "batch" else "probe"
                 objective = self._objective(data)
+                if self._probe_noise is None:
+                    self._check_determinism(objective, start)
                 start_evaluation = event.start_evaluation
                 if self.ablation and self.rule != "first_order":
                     if start_evaluation is None:
@@ -561,8 +596,30 @@ class LossChangeAllocation(Callback):
         if self.probe != "batch" and allocation.end is not None:
             self._cache, self._cache_versions = allocation.end, self._versions()
         record.ablation = corners
+        if not self._noise_logged and self._probe_noise is not None:
+            self._noise_logged = True  # written once, with the first measured step
+            record.probe_stochastic = self._probe_noise is not False
         self.observe(event.step, event.names, allocation, lambda name: self._part_tensors(event, name, allocation))
         return record
+
+    def _check_determinism(self, objective: ProbeObjective, start: dict[str, Tensor]) -> None:
+        """Once per run, before the first probe integral: is the probe loss a function of θ?"""
+        noise = objective.check_determinism(start)
+        self._probe_noise = False if noise is None else noise
+        if noise is not None:
+            rank_zero_warn(
+                f"LossChangeAllocation: the probe loss is not deterministic: {noise.describe()}. Every probe "
+                "chunk is evaluated with the same random numbers at every θ, so the allocations still sum to the "
+                "change of that one noisy loss, but it is not the model's deterministic loss "
+                f"({self._tag('probe_stochastic')} = 1). Draw random numbers only when `self.training` is True in "
+                "that module, or pass loss_fn=callable(module, batch) -> scalar that evaluates it without noise."
+            )
+
+    @property
+    def probe_is_stochastic(self) -> bool | None:
+        """Whether the self-check found the probe loss random (None: not checked yet, or the cheap
+        mode, which evaluates no probe loss)."""
+        return None if self._probe_noise is None else self._probe_noise is not False
 
     def observe(
         self,
@@ -659,7 +716,7 @@ class LossChangeAllocation(Callback):
         self._cache = None
         rank_zero_warn(f"LossChangeAllocation: step {step} skipped: {why}. Training goes on.")
         if self._trainer is not None:
-            self._log.add(self._trainer, step, {"lca/skipped_steps": float(self._skipped_steps)})
+            self._log.add(self._trainer, step, {self._tag("skipped_steps"): float(self._skipped_steps)})
 
     def _summarise(self, event: _StepEvent, allocation: StepAllocation) -> LCAStepRecord:
         counts, moments = Counts(), Moments()
@@ -739,10 +796,10 @@ class LossChangeAllocation(Callback):
                 for part, value in parts.items():
                     key = f"{part}/{module}"
                     self._cumulative_parts[key] = self._cumulative_parts.get(key, 0.0) + value
-            scalars = tags.lca_scalars(record, self._cumulative, self.cumulative_relative_error)
+            scalars = tags.lca_scalars(record, self._cumulative, self.cumulative_relative_error, root=self.name)
             if record.parts:
-                scalars.update(tags.lca_part_cumulative(self._cumulative_parts))
-            histograms = tags.lca_histograms(record.histograms) if record.histograms else None
+                scalars.update(tags.lca_part_cumulative(self._cumulative_parts, root=self.name))
+            histograms = tags.lca_histograms(record.histograms, root=self.name) if record.histograms else None
             self._log.add(trainer, step, scalars, histograms)
         self._records.clear()
 

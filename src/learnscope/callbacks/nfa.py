@@ -24,7 +24,16 @@ from learnscope._probe import (
     require_validation_data,
     to_module_device,
 )
-from learnscope._validate import check_bool, check_callable, check_choice, check_int, check_patterns, check_positive_float
+from learnscope._validate import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_patterns,
+    check_positive_float,
+    check_tag_root,
+    check_unique_tag_roots,
+)
 from learnscope.functional.nfa import (
     PreactivationGramAccumulator,
     _alpha_suffix,
@@ -150,6 +159,9 @@ class NeuralFeatureAnsatz(Callback):
         batch_size_fn: ``batch -> number of samples``, for batches whose first tensor's
             leading dimension is not the sample count, or that are not tensors, tuples,
             lists, dicts or dataclasses (it weights the probe set's chunks).
+        name: the root of every tag (default ``"nfa"``: ``nfa/<layer>/<metric>``); two
+            instances in one Trainer need distinct names (e.g. a train and a
+            held-out probe set).
 
     Example::
 
@@ -174,8 +186,10 @@ class NeuralFeatureAnsatz(Callback):
         images: bool = True,
         image_every_n_steps: Optional[int] = None,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
+        name: str = "nfa",
     ) -> None:
         super().__init__()
+        self.name = check_tag_root("name", name)
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         if not isinstance(probe, DataLoader):
             check_choice("probe", probe, PROBES, extra="or a torch.utils.data.DataLoader")
@@ -227,7 +241,13 @@ class NeuralFeatureAnsatz(Callback):
             probe_size=self.probe_size,
             layers=self.layers,
             alphas=list(self.alphas),
+            name=self.name,
         )
+
+    @property
+    def tag_root(self) -> str:
+        """The first field of every tag this callback writes (``name``)."""
+        return self.name
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -261,6 +281,7 @@ class NeuralFeatureAnsatz(Callback):
     # ------------------------------------------------------------------ set-up
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_unique_tag_roots(trainer, self)
         if type(pl_module).forward is pl.LightningModule.forward:
             raise ProbeError(
                 f"NeuralFeatureAnsatz runs the model as pl_module(inputs), but {type(pl_module).__name__} "
@@ -288,7 +309,8 @@ class NeuralFeatureAnsatz(Callback):
             batch_size_fn=self.batch_size_fn,
         )
         _logging.write_layout(
-            trainer, lca=False, nfa=True, nfa_metrics=self._metric_names(), nfa_layers=list(self._layers)
+            trainer, lca=False, nfa=True, nfa_metrics=self._metric_names(), nfa_layers=list(self._layers),
+            nfa_root=self.name,
         )
         if trainer.global_step != self._last_measured_step:
             self._measure(trainer, pl_module, boundary=True)
@@ -395,17 +417,17 @@ class NeuralFeatureAnsatz(Callback):
                 f"NeuralFeatureAnsatz: measurement at step {step} skipped: non-finite weights or G in "
                 f"{non_finite}. Training goes on."
             )
-            _logging.log_scalars(trainer, tags.nfa_skipped(self._skipped), step=step)
+            _logging.log_scalars(trainer, tags.nfa_skipped(self._skipped, root=self.name), step=step)
             return
         writers = _logging.tensorboard_writers(trainer) if self.images else []
         draw = bool(writers) and (boundary or self._images_due(step))
         record = self._summarise(step, weights, grams, estimator, draw)
         self.last_record = record
-        _logging.log_scalars(trainer, tags.nfa_scalars(record), step=step)
-        _logging.log_histograms(trainer, tags.nfa_histograms(record), step=step)
+        _logging.log_scalars(trainer, tags.nfa_scalars(record, root=self.name), step=step)
+        _logging.log_histograms(trainer, tags.nfa_histograms(record, root=self.name), step=step)
         if draw:
             self._last_image_step = step
-            for tag, matrices in tags.nfa_images(record).items():
+            for tag, matrices in tags.nfa_images(record, root=self.name).items():
                 image = heatmap_panels(list(matrices.values()))
                 for writer in writers:
                     writer.add_image(tag, image, global_step=step, dataformats="CHW")
