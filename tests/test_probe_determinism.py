@@ -1,7 +1,6 @@
 """The probe loss is a deterministic function of θ, for any model: every module in eval
 mode except batch-statistics normalisation, fixed random streams per chunk, and a
-self-check that names the module when randomness is left. Also: several callbacks of
-one kind in one run (``name=``)."""
+self-check that names the module when randomness is left."""
 
 from __future__ import annotations
 
@@ -187,29 +186,3 @@ def test_batchnorm_keeps_chunk_statistics_and_modes_are_restored():
     with module_modes(net, "eval"):
         assert not any(m.training for m in net.modules())
     assert [m.training for m in net.modules()] == before
-
-
-# --------------------------------------------------------------------------- name=
-
-
-def test_two_callbacks_with_distinct_names_log_separately():
-    val = torch.utils.data.DataLoader(digits_loader(shuffle=False, n=300).dataset, batch_size=100)
-    train_lca = LossChangeAllocation(probe_size=256, histograms=False)
-    val_lca = LossChangeAllocation(probe=val, name="lca_val", histograms=False)
-    logger, _ = _fit(lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), [train_lca, val_lca], max_steps=4)
-    assert sorted(logger.series["lca/total"]) == sorted(logger.series["lca_val/total"]) == [0, 1, 2, 3]
-    assert logger.series["lca/total"] != logger.series["lca_val/total"]  # different probe sets
-    assert train_lca.state_key != val_lca.state_key
-    assert not any(tag.startswith("lca_val/") for tag in logger.series if tag.startswith("lca/"))
-
-
-def test_two_callbacks_with_one_name_fail_at_setup_naming_name():
-    callbacks = [LossChangeAllocation(probe_size=64), LossChangeAllocation(probe="batch")]
-    with pytest.raises(ValueError, match=r"name="):
-        _fit(lambda: nn.Linear(64, 10), callbacks, max_steps=1)
-
-
-@pytest.mark.parametrize("bad", ["", "lca/val", "a b", 3, None])
-def test_name_is_validated_in_the_constructor(bad):
-    with pytest.raises(ValueError, match="name must be"):
-        LossChangeAllocation(name=bad)

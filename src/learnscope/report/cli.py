@@ -167,10 +167,36 @@ def _report(args: argparse.Namespace) -> int:
         directory = out / _slug(name) if len(runs) > 1 else out
         written = _write_figures(figures, run, summary, directory)
         sections.append(_markdown_section(run, summary, written, out, several=len(runs) > 1))
+    sections += _overlay_sections(figures, runs, out)
     report_path = out / "report.md"
     report_path.write_text(_markdown(logdir, sections), encoding="utf-8")
     print(f"\nreport: {report_path}")
     return 0
+
+
+def _overlay_sections(figures, runs: dict[str, RunRecords], out: Path) -> list[str]:
+    """One overlay figure per run directory holding several LCA callbacks (``name=``)."""
+    by_path: dict[Path, list[RunRecords]] = {}
+    for run in runs.values():
+        by_path.setdefault(Path(run.path), []).append(run)
+    sections = []
+    for path, group in by_path.items():
+        if len(group) < 2:
+            continue
+        name = group[0].name
+        written = figures.plot_lca_overlay(group, out / f"lca_overlay_{_slug(name)}.png")
+        if written is None:
+            continue
+        roots = ", ".join(f"`{run.roots[0]}`" for run in group if run.lca is not None and run.roots)
+        lines = [
+            f"## LCA of each probe set: `{name}`", "",
+            f"![LCA of each probe set]({written.relative_to(out).as_posix()})", "",
+            f"The run's LCA callbacks ({roots}) side by side: cumulative Σ LCA (solid) and the cumulative actual "
+            "loss change on the same probe set (dashed). A held-out probe set that helps less than the training "
+            "one shows where learning stops generalising.",
+        ]
+        sections.append("\n".join(lines))
+    return sections
 
 
 def _print_summary(run: RunRecords, summary: RunSummary, several: bool) -> None:

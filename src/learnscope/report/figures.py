@@ -36,6 +36,7 @@ __all__ = [
     "plot_layer_lca_bars",
     "plot_helped_fraction",
     "plot_lca_parts",
+    "plot_lca_overlay",
     "plot_nfa_alignment",
     "plot_nfa_metrics",
     "plot_synchronisation",
@@ -191,6 +192,37 @@ def plot_helped_fraction(run: RunRecords, path: str | Path) -> Path | None:
     histogram.set_ylabel("steps")
     histogram.set_title("Distribution")
     histogram.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_lca_overlay(sections: Sequence[RunRecords], path: str | Path) -> Path | None:
+    """Several LCA callbacks of one run side by side (the LCA paper's train / held-out
+    overlay): each section's cumulative Σ LCA over the steps, solid, and its cumulative
+    actual loss change, dashed (10 × 4.5 in). None unless two sections logged LCA."""
+    curves = []
+    for section in sections:
+        lca = section.lca
+        if lca is None or lca.total is None or not len(lca.total):
+            continue
+        root = section.roots[0] if section.roots else section.name
+        curves.append((root, lca.total, lca.delta_loss))
+    if len(curves) < 2:
+        return None
+    figure = _new_figure(10, 4.5)
+    axes = figure.subplots()
+    for index, (root, total, delta_loss) in enumerate(curves):
+        colour = _layer_colour(index)
+        axes.plot(total.steps, np.cumsum(total.values), color=colour, linewidth=1.6, label=f"{root}: Σ LCA")
+        if delta_loss is not None and len(delta_loss):
+            axes.plot(
+                delta_loss.steps, np.cumsum(delta_loss.values), color=colour, linestyle="--", linewidth=1.0,
+                label=f"{root}: Σ actual ΔL",
+            )
+    axes.axhline(0.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("step")
+    axes.set_ylabel("cumulative loss change (negative = helped)")
+    axes.set_title(f"{_run_title(sections[0])}: LCA of each probe set")
+    axes.legend(fontsize="small")
     return _save(figure, path)
 
 

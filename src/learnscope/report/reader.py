@@ -16,7 +16,7 @@ tag                                            kind        record
 ``lca/<metric>``                               scalar      ``LcaRecords.<metric>``
   metric ∈ total, delta_loss, abs_error, splits, helped_fraction, hurt_fraction,
   helped_fraction_nonzero, excess_kurtosis, excess_kurtosis_nonzero, cumulative_relative_error,
-  skipped_steps; any other ``lca/<name>`` goes to ``LcaRecords.extra[name]``
+  skipped_steps, probe_stochastic; any other ``lca/<name>`` goes to ``LcaRecords.extra[name]``
 ``lca/layer/<m>``                              scalar      ``LcaLayer.allocation``
 ``lca/layer_cumulative/<m>``                   scalar      ``LcaLayer.cumulative``
 ``lca/helped_fraction/<m>``                    scalar      ``LcaLayer.helped_fraction``
@@ -45,6 +45,9 @@ Several event files in one run (a resumed run) are spliced per tag in file-name
 order: when a later file logs a step that an earlier file already reached, the
 earlier file's points from that step on are dropped (TensorBoard's own rule for
 restarts), so a resumed run is not double counted.
+
+``lca`` and ``nfa`` stand for each callback's ``name`` (its tag root): a run with
+several callbacks of one kind is read as several sections (``read_run_sections``).
 
 Layers keep the order in which their tags were first written (model order, not
 alphabetical: ``net.2`` before ``net.10``).
@@ -80,6 +83,7 @@ __all__ = [
     "parse_tag",
     "find_runs",
     "read_run",
+    "read_run_sections",
     "read_logdir",
 ]
 
@@ -95,6 +99,7 @@ LCA_RUN_METRICS = (
     "excess_kurtosis_nonzero",
     "cumulative_relative_error",
     "skipped_steps",
+    "probe_stochastic",
 )
 
 # Keep every event of every kind (0 = no reservoir sampling).
@@ -215,6 +220,7 @@ class LcaRecords:
     excess_kurtosis_nonzero: ScalarSeries | None = None  # over parameters with A != 0
     cumulative_relative_error: ScalarSeries | None = None
     skipped_steps: ScalarSeries | None = None
+    probe_stochastic: ScalarSeries | None = None  # the determinism self-check (first measured step)
     extra: dict[str, ScalarSeries] = field(default_factory=dict)  # other lca/<name> run-level tags
     layers: dict[str, LcaLayer] = field(default_factory=dict)
     parts: dict[str, ScalarSeries] = field(default_factory=dict)
@@ -259,6 +265,8 @@ class RunRecords:
     nfa: NfaRecords | None = None
     other_scalars: dict[str, ScalarSeries] = field(default_factory=dict)
     unrecognised_tags: list[str] = field(default_factory=list)
+    #: the callbacks' ``name`` (tag roots) this record holds: ``("lca", "nfa")`` by default
+    roots: tuple[str, ...] = ()
 
     @property
     def has_learnscope_data(self) -> bool:
@@ -587,13 +595,68 @@ def _progress_bar(total_bytes: int, enabled: bool | None):
 
 
 def read_run(name: str, path: Path, event_files: list[Path], progress=None) -> RunRecords:
-    """Read one run's event files (in order) into records."""
+    """Read one run's event files (in order) into records (its first section; see
+    :func:`read_run_sections` for runs with several callbacks of one kind)."""
+    return read_run_sections(name, path, event_files, progress)[0]
+
+
+def read_run_sections(name: str, path: Path, event_files: list[Path], progress=None) -> list[RunRecords]:
+    """Read one run's event files into one record per *section*.
+
+    Callbacks write under their ``name`` (``lca`` and ``nfa`` by default). A run whose
+    callbacks all kept distinct kinds is one section; each further callback of a kind
+    (``LossChangeAllocation(name="lca_val")``) is a section of its own, named
+    ``"<run> [<name>]"``, so its steps and values are never mixed with another's. A
+    root is an LCA section when it logged ``<root>/total`` and an NFA section when it
+    logged ``<root>/skipped``.
+    """
     raws = []
     for event_file in event_files:
         raws.append(_read_event_file(event_file))
         if progress is not None:
             progress.update(event_file.stat().st_size)
-    return _group(name, path, tuple(event_files), _merge_raw(raws))
+    raw = _merge_raw(raws)
+    lca_roots, nfa_roots = _section_roots(raw)
+    main = (lca_roots[:1] or ["lca"]) + (nfa_roots[:1] or ["nfa"])
+    sections = [_group(name, path, tuple(event_files), _rooted(raw, main[0], main[1], keep_other=True))]
+    sections[0].roots = tuple(main)
+    for root, kind in [(r, "lca") for r in lca_roots[1:]] + [(r, "nfa") for r in nfa_roots[1:]]:
+        section = _group(
+            f"{name} [{root}]", path, tuple(event_files),
+            _rooted(raw, root if kind == "lca" else None, root if kind == "nfa" else None, keep_other=False),
+        )
+        section.roots = (root,)
+        sections.append(section)
+    return sections
+
+
+def _section_roots(raw: _RawRun) -> tuple[list[str], list[str]]:
+    """The LCA and NFA tag roots of a run, the default one first, then in first-written order."""
+    firsts = list(dict.fromkeys(tag.split("/", 1)[0] for tag in raw.scalars if "/" in tag))
+    lca = [r for r in firsts if f"{r}/total" in raw.scalars or f"{r}/splits" in raw.scalars]
+    nfa = [r for r in firsts if f"{r}/skipped" in raw.scalars and r not in lca]
+    lca.sort(key=lambda r: r != "lca")
+    nfa.sort(key=lambda r: r != "nfa")
+    return lca, nfa
+
+
+def _rooted(raw: _RawRun, lca_root: str | None, nfa_root: str | None, *, keep_other: bool) -> _RawRun:
+    """The tags of one section with its roots renamed to ``lca``/``nfa`` (the contract's
+    patterns), the other sections' tags left out; ``keep_other``: keep tags of no section."""
+    rename = {r: kind for r, kind in ((lca_root, "lca"), (nfa_root, "nfa")) if r is not None}
+    other_roots = set(_section_roots(raw)[0] + _section_roots(raw)[1]) - set(rename)
+
+    def select(table: dict) -> dict:
+        out = {}
+        for tag, events in table.items():
+            root, sep, rest = tag.partition("/")
+            if sep and root in rename:
+                out[f"{rename[root]}/{rest}"] = events
+            elif keep_other and not (sep and root in other_roots) and not (sep and root in ("lca", "nfa")):
+                out[tag] = events
+        return out
+
+    return _RawRun(scalars=select(raw.scalars), histograms=select(raw.histograms), images=select(raw.images))
 
 
 def read_logdir(logdir: str | os.PathLike[str], progress: bool | None = None) -> LogdirRecords:
@@ -620,7 +683,9 @@ def read_logdir(logdir: str | os.PathLike[str], progress: bool | None = None) ->
     bar = _progress_bar(total_bytes, progress) if found else None
     try:
         runs = {
-            name: read_run(name, root / name if root.is_dir() else root, files, bar) for name, files in found.items()
+            section.name: section
+            for name, files in found.items()
+            for section in read_run_sections(name, root / name if root.is_dir() else root, files, bar)
         }
     finally:
         if bar is not None:

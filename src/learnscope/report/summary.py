@@ -82,6 +82,7 @@ class RunSummary:
     mean_excess_kurtosis: float | None = None
     mean_excess_kurtosis_nonzero: float | None = None
     skipped_steps: float | None = None
+    probe_stochastic: bool | None = None  # the LCA self-check found the probe loss random
     sync: SyncResult | None = None
     sync_message: str | None = None  # why there is no sync result
 
@@ -222,6 +223,10 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
             skipped_steps=(
                 lca.skipped_steps.last() if lca.skipped_steps is not None and len(lca.skipped_steps) else None
             ),
+            probe_stochastic=(
+                bool(lca.probe_stochastic.values.max() > 0)
+                if lca.probe_stochastic is not None and len(lca.probe_stochastic) else None
+            ),
         )
         if sync_settings is not None:
             try:
@@ -307,6 +312,11 @@ def format_headline(summary: RunSummary) -> list[str]:
         )
     if summary.skipped_steps:
         lines.append(f"skipped steps: {summary.skipped_steps:g}")
+    if summary.probe_stochastic:
+        lines.append(
+            "WARNING: the probe loss draws random numbers even in eval mode (the run's warning names the module): "
+            "the allocations sum to the change of one fixed noisy loss, not of the deterministic loss"
+        )
     if summary.sync is not None:
         sync = summary.sync
         lines.append(
