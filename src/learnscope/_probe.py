@@ -486,9 +486,7 @@ class ProbeObjective:
 
     def check_determinism(self, params: Mapping[str, Tensor]) -> ProbeNoise | None:
         """The self-check: the first chunk's loss at ``params`` under two different random
-        streams. None when both agree (to 1e-6 relative; GPU reductions are not always
-        bitwise repeatable); else a :class:`ProbeNoise` naming the module where the two
-        forwards first part (traced with temporary forward hooks)."""
+        streams (:func:`stochastic_forward`). None when both agree."""
         if not self.chunks:
             return None
         chunk = self.chunks[0]
@@ -497,24 +495,14 @@ class ProbeObjective:
         device = next(iter(named.values())).device if named else None
         from torch.nn.utils.stateless import _reparametrize_module
 
-        losses, traces = [], []
+        def loss() -> Tensor:
+            buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()}
+            with self.step_context(), _reparametrize_module(self.wrapper, buffers):
+                return self.wrapper(chunk.batch, chunk.batch_idx)
+
         with probe_context(self.module, mode=self.mode, device=device), torch.no_grad():
             with _reparametrize_module(self.wrapper, named, tie_weights=True):
-                for seed in (PROBE_SEED, PROBE_SEED + 1):
-                    buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()}
-                    seed_random_streams(seed, device)
-                    with traced_forward(self.module) as trace, self.step_context(), _reparametrize_module(
-                        self.wrapper, buffers
-                    ):
-                        losses.append(float(self.wrapper(chunk.batch, chunk.batch_idx)))
-                    traces.append(trace)
-        if _close(losses[0], losses[1]):
-            return None
-        module = first_divergence(traces[0], traces[1])
-        kind = None
-        if module is not None:
-            kind = type(self.module.get_submodule(module)).__name__ if module else type(self.module).__name__
-        return ProbeNoise(losses[0], losses[1], module, kind)
+                return stochastic_forward(self.module, loss, device)
 
 
 # --------------------------------------------------------------------------- self-check
@@ -526,12 +514,14 @@ def _close(a: float, b: float) -> bool:
 
 @dataclass(frozen=True)
 class ProbeNoise:
-    """The probe loss of one chunk at one θ under two random streams, and where the two
-    forwards first part: ``module`` is a qualified module name (``""``: the root, i.e.
-    the LightningModule's own code or ``loss_fn``), None when no module could be named."""
+    """One probe forward run twice at the same θ under two random streams: what it
+    returned (``value_a``, ``value_b``: the first entry of its fingerprint, the loss for
+    a scalar) and where the two forwards first part. ``module`` is a qualified module
+    name (``""``: the root, i.e. the LightningModule's own code or ``loss_fn``), None
+    when no module could be named."""
 
-    loss_a: float
-    loss_b: float
+    value_a: float
+    value_b: float
     module: str | None
     module_type: str | None
 
@@ -542,10 +532,30 @@ class ProbeNoise:
         elif self.module is not None:
             where = f"in module {self.module!r} ({self.module_type})"
         return (
-            f"two evaluations of the probe loss at the same θ on the same chunk differ "
-            f"({self.loss_a:.8g} vs {self.loss_b:.8g}): it draws random numbers even with every module in "
-            f"eval mode, first {where}"
+            f"two evaluations at the same θ on the same chunk differ ({self.value_a:.8g} vs {self.value_b:.8g}): "
+            f"the forward draws random numbers even with every module in eval mode, first {where}"
         )
+
+
+def stochastic_forward(module: nn.Module, forward: Callable[[], Any], device: torch.device | None) -> ProbeNoise | None:
+    """Run ``forward()`` (a probe pass of ``module``) under two different random streams
+    and compare what it returns; None when both agree (to 1e-6 relative: GPU reductions
+    are not always bitwise repeatable), else a :class:`ProbeNoise` naming the module
+    where the two forwards first part (traced with temporary hooks). Call it inside
+    :func:`preserved_rng` (e.g. :func:`probe_context`)."""
+    fingerprints, traces = [], []
+    for seed in (PROBE_SEED, PROBE_SEED + 1):
+        seed_random_streams(seed, device)
+        with traced_forward(module) as trace:
+            fingerprints.append(_digest(forward()))
+        traces.append(trace)
+    first, second = fingerprints
+    if len(first) == len(second) and all(_close(p, q) for p, q in zip(first, second)):
+        return None
+    culprit = first_divergence(traces[0], traces[1])
+    kind = None if culprit is None else type(module.get_submodule(culprit)).__name__
+    nan = float("nan")
+    return ProbeNoise(first[0] if first else nan, second[0] if second else nan, culprit, kind)
 
 
 def _digest(value: Any) -> tuple[float, ...]:
