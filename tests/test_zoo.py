@@ -10,8 +10,10 @@ DropPath and a BatchNorm ResNet (tests/zoo/). For each model:
     |Σ_t ΣA − Σ_t ΔL| / |Σ_t ΔL| and the median per-step |ΣA − ΔL| / |ΔL| are below 1e-3.
 
 Checks marked xfail(strict) wait for a fix named in their reason; remove the mark
-when it lands. The same models with every dropout / drop-path rate 0 pass (d) today,
-which shows the stochastic layers are what the probe passes leave on.
+when it lands. Two variants of (d) pass today and show that the stochastic layers left on
+in the probe passes are what fails it: the same runs with a ``loss_fn`` that evaluates the
+probe loss with every module but BatchNorm in eval mode (what the fix will do), and the
+same models with every dropout / drop-path rate 0.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import zoo
 from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 from models import MemoryLogger, assert_bitwise_equal, state_of, trainer
+from zoo.common import eval_mode_probe_loss
 
 STEPS = 10
 PROBE_SIZE = 64
@@ -72,6 +75,8 @@ class Run:
 def _callback(name: str, kind: str) -> Any:
     if kind == "simpson":
         return LossChangeAllocation(probe="train", probe_size=PROBE_SIZE, rule="simpson")
+    if kind == "simpson_eval_loss":
+        return LossChangeAllocation(probe="train", probe_size=PROBE_SIZE, rule="simpson", loss_fn=eval_mode_probe_loss)
     if kind == "cheap":
         return LossChangeAllocation(preset="cheap")
     if kind == "nfa":
@@ -155,6 +160,15 @@ def _assert_simpson_accurate(run: Run) -> None:
 @pytest.mark.parametrize("name", _marked(zoo.MODELS, {**STOCHASTIC_TODAY, "resnet": ROUGH_PATH}))
 def test_simpson_error_is_small(name):
     _assert_simpson_accurate(_fit(name, "simpson"))
+
+
+@pytest.mark.parametrize("name", _marked(zoo.MODELS, {"resnet": ROUGH_PATH}))
+def test_simpson_error_is_small_with_an_eval_mode_probe_loss(name):
+    """(d) on the same training runs, the probe loss evaluated with every module but
+    BatchNorm in eval mode by a ``loss_fn``: what (d) checks once the probe passes do that."""
+    run = _fit(name, "simpson_eval_loss")
+    _assert_training_unchanged(name, run)
+    _assert_simpson_accurate(run)
 
 
 @pytest.mark.parametrize("name", tuple(STOCHASTIC_TODAY))

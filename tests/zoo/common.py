@@ -3,11 +3,13 @@ with learnable structure, the digits as 1×8×8 images, and a Hugging Face wrapp
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 DATA_SEED = 1234
@@ -83,3 +85,25 @@ class HuggingFaceModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+@contextlib.contextmanager
+def eval_except_batchnorm(module: nn.Module) -> Iterator[None]:
+    """Every submodule but batch-statistics normalisation in eval mode, each flag restored after."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in saved:
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.training = False
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def eval_mode_probe_loss(module: pl.LightningModule, batch: Any) -> Tensor:
+    """A ``loss_fn`` for LossChangeAllocation: the module's ``training_step`` loss with every
+    module but BatchNorm in eval mode, as issue 15 wants every probe pass to be (attention
+    dropout and DropPath off, BatchNorm normalising with the chunk's own statistics)."""
+    with eval_except_batchnorm(module):
+        return module.training_step(batch, 0)
