@@ -42,7 +42,7 @@ import zoo  # noqa: E402
 from learnscope import LossChangeAllocation, NeuralFeatureAnsatz  # noqa: E402
 
 CASES: dict[str, Callable[[], list[pl.Callback]]] = {
-    "plain": lambda: [],
+    "plain": list,
     "cheap": lambda: [LossChangeAllocation(preset="cheap")],
     "simpson": lambda: [LossChangeAllocation()],
 }
@@ -73,16 +73,23 @@ def time_per_step(name: str, case: str, steps: int, warmup: int) -> float:
     return clock.per_step()
 
 
-def timing_section(names: list[str], repeats: int, steps: int, warmup: int, progress: Callable[[str], None]) -> list[str]:
+def timing_section(
+    names: list[str], repeats: int, steps: int, warmup: int, progress: Callable[[str], None]
+) -> list[str]:
     lines = [
-        "P / B: Simpson's probe samples / training batch size (Simpson evaluates 2 gradients over P per step)",
-        f"Time per training step ({steps} steps, the first {warmup} not timed; medians of {repeats} interleaved repeats)",
-        f"  {'model':18s} {'params':>8s} {'P / B':>9s} {'plain ms':>9s} {'cheap ms':>9s} {'simpson ms':>11s} "
-        f"{'cheap ÷ plain':>14s} {'simpson ÷ plain':>16s}   noise (plain/cheap/simpson)",
+        "P / B: Simpson's probe samples / training batch size (Simpson: 2 gradients over P per step)",
+        (
+            f"Time per training step ({steps} steps, the first {warmup} not timed; "
+            f"medians of {repeats} interleaved repeats)"
+        ),
+        (
+            f"  {'model':18s} {'params':>8s} {'P / B':>9s} {'plain ms':>9s} {'cheap ms':>9s} {'simpson ms':>11s} "
+            f"{'cheap ÷ plain':>14s} {'simpson ÷ plain':>16s}   noise (plain/cheap/simpson)"
+        ),
     ]
     for name in names:
         progress(f"timing {name}")
-        cases = {case: (lambda case=case: time_per_step(name, case, steps, warmup)) for case in CASES}
+        cases = {case: (lambda name=name, case=case: time_per_step(name, case, steps, warmup)) for case in CASES}
         samples = interleaved(cases, repeats)
         per_step = {case: median(values) for case, values in samples.items()}
         module, loader = zoo.load(name).build()
@@ -90,7 +97,8 @@ def timing_section(names: list[str], repeats: int, steps: int, warmup: int, prog
         probe = min(LossChangeAllocation.DEFAULTS["probe_size"], len(loader.dataset))
         noise = "/".join(f"±{spread(samples[case]) * 100:.0f}%" for case in CASES)
         lines.append(
-            f"  {name:18s} {params:8,d} {f'{probe} / {loader.batch_size}':>9s} {per_step['plain'] * 1e3:9.1f} {per_step['cheap'] * 1e3:9.1f} "
+            f"  {name:18s} {params:8,d} {f'{probe} / {loader.batch_size}':>9s} "
+            f"{per_step['plain'] * 1e3:9.1f} {per_step['cheap'] * 1e3:9.1f} "
             f"{per_step['simpson'] * 1e3:11.1f} {per_step['cheap'] / per_step['plain']:14.2f} "
             f"{per_step['simpson'] / per_step['plain']:16.2f}   {noise}"
         )
@@ -111,7 +119,8 @@ def simpson_errors(name: str, stochastic: bool, eval_loss: bool = False) -> tupl
 
     module, loader = zoo.load(name).build(stochastic)
     callback = LossChangeAllocation(
-        probe="train", probe_size=ACCURACY_PROBE_SIZE, rule="simpson", loss_fn=eval_mode_probe_loss if eval_loss else None
+        probe="train", probe_size=ACCURACY_PROBE_SIZE, rule="simpson",
+        loss_fn=eval_mode_probe_loss if eval_loss else None,
     )
     logger = MemoryLogger()
     torch.manual_seed(0)
@@ -131,13 +140,17 @@ def nfa_layers(name: str) -> tuple[list[str], list[str]]:
 
 def accuracy_section(names: list[str], progress: Callable[[str], None]) -> list[str]:
     lines = [
-        f"Simpson's error ({ACCURACY_STEPS} steps, probe_size {ACCURACY_PROBE_SIZE}; as tests/test_zoo.py) and "
-        "NFA layers measured today",
+        (
+            f"Simpson's error ({ACCURACY_STEPS} steps, probe_size {ACCURACY_PROBE_SIZE}; as tests/test_zoo.py) and "
+            "NFA layers measured today"
+        ),
         "  cumulative relative error / median per-step relative error, with the stochastic layers on (today's probe),",
         "  with them on in training but a probe loss in eval mode but BatchNorm (loss_fn; what issue 15's fix does),",
         "  and with every dropout / drop-path rate 0",
-        f"  {'model':18s} {'stochastic on':>19s} | {'eval-mode probe':>19s} | {'rates 0':>19s} | "
-        "NFA measured / expected; not measured",
+        (
+            f"  {'model':18s} {'stochastic on':>19s} | {'eval-mode probe':>19s} | {'rates 0':>19s} | "
+            "NFA measured / expected; not measured"
+        ),
     ]
     for name in names:
         progress(f"accuracy {name}")

@@ -27,17 +27,19 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-
 import zoo
-from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 from models import MemoryLogger, assert_bitwise_equal, state_of, trainer
 from zoo.common import eval_mode_probe_loss
+
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 
 STEPS = 10
 PROBE_SIZE = 64
 ERROR_BOUND = 1e-3
 
-_PROBE_MODES = "issue 15 item 1: LCA probe passes must switch off every stochastic layer (fix in src/learnscope/_probe.py)"
+_PROBE_MODES = (
+    "issue 15 item 1: LCA probe passes must switch off every stochastic layer (fix in src/learnscope/_probe.py)"
+)
 #: Models whose probe loss is still stochastic today, and what is left on.
 STOCHASTIC_TODAY = {
     "gpt2": f"GPT-2's attention dropout (attn_pdrop, gated on GPT2Attention.training) stays on; {_PROBE_MODES}",
@@ -80,13 +82,12 @@ def _callback(name: str, kind: str) -> Any:
     if kind == "cheap":
         return LossChangeAllocation(preset="cheap")
     if kind == "nfa":
-        options = dict(every_n_steps=5, probe_size=32, null_draws=1, images=False)
-        return NeuralFeatureAnsatz(**options, **zoo.load(name).NFA_OPTIONS)
+        return NeuralFeatureAnsatz(every_n_steps=5, probe_size=32, null_draws=1, images=False, **zoo.load(name).NFA_OPTIONS)
     assert kind == "none"
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fit(name: str, kind: str, stochastic: bool = True) -> Run:
     """Train ``STEPS`` steps of zoo model ``name`` with callback ``kind`` (cached: checks share runs)."""
     if name in zoo.NEEDS_TRANSFORMERS:

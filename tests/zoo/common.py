@@ -1,5 +1,6 @@
 """Data and LightningModule helpers shared by the zoo models: synthetic token tasks
-with learnable structure, the digits as 1×8×8 images, and a Hugging Face wrapper."""
+with learnable structure, the digits as 1×8×8 images, a Hugging Face wrapper, and a
+probe loss evaluated in eval mode (what issue 15 wants every probe pass to be)."""
 
 from __future__ import annotations
 

@@ -63,7 +63,9 @@ NFA_LAYERS = (
 NFA_OPTIONS: dict = {"input_fn": tuple}
 
 
-def build(stochastic: bool = True, samples: int = 256, batch_size: int = 16) -> tuple[SmallLightningTransformer, DataLoader]:
+def build(
+    stochastic: bool = True, samples: int = 256, batch_size: int = 16
+) -> tuple[SmallLightningTransformer, DataLoader]:
     """The module and its loader of (inputs, target = inputs shifted by one); ``stochastic=False``:
     dropout 0 everywhere (nn.Dropout and the attention weights')."""
     torch.manual_seed(MODEL_SEED)

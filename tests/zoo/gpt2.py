@@ -16,7 +16,9 @@ LAYERS = 2
 
 #: What NeuralFeatureAnsatz measures by default once it handles Conv1D (issue 15, item 3).
 NFA_LAYERS = tuple(
-    f"model.transformer.h.{i}.{name}" for i in range(LAYERS) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    f"model.transformer.h.{i}.{name}"
+    for i in range(LAYERS)
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 ) + ("model.lm_head",)
 NFA_OPTIONS: dict = {}
 
