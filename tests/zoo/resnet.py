@@ -70,3 +70,30 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64, stem_stride: int = 2) -> ResNet:
     """torchvision.models.resnet18's architecture (11.7 M parameters at width 64, 3 channels)."""
     return ResNet((2, 2, 2, 2), num_classes, in_channels, width, stem_stride)
+
+
+# --------------------------------------------------------------------------- the zoo entry
+
+#: Every convolution (the 1×1 downsampling ones included) and the fully connected head.
+NFA_LAYERS = ("net.conv1",) + tuple(
+    f"net.layer{stage}.{block}.{name}"
+    for stage in range(1, 5)
+    for block in range(2)
+    for name in ("conv1", "conv2") + (("downsample.0",) if stage > 1 and block == 0 else ())
+) + ("net.fc",)
+NFA_OPTIONS: dict = {}
+
+
+def build(stochastic: bool = True, width: int = 8, batch_size: int = 32):
+    """A width-8 resnet18 on the digits as 1×8×8 images (stem stride 1), SGD with momentum 0.9
+    and weight decay 5e-4: ``(module, loader)``. It has no stochastic layers (``stochastic``
+    is accepted for a uniform interface); BatchNorm trains in batch-statistics mode."""
+    import torch
+    from models import Classifier
+
+    from .common import MODEL_SEED, digit_images, shuffled_loader
+
+    torch.manual_seed(MODEL_SEED)
+    net = resnet18(num_classes=10, in_channels=1, width=width, stem_stride=1)
+    module = Classifier(net, "sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return module, shuffled_loader(digit_images(), batch_size)

@@ -1,0 +1,179 @@
+"""The model zoo (issue 15): both callbacks on tiny, random-init versions of the models
+users train: Hugging Face GPT-2 and BERT, Lightning's demo Transformer, a ViT with
+DropPath and a BatchNorm ResNet (tests/zoo/). For each model:
+
+(a) LCA with Simpson's rule on a probe set, and (b) the cheap preset, run every step and
+    leave training bitwise identical to a run without callbacks;
+(c) NeuralFeatureAnsatz runs, leaves training bitwise identical, and measures the
+    model's weight layers (the names in ``NFA_LAYERS`` of each zoo module);
+(d) the probe loss is a function of θ only: Simpson's cumulative relative error
+    |Σ_t ΣA − Σ_t ΔL| / |Σ_t ΔL| and the median per-step |ΣA − ΔL| / |ΔL| are below 1e-3.
+
+Checks marked xfail(strict) wait for a fix named in their reason; remove the mark
+when it lands. Two variants of (d) pass today and show that the stochastic layers left on
+in the probe passes are what fails it: the same runs with a ``loss_fn`` that evaluates the
+probe loss with every module but BatchNorm in eval mode (what the fix will do), and the
+same models with every dropout / drop-path rate 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import zoo
+from models import MemoryLogger, assert_bitwise_equal, state_of, trainer
+from zoo.common import eval_mode_probe_loss
+
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
+
+STEPS = 10
+PROBE_SIZE = 64
+ERROR_BOUND = 1e-3
+
+_PROBE_MODES = (
+    "issue 15 item 1: LCA probe passes must switch off every stochastic layer (fix in src/learnscope/_probe.py)"
+)
+#: Models whose probe loss is still stochastic today, and what is left on.
+STOCHASTIC_TODAY = {
+    "gpt2": f"GPT-2's attention dropout (attn_pdrop, gated on GPT2Attention.training) stays on; {_PROBE_MODES}",
+    "bert": f"BERT's attention-probability dropout (gated on BertSelfAttention.training) stays on; {_PROBE_MODES}",
+    "demo_transformer": f"nn.MultiheadAttention's attention-weight dropout stays on; {_PROBE_MODES}",
+    "vit": f"the ViT's attention dropout (in scaled_dot_product_attention) and DropPath stay on; {_PROBE_MODES}",
+}
+ROUGH_PATH = (
+    "issue 15 item 2: Simpson on the BatchNorm ResNet is far off (cumulative relative error ≈ 0.6 here, "
+    "step 0 ΣA ≈ 2 × ΔL); waits for the investigation against a dense reference"
+)
+NFA_LAYERS_TODAY = {
+    "gpt2": "issue 15 item 3: NFA does not measure transformers' Conv1D (c_attn, c_proj, c_fc, mlp.c_proj) yet",
+    "demo_transformer": "issue 15 item 3: NFA does not measure nn.MultiheadAttention's q/k/v maps and out_proj yet",
+}
+
+
+def _marked(names: tuple[str, ...], pending: dict[str, str]) -> list[Any]:
+    return [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=pending[name])) if name in pending else name
+        for name in names
+    ]
+
+
+@dataclass
+class Run:
+    module: pl.LightningModule
+    state: dict[str, torch.Tensor]
+    rng: torch.Tensor
+    modes: list[bool]
+    callback: Any
+    logger: MemoryLogger
+
+
+def _callback(name: str, kind: str) -> Any:
+    if kind == "simpson":
+        return LossChangeAllocation(probe="train", probe_size=PROBE_SIZE, rule="simpson")
+    if kind == "simpson_eval_loss":
+        return LossChangeAllocation(probe="train", probe_size=PROBE_SIZE, rule="simpson", loss_fn=eval_mode_probe_loss)
+    if kind == "cheap":
+        return LossChangeAllocation(preset="cheap")
+    if kind == "nfa":
+        return NeuralFeatureAnsatz(every_n_steps=5, probe_size=32, null_draws=1, images=False, **zoo.load(name).NFA_OPTIONS)
+    assert kind == "none"
+    return None
+
+
+@functools.cache
+def _fit(name: str, kind: str, stochastic: bool = True) -> Run:
+    """Train ``STEPS`` steps of zoo model ``name`` with callback ``kind`` (cached: checks share runs)."""
+    if name in zoo.NEEDS_TRANSFORMERS:
+        pytest.importorskip("transformers")
+    module, loader = zoo.load(name).build(stochastic)
+    callback = _callback(name, kind)
+    logger = MemoryLogger()
+    torch.manual_seed(0)
+    t = trainer([callback] if callback is not None else [], loggers=[logger], max_steps=STEPS, log_every_n_steps=1)
+    t.fit(module, loader)
+    state = state_of(module, t.optimizers[0])
+    return Run(module, state, torch.get_rng_state(), [m.training for m in module.modules()], callback, logger)
+
+
+def _assert_training_unchanged(name: str, probed: Run) -> None:
+    reference = _fit(name, "none")
+    assert_bitwise_equal(reference.state, probed.state)
+    assert torch.equal(reference.rng, probed.rng)
+    assert reference.modes == probed.modes
+
+
+def _per_step_relative_errors(run: Run) -> list[float]:
+    delta = run.logger.series["lca/delta_loss"]
+    total = run.logger.series["lca/total"]
+    return [abs(total[step] - delta[step]) / abs(delta[step]) for step in sorted(delta)]
+
+
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_simpson_leaves_training_bitwise_identical(name):
+    run = _fit(name, "simpson")
+    _assert_training_unchanged(name, run)
+    assert sorted(run.logger.series["lca/total"]) == list(range(STEPS))
+    assert run.callback.skipped_steps == 0
+    # the allocations add up to a real loss change, not to nothing
+    assert abs(sum(run.logger.series["lca/delta_loss"].values())) > 1e-3
+
+
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_cheap_preset_leaves_training_bitwise_identical(name):
+    run = _fit(name, "cheap")
+    _assert_training_unchanged(name, run)
+    totals = run.logger.series["lca/total"]
+    assert sorted(totals) == list(range(STEPS))
+    assert all(math.isfinite(v) and v != 0.0 for v in totals.values())
+    assert math.isnan(run.callback.cumulative_relative_error)  # the cheap mode evaluates no ΔL
+
+
+@pytest.mark.parametrize("name", _marked(zoo.MODELS, NFA_LAYERS_TODAY))
+def test_nfa_measures_the_model_layers_and_leaves_training_bitwise_identical(name):
+    run = _fit(name, "nfa")
+    _assert_training_unchanged(name, run)
+    record = run.callback.last_record
+    assert record.step == STEPS
+    measured = set(record.grams)
+    expected = set(zoo.load(name).NFA_LAYERS)
+    assert measured == expected, f"missing {sorted(expected - measured)}, unexpected {sorted(measured - expected)}"
+    for layer in expected:
+        assert math.isfinite(record.metrics[layer]["pearson_a0.5"]), layer
+    assert run.callback.skipped == 0
+
+
+def _assert_simpson_accurate(run: Run) -> None:
+    cumulative = run.callback.cumulative_relative_error
+    per_step = statistics.median(_per_step_relative_errors(run))
+    assert cumulative < ERROR_BOUND and per_step < ERROR_BOUND, (
+        f"cumulative relative error {cumulative:.3g}, median per-step relative error {per_step:.3g} "
+        f"(bound {ERROR_BOUND:g})"
+    )
+
+
+@pytest.mark.parametrize("name", _marked(zoo.MODELS, {**STOCHASTIC_TODAY, "resnet": ROUGH_PATH}))
+def test_simpson_error_is_small(name):
+    _assert_simpson_accurate(_fit(name, "simpson"))
+
+
+@pytest.mark.parametrize("name", _marked(zoo.MODELS, {"resnet": ROUGH_PATH}))
+def test_simpson_error_is_small_with_an_eval_mode_probe_loss(name):
+    """(d) on the same training runs, the probe loss evaluated with every module but
+    BatchNorm in eval mode by a ``loss_fn``: what (d) checks once the probe passes do that."""
+    run = _fit(name, "simpson_eval_loss")
+    _assert_training_unchanged(name, run)
+    _assert_simpson_accurate(run)
+
+
+@pytest.mark.parametrize("name", tuple(STOCHASTIC_TODAY))
+def test_simpson_error_is_small_with_stochastic_layers_off(name):
+    """The same models with every dropout and drop-path rate 0: what (d) checks once the
+    probe passes switch those layers off themselves."""
+    _assert_simpson_accurate(_fit(name, "simpson", stochastic=False))
