@@ -10,10 +10,9 @@ DropPath and a BatchNorm ResNet (tests/zoo/). For each model:
     |Σ_t ΣA − Σ_t ΔL| / |Σ_t ΔL| and the median per-step |ΣA − ΔL| / |ΔL| are below 1e-3.
 
 Checks marked xfail(strict) wait for a fix named in their reason; remove the mark
-when it lands. Two variants of (d) pass today and show that the stochastic layers left on
-in the probe passes are what fails it: the same runs with a ``loss_fn`` that evaluates the
-probe loss with every module but BatchNorm in eval mode (what the fix will do), and the
-same models with every dropout / drop-path rate 0.
+when it lands. Beside (d): every step's ΔL equals that of an independent ``loss_fn`` that
+puts every module but BatchNorm in eval mode itself, and the models with every dropout /
+drop-path rate 0 meet the same bound.
 """
 
 from __future__ import annotations
@@ -37,15 +36,13 @@ STEPS = 10
 PROBE_SIZE = 64
 ERROR_BOUND = 1e-3
 
-_PROBE_MODES = (
-    "issue 15 item 1: LCA probe passes must switch off every stochastic layer (fix in src/learnscope/_probe.py)"
-)
-#: Models whose probe loss is still stochastic today, and what is left on.
-STOCHASTIC_TODAY = {
-    "gpt2": f"GPT-2's attention dropout (attn_pdrop, gated on GPT2Attention.training) stays on; {_PROBE_MODES}",
-    "bert": f"BERT's attention-probability dropout (gated on BertSelfAttention.training) stays on; {_PROBE_MODES}",
-    "demo_transformer": f"nn.MultiheadAttention's attention-weight dropout stays on; {_PROBE_MODES}",
-    "vit": f"the ViT's attention dropout (in scaled_dot_product_attention) and DropPath stay on; {_PROBE_MODES}",
+#: Models with stochastic layers in training mode, and what they are: the probe passes switch
+#: them off (every module in eval mode but BatchNorm), so (d) holds with them on.
+STOCHASTIC_MODELS = {
+    "gpt2": "GPT-2's attention dropout (attn_pdrop, gated on GPT2Attention.training)",
+    "bert": "BERT's attention-probability dropout (gated on BertSelfAttention.training)",
+    "demo_transformer": "nn.MultiheadAttention's attention-weight dropout",
+    "vit": "the ViT's attention dropout (in scaled_dot_product_attention) and DropPath",
 }
 ROUGH_PATH = (
     "issue 15 item 2: Simpson on the BatchNorm ResNet is far off (cumulative relative error ≈ 0.6 here, "
@@ -158,22 +155,27 @@ def _assert_simpson_accurate(run: Run) -> None:
     )
 
 
-@pytest.mark.parametrize("name", _marked(zoo.MODELS, {**STOCHASTIC_TODAY, "resnet": ROUGH_PATH}))
+@pytest.mark.parametrize("name", _marked(zoo.MODELS, {"resnet": ROUGH_PATH}))
 def test_simpson_error_is_small(name):
     _assert_simpson_accurate(_fit(name, "simpson"))
 
 
-@pytest.mark.parametrize("name", _marked(zoo.MODELS, {"resnet": ROUGH_PATH}))
-def test_simpson_error_is_small_with_an_eval_mode_probe_loss(name):
-    """(d) on the same training runs, the probe loss evaluated with every module but
-    BatchNorm in eval mode by a ``loss_fn``: what (d) checks once the probe passes do that."""
-    run = _fit(name, "simpson_eval_loss")
-    _assert_training_unchanged(name, run)
-    _assert_simpson_accurate(run)
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_probe_loss_equals_an_independent_eval_mode_loss(name):
+    """The library's probe loss is the model's deterministic loss: on the same training run
+    (bitwise), every step's ΔL equals that of a ``loss_fn`` written in the test that puts
+    every module but BatchNorm in eval mode itself, and the self-check finds no randomness."""
+    run, reference = _fit(name, "simpson"), _fit(name, "simpson_eval_loss")
+    _assert_training_unchanged(name, reference)
+    assert run.callback.probe_is_stochastic is False
+    ours, theirs = run.logger.series["lca/delta_loss"], reference.logger.series["lca/delta_loss"]
+    assert sorted(ours) == sorted(theirs) == list(range(STEPS))
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-8), step
 
 
-@pytest.mark.parametrize("name", tuple(STOCHASTIC_TODAY))
+@pytest.mark.parametrize("name", tuple(STOCHASTIC_MODELS))
 def test_simpson_error_is_small_with_stochastic_layers_off(name):
-    """The same models with every dropout and drop-path rate 0: what (d) checks once the
-    probe passes switch those layers off themselves."""
+    """The same models with every dropout and drop-path rate 0: the stochastic layers of the
+    models above cost no accuracy (they are off in the probe passes)."""
     _assert_simpson_accurate(_fit(name, "simpson", stochastic=False))
