@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.demos import Transformer as DemoTransformer
 from torch import nn
 from torch.func import jacrev
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -29,7 +31,6 @@ from learnscope.layers import attention_forward, default_layers, select_layers
 from models import MemoryLogger, assert_bitwise_equal, state_of, trainer
 
 transformers = pytest.importorskip("transformers")
-from lightning.pytorch.demos import Transformer as DemoTransformer  # noqa: E402
 
 DTYPE = torch.float64
 
@@ -112,7 +113,6 @@ def test_gpt2_conv1d_layers_are_measured_and_exact_against_jacrev():
     assert layers["transformer.h.0.attn.c_attn"].weight_flat().shape == (48, 16)  # k = weight.shape[1]
     grams = preactivation_grams(model, {"input_ids": ids}, layers, output_fn=lambda out: out.logits, estimator="exact")
     errors = module_agop_errors(lambda i: model(input_ids=ids[i : i + 1]), lambda out: out.logits, 3, grams, layers)
-    print(f"max relative AGOP error {max(errors.values()):.2e}")
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -294,7 +294,6 @@ def test_attention_maps_in_an_encoder_layer_are_exact_against_jacrev(batch_first
         errors[name] = relative_error(agop(layers[name].weight_flat(), grams[name]), expected)
     plain = {name: layers[name] for name in ("encoder.linear1", "encoder.linear2", "head")}
     errors.update(module_agop_errors(call, lambda out: out, 3, grams, plain))
-    print(f"max relative AGOP error {max(errors.values()):.2e}")
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -336,6 +335,15 @@ def test_cross_attention_key_and_value_maps_are_per_source_token():
         expected = local_agop(2, lambda i: memory[i : i + 1], output_with)
         weight = mha.in_proj_weight[6 * index : 6 * (index + 1)].detach()
         assert relative_error(agop(weight, grams[f"attn.{part}"]), expected) < 1e-6
+
+
+def test_an_instance_forward_of_the_attention_module_is_put_back_after_measuring():
+    model = EncoderClassifier(batch_first=True).eval()
+    attention = model.encoder.self_attn
+    own_forward = attention.forward  # a bound method stored on the instance, as some wrappers do
+    attention.forward = own_forward
+    preactivation_grams(model, torch.randn(2, 4, 8), None)
+    assert attention.__dict__["forward"] is own_forward
 
 
 def test_attention_with_bias_kv_is_skipped_with_its_reason_and_its_out_proj_is_not_measured_alone():
@@ -387,7 +395,6 @@ def test_bert_query_key_value_and_dense_are_exact_against_jacrev():
     errors = module_agop_errors(
         lambda i: model(input_ids=ids[i : i + 1], attention_mask=attention_mask[i : i + 1]), output_of, 3, grams, layers
     )
-    print(f"max relative AGOP error {max(errors.values()):.2e}")
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -416,7 +423,6 @@ def test_vit_style_packed_qkv_linear_is_exact_against_jacrev():
     layers = default_layers(model)
     grams = preactivation_grams(model, x, layers)
     errors = module_agop_errors(lambda i: model(x[i : i + 1]), lambda out: out, 3, grams, layers)
-    print(f"max relative AGOP error {max(errors.values()):.2e}")
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -435,6 +441,15 @@ def test_patterns_matching_only_unmeasurable_modules_say_so_once_with_the_reason
     assert "match only modules that cannot be measured: transformer.ln_f (LayerNorm: no handler for LayerNorm)" in message
     assert "lm_head" in message  # the measurable names follow
     assert "selected no supported layer" not in message
+
+
+def test_the_callback_adds_no_second_message_when_patterns_select_nothing():
+    module = GPT2Module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        NeuralFeatureAnsatz(layers=["model.transformer.ln_f"]).setup(None, module, "fit")
+    messages = [str(w.message) for w in caught if "layers" in str(w.message) or "measur" in str(w.message)]
+    assert len(messages) == 1 and "match only modules that cannot be measured" in messages[0], messages
 
 
 def test_patterns_matching_nothing_list_the_measurable_names_truncated():

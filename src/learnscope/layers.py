@@ -43,22 +43,22 @@ from torch import Tensor, nn
 
 __all__ = [
     "GRAM_BLOCK",
-    "LayerHandler",
-    "LinearHandler",
-    "ConvHandler",
     "Conv1DHandler",
-    "MultiheadAttentionHandler",
+    "ConvHandler",
+    "LayerHandler",
     "LayerMap",
-    "attention_forward",
-    "tapped",
-    "register_handler",
-    "handler_for",
-    "unsupported_reason",
-    "default_layers",
-    "select_layers",
+    "LinearHandler",
+    "MultiheadAttentionHandler",
     "add_upper_gram",
-    "symmetric_from_upper",
+    "attention_forward",
+    "default_layers",
+    "handler_for",
     "measurable_names",
+    "register_handler",
+    "select_layers",
+    "symmetric_from_upper",
+    "tapped",
+    "unsupported_reason",
 ]
 
 #: Row-block height of the symmetric Gram products in ``add_upper_gram``. Block row i
@@ -312,13 +312,6 @@ class MultiheadAttentionHandler(LayerHandler):
     when the handle is removed. ``add_bias_kv`` and ``add_zero_attn`` are refused.
     """
 
-    _PARTS: dict[str, LayerHandler] = {
-        "q": _InProjection(0),
-        "k": _InProjection(1),
-        "v": _InProjection(2),
-        "out_proj": _OutProjection(),
-    }
-
     def unsupported_reason(self, module: nn.Module) -> str | None:
         if module.bias_k is not None or module.bias_v is not None:
             return "add_bias_kv=True is not supported"
@@ -333,7 +326,7 @@ class MultiheadAttentionHandler(LayerHandler):
         raise TypeError("nn.MultiheadAttention holds several maps: read its parts (q, k, v, out_proj)")
 
     def parts(self, module: nn.Module) -> dict[str, LayerHandler]:
-        return dict(self._PARTS)
+        return {"q": _InProjection(0), "k": _InProjection(1), "v": _InProjection(2), "out_proj": _OutProjection()}
 
     def tap(self, module: nn.Module, taps: Mapping[str, Callable[[Tensor], Tensor]]) -> Any:
         def forward(
@@ -595,7 +588,7 @@ def tapped(
     """
     groups: dict[int, tuple[LayerMap, dict[str, Callable[[Tensor], Tensor]]]] = {}
     for name, layer in layers.items():
-        first, taps = groups.setdefault(id(layer.module), (layer, {}))
+        _, taps = groups.setdefault(id(layer.module), (layer, {}))
         tap = make_tap(name)
         taps[layer.part] = _compose(taps[layer.part], tap) if layer.part in taps else tap
     handles = []

@@ -509,17 +509,20 @@ class NeuralFeatureAnsatz(Callback):
             return tap
 
         inputs = self._model_inputs(self._probe_set[0].batch)
-        with tapped(self._layers, recorder), torch.no_grad():
-            with probe_context(pl_module, mode="eval", device=pl_module.device):
-                try:
-                    output = _call_model(pl_module, inputs)
-                except Exception as error:
-                    hint = "the default input_fn" if self.input_fn is None else "input_fn"
-                    raise ProbeError(
-                        f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
-                        f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
-                    ) from error
-                prediction = self._prediction(output)
+        with (
+            tapped(self._layers, recorder),
+            probe_context(pl_module, mode="eval", device=pl_module.device),
+            torch.no_grad(),
+        ):
+            try:
+                output = _call_model(pl_module, inputs)
+            except Exception as error:
+                hint = "the default input_fn" if self.input_fn is None else "input_fn"
+                raise ProbeError(
+                    f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
+                    f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
+                ) from error
+            prediction = self._prediction(output)
         self._readout = None
         for name in reversed(list(self._layers)):
             out = layer_outputs.get(name)

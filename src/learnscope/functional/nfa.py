@@ -27,7 +27,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from learnscope.layers import LayerMap, select_layers, supported_only, symmetric_from_upper, tapped
+from learnscope.layers import (
+    LayerMap,
+    select_layers,
+    supported_only,
+    symmetric_from_upper,
+    tapped,
+)
 
 __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
