@@ -352,6 +352,14 @@ def test_attention_with_bias_kv_is_skipped_with_its_reason_and_its_out_proj_is_n
         layers = default_layers(model)
     assert list(layers) == ["head"]
 
+    class Rotated(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            return super().forward(query.flip(-1), key, value, **kwargs)
+
+    model = nn.ModuleDict({"attn": Rotated(4, 2), "head": nn.Linear(4, 2)})
+    with pytest.warns(UserWarning, match=r"attn \(Rotated: Rotated overrides forward\(\)"):
+        assert list(default_layers(model)) == ["head"]
+
 
 def test_patterns_select_single_attention_maps_or_all_four_by_the_module_name():
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), num_layers=2, enable_nested_tensor=False)

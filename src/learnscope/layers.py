@@ -309,10 +309,14 @@ class MultiheadAttentionHandler(LayerHandler):
     fused kernel of its fast path), so no forward hook sees them. While tapped, the
     module's forward is replaced by ``attention_forward``: the same computation written
     out, each map's output passed through its tap; the module's own forward is back
-    when the handle is removed. ``add_bias_kv`` and ``add_zero_attn`` are refused.
+    when the handle is removed. ``add_bias_kv``, ``add_zero_attn`` and subclasses with
+    their own forward are refused.
     """
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            # the written-out forward would silently replace what the subclass computes
+            return f"{type(module).__name__} overrides forward(), which attention_forward would not reproduce"
         if module.bias_k is not None or module.bias_v is not None:
             return "add_bias_kv=True is not supported"
         if module.add_zero_attn:
