@@ -633,7 +633,9 @@ class Mixed(nn.Module):
 def test_default_layers_are_ungrouped_linear_and_convs_in_module_order():
     with pytest.warns(UserWarning, match="groups=2"):
         layers = default_layers(Mixed())
-    assert list(layers) == ["features.0", "sequence", "volume", "attn.out_proj", "classifier"]
+    assert list(layers) == [
+        "features.0", "sequence", "volume", "attn.q", "attn.k", "attn.v", "attn.out_proj", "classifier"
+    ]
 
 
 def test_select_layers_skips_unsupported_matches_with_a_warning():
@@ -650,17 +652,17 @@ def test_select_layers_skips_unsupported_matches_with_a_warning():
 
 
 def test_layer_never_called_is_left_out_with_a_warning():
-    class Attention(nn.Module):
+    class Unused(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.spare = nn.Linear(4, 4)
             self.head = nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.head(self.attn(x, x, x, need_weights=False)[0])
+            return self.head(x)
 
-    model = Attention().eval()
-    with pytest.warns(UserWarning, match="attn.out_proj.*not called"):
+    model = Unused().eval()
+    with pytest.warns(UserWarning, match="spare.*not called"):
         grams = preactivation_grams(model, torch.randn(3, 5, 4), None)
     assert list(grams) == ["head"]
 

@@ -15,32 +15,50 @@ NFA probe needs from the layer is
   uses ``gradient_rows``; a handler overrides it when its native layout allows a
   cheaper contraction (convolutions: no copy of the rows).
 
+One module may hold several measured maps: ``nn.MultiheadAttention`` holds four
+(q, k, v and out_proj, named ``<module>.q`` ...). A handler lists them in ``parts``
+(one handler per map, reading it from the module) and routes every map's output
+through the probe in ``tap``; the rest of the library sees ``LayerMap`` records
+(module, part, handler) by name.
+
 Adding a layer type means adding one ``LayerHandler`` subclass here and one
 ``register_handler`` line; nothing else in the library knows about layer types.
+A type from an optional library (Hugging Face ``Conv1D``) is registered by its
+qualified class name, so the library is never imported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Iterable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
     "GRAM_BLOCK",
-    "LayerHandler",
-    "LinearHandler",
+    "Conv1DHandler",
     "ConvHandler",
-    "register_handler",
-    "handler_for",
-    "unsupported_reason",
-    "default_layers",
-    "select_layers",
+    "LayerHandler",
+    "LayerMap",
+    "LinearHandler",
+    "MultiheadAttentionHandler",
     "add_upper_gram",
+    "attention_forward",
+    "default_layers",
+    "handler_for",
+    "measurable_names",
+    "register_handler",
+    "select_layers",
     "symmetric_from_upper",
+    "tapped",
+    "unsupported_reason",
 ]
 
 #: Row-block height of the symmetric Gram products in ``add_upper_gram``. Block row i
@@ -117,6 +135,25 @@ class LayerHandler:
         triangle is meaningful afterwards (``symmetric_from_upper``)."""
         add_upper_gram(self.gradient_rows(module, output_grad), out, alpha=alpha)
 
+    def parts(self, module: nn.Module) -> dict[str, LayerHandler]:
+        """The linear maps measured in one module of this type: part name → the handler
+        that reads it from the module. ``""`` is the module itself (one map, named as
+        the module); other parts are named ``<module>.<part>``."""
+        return {"": self}
+
+    def tap(self, module: nn.Module, taps: Mapping[str, Callable[[Tensor], Tensor]]) -> Any:
+        """Pass each measured part's output z through ``taps[part]`` (which returns z + p,
+        or z itself) in every forward until ``.remove()`` is called on the returned handle.
+        Default: a forward hook on the module's output (a floating-point tensor)."""
+        tap = taps[""]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not isinstance(output, Tensor) or not output.is_floating_point():
+                return None
+            return tap(output)
+
+        return module.register_forward_hook(hook)
+
 
 class LinearHandler(LayerHandler):
     """``nn.Linear`` on (n, d) inputs or per token on (n, T, d) (any leading dims).
@@ -135,6 +172,24 @@ class LinearHandler(LayerHandler):
                 f"layer's {k} output features"
             )
         return output_grad.reshape(-1, k)
+
+
+class Conv1DHandler(LinearHandler):
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2's c_attn, c_proj, c_fc):
+    a per-token Linear whose weight is stored transposed, [in, out]:
+    z_t = weightᵀ h_t + b, so W_flat = weightᵀ and k = weight.shape[1]."""
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        reason = super().unsupported_reason(module)
+        if reason is None and module.weight.dim() != 2:
+            return f"its weight has {module.weight.dim()} dimensions, not 2"
+        return reason
+
+    def out_features(self, module: nn.Module) -> int:
+        return int(module.weight.shape[1])
+
+    def weight_flat(self, module: nn.Module) -> Tensor:
+        return module.weight.detach().mT
 
 
 class ConvHandler(LayerHandler):
@@ -208,15 +263,240 @@ class ConvHandler(LayerHandler):
                 out[start:stop, start:].add_(products.sum(dim=0), alpha=alpha)
 
 
+class _InProjection(LinearHandler):
+    """One of the q, k, v maps of an ``nn.MultiheadAttention``: z = W_q·query + b_q (per
+    token), W_q the matching block of ``in_proj_weight`` or ``q_proj_weight`` when the
+    key/value dimensions differ (the same for k and v with key and value)."""
+
+    _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        return None  # the owner (MultiheadAttentionHandler) decides
+
+    def out_features(self, module: nn.Module) -> int:
+        return int(module.embed_dim)
+
+    def weight_flat(self, module: nn.Module) -> Tensor:
+        if module.in_proj_weight is not None:
+            k = module.embed_dim
+            return module.in_proj_weight.detach()[self.index * k : (self.index + 1) * k]
+        return getattr(module, self._SEPARATE[self.index]).detach()
+
+
+class _OutProjection(LinearHandler):
+    """The out_proj map of an ``nn.MultiheadAttention`` (its weight is used functionally)."""
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        return None
+
+    def out_features(self, module: nn.Module) -> int:
+        return int(module.out_proj.weight.shape[0])
+
+    def weight_flat(self, module: nn.Module) -> Tensor:
+        return module.out_proj.weight.detach()
+
+
+class MultiheadAttentionHandler(LayerHandler):
+    """``nn.MultiheadAttention`` as four per-token linear maps, each of its own input
+    (BRIEF 3.2, the local AGOP): ``q`` of the query tokens, ``k`` of the key tokens,
+    ``v`` of the value tokens (for self-attention all three read the same tokens) and
+    ``out_proj`` of the concatenated heads.
+
+    The module uses these maps functionally (``F.multi_head_attention_forward``, or the
+    fused kernel of its fast path), so no forward hook sees them. While tapped, the
+    module's forward is replaced by ``attention_forward``: the same computation written
+    out, each map's output passed through its tap; the module's own forward is back
+    when the handle is removed. ``add_bias_kv``, ``add_zero_attn`` and subclasses with
+    their own forward are refused.
+    """
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            # the written-out forward would silently replace what the subclass computes
+            return f"{type(module).__name__} overrides forward(), which attention_forward would not reproduce"
+        if module.bias_k is not None or module.bias_v is not None:
+            return "add_bias_kv=True is not supported"
+        if module.add_zero_attn:
+            return "add_zero_attn=True is not supported"
+        return None
+
+    def out_features(self, module: nn.Module) -> int:
+        raise TypeError("nn.MultiheadAttention holds several maps: read its parts (q, k, v, out_proj)")
+
+    def weight_flat(self, module: nn.Module) -> Tensor:
+        raise TypeError("nn.MultiheadAttention holds several maps: read its parts (q, k, v, out_proj)")
+
+    def parts(self, module: nn.Module) -> dict[str, LayerHandler]:
+        return {"q": _InProjection(0), "k": _InProjection(1), "v": _InProjection(2), "out_proj": _OutProjection()}
+
+    def tap(self, module: nn.Module, taps: Mapping[str, Callable[[Tensor], Tensor]]) -> Any:
+        def forward(
+            query: Tensor,
+            key: Tensor,
+            value: Tensor,
+            key_padding_mask: Tensor | None = None,
+            need_weights: bool = True,
+            attn_mask: Tensor | None = None,
+            average_attn_weights: bool = True,
+            is_causal: bool = False,
+        ) -> tuple[Tensor, Tensor | None]:
+            if query.is_nested or key.is_nested or value.is_nested:
+                # only the fast path takes nested tensors (no grad): no probe can be added
+                return type(module).forward(
+                    module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                    average_attn_weights, is_causal,
+                )
+            return attention_forward(
+                module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                average_attn_weights, is_causal, taps=taps,
+            )
+
+        return _ForwardOverride(module, forward)
+
+
+class _ForwardOverride:
+    """Shadows ``module.forward`` with an instance attribute until ``remove()``, which
+    puts back exactly what was there (the class's forward, or an instance's own)."""
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Any]) -> None:
+        self.module = module
+        self.previous = module.__dict__.get("forward", _ForwardOverride)
+        object.__setattr__(module, "forward", forward)
+
+    def remove(self) -> None:
+        if self.previous is _ForwardOverride:
+            self.module.__dict__.pop("forward", None)
+        else:
+            object.__setattr__(self.module, "forward", self.previous)
+
+
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True = not allowed) as the additive float mask (−inf there, 0
+    elsewhere), as ``F.multi_head_attention_forward`` turns it; a float mask as is."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    if mask.dtype != torch.bool:
+        raise TypeError(f"attention masks must be bool or floating point, got {mask.dtype}")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+def attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    *,
+    taps: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``module(query, key, value, ...)`` for an ``nn.MultiheadAttention``, written out.
+
+    Per head h (d_h = E/H): softmax((q_h k_hᵀ)/√d_h + mask) v_h, heads concatenated, then
+    out_proj; q = W_q·query + b_q, k = W_k·key + b_k, v = W_v·value + b_v per token.
+    Each map's output z goes through ``taps[part]`` (``"q"``, ``"k"``, ``"v"``,
+    ``"out_proj"``) when given. Same arguments, masks (boolean or additive, 2-D or
+    (N·H)-batched, key padding, the ``is_causal`` hint), layouts (``batch_first``,
+    unbatched) and returned weights as the module's own forward, on its slow and fast
+    paths alike; attention dropout as the slow path (only when the module is training).
+    The maps run on (N, L, E) tokens: every tap sees batch-first outputs.
+    """
+    taps = taps or {}
+
+    def tapped_map(part: str, z: Tensor) -> Tensor:
+        tap = taps.get(part)
+        return z if tap is None else tap(z)
+
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not module.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    n, tgt_len, embed_dim = query.shape
+    src_len, heads = key.shape[1], module.num_heads
+    head_dim = embed_dim // heads
+
+    if module.in_proj_weight is not None:
+        w_q, w_k, w_v = module.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+    b_q, b_k, b_v = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+    q = tapped_map("q", F.linear(query, w_q, b_q))
+    k = tapped_map("k", F.linear(key, w_k, b_k))
+    v = tapped_map("v", F.linear(value, w_v, b_v))
+
+    key_padding_mask = _additive_mask(key_padding_mask, q.dtype)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    # as F.multi_head_attention_forward: the causal hint is used only without padding or weights
+    causal = is_causal and key_padding_mask is None and not need_weights
+    attn_mask = None if causal else _additive_mask(attn_mask, q.dtype)
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.view(n, heads, tgt_len, src_len)  # rows are (sample, head)
+    if key_padding_mask is not None:
+        padding = key_padding_mask.view(n, 1, 1, src_len)
+        attn_mask = padding if attn_mask is None else attn_mask + padding
+
+    dropout_p = module.dropout if module.training else 0.0
+    q, k, v = (
+        t.reshape(n, length, heads, head_dim).transpose(1, 2)
+        for t, length in ((q, tgt_len), (k, src_len), (v, src_len))
+    )
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / head_dim)) @ k.mT
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        weights = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        heads_out = weights @ v
+    else:
+        weights = None
+        heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
+    concatenated = heads_out.transpose(1, 2).reshape(n, tgt_len, embed_dim)
+    out = tapped_map("out_proj", F.linear(concatenated, module.out_proj.weight, module.out_proj.bias))
+
+    if weights is not None and average_attn_weights:
+        weights = weights.mean(dim=1)
+    if not batched:
+        return out.squeeze(0), None if weights is None else weights.squeeze(0)
+    if not module.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
 _HANDLERS: dict[type[nn.Module], LayerHandler] = {}
+#: Handlers of classes named "<__module__>.<__qualname__>": types of optional libraries,
+#: recognised without importing them.
+_NAMED_HANDLERS: dict[str, LayerHandler] = {}
 
 
-def register_handler(module_type: type[nn.Module], handler: LayerHandler) -> None:
-    """Teach the NFA probe a layer type (subclasses of it are covered too)."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+def register_handler(module_type: type[nn.Module] | str, handler: LayerHandler) -> None:
+    """Teach the NFA probe a layer type (subclasses of it are covered too).
+
+    ``module_type`` is the class, or its qualified name ``"package.module.Class"``
+    (``cls.__module__ + "." + cls.__qualname__``) for a class of a library that
+    should not be imported just to register it.
+    """
     if not isinstance(handler, LayerHandler):
         raise TypeError(f"handler must be a LayerHandler, got {type(handler).__name__}")
+    if isinstance(module_type, str):
+        if "." not in module_type.strip("."):
+            raise ValueError(f"module_type as a string must be 'package.module.Class', got {module_type!r}")
+        _NAMED_HANDLERS[module_type] = handler
+        return
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(
+            f"module_type must be an nn.Module subclass or its qualified name, got {module_type!r}"
+        )
     _HANDLERS[module_type] = handler
 
 
@@ -224,6 +504,10 @@ register_handler(nn.Linear, LinearHandler())
 register_handler(nn.Conv1d, ConvHandler(1))
 register_handler(nn.Conv2d, ConvHandler(2))
 register_handler(nn.Conv3d, ConvHandler(3))
+register_handler(nn.MultiheadAttention, MultiheadAttentionHandler())
+# Hugging Face's GPT/GPT-2 projections; older releases defined the class in modeling_utils
+register_handler("transformers.pytorch_utils.Conv1D", Conv1DHandler())
+register_handler("transformers.modeling_utils.Conv1D", Conv1DHandler())
 
 
 def handler_for(module: nn.Module) -> LayerHandler | None:
@@ -234,6 +518,8 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
     """
     for cls in type(module).__mro__:
         handler = _HANDLERS.get(cls)
+        if handler is None:
+            handler = _NAMED_HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
         if handler is not None:
             return handler
     return None
@@ -247,45 +533,183 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return handler.unsupported_reason(module)
 
 
-def default_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every supported Linear and Conv1d/2d/3d, by qualified name, in module order.
+@dataclass(frozen=True, eq=False)
+class LayerMap:
+    """One measured linear map z = W_flat·h + b: a whole layer (``part == ""``) or one
+    part of a module that holds several (``"q"`` of an ``nn.MultiheadAttention``).
 
-    Unsupported instances of these types (grouped convolutions, uninitialised
-    lazy layers) are skipped with one warning.
+    ``handler`` reads this map from ``module``; ``owner``, the handler of the
+    module's type, attaches the probes to all measured parts of the module at once.
     """
-    candidates = ((name, m) for name, m in model.named_modules() if handler_for(m) is not None)
-    return supported_only(candidates, stacklevel=3)
+
+    module: nn.Module
+    handler: LayerHandler
+    part: str = ""
+    owner: LayerHandler | None = None
+
+    def weight_flat(self) -> Tensor:
+        """W_flat (k×d), detached."""
+        return self.handler.weight_flat(self.module)
+
+    def out_features(self) -> int:
+        """k, the number of pre-activation coordinates."""
+        return self.handler.out_features(self.module)
+
+    def add_gram(self, output_grad: Tensor, out: Tensor, *, alpha: float = 1.0) -> None:
+        """``out += alpha · rowsᵀ rows`` on and above the diagonal (``LayerHandler.add_gram``)."""
+        self.handler.add_gram(self.module, output_grad, out, alpha=alpha)
+
+    def tap(self, taps: Mapping[str, Callable[[Tensor], Tensor]]) -> Any:
+        """``owner.tap(module, taps)``: see ``LayerHandler.tap``."""
+        return (self.owner or self.handler).tap(self.module, taps)
 
 
-def supported_only(layers: Iterable[tuple[str, nn.Module]], *, stacklevel: int = 2) -> dict[str, nn.Module]:
-    """The (name, module) pairs a handler can measure; the rest skipped with one warning."""
-    selected: dict[str, nn.Module] = {}
-    skipped: list[str] = []
-    for name, module in layers:
-        reason = unsupported_reason(module)
-        if reason is None:
-            selected[name] = module
-        else:
-            skipped.append(f"{name or '<root>'} ({type(module).__name__}: {reason})")
+def _map_name(module_name: str, part: str) -> str:
+    if not part:
+        return module_name
+    return f"{module_name}.{part}" if module_name else part
+
+
+def _layer_maps(name: str, module: nn.Module, handler: LayerHandler) -> dict[str, LayerMap]:
+    return {
+        _map_name(name, part): LayerMap(module, part_handler, part, handler)
+        for part, part_handler in handler.parts(module).items()
+    }
+
+
+def _compose(first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda z: second(first(z))
+
+
+@contextlib.contextmanager
+def tapped(
+    layers: Mapping[str, LayerMap], make_tap: Callable[[str], Callable[[Tensor], Tensor]]
+) -> Iterator[None]:
+    """Within the block, the output z of every map in ``layers`` goes through
+    ``make_tap(name)`` (z ↦ z + p for the probes, or a recorder returning z) in every
+    forward pass. One ``tap`` per module covers all its measured parts; a map listed
+    under two names gets both taps, one after the other. Everything is undone on exit.
+    """
+    groups: dict[int, tuple[LayerMap, dict[str, Callable[[Tensor], Tensor]]]] = {}
+    for name, layer in layers.items():
+        _, taps = groups.setdefault(id(layer.module), (layer, {}))
+        tap = make_tap(name)
+        taps[layer.part] = _compose(taps[layer.part], tap) if layer.part in taps else tap
+    handles = []
+    try:
+        for first, taps in groups.values():
+            handles.append(first.tap(taps))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A module as layer selection sees it: the names of the maps it would give, and
+    its maps (empty when it cannot be measured, with the reason)."""
+
+    name: str
+    module: nn.Module
+    handled: bool
+    map_names: tuple[str, ...]
+    maps: dict[str, LayerMap]
+    reason: str | None
+
+    @property
+    def description(self) -> str:
+        return f"{self.name or '<root>'} ({type(self.module).__name__}: {self.reason})"
+
+
+def _candidates(model: nn.Module) -> Iterator[_Candidate]:
+    """Every module in module order; a module that is a part of its parent
+    (``nn.MultiheadAttention.out_proj``, whose forward never runs) is left out."""
+    claimed: set[str] = set()
+    for name, module in model.named_modules():
+        if name in claimed:
+            continue
+        handler = handler_for(module)
+        if handler is None:
+            yield _Candidate(name, module, False, (name,), {}, f"no handler for {type(module).__name__}")
+            continue
+        parts = handler.parts(module)
+        map_names = tuple(_map_name(name, part) for part in parts)
+        claimed.update(map_name for part, map_name in zip(parts, map_names) if part)
+        reason = handler.unsupported_reason(module)
+        maps = _layer_maps(name, module, handler) if reason is None else {}
+        yield _Candidate(name, module, True, map_names, maps, reason)
+
+
+def _warn_skipped(skipped: list[str], stacklevel: int) -> None:
     if skipped:
         warnings.warn(
             "learnscope NFA: skipping layers that cannot be measured: " + "; ".join(skipped),
             stacklevel=stacklevel + 1,
         )
+
+
+def default_layers(model: nn.Module) -> dict[str, LayerMap]:
+    """Every supported layer's maps by name, in module order: Linear, Conv1d/2d/3d, Hugging
+    Face Conv1D, and the q, k, v, out_proj maps of every nn.MultiheadAttention.
+
+    Unsupported instances of these types (grouped convolutions, uninitialised
+    lazy layers, attention with ``add_bias_kv``) are skipped with one warning.
+    """
+    selected: dict[str, LayerMap] = {}
+    skipped: list[str] = []
+    for candidate in _candidates(model):
+        selected.update(candidate.maps)
+        if candidate.handled and candidate.reason is not None:
+            skipped.append(candidate.description)
+    _warn_skipped(skipped, stacklevel=2)
     return selected
 
 
-def select_layers(
-    model: nn.Module, patterns: Iterable[str] | None = None
-) -> dict[str, nn.Module]:
-    """Layers whose qualified module name matches any glob pattern (``fnmatchcase``).
+def measurable_names(model: nn.Module) -> list[str]:
+    """The names of every map the NFA probe can measure in ``model`` (what ``layers=`` selects from)."""
+    return [name for candidate in _candidates(model) for name in candidate.maps]
 
-    ``patterns=None`` means ``default_layers(model)``. The result keeps module
-    order. A matched module that owns parameters but is not a supported layer
-    (BatchNorm, grouped conv, MultiheadAttention's packed projections, ...) is
-    skipped with a warning; so is a pattern that selects nothing. Parameter-free
-    modules (activations, containers) matched by a broad pattern such as ``"*"``
-    are ignored silently: they are not layers.
+
+def supported_only(
+    layers: Iterable[tuple[str, nn.Module | LayerMap]], *, stacklevel: int = 2
+) -> dict[str, LayerMap]:
+    """The maps of the (name, module) pairs a handler can measure (a module holding
+    several maps gives ``<name>.<part>`` for each); the rest skipped with one warning.
+    ``LayerMap`` values are kept as they are."""
+    selected: dict[str, LayerMap] = {}
+    skipped: list[str] = []
+    for name, module in layers:
+        if isinstance(module, LayerMap):
+            selected[name] = module
+            continue
+        reason = unsupported_reason(module)
+        if reason is None:
+            selected.update(_layer_maps(name, module, handler_for(module)))
+        else:
+            skipped.append(f"{name or '<root>'} ({type(module).__name__}: {reason})")
+    _warn_skipped(skipped, stacklevel=stacklevel + 1)
+    return selected
+
+
+def _name_list(names: list[str], limit: int = 20) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def select_layers(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, LayerMap]:
+    """Maps whose name matches any glob pattern (``fnmatchcase``), in module order.
+
+    A map is named as its module (``"net.0"``), or ``<module>.<part>`` for a module
+    holding several (``"encoder.layers.0.self_attn.q"``); a pattern matching the module's
+    own name selects all of its maps. ``patterns=None`` means ``default_layers(model)``.
+    A matched module that owns parameters but cannot be measured (BatchNorm, grouped
+    conv, ...) is skipped with a warning naming the reason; so is a pattern that
+    selects nothing. When nothing is selected, one warning says why and lists the
+    measurable names. Parameter-free modules (activations, containers) matched by a
+    broad pattern such as ``"*"`` are ignored silently: they are not layers.
     """
     if patterns is None:
         return default_layers(model)
@@ -296,20 +720,37 @@ def select_layers(
         if not isinstance(pattern, str):
             raise TypeError(f"patterns must be strings, got {pattern!r}")
 
-    selected: dict[str, nn.Module] = {}
+    selected: dict[str, LayerMap] = {}
     skipped: list[str] = []
+    measurable: list[str] = []
     used_patterns: set[str] = set()
-    for name, module in model.named_modules():
-        matching = [p for p in patterns if fnmatchcase(name, p)]
-        if not matching:
-            continue
-        reason = unsupported_reason(module)
-        if reason is None:
-            selected[name] = module
-            used_patterns.update(matching)
-        elif any(True for _ in module.parameters(recurse=False)):
-            skipped.append(f"{name or '<root>'} ({type(module).__name__}: {reason})")
+    for candidate in _candidates(model):
+        measurable.extend(candidate.maps)
+        by_module = [p for p in patterns if fnmatchcase(candidate.name, p)]
+        matched = False
+        for map_name in candidate.map_names:
+            matching = by_module + [p for p in patterns if map_name != candidate.name and fnmatchcase(map_name, p)]
+            if not matching:
+                continue
+            matched = True
+            if candidate.reason is None:
+                selected[map_name] = candidate.maps[map_name]
+                used_patterns.update(matching)
+        if matched and candidate.reason is not None and any(True for _ in candidate.module.parameters(recurse=False)):
+            skipped.append(candidate.description)
 
+    if not selected:
+        what = (
+            "match only modules that cannot be measured: " + "; ".join(skipped)
+            if skipped
+            else "match no measurable layer"
+        )
+        warnings.warn(
+            f"learnscope NFA: layers={patterns} {what}. Nothing will be measured; the measurable "
+            f"layers are: {_name_list(measurable)}",
+            stacklevel=2,
+        )
+        return selected
     messages = []
     if skipped:
         messages.append("skipping matched modules that cannot be measured: " + "; ".join(skipped))

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -43,7 +44,7 @@ from learnscope.functional.nfa import (
     default_output_fn,
     nfa_metrics_and_spectrum,
 )
-from learnscope.layers import handler_for, select_layers
+from learnscope.layers import LayerMap, select_layers, tapped
 from learnscope.records import NFARecord
 
 PROBES = ("train", "val")
@@ -54,7 +55,7 @@ LABEL_KEYS = frozenset({"label", "labels", "y", "target", "targets"})
 IMAGE_MAX_INPUT_DIM = 256
 
 
-def default_input_fn(batch: Any) -> Any:
+def default_input_fn(batch: Any, required: Sequence[str] = ()) -> Any:
     """The model input in a batch, as ``NeuralFeatureAnsatz`` reads it by default.
 
     A tensor is the input; of a tuple or list (``(x, y)``) the first element is;
@@ -62,7 +63,15 @@ def default_input_fn(batch: Any) -> Any:
     ``target(s)``), passed to the model as keyword arguments. The model is then
     called as ``pl_module(x)``, ``pl_module(*x)`` for a tuple or ``pl_module(**x)``
     for a dict. Raises :class:`ProbeError` naming ``input_fn`` otherwise.
+
+    ``required``: the names of the model forward's positional parameters without a
+    default. When there are several (``forward(inputs, target)``), a tuple or list
+    batch gives its first ``len(required)`` elements, positionally; a dict keeps those
+    keys even when they are label keys; any other batch raises a :class:`ProbeError`
+    that says which ``input_fn`` to pass.
     """
+    if len(required) > 1:
+        return _several_arguments(batch, list(required))
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
@@ -80,6 +89,46 @@ def default_input_fn(batch: Any) -> Any:
         "(the default reads a tensor, the first element of a tuple/list, or a dict's non-label entries); "
         "pass input_fn=callable(batch) -> model input"
     )
+
+
+def _several_arguments(batch: Any, required: list[str]) -> Any:
+    """The inputs of a forward that needs ``required`` positional arguments (see ``default_input_fn``)."""
+    count = len(required)
+    signature = f"forward({', '.join(required)})"
+    if isinstance(batch, (tuple, list)) and len(batch) >= count:
+        return tuple(batch[:count])
+    if isinstance(batch, Mapping):
+        if all(name in batch for name in required):
+            return {key: value for key, value in batch.items() if key not in LABEL_KEYS or key in required}
+        missing = [name for name in required if name not in batch]
+        raise ProbeError(
+            f"NeuralFeatureAnsatz: the model's {signature} needs {missing}, which the batch dict (keys "
+            f"{list(batch)}) lacks; pass input_fn=lambda batch: {{...}} returning the keyword arguments"
+        )
+    if isinstance(batch, (tuple, list)):
+        what = f"a {type(batch).__name__} of {len(batch)} elements"
+        missing = required[len(batch) :]
+    else:
+        what = f"a single {type(batch).__name__}"
+        missing = required[1:]
+    advice = "(" + ", ".join(f"batch[{i}]" for i in range(count)) + ")"
+    raise ProbeError(
+        f"NeuralFeatureAnsatz: the model's {signature} needs {count} positional arguments but the batch is "
+        f"{what}, which leaves {missing} without a value; pass input_fn=callable(batch) -> "
+        f"({', '.join(required)}), e.g. input_fn=lambda batch: {advice} for a batch holding them in that order"
+    )
+
+
+def _required_positional(model: nn.Module) -> list[str]:
+    """The positional parameters of ``model.forward`` without a default (none known for ``*args``)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
 
 
 class NeuralFeatureAnsatz(Callback):
@@ -140,12 +189,17 @@ class NeuralFeatureAnsatz(Callback):
             (exactly that data). Use training samples to follow the papers.
         probe_size: samples in the ``"train"``/``"val"`` probe set (None: all).
         probe_batch_size: samples per forward pass (G is accumulated over chunks).
-        layers: glob patterns over module names (``["net.*"]``); default every
-            ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Linear layers on sequences are
-            measured per token; convolutions per patch, G summed over positions.
+        layers: glob patterns over layer names (``["net.*"]``); default every
+            ``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face ``Conv1D`` and the four
+            maps of every ``nn.MultiheadAttention``, named ``<attention>.q``, ``.k``,
+            ``.v`` and ``.out_proj`` (a pattern matching the attention module's own
+            name selects all four). Linear maps on sequences are measured per token;
+            convolutions per patch, G summed over positions.
         alphas: the exponents α of AGOP^α (positive).
         null_draws: random rotations for the null baseline (0: no null, no excess).
-        input_fn: ``batch -> model input``; default :func:`default_input_fn`.
+        input_fn: ``batch -> model input``; default :func:`default_input_fn` (a
+            forward with several required positional parameters, ``forward(inputs,
+            target)``, gets that many leading elements of a tuple batch).
         output_fn: ``model output -> tensor (n, c) or (n, T, c)``; default: a
             tensor, the first element of a tuple, or ``logits`` of a dict/object.
         estimator: ``"exact"`` (c vector-Jacobian products per chunk), ``"hutchinson"``
@@ -215,7 +269,8 @@ class NeuralFeatureAnsatz(Callback):
         )
 
         # run state, rebuilt when a stage starts
-        self._layers: dict[str, nn.Module] = {}
+        self._layers: dict[str, LayerMap] = {}
+        self._forward_arguments: list[str] = []
         self._probe_set: list[ProbeChunk] = []
         self._readout: str | None = None
         self._inspected = False
@@ -289,16 +344,18 @@ class NeuralFeatureAnsatz(Callback):
             )
         if stage == "fit" and self.probe == "val":
             require_validation_data(trainer, owner="NeuralFeatureAnsatz")
+        self._forward_arguments = _required_positional(pl_module)
         self._select_layers(pl_module)
 
     def _select_layers(self, pl_module: pl.LightningModule) -> None:
         self._layers = select_layers(pl_module, self.layers)
         self._readout, self._inspected = None, False
-        if not self._layers:
-            what = (
-                "no nn.Linear or nn.Conv1d/2d/3d" if self.layers is None else f"nothing matching layers={self.layers}"
+        # (an empty selection by patterns has been explained by select_layers already)
+        if not self._layers and self.layers is None:
+            rank_zero_warn(
+                "NeuralFeatureAnsatz: the model has no measurable layer (nn.Linear, nn.Conv1d/2d/3d, "
+                "Hugging Face Conv1D, nn.MultiheadAttention); the callback does nothing"
             )
-            rank_zero_warn(f"NeuralFeatureAnsatz: the model has {what} to measure; the callback does nothing")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._layers:
@@ -326,8 +383,8 @@ class NeuralFeatureAnsatz(Callback):
 
     def _capture_initial_weights(self) -> None:
         """W₀ of each layer, unless a checkpoint restored it (then the run continues exactly)."""
-        for name, module in self._layers.items():
-            weight = handler_for(module).weight_flat(module)
+        for name, layer in self._layers.items():
+            weight = layer.weight_flat()
             saved = self._initial_weights.get(name)
             if saved is None or saved.shape != weight.shape:
                 if saved is not None:
@@ -405,7 +462,7 @@ class NeuralFeatureAnsatz(Callback):
             if self._readout is None and estimator == "exact":
                 self._readout = _isotropic_last(grams)
             self._describe(estimator, grams)
-        weights = {name: handler_for(self._layers[name]).weight_flat(self._layers[name]) for name in grams}
+        weights = {name: self._layers[name].weight_flat() for name in grams}
         non_finite = [
             name
             for name, gram in grams.items()
@@ -438,7 +495,7 @@ class NeuralFeatureAnsatz(Callback):
 
     def _model_inputs(self, batch: Any) -> Any:
         if self.input_fn is None:
-            return default_input_fn(batch)
+            return default_input_fn(batch, self._forward_arguments)
         try:
             return self.input_fn(batch)
         except Exception as error:
@@ -466,28 +523,28 @@ class NeuralFeatureAnsatz(Callback):
         """
         layer_outputs: dict[str, Tensor] = {}
 
-        def recorder(name: str) -> Callable:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def recorder(name: str) -> Callable[[Tensor], Tensor]:
+            def tap(output: Tensor) -> Tensor:
                 layer_outputs[name] = output
+                return output
 
-            return hook
+            return tap
 
         inputs = self._model_inputs(self._probe_set[0].batch)
-        handles = [module.register_forward_hook(recorder(name)) for name, module in self._layers.items()]
-        try:
-            with probe_context(pl_module, mode="eval", device=pl_module.device), torch.no_grad():
-                try:
-                    output = _call_model(pl_module, inputs)
-                except Exception as error:
-                    hint = "the default input_fn" if self.input_fn is None else "input_fn"
-                    raise ProbeError(
-                        f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
-                        f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
-                    ) from error
-                prediction = self._prediction(output)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with (
+            tapped(self._layers, recorder),
+            probe_context(pl_module, mode="eval", device=pl_module.device),
+            torch.no_grad(),
+        ):
+            try:
+                output = _call_model(pl_module, inputs)
+            except Exception as error:
+                hint = "the default input_fn" if self.input_fn is None else "input_fn"
+                raise ProbeError(
+                    f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
+                    f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
+                ) from error
+            prediction = self._prediction(output)
         self._readout = None
         for name in reversed(list(self._layers)):
             out = layer_outputs.get(name)

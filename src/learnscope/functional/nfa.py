@@ -27,7 +27,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from learnscope.layers import handler_for, select_layers, supported_only, symmetric_from_upper
+from learnscope.layers import (
+    LayerMap,
+    select_layers,
+    supported_only,
+    symmetric_from_upper,
+    tapped,
+)
 
 __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
@@ -149,16 +155,16 @@ def _modules_in_training_mode(model: nn.Module) -> list[str]:
 
 
 def _resolve_layers(
-    model: nn.Module, layers: Mapping[str, nn.Module] | Sequence[str] | None
-) -> dict[str, nn.Module]:
+    model: nn.Module, layers: Mapping[str, nn.Module | LayerMap] | Sequence[str] | None
+) -> dict[str, LayerMap]:
     if layers is None or (
         isinstance(layers, (str, Sequence)) and not isinstance(layers, Mapping)
     ):
         return select_layers(model, layers)
     if not isinstance(layers, Mapping):
         raise TypeError(
-            "layers must be a mapping name -> module, a list of glob patterns, or None; "
-            f"got {type(layers).__name__}"
+            "layers must be a mapping name -> module (or LayerMap), a list of glob patterns, "
+            f"or None; got {type(layers).__name__}"
         )
     return supported_only(layers.items(), stacklevel=3)
 
@@ -213,7 +219,7 @@ class PreactivationGramAccumulator:
     def __init__(
         self,
         model: nn.Module,
-        layers: Mapping[str, nn.Module] | Sequence[str] | None = None,
+        layers: Mapping[str, nn.Module | LayerMap] | Sequence[str] | None = None,
         *,
         output_fn: Callable[[Any], Tensor] | None = None,
         estimator: Estimator = "exact",
@@ -283,7 +289,7 @@ class PreactivationGramAccumulator:
                 self._warned.add(name)
                 warnings.warn(
                     f"learnscope NFA: layer {name!r} was not called during the forward pass "
-                    "(e.g. nn.MultiheadAttention.out_proj, or a compiled model); it is left out",
+                    "(e.g. a fused fast path that bypasses it, or a compiled model); it is left out",
                     stacklevel=3,
                 )
             self._calls[name] += len(leaves[name])
@@ -292,7 +298,7 @@ class PreactivationGramAccumulator:
         probes = [probe for name in self.layers for probe in leaves[name]]
         for name in self.layers:
             if leaves[name] and name not in self._gram_sums:
-                k = handler_for(self.layers[name]).out_features(self.layers[name])
+                k = self.layers[name].out_features()
                 self._gram_sums[name] = torch.zeros(
                     k, k, dtype=torch.float64, device=leaves[name][0].device
                 )
@@ -313,10 +319,9 @@ class PreactivationGramAccumulator:
             for name, grad in zip(names, grads):
                 if grad is None:
                     continue
-                module = self.layers[name]
                 # one chunk's Σ gᵀg in the gradient's dtype, in blocks on and above the
                 # diagonal, accumulated over chunks in float64 (symmetrised in compute)
-                handler_for(module).add_gram(module, grad, self._gram_sums[name], alpha=weight)
+                self.layers[name].add_gram(grad, self._gram_sums[name], alpha=weight)
             grads = grad = None  # release this batch's gradients before the next batch's VJPs
 
     def _forward(self, inputs: Any) -> tuple[Tensor, dict[str, list[Tensor]]]:
@@ -324,26 +329,18 @@ class PreactivationGramAccumulator:
         the flattened prediction (n, C) and each layer's probes (one per call)."""
         leaves: dict[str, list[Tensor]] = {name: [] for name in self.layers}
 
-        def make_hook(name: str) -> Callable:
-            def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                if not isinstance(output, Tensor) or not output.is_floating_point():
-                    return None
+        def make_tap(name: str) -> Callable[[Tensor], Tensor]:
+            def tap(output: Tensor) -> Tensor:
                 # A zero leaf of the output's shape, stored as one expanded element:
                 # ∂f/∂p = ∂f/∂z, and z + p replaces z at no memory beyond z's.
                 probe = output.new_zeros(()).expand(output.shape).requires_grad_()
                 leaves[name].append(probe)
                 return output + probe
 
-            return hook
+            return tap
 
-        handles = []
-        try:
-            for name, module in self.layers.items():
-                handles.append(module.register_forward_hook(make_hook(name)))
+        with tapped(self.layers, make_tap):
             raw_output = _call_model(self.model, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
 
         output = self._read_output(raw_output)
         if self.estimator is None:
@@ -469,7 +466,7 @@ class PreactivationGramAccumulator:
             if name in self._gram_sums:
                 sums.append(self._gram_sums[name])
             else:
-                k = handler_for(self.layers[name]).out_features(self.layers[name])
+                k = self.layers[name].out_features()
                 sums.append(torch.zeros(k, k, dtype=torch.float64, device=device))
         counts = torch.tensor([self.num_samples] + [self._calls[n] for n in names], dtype=torch.float64, device=device)
         flat = reduce(torch.cat([g.reshape(-1) for g in sums] + [counts]))
@@ -485,7 +482,7 @@ class PreactivationGramAccumulator:
 def preactivation_grams(
     model: nn.Module,
     inputs: Any,
-    layers: Mapping[str, nn.Module] | Sequence[str] | None = None,
+    layers: Mapping[str, nn.Module | LayerMap] | Sequence[str] | None = None,
     *,
     output_fn: Callable[[Any], Tensor] | None = None,
     estimator: Estimator = "exact",
@@ -506,9 +503,12 @@ def preactivation_grams(
             ``model(**inputs)`` for a dict. Put it in eval mode first
             (``with eval_mode(model): ...``): samples must not interact.
         inputs: one batch of n samples.
-        layers: name → module (e.g. from ``learnscope.layers.select_layers``), a
-            list of glob patterns over qualified module names, or None for every
-            Linear and Conv1d/2d/3d. Unsupported modules are skipped with a warning.
+        layers: name → ``LayerMap`` (from ``learnscope.layers.select_layers``) or
+            module (a module holding several maps, an ``nn.MultiheadAttention``,
+            gives ``<name>.q`` ...), a list of glob patterns over map names, or None
+            for every supported layer (Linear, Conv1d/2d/3d, Hugging Face Conv1D,
+            the q/k/v/out_proj maps of nn.MultiheadAttention). Unsupported modules
+            are skipped with a warning.
         output_fn: maps the model output to the prediction f of shape (n, c) or
             (n, T, c) (any trailing shape: every coordinate is one output; for
             (n, T, c) each (token, class) pair is an output). Default:
