@@ -289,11 +289,13 @@ def test_event_files_hold_every_tag_histogram_and_image(tmp_path):
     )
     events.Reload()
     scalars, histograms, images = (set(events.Tags()[kind]) for kind in ("scalars", "histograms", "images"))
-    expected = {"nfa/skipped"}
+    expected = {"nfa/skipped", "nfa/probe_stochastic"}
     expected |= {f"nfa/{name}/{metric}" for name in HIDDEN for metric in ALL_METRICS}
     expected |= {f"nfa/{READOUT}/{metric}" for metric in READOUT_METRICS}
     assert {tag for tag in scalars if tag.startswith("nfa/")} == expected
     assert [e.step for e in events.Scalars("nfa/net.0/pearson_a1")] == [0, 5, 10, 12]
+    # the determinism self-check's verdict, written once with the first measurement
+    assert [(e.step, e.value) for e in events.Scalars("nfa/probe_stochastic")] == [(0, 0.0)]
     for name in (*HIDDEN, READOUT):
         assert f"nfa/{name}/spectrum" in histograms
         assert f"nfa/{name}/matrices" in images

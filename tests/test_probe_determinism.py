@@ -186,3 +186,50 @@ def test_batchnorm_keeps_chunk_statistics_and_modes_are_restored():
     with module_modes(net, "eval"):
         assert not any(m.training for m in net.modules())
     assert [m.training for m in net.modules()] == before
+
+
+# --------------------------------------------------------------------------- NFA's forward passes
+
+
+def test_nfa_self_check_names_the_noisy_module_and_logs_it():
+    from learnscope import NeuralFeatureAnsatz
+
+    def net():
+        return nn.Sequential(nn.Linear(64, 64), AlwaysNoisy(), nn.ReLU(), nn.Linear(64, 10))
+
+    callback = NeuralFeatureAnsatz(every_n_steps=2, probe_size=128, images=False)
+    with pytest.warns(UserWarning, match=r"not deterministic.*'net\.1' \(AlwaysNoisy\)"):
+        logger, _ = _fit(net, [callback], max_steps=4)
+    assert callback.probe_is_stochastic is True
+    assert logger.series["nfa/probe_stochastic"] == {0: 1.0}
+
+
+def test_nfa_forward_with_stochastic_layers_in_eval_mode_is_deterministic():
+    from learnscope import NeuralFeatureAnsatz
+
+    callback = NeuralFeatureAnsatz(every_n_steps=2, probe_size=128, images=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger, _ = _fit(ResidualDropPath, [callback], max_steps=4)
+    assert not [w for w in caught if "not deterministic" in str(w.message)]
+    assert callback.probe_is_stochastic is False
+    assert logger.series["nfa/probe_stochastic"] == {0: 0.0}
+
+
+def test_nfa_refuses_a_prediction_whose_rows_are_not_the_samples():
+    """A model that flattens tokens into rows ((n·T, c)) would make the exact G add up a
+    sequence's token gradients before squaring them: refused at fit start, with the recipe."""
+    from learnscope import NeuralFeatureAnsatz
+    from learnscope._probe import ProbeError
+
+    class Flattening(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DigitsTransformer(dropout=0.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.inner.encoder(self.inner.embed(x.reshape(x.shape[0], 8, 8)))
+            return self.inner.head(tokens).reshape(-1, 10)  # (n·8, 10)
+
+    with pytest.raises(ProbeError, match=r"rows for a probe chunk of .* output_fn=lambda out: out\.view\(-1, T"):
+        _fit(Flattening, [NeuralFeatureAnsatz(every_n_steps=2, probe_size=64, images=False)], max_steps=2)

@@ -48,10 +48,6 @@ ROUGH_PATH = (
     "issue 15 item 2: Simpson on the BatchNorm ResNet is far off (cumulative relative error ≈ 0.6 here, "
     "step 0 ΣA ≈ 2 × ΔL); waits for the investigation against a dense reference"
 )
-NFA_LAYERS_TODAY = {
-    "gpt2": "issue 15 item 3: NFA does not measure transformers' Conv1D (c_attn, c_proj, c_fc, mlp.c_proj) yet",
-    "demo_transformer": "issue 15 item 3: NFA does not measure nn.MultiheadAttention's q/k/v maps and out_proj yet",
-}
 
 
 def _marked(names: tuple[str, ...], pending: dict[str, str]) -> list[Any]:
@@ -132,7 +128,7 @@ def test_cheap_preset_leaves_training_bitwise_identical(name):
     assert math.isnan(run.callback.cumulative_relative_error)  # the cheap mode evaluates no ΔL
 
 
-@pytest.mark.parametrize("name", _marked(zoo.MODELS, NFA_LAYERS_TODAY))
+@pytest.mark.parametrize("name", zoo.MODELS)
 def test_nfa_measures_the_model_layers_and_leaves_training_bitwise_identical(name):
     run = _fit(name, "nfa")
     _assert_training_unchanged(name, run)

@@ -172,3 +172,5 @@ class NFARecord:
     readout: str | None = None
     skipped: int = 0
     matrices: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    #: the determinism self-check's verdict, on the first measurement only (None elsewhere)
+    probe_stochastic: bool | None = None

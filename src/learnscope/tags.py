@@ -84,6 +84,8 @@ def nfa_scalars(record: NFARecord, root: str = "nfa") -> dict[str, float]:
         for metric, value in metrics.items()
     }
     out[f"{root}/skipped"] = float(record.skipped)
+    if record.probe_stochastic is not None:
+        out[f"{root}/probe_stochastic"] = float(record.probe_stochastic)
     return out
 
 

@@ -145,7 +145,7 @@ def _lca_categories(parts: Sequence[str], ablation: bool) -> list[layout_pb2.Cat
                 [_exact("lca/excess_kurtosis"), _exact("lca/excess_kurtosis_nonzero")],
             ),
             _chart("quadrature sub-intervals", [_exact("lca/splits")]),
-            _chart("skipped steps", [_exact("lca/skipped_steps")]),
+            _chart("skipped steps", [_exact("lca/skipped_steps"), _exact("lca/probe_stochastic")]),
         ],
     )
     categories = [main, layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=part_charts), health]
@@ -166,7 +166,9 @@ def _lca_categories(parts: Sequence[str], ablation: bool) -> list[layout_pb2.Cat
 
 def _nfa_category(metrics: Sequence[str], layers: Sequence[str] | None) -> layout_pb2.Category:
     charts = [_chart(f"{metric}, all layers", [f"^nfa/{_ANY_LAYER}/{re.escape(metric)}$"]) for metric in metrics]
-    charts.append(_chart("skipped measurements", [_exact("nfa/skipped")]))
+    charts.append(
+        _chart("skipped measurements", [_exact("nfa/skipped"), _exact("nfa/probe_stochastic")])
+    )
     if layers is None:
         # Without layer names a per-layer chart cannot be spelled out; show every
         # correlation beside every null in one chart instead.

@@ -59,8 +59,9 @@ NFA_LAYERS = (
     )
     + ("model.decoder",)
 )
-#: The model takes both batch elements: forward(inputs, target).
-NFA_OPTIONS: dict = {"input_fn": tuple}
+#: The default input_fn passes both batch elements (forward(inputs, target)); the model
+#: flattens its tokens into rows, (n·T, vocab): one row per sample is (n, T, vocab).
+NFA_OPTIONS: dict = {"output_fn": lambda out: out.view(-1, LENGTH, out.shape[-1])}
 
 
 def build(

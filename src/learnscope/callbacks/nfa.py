@@ -17,12 +17,15 @@ from torch.utils.data import DataLoader
 
 from learnscope import _logging, tags
 from learnscope._probe import (
+    PROBE_SEED,
     ProbeChunk,
     ProbeError,
     build_probe_set,
     probe_context,
     rank_sum,
     require_validation_data,
+    seed_random_streams,
+    stochastic_forward,
     to_module_device,
 )
 from learnscope._validate import (
@@ -276,6 +279,9 @@ class NeuralFeatureAnsatz(Callback):
         self._inspected = False
         self._measuring_trainer: pl.Trainer | None = None
         self._warned_no_probe = False
+        #: the determinism self-check's verdict (None until the first measurement)
+        self.probe_is_stochastic: bool | None = None
+        self._noise_logged = False
         #: the latest measurement (None before the first)
         self.last_record: NFARecord | None = None
         #: "exact" or "hutchinson" once the first measurement resolved ``estimator``
@@ -480,6 +486,7 @@ class NeuralFeatureAnsatz(Callback):
         draw = bool(writers) and (boundary or self._images_due(step))
         record = self._summarise(step, weights, grams, estimator, draw)
         self.last_record = record
+        self._noise_logged = True
         _logging.log_scalars(trainer, tags.nfa_scalars(record, root=self.name), step=step)
         _logging.log_histograms(trainer, tags.nfa_histograms(record, root=self.name), step=step)
         if draw:
@@ -530,21 +537,30 @@ class NeuralFeatureAnsatz(Callback):
 
             return tap
 
-        inputs = self._model_inputs(self._probe_set[0].batch)
-        with (
-            tapped(self._layers, recorder),
-            probe_context(pl_module, mode="eval", device=pl_module.device),
-            torch.no_grad(),
-        ):
-            try:
-                output = _call_model(pl_module, inputs)
-            except Exception as error:
-                hint = "the default input_fn" if self.input_fn is None else "input_fn"
-                raise ProbeError(
-                    f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
-                    f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
-                ) from error
-            prediction = self._prediction(output)
+        chunk = self._probe_set[0]
+        inputs = self._model_inputs(chunk.batch)
+        with probe_context(pl_module, mode="eval", device=pl_module.device), torch.no_grad():
+            with tapped(self._layers, recorder):
+                try:
+                    output = _call_model(pl_module, inputs)
+                except Exception as error:
+                    hint = "the default input_fn" if self.input_fn is None else "input_fn"
+                    raise ProbeError(
+                        f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
+                        f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
+                    ) from error
+                prediction = self._prediction(output)
+            self._check_rows(prediction, chunk)
+            noise = stochastic_forward(
+                pl_module, lambda: self._prediction(_call_model(pl_module, inputs)), pl_module.device
+            )
+        self.probe_is_stochastic = noise is not None
+        if noise is not None:
+            rank_zero_warn(
+                f"NeuralFeatureAnsatz: the probe forward is not deterministic: {noise.describe()}. G is then an "
+                f"average over that noise, not the model's AGOP ({self.name}/probe_stochastic = 1). Draw random "
+                "numbers only when `self.training` is True in that module."
+            )
         self._readout = None
         for name in reversed(list(self._layers)):
             out = layer_outputs.get(name)
@@ -554,6 +570,22 @@ class NeuralFeatureAnsatz(Callback):
                 self._readout = name
                 break
         self._inspected = True
+
+    @staticmethod
+    def _check_rows(prediction: Tensor, chunk: ProbeChunk) -> None:
+        """G is a sum over samples of per-sample Jacobians: the prediction's rows must be the
+        chunk's samples. A model that flattens its tokens into rows ((n·T, c), as
+        ``output.view(-1, vocab)`` does) would have the exact estimator add up the gradients
+        of a sequence's tokens before squaring them: refuse it with the recipe."""
+        rows = prediction.shape[0] if prediction.dim() > 0 else 1
+        if chunk.size and rows != chunk.size:
+            raise ProbeError(
+                f"NeuralFeatureAnsatz: the prediction has {rows} rows for a probe chunk of {chunk.size} samples "
+                f"(shape {tuple(prediction.shape)}); G needs one row per sample: (n, c) or (n, T, c). If the model "
+                "flattens its tokens into rows, pass output_fn=lambda out: out.view(-1, T, out.shape[-1]) "
+                "with T its sequence length (or batch_size_fn, if the chunk's sample count is not the first "
+                "tensor's first dimension)"
+            )
 
     def _preactivation_grams(self, pl_module: pl.LightningModule, step: int) -> tuple[dict[str, Tensor], str]:
         trainer = self._measuring_trainer
@@ -572,7 +604,8 @@ class NeuralFeatureAnsatz(Callback):
             generator=torch.Generator().manual_seed(step * 1009 + self._rank),
         )
         with probe_context(pl_module, mode="eval", device=pl_module.device):
-            for chunk in self._probe_set:
+            for index, chunk in enumerate(self._probe_set):
+                seed_random_streams(PROBE_SEED + index, pl_module.device)  # whatever randomness is left: fixed
                 accumulator.update(self._model_inputs(chunk.batch))
         return accumulator.compute(reduce=rank_sum(trainer)), str(accumulator.estimator)
 
@@ -632,6 +665,7 @@ class NeuralFeatureAnsatz(Callback):
             readout=self._readout,
             skipped=self._skipped,
             matrices=matrices,
+            probe_stochastic=None if self._noise_logged else self.probe_is_stochastic,
         )
 
 

@@ -31,6 +31,7 @@ tag                                            kind        record
   data ∈ batch, probe (split at the first ``_``: ``probe_first_order``)
 ``lca/unit/<m>/<unit index>``                  scalar      ``LcaLayer.units[index]``
 ``nfa/skipped``                                scalar      ``NfaRecords.skipped``
+``nfa/probe_stochastic``                       scalar      ``NfaRecords.probe_stochastic``
 ``nfa/<layer>/<metric>``                       scalar      ``NfaLayer.metrics[metric]``
 ``nfa/<layer>/spectrum``                       histogram   ``NfaLayer.spectrum``
 ``nfa/<layer>/matrices``                       image       ``NfaLayer.matrices``
@@ -247,6 +248,7 @@ class NfaLayer:
 class NfaRecords:
     layers: dict[str, NfaLayer] = field(default_factory=dict)
     skipped: ScalarSeries | None = None
+    probe_stochastic: ScalarSeries | None = None  # the determinism self-check (first measurement)
 
     def layer(self, name: str) -> NfaLayer:
         if name not in self.layers:
@@ -325,6 +327,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("lca_unit", rf"lca/unit/(?P<layer>{_NAME})/(?P<unit>\d+)"),
         ("lca_run_extra", rf"lca/(?P<metric>{_NAME})"),
         ("nfa_skipped", r"nfa/skipped"),
+        ("nfa_probe_stochastic", r"nfa/probe_stochastic"),
         ("nfa_spectrum", rf"nfa/(?P<layer>{_NAME})/spectrum"),
         ("nfa_matrices", rf"nfa/(?P<layer>{_NAME})/matrices"),
         ("nfa_metric", rf"nfa/(?P<layer>{_NAME})/(?P<metric>{_NAME})"),
@@ -540,6 +543,8 @@ def _group(name: str, path: Path, event_files: tuple[Path, ...], raw: _RawRun) -
             lca.layer(parsed.layer).units[parsed.unit] = series
         elif family == "nfa_skipped":
             nfa.skipped = series
+        elif family == "nfa_probe_stochastic":
+            nfa.probe_stochastic = series
         elif family == "nfa_metric":
             nfa.layer(parsed.layer).metrics[parsed.metric] = series
         else:  # pragma: no cover - every scalar family is handled above
