@@ -53,6 +53,15 @@ def lca_scalars(record: LCAStepRecord, cumulative: Mapping[str, float], cumulati
     return out
 
 
+LCA_CAPPED_STEPS = "lca/capped_steps"
+
+
+def lca_capped(capped_steps: int) -> dict[str, float]:
+    """``lca/capped_steps``: how many steps so far ``rule="adaptive"`` accepted at
+    ``max_intervals`` with their error above the target (cumulative, like ``lca/skipped_steps``)."""
+    return {LCA_CAPPED_STEPS: float(capped_steps)}
+
+
 def lca_part_cumulative(cumulative_parts: Mapping[str, float]) -> dict[str, float]:
     """``lca/part_cumulative/<part>`` and ``lca/part_cumulative/<part>/<module>`` from a
     flat mapping keyed ``<part>`` or ``<part>/<module>``."""

@@ -82,6 +82,7 @@ class RunSummary:
     mean_excess_kurtosis: float | None = None
     mean_excess_kurtosis_nonzero: float | None = None
     skipped_steps: float | None = None
+    capped_steps: float | None = None  # adaptive steps accepted at max_intervals above their error target
     sync: SyncResult | None = None
     sync_message: str | None = None  # why there is no sync result
 
@@ -222,6 +223,9 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
             skipped_steps=(
                 lca.skipped_steps.last() if lca.skipped_steps is not None and len(lca.skipped_steps) else None
             ),
+            capped_steps=(
+                lca.capped_steps.last() if lca.capped_steps is not None and len(lca.capped_steps) else None
+            ),
         )
         if sync_settings is not None:
             try:
@@ -307,6 +311,11 @@ def format_headline(summary: RunSummary) -> list[str]:
         )
     if summary.skipped_steps:
         lines.append(f"skipped steps: {summary.skipped_steps:g}")
+    if summary.capped_steps:
+        lines.append(
+            f"capped steps: {summary.capped_steps:g} (adaptive stopped at max_intervals above its tolerance; "
+            "see lca/abs_error)"
+        )
     if summary.sync is not None:
         sync = summary.sync
         lines.append(
