@@ -163,7 +163,15 @@ class LossChangeAllocation(Callback):
             tuples, lists, dicts or dataclasses. It weights the probe set's chunks and
             sizes the ``"train"``/``"val"`` probe set when whole batches are taken.
 
-    Accuracy: ACCURACY_PLACEHOLDER
+    Accuracy depends on the model as well as the rule. On the digits MLP of the README
+    (ReLU, no normalisation, SGD-momentum) ``"simpson"``'s cumulative relative error
+    |Σ_t ΣA − Σ_t ΔL| / |Σ_t ΔL| is 3e-5. On a BatchNorm ResNet-18 (digits, SGD lr 0.1,
+    momentum 0.9, weight decay 5e-4, 64-sample probe, first 12 steps) the large early
+    steps cross many ReLU/max-pool kinks and the loss along a step is rough: at width 16
+    it was 0.18 with ``"simpson"`` and 0.042 with ``"adaptive"`` (5 of 12 steps capped at
+    32 intervals). That is quadrature error (a 257-point reference agrees with the
+    library), reduced by a larger probe set, a smaller learning rate or a larger
+    ``max_intervals``; see docs/accuracy.md. ``lca/abs_error`` shows it per step.
 
     The cheap mode ``probe="batch", rule="first_order"`` uses the gradient the
     optimizer applied (no extra pass): with plain SGD every allocation is then
