@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo.resnet import resnet18  # noqa: E402
+from zoo.resnet import resnet18
 
-from learnscope import LossChangeAllocation  # noqa: E402
+from learnscope import LossChangeAllocation
 
 DENSE = 256  # intervals of the dense reference (257 points)
 

@@ -157,7 +157,7 @@ def test_capped_steps_are_counted_tagged_saved_and_warned_about_once():
     for start, end in zip(thetas.thetas[:-1], thetas.thetas[1:]):
         w0, b0, dw, db = start["net.weight"], start["net.bias"], end["net.weight"] - start["net.weight"], end["net.bias"] - start["net.bias"]
 
-        def slope(s):  # dL/ds = mean sign(r)·(x·Δw + Δb), r the residual at θ_t + sΔ
+        def slope(s, w0=w0, b0=b0, dw=dw, db=db):  # dL/ds = mean sign(r)·(x·Δw + Δb), r the residual at θ_t + sΔ
             residual = px @ (w0 + s * dw).T + (b0 + s * db) - py[:, None]
             return float((torch.sign(residual) * (px @ dw.T + db)).mean())
 

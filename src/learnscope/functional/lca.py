@@ -47,10 +47,10 @@ from torch import Tensor
 
 __all__ = [
     "RULES",
-    "accepted_error",
     "Evaluation",
     "LazyDelta",
     "StepAllocation",
+    "accepted_error",
     "allocate_step",
     "gradient_evaluator",
 ]
