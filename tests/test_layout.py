@@ -93,6 +93,7 @@ def test_layout_written_by_a_summary_writer_parses_back_from_the_event_file(tmp_
         ("lca/excess_kurtosis", CATEGORY_LCA_HEALTH, "excess kurtosis of the allocations (all; A != 0)"),
         ("lca/excess_kurtosis_nonzero", CATEGORY_LCA_HEALTH, "excess kurtosis of the allocations (all; A != 0)"),
         ("lca/skipped_steps", CATEGORY_LCA_HEALTH, "skipped steps"),
+        ("lca/capped_steps", CATEGORY_LCA_HEALTH, "adaptive steps capped above tolerance"),
         ("lca/ablation/probe_first_order/helped_fraction", CATEGORY_LCA_ABLATION, "helped fraction by loss and rule"),
         ("lca/ablation/batch_simpson/part/gradient", CATEGORY_LCA_ABLATION, "gradient part by loss and rule"),
         ("nfa/encoder.layers.10.fc1/pearson_a0.5", CATEGORY_NFA, "pearson_a0.5, all layers"),

@@ -61,7 +61,7 @@ def test_adaptive_meets_its_tolerance_with_few_splits_and_reports_them():
 def test_adaptive_stops_at_the_cap_and_records_it():
     loss_fn, start, end = _softmax_regression()
     end = {k: start[k] + 30 * (end[k] - start[k]) for k in start}
-    step = allocate_step(gradient_evaluator(loss_fn), start, end, rule="adaptive", tolerance=1e-15, max_splits=8)
+    step = allocate_step(gradient_evaluator(loss_fn), start, end, rule="adaptive", tolerance=1e-15, max_intervals=8)
     assert step.splits == 8
     assert math.isfinite(step.total)
 
@@ -91,7 +91,7 @@ def test_helped_parameters_have_negative_allocation_on_a_descent_step():
     [
         (dict(rule="rk4"), "rule must be one of"),
         (dict(tolerance=0.0), "tolerance must be"),
-        (dict(max_splits=12), "max_splits must be"),
+        (dict(max_intervals=12), "max_intervals must be"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):

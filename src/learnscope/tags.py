@@ -60,6 +60,15 @@ def lca_scalars(
     return out
 
 
+LCA_CAPPED_STEPS = "capped_steps"
+
+
+def lca_capped(capped_steps: int, root: str = "lca") -> dict[str, float]:
+    """``lca/capped_steps``: how many steps so far ``rule="adaptive"`` accepted at
+    ``max_intervals`` with their error above the target (cumulative, like ``lca/skipped_steps``)."""
+    return {f"{root}/{LCA_CAPPED_STEPS}": float(capped_steps)}
+
+
 def lca_part_cumulative(cumulative_parts: Mapping[str, float], root: str = "lca") -> dict[str, float]:
     """``lca/part_cumulative/<part>`` and ``lca/part_cumulative/<part>/<module>`` from a
     flat mapping keyed ``<part>`` or ``<part>/<module>``."""

@@ -146,6 +146,7 @@ def _lca_categories(parts: Sequence[str], ablation: bool) -> list[layout_pb2.Cat
             ),
             _chart("quadrature sub-intervals", [_exact("lca/splits")]),
             _chart("skipped steps", [_exact("lca/skipped_steps"), _exact("lca/probe_stochastic")]),
+            _chart("adaptive steps capped above tolerance", [_exact("lca/capped_steps")]),
         ],
     )
     categories = [main, layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=part_charts), health]

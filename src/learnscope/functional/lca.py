@@ -12,9 +12,13 @@ The quadrature rules approximate ``k``:
 * ``first_order``: k ≈ g(0)
 * ``trapezoid``:   k ≈ (g(0) + g(1)) / 2
 * ``simpson``:     k ≈ (g(0) + 4 g(½) + g(1)) / 6   (the paper's "RK4")
-* ``adaptive``:    composite Simpson with n = 2, 4, ..., ``max_splits`` sub-intervals,
+* ``adaptive``:    composite Simpson with n = 2, 4, ..., ``max_intervals`` sub-intervals,
   reusing every point already computed, until the per-step error
-  ``|L(θ_{t+1}) − L(θ_t) − Σ_i A_i|`` is at most ``tolerance``.
+  ``|L(θ_{t+1}) − L(θ_t) − Σ_i A_i|`` is at most ``max(tolerance,
+  relative_tolerance·|L(θ_{t+1}) − L(θ_t)|)``. A step that reaches ``max_intervals``
+  with its error still above that is accepted and flagged ``capped``: on a rough path
+  (ReLU/max-pool kinks crossed by a large step, see docs/accuracy.md) composite
+  Simpson converges slowly, so more intervals may not help.
 
 Nothing here knows about Lightning: the loss is any function of a parameter dict.
 
@@ -46,6 +50,7 @@ __all__ = [
     "Evaluation",
     "LazyDelta",
     "StepAllocation",
+    "accepted_error",
     "allocate_step",
     "gradient_evaluator",
 ]
@@ -97,9 +102,13 @@ class StepAllocation:
         loss_start: ``L(θ_t)``.
         loss_end: ``L(θ_{t+1})``, or None when the end point was not evaluated.
         splits: sub-intervals used (1 for first_order and trapezoid, 2 for simpson,
-            up to ``max_splits`` for adaptive).
+            up to ``max_intervals`` for adaptive).
         end: the evaluation at ``θ_{t+1}`` (reusable as the next step's start), or None.
         total: ``Σ_i A_i`` in float64.
+        capped: ``adaptive`` stopped at ``max_intervals`` sub-intervals with its error
+            ``|ΔL − Σ A|`` above the accepted error (False for the other rules).
+        accepted_error: the error ``adaptive`` accepted, ``max(tolerance,
+            relative_tolerance·|ΔL|)`` (NaN for the other rules).
     """
 
     path_gradient: dict[str, Tensor]
@@ -109,6 +118,8 @@ class StepAllocation:
     splits: int
     end: Evaluation | None
     total: float = field(default=math.nan)
+    capped: bool = False
+    accepted_error: float = math.nan
 
     def allocation(self, name: str) -> Tensor:
         """Per-parameter allocations ``A = k ⊙ Δ`` of one tensor (computed on demand)."""
@@ -186,13 +197,42 @@ def _lerp(start: Params, delta: Params, s: float) -> dict[str, Tensor]:
     return {name: torch.add(start[name], delta[name], alpha=s) for name in start}
 
 
-def _validate(rule: str, tolerance: float, max_splits: int) -> None:
+def check_max_intervals(max_intervals: object) -> int:
+    """``max_intervals`` if it is a power of two >= 2, else a ValueError naming it."""
+    if not (
+        isinstance(max_intervals, int) and not isinstance(max_intervals, bool)
+        and max_intervals >= 2 and max_intervals & (max_intervals - 1) == 0
+    ):
+        raise ValueError(f"max_intervals must be a power of two >= 2 (2, 4, 8, 16, 32, ...), got {max_intervals!r}")
+    return max_intervals
+
+
+def check_relative_tolerance(relative_tolerance: object) -> float | None:
+    """``relative_tolerance`` if it is None or a positive finite number, else a ValueError naming it."""
+    if relative_tolerance is None:
+        return None
+    if not (
+        isinstance(relative_tolerance, (int, float)) and not isinstance(relative_tolerance, bool)
+        and relative_tolerance > 0 and math.isfinite(relative_tolerance)
+    ):
+        raise ValueError(f"relative_tolerance must be None (off) or a positive finite float, got {relative_tolerance!r}")
+    return float(relative_tolerance)
+
+
+def accepted_error(tolerance: float, relative_tolerance: float | None, delta_loss: float) -> float:
+    """The per-step error ``adaptive`` accepts: ``max(tolerance, relative_tolerance·|ΔL|)``."""
+    if relative_tolerance is None or not math.isfinite(delta_loss):
+        return tolerance
+    return max(tolerance, relative_tolerance * abs(delta_loss))
+
+
+def _validate(rule: str, tolerance: float, max_intervals: int, relative_tolerance: float | None) -> None:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not (isinstance(tolerance, (int, float)) and tolerance > 0 and math.isfinite(tolerance)):
         raise ValueError(f"tolerance must be a positive finite float, got {tolerance!r}")
-    if not (isinstance(max_splits, int) and max_splits >= 2 and max_splits & (max_splits - 1) == 0):
-        raise ValueError(f"max_splits must be a power of two >= 2, got {max_splits!r}")
+    check_max_intervals(max_intervals)
+    check_relative_tolerance(relative_tolerance)
 
 
 def allocate_step(
@@ -202,7 +242,8 @@ def allocate_step(
     *,
     rule: str = "simpson",
     tolerance: float = 1e-3,
-    max_splits: int = 32,
+    max_intervals: int = 32,
+    relative_tolerance: float | None = None,
     start_evaluation: Evaluation | None = None,
     evaluate_end: bool = True,
     compute_total: bool = True,
@@ -216,8 +257,11 @@ def allocate_step(
         start: ``θ_t``. end: ``θ_{t+1}`` (same keys and shapes).
         rule: one of ``RULES``.
         tolerance: absolute per-step error target of the ``adaptive`` rule.
-        max_splits: cap on the ``adaptive`` rule's sub-intervals (paper: 32); past
-            it the estimate is accepted and ``splits`` records the cap.
+        max_intervals: cap on the ``adaptive`` rule's sub-intervals, a power of two
+            >= 2 (paper: 32); past it the estimate is accepted, ``splits`` records the
+            cap and ``capped`` says whether the error was still above the target.
+        relative_tolerance: ``adaptive`` accepts a step when ``|ΔL − Σ A| <=
+            max(tolerance, relative_tolerance·|ΔL|)``; None (default): ``tolerance`` only.
         start_evaluation: the evaluation at ``start`` if already known (for example
             the previous step's ``end``). Its gradient buffers are reused as workspace
             and overwritten: pass ownership, keep no other reference.
@@ -234,7 +278,7 @@ def allocate_step(
     Returns:
         A :class:`StepAllocation`; ``Σ A`` is ``total``, ``delta_loss`` the actual change.
     """
-    _validate(rule, tolerance, max_splits)
+    _validate(rule, tolerance, max_intervals, relative_tolerance)
     if set(start) != set(end):
         raise ValueError("start and end must hold the same parameter names")
     first = start_evaluation if start_evaluation is not None else evaluate(start)
@@ -256,6 +300,7 @@ def allocate_step(
         return result
     delta = {name: end[name] - start[name] for name in start}
 
+    capped, target = False, math.nan
     if rule == "first_order":
         last = evaluate(end) if evaluate_end else None
         path_gradient = first.gradient
@@ -269,10 +314,13 @@ def allocate_step(
         if rule == "trapezoid":
             path_gradient, splits = trapezoid, 1
         else:
-            path_gradient, splits = _simpson(
+            if rule == "adaptive":
+                target = accepted_error(tolerance, relative_tolerance, last.loss - first.loss)
+            path_gradient, splits, error = _simpson(
                 evaluate, start, delta, trapezoid, first.loss, last.loss,
-                adaptive=rule == "adaptive", tolerance=tolerance, max_splits=max_splits,
+                adaptive=rule == "adaptive", target=target, max_intervals=max_intervals,
             )
+            capped = rule == "adaptive" and not error <= target  # NaN counts as above
     result = StepAllocation(
         path_gradient=path_gradient,
         delta=delta,
@@ -280,6 +328,8 @@ def allocate_step(
         loss_end=None if last is None else last.loss,
         splits=splits,
         end=last,
+        capped=capped,
+        accepted_error=target,
     )
     result.total = _dot(path_gradient, delta) if compute_total else math.nan
     return result
@@ -294,29 +344,30 @@ def _simpson(
     loss_end: float,
     *,
     adaptive: bool,
-    tolerance: float,
-    max_splits: int,
-) -> tuple[dict[str, Tensor], int]:
-    """Composite Simpson by Richardson's recurrence, reusing all points.
+    target: float,
+    max_intervals: int,
+) -> tuple[dict[str, Tensor], int, float]:
+    """Composite Simpson by Richardson's recurrence, reusing all points; returns k, the
+    sub-intervals and (adaptive only, else NaN) the error ``|ΔL − S·Δ|`` of the result.
 
     With ``T_m`` the trapezoid and ``M_m`` the midpoint average over m panels:
     ``S_{2m} = (T_m + 2 M_m) / 3`` and ``T_{2m} = (T_m + M_m) / 2``. Only the scalar
     ``S·Δ`` is needed to test the error, so vectors are combined once at the end.
     """
     delta_loss = loss_end - loss_start
-    panels = 1
+    panels, error = 1, math.nan
     while True:
         midpoint = _midpoint_average(evaluate, start, delta, panels)
-        if adaptive and 2 * panels < max_splits:
-            estimate = (_dot(trapezoid, delta) + 2.0 * _dot(midpoint, delta)) / 3.0
-            if abs(delta_loss - estimate) > tolerance or not math.isfinite(estimate):
+        if adaptive:  # also at the cap: whether the accepted step met its target
+            error = abs(delta_loss - (_dot(trapezoid, delta) + 2.0 * _dot(midpoint, delta)) / 3.0)
+            if 2 * panels < max_intervals and not error <= target:  # NaN: split further
                 for name, t in trapezoid.items():
                     t.add_(midpoint[name]).mul_(0.5)
                 panels *= 2
                 continue
         for name, t in trapezoid.items():
             t.add_(midpoint[name], alpha=2.0).div_(3.0)
-        return trapezoid, 2 * panels
+        return trapezoid, 2 * panels, error
 
 
 def _midpoint_average(evaluate: Evaluator, start: Params, delta: Params, panels: int) -> dict[str, Tensor]:

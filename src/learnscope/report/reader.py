@@ -16,7 +16,7 @@ tag                                            kind        record
 ``lca/<metric>``                               scalar      ``LcaRecords.<metric>``
   metric ∈ total, delta_loss, abs_error, splits, helped_fraction, hurt_fraction,
   helped_fraction_nonzero, excess_kurtosis, excess_kurtosis_nonzero, cumulative_relative_error,
-  skipped_steps, probe_stochastic; any other ``lca/<name>`` goes to ``LcaRecords.extra[name]``
+  skipped_steps, probe_stochastic, capped_steps; any other ``lca/<name>`` goes to ``LcaRecords.extra[name]``
 ``lca/layer/<m>``                              scalar      ``LcaLayer.allocation``
 ``lca/layer_cumulative/<m>``                   scalar      ``LcaLayer.cumulative``
 ``lca/helped_fraction/<m>``                    scalar      ``LcaLayer.helped_fraction``
@@ -101,6 +101,7 @@ LCA_RUN_METRICS = (
     "cumulative_relative_error",
     "skipped_steps",
     "probe_stochastic",
+    "capped_steps",
 )
 
 # Keep every event of every kind (0 = no reservoir sampling).
@@ -222,6 +223,7 @@ class LcaRecords:
     cumulative_relative_error: ScalarSeries | None = None
     skipped_steps: ScalarSeries | None = None
     probe_stochastic: ScalarSeries | None = None  # the determinism self-check (first measured step)
+    capped_steps: ScalarSeries | None = None  # adaptive steps accepted at max_intervals above tolerance
     extra: dict[str, ScalarSeries] = field(default_factory=dict)  # other lca/<name> run-level tags
     layers: dict[str, LcaLayer] = field(default_factory=dict)
     parts: dict[str, ScalarSeries] = field(default_factory=dict)

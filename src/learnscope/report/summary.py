@@ -83,6 +83,7 @@ class RunSummary:
     mean_excess_kurtosis_nonzero: float | None = None
     skipped_steps: float | None = None
     probe_stochastic: bool | None = None  # the LCA self-check found the probe loss random
+    capped_steps: float | None = None  # adaptive steps accepted at max_intervals above their error target
     sync: SyncResult | None = None
     sync_message: str | None = None  # why there is no sync result
 
@@ -227,6 +228,9 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
                 bool(lca.probe_stochastic.values.max() > 0)
                 if lca.probe_stochastic is not None and len(lca.probe_stochastic) else None
             ),
+            capped_steps=(
+                lca.capped_steps.last() if lca.capped_steps is not None and len(lca.capped_steps) else None
+            ),
         )
         if sync_settings is not None:
             try:
@@ -316,6 +320,11 @@ def format_headline(summary: RunSummary) -> list[str]:
         lines.append(
             "WARNING: the probe loss draws random numbers even in eval mode (the run's warning names the module): "
             "the allocations sum to the change of one fixed noisy loss, not of the deterministic loss"
+        )
+    if summary.capped_steps:
+        lines.append(
+            f"capped steps: {summary.capped_steps:g} (adaptive stopped at max_intervals above its tolerance; "
+            "see lca/abs_error)"
         )
     if summary.sync is not None:
         sync = summary.sync
