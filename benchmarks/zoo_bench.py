@@ -129,7 +129,7 @@ def simpson_errors(name: str, stochastic: bool, eval_loss: bool = False) -> tupl
 
 
 def nfa_layers(name: str) -> tuple[list[str], list[str]]:
-    """(measured, expected but not measured) layer names of NeuralFeatureAnsatz today."""
+    """(measured, expected but not measured) layer names of NeuralFeatureAnsatz."""
     zoo_model = zoo.load(name)
     module, loader = zoo_model.build()
     callback = NeuralFeatureAnsatz(every_n_steps=1, probe_size=32, null_draws=0, images=False, **zoo_model.NFA_OPTIONS)
@@ -142,10 +142,10 @@ def accuracy_section(names: list[str], progress: Callable[[str], None]) -> list[
     lines = [
         (
             f"Simpson's error ({ACCURACY_STEPS} steps, probe_size {ACCURACY_PROBE_SIZE}; as tests/test_zoo.py) and "
-            "NFA layers measured today"
+            "NFA layers measured"
         ),
-        "  cumulative relative error / median per-step relative error, with the stochastic layers on (today's probe),",
-        "  with them on in training but a probe loss in eval mode but BatchNorm (loss_fn; what issue 15's fix does),",
+        "  cumulative relative error / median per-step relative error, with the stochastic layers on (the library's probe),",
+        "  with them on in training but a probe loss in eval mode but BatchNorm (an independent loss_fn written in the test),",
         "  and with every dropout / drop-path rate 0",
         (
             f"  {'model':18s} {'stochastic on':>19s} | {'eval-mode probe':>19s} | {'rates 0':>19s} | "
