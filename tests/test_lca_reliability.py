@@ -63,8 +63,9 @@ def test_minibatch_probe_under_accumulation_uses_all_micro_batches():
     trainer(callbacks=[callback], loggers=[MemoryLogger()], max_steps=3, accumulate_grad_batches=4).fit(
         Classifier(), digits_loader(batch_size=32)
     )
-    # 3 steps × (start + end) × 4 micro-batches of 32
-    assert seen == [32] * 24
+    # 3 steps × (start + end) × 4 micro-batches of 32, and the determinism self-check's two
+    # evaluations of the first micro-batch on the first step
+    assert seen == [32] * (24 + 2)
 
 
 # -- 2. manual optimization, two optimizers, a raw optimizer ----------------------------------
@@ -352,7 +353,11 @@ def test_a_nan_probe_value_skips_the_step_with_one_warning_and_training_goes_on(
 
 def _resume_run(tmp_path, stop_after_epochs=None, ckpt=None):
     torch.manual_seed(0)
-    callbacks = [LossChangeAllocation(probe_size=256), LossChangeAllocation(probe_size=256, rule="first_order")]
+    # two instances need distinct tag roots (name=): unnamed, they would write the same tags
+    callbacks = [
+        LossChangeAllocation(probe_size=256),
+        LossChangeAllocation(probe_size=256, rule="first_order", name="lca_first_order"),
+    ]
     logger = MemoryLogger()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
     t = trainer(callbacks=[*callbacks, checkpoint], loggers=[logger], max_steps=-1,
