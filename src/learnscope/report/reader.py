@@ -625,12 +625,13 @@ def read_run_sections(name: str, path: Path, event_files: list[Path], progress=N
     raw = _merge_raw(raws)
     lca_roots, nfa_roots = _section_roots(raw)
     main = (lca_roots[:1] or ["lca"]) + (nfa_roots[:1] or ["nfa"])
-    sections = [_group(name, path, tuple(event_files), _rooted(raw, main[0], main[1], keep_other=True))]
+    every_root = set(lca_roots + nfa_roots)
+    sections = [_group(name, path, tuple(event_files), _rooted(raw, main[0], main[1], every_root, keep_other=True))]
     sections[0].roots = tuple(main)
     for root, kind in [(r, "lca") for r in lca_roots[1:]] + [(r, "nfa") for r in nfa_roots[1:]]:
+        lca_root, nfa_root = (root, None) if kind == "lca" else (None, root)
         section = _group(
-            f"{name} [{root}]", path, tuple(event_files),
-            _rooted(raw, root if kind == "lca" else None, root if kind == "nfa" else None, keep_other=False),
+            f"{name} [{root}]", path, tuple(event_files), _rooted(raw, lca_root, nfa_root, every_root, keep_other=False)
         )
         section.roots = (root,)
         sections.append(section)
@@ -647,11 +648,14 @@ def _section_roots(raw: _RawRun) -> tuple[list[str], list[str]]:
     return lca, nfa
 
 
-def _rooted(raw: _RawRun, lca_root: str | None, nfa_root: str | None, *, keep_other: bool) -> _RawRun:
+def _rooted(
+    raw: _RawRun, lca_root: str | None, nfa_root: str | None, every_root: set[str], *, keep_other: bool
+) -> _RawRun:
     """The tags of one section with its roots renamed to ``lca``/``nfa`` (the contract's
-    patterns), the other sections' tags left out; ``keep_other``: keep tags of no section."""
+    patterns), the other sections' tags (``every_root``) left out; ``keep_other``: keep
+    tags of no section (the user's own metrics)."""
     rename = {r: kind for r, kind in ((lca_root, "lca"), (nfa_root, "nfa")) if r is not None}
-    other_roots = set(_section_roots(raw)[0] + _section_roots(raw)[1]) - set(rename)
+    other_roots = every_root - set(rename)
 
     def select(table: dict) -> dict:
         out = {}
