@@ -233,3 +233,40 @@ def test_nfa_refuses_a_prediction_whose_rows_are_not_the_samples():
 
     with pytest.raises(ProbeError, match=r"rows for a probe chunk of .* output_fn=lambda out: out\.view\(-1, T"):
         _fit(Flattening, [NeuralFeatureAnsatz(every_n_steps=2, probe_size=64, images=False)], max_steps=2)
+
+
+class AuxiliaryHead(nn.Module):
+    """Returns (logits, auxiliary logits) when training and logits alone in eval mode, as
+    torchvision's GoogLeNet and Inception do: a training_step written for training mode
+    cannot run with the module in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.2))
+        self.head = nn.Linear(64, 10)
+        self.aux = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor):
+        hidden = self.body(x)
+        return (self.head(hidden), self.aux(hidden)) if self.training else self.head(hidden)
+
+
+class AuxiliaryClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits, aux = self(x)
+        return F.cross_entropy(logits, y) + 0.3 * F.cross_entropy(aux, y)
+
+
+def test_a_model_that_fails_in_eval_mode_falls_back_to_its_own_modes_with_one_warning():
+    callback = LossChangeAllocation(probe_size=256, histograms=False)
+    torch.manual_seed(0)
+    logger = MemoryLogger()
+    model = AuxiliaryClassifier(AuxiliaryHead(), "sgd", lr=0.05, momentum=0.9)
+    with pytest.warns(UserWarning, match=r"cannot be evaluated with the modules in eval mode \(ValueError") as caught:
+        trainer(callbacks=[callback], loggers=[logger], max_steps=6).fit(model, digits_loader())
+    assert len([w for w in caught if "cannot be evaluated" in str(w.message)]) == 1
+    assert sorted(logger.series["lca/total"]) == list(range(6))
+    # its own modes with nn.Dropout off: deterministic, and the integral closes
+    assert callback.probe_is_stochastic is False
+    assert callback.cumulative_relative_error < 1e-3

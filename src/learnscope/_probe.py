@@ -66,6 +66,10 @@ def uses_batch_statistics(module: nn.Module) -> bool:
     return hasattr(module, "running_mean") or hasattr(module, "track_running_stats")
 
 
+PROBE_MODES = ("deterministic", "eval", "dropout_off")
+_DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 @contextlib.contextmanager
 def module_modes(module: nn.Module, mode: str) -> Iterator[None]:
     """Temporarily set modes for a probe pass, restoring each module's own flag after.
@@ -78,13 +82,19 @@ def module_modes(module: nn.Module, mode: str) -> Iterator[None]:
     (:func:`uses_batch_statistics`), which keep training mode and normalise with each
     probe chunk's own statistics (their running buffers are cloned by the caller).
     ``mode="eval"`` (NFA): every module in eval mode (samples never interact).
+    ``mode="dropout_off"`` (LCA's fallback for models that cannot be evaluated in eval
+    mode, e.g. a forward that returns other outputs when not training): every module
+    as it is, except ``nn.Dropout`` layers, which are off.
     """
-    if mode not in ("deterministic", "eval"):
-        raise ValueError(f"mode must be 'deterministic' or 'eval', got {mode!r}")
+    if mode not in PROBE_MODES:
+        raise ValueError(f"mode must be one of {PROBE_MODES}, got {mode!r}")
     saved = [(m, m.training) for m in module.modules()]
     try:
         for m, training in saved:
-            m.training = training and mode == "deterministic" and uses_batch_statistics(m)
+            if mode == "dropout_off":
+                m.training = training and not isinstance(m, _DROPOUT_LAYERS)
+            else:
+                m.training = training and mode == "deterministic" and uses_batch_statistics(m)
         yield
     finally:
         for m, flag in saved:

@@ -312,6 +312,7 @@ class LossChangeAllocation(Callback):
         self._ablation_chunks: list[ProbeChunk] = []
         self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
         self._probe_noise: Any = None  # None: not checked; False: deterministic; else a ProbeNoise
+        self._probe_mode = "deterministic"  # module modes of the probe passes (_probe.module_modes)
         self._noise_logged = False
 
     # ------------------------------------------------------------------ identity
@@ -586,7 +587,8 @@ class LossChangeAllocation(Callback):
         else:
             chunks = self._chunks or self._ablation_chunks
         return ProbeObjective(
-            pl_module, chunks, loss_fn=self.loss_fn, step_context=self._step_context, reduce=rank_sum(self._trainer)
+            pl_module, chunks, loss_fn=self.loss_fn, mode=self._probe_mode, step_context=self._step_context,
+            reduce=rank_sum(self._trainer),
         )
 
     def _step_context(self) -> contextlib.AbstractContextManager:
@@ -647,8 +649,24 @@ class LossChangeAllocation(Callback):
         return record
 
     def _check_determinism(self, objective: ProbeObjective, start: dict[str, Tensor]) -> None:
-        """Once per run, before the first probe integral: is the probe loss a function of θ?"""
-        noise = objective.check_determinism(start)
+        """Once per run, before the first probe integral: is the probe loss a function of θ?
+
+        A model that cannot be evaluated with its modules in eval mode (a forward that
+        returns other outputs when not training, say) falls back to its own modes with
+        dropout layers off, with one warning; the self-check then tells whether that loss
+        is random."""
+        try:
+            noise = objective.check_determinism(start)
+        except Exception as error:
+            if isinstance(error, ProbeError) or objective.mode != "deterministic":
+                raise
+            self._probe_mode = objective.mode = "dropout_off"
+            rank_zero_warn(
+                "LossChangeAllocation: the probe loss cannot be evaluated with the modules in eval mode "
+                f"({type(error).__name__}: {error}); the probe passes keep every module's own mode and turn off "
+                "only nn.Dropout layers. Pass loss_fn=callable(module, batch) -> scalar to evaluate it your way."
+            )
+            noise = objective.check_determinism(start)
         self._probe_noise = False if noise is None else noise
         if noise is not None:
             rank_zero_warn(
