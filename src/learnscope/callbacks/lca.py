@@ -790,10 +790,10 @@ class LossChangeAllocation(Callback):
             f"LossChangeAllocation: step {step} reached max_intervals={self.max_intervals} sub-intervals with "
             f"|ΔL − ΣA| = {error:.3g} (ΔL = {allocation.delta_loss:+.3g}), above the accepted error "
             f"{allocation.accepted_error:.3g} (tolerance={self.tolerance:g}{relative}). The step's allocation is "
-            "still recorded; such steps are counted in lca/capped_steps and this warning is not repeated. The loss "
-            "along the step is too rough for the quadrature (large steps across ReLU/max-pool kinks; see "
+            f"still recorded; such steps are counted in {self._tag('capped_steps')} and this warning is not repeated. "
+            "The loss along the step is too rough for the quadrature (large steps across ReLU/max-pool kinks; see "
             "docs/accuracy.md). To try: a larger max_intervals, a larger probe set (probe_size), a smaller learning "
-            "rate, a relative_tolerance, or accept the error (lca/abs_error shows it per step)."
+            f"rate, a relative_tolerance, or accept the error ({self._tag('abs_error')} shows it per step)."
         )
 
     def _skip(self, step: int, why: str) -> None:
