@@ -26,6 +26,16 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_optional_positive_float(name: str, value: Any) -> float | None:
+    """None (off) or a positive finite float."""
+    if value is None:
+        return None
+    try:
+        return check_positive_float(name, value)
+    except ValueError:
+        raise ValueError(f"{name} must be None (off) or a positive finite float, got {value!r}") from None
+
+
 def check_bool(name: str, value: Any, *, extra: str = "") -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False{' ' + extra if extra else ''}, got {value!r}")

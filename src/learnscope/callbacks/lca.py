@@ -311,7 +311,7 @@ class LossChangeAllocation(Callback):
         self._stale_warned = False
         self._ablation_chunks: list[ProbeChunk] = []
         self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
-        self._probe_noise: Any = None  # None: not checked; False: deterministic; else a ProbeNoise
+        self._probe_stochastic: bool | None = None  # the self-check's verdict (None: not checked yet)
         self._probe_mode = "deterministic"  # module modes of the probe passes (_probe.module_modes)
         self._noise_logged = False
 
@@ -613,7 +613,7 @@ class LossChangeAllocation(Callback):
             else:
                 data = "batch" if self.probe == "batch" else "probe"
                 objective = self._objective(data)
-                if self._probe_noise is None:
+                if self._probe_stochastic is None:
                     self._check_determinism(objective, start)
                 start_evaluation = event.start_evaluation
                 if self.ablation and self.rule != "first_order":
@@ -642,9 +642,9 @@ class LossChangeAllocation(Callback):
         if self.probe != "batch" and allocation.end is not None:
             self._cache, self._cache_versions = allocation.end, self._versions()
         record.ablation = corners
-        if not self._noise_logged and self._probe_noise is not None:
+        if not self._noise_logged and self._probe_stochastic is not None:
             self._noise_logged = True  # written once, with the first measured step
-            record.probe_stochastic = self._probe_noise is not False
+            record.probe_stochastic = self._probe_stochastic
         self.observe(event.step, event.names, allocation, lambda name: self._part_tensors(event, name, allocation))
         return record
 
@@ -667,7 +667,7 @@ class LossChangeAllocation(Callback):
                 "only nn.Dropout layers. Pass loss_fn=callable(module, batch) -> scalar to evaluate it your way."
             )
             noise = objective.check_determinism(start)
-        self._probe_noise = False if noise is None else noise
+        self._probe_stochastic = noise is not None
         if noise is not None:
             rank_zero_warn(
                 f"LossChangeAllocation: the probe loss is not deterministic: {noise.describe()}. Every probe "
@@ -681,7 +681,7 @@ class LossChangeAllocation(Callback):
     def probe_is_stochastic(self) -> bool | None:
         """Whether the self-check found the probe loss random (None: not checked yet, or the cheap
         mode, which evaluates no probe loss)."""
-        return None if self._probe_noise is None else self._probe_noise is not False
+        return self._probe_stochastic
 
     def observe(
         self,

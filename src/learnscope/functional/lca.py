@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from learnscope._validate import check_optional_positive_float
+
 __all__ = [
     "RULES",
     "Evaluation",
@@ -209,14 +211,7 @@ def check_max_intervals(max_intervals: object) -> int:
 
 def check_relative_tolerance(relative_tolerance: object) -> float | None:
     """``relative_tolerance`` if it is None or a positive finite number, else a ValueError naming it."""
-    if relative_tolerance is None:
-        return None
-    if not (
-        isinstance(relative_tolerance, (int, float)) and not isinstance(relative_tolerance, bool)
-        and relative_tolerance > 0 and math.isfinite(relative_tolerance)
-    ):
-        raise ValueError(f"relative_tolerance must be None (off) or a positive finite float, got {relative_tolerance!r}")
-    return float(relative_tolerance)
+    return check_optional_positive_float("relative_tolerance", relative_tolerance)
 
 
 def accepted_error(tolerance: float, relative_tolerance: float | None, delta_loss: float) -> float:
