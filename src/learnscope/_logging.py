@@ -15,6 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from learnscope._compat import logger_prefix, summary_file_writer
+
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
     """Write float scalars at ``step`` to every logger the trainer has (rank zero only)."""
@@ -24,12 +26,17 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
     from lightning.pytorch.loggers import TensorBoardLogger
 
     for logger in trainer.loggers:
-        if type(logger) is TensorBoardLogger and not getattr(logger, "_prefix", ""):
+        file_writer = (
+            summary_file_writer(logger.experiment)
+            if type(logger) is TensorBoardLogger and not logger_prefix(logger)
+            else None
+        )
+        if file_writer is not None:
             # one event holding every value: ~75x cheaper than one add_scalar per tag
             from tensorboard.compat.proto.summary_pb2 import Summary
 
             values = [Summary.Value(tag=tag, simple_value=value) for tag, value in clean.items()]
-            logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+            file_writer.add_summary(Summary(value=values), step)
         else:
             logger.log_metrics(clean, step=step)
 

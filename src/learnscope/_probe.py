@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from learnscope._compat import validation_data_source
 from learnscope.functional.lca import Evaluation
 
 try:  # NumPy is a dependency of Lightning, but keep the import soft.
@@ -288,7 +289,7 @@ def collect_batches(
 
 def require_validation_data(trainer: Any, *, owner: str) -> None:
     """Fail in ``setup`` when ``probe="val"`` but the trainer has no validation data."""
-    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    source = validation_data_source(trainer)
     if source is None or source.instance is None or not source.is_defined():
         raise ProbeError(
             f"{owner}(probe='val') needs validation data, but the trainer has none: "
@@ -299,7 +300,7 @@ def require_validation_data(trainer: Any, *, owner: str) -> None:
 def _validation_loader(trainer: Any) -> Any:
     loader = trainer.val_dataloaders
     if loader is None:
-        loader = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+        loader = validation_data_source(trainer).dataloader()
     return loader
 
 
