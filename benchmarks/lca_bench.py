@@ -127,7 +127,7 @@ def run_config(workload: Workload, config: Config, probe_size: int, iterate_dir:
         histogram_steps=len(histogram_calls),
         log_bytes=log_bytes,
         iterate_bytes=0 if saver is None else saver.bytes // (config.steps + 1),
-        compiled=None if lca is None else lca._stats.compiled,
+        compiled=None if lca is None else lca.statistics_compiled,
         scalars=None if lca is None else lca.stopwatch.last_scalars,
     )
 

@@ -150,9 +150,13 @@ class _TimedObjective:
         self._objective = objective
         self._stopwatch = stopwatch
 
-    def __call__(self, params: Any, **kwargs: Any) -> Any:
+    def __call__(self, params: Any) -> Any:
         with self._stopwatch.time("probe_evaluation"):
-            return self._objective(params, **kwargs)
+            return self._objective(params)
+
+    def accumulate_into(self, params: Any, out: Any, alpha: float) -> float:
+        with self._stopwatch.time("probe_evaluation"):
+            return self._objective.accumulate_into(params, out, alpha)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._objective, name)
@@ -181,8 +185,11 @@ class TimedLCA(LossChangeAllocation):
         with self.stopwatch.time("hooks"):
             super()._after_step(*args)
 
-    def _objective(self, data: str) -> Any:
-        return _TimedObjective(super()._objective(data), self.stopwatch)
+    def _probe_losses(self, *args: Any) -> Any:
+        losses = super()._probe_losses(*args)
+        untimed = losses.objective
+        losses.objective = lambda *a, **k: _TimedObjective(untimed(*a, **k), self.stopwatch)
+        return losses
 
     def _measure(self, event: Any) -> Any:
         with self.stopwatch.time("measure"):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
-from learnscope._probe import ProbeError
+from learnscope import ProbeError
 from models import Classifier, MemoryLogger, digits, trainer
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from learnscope import LossChangeAllocation
-from learnscope._probe import ProbeError
+from learnscope import ProbeError
 from models import Classifier, MemoryLogger, assert_bitwise_equal, digits, digits_loader, mlp, state_of, trainer
 
 
@@ -197,8 +197,8 @@ class _FailAt(Classifier):
 def _fit_logged(log_every_n_steps, model=None, max_steps=12, **flags):
     torch.manual_seed(0)
     logger = _WhenLogger()
-    callback = LossChangeAllocation(probe="batch", rule="first_order", **flags)
-    callback._log.max_delay = math.inf  # writes counted in steps only, however slow the machine
+    # writes counted in steps only, however slow the machine
+    callback = LossChangeAllocation(probe="batch", rule="first_order", flush_seconds=math.inf, **flags)
     t = trainer(callbacks=[callback], loggers=[logger], max_steps=max_steps, log_every_n_steps=log_every_n_steps)
     logger.trainer = t
     t.fit(model or Classifier(optimizer="adam", lr=1e-3), digits_loader())

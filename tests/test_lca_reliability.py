@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
-from learnscope._probe import ProbeError, collect_batches
+from learnscope import ProbeError
+from learnscope._probe import collect_batches
 from learnscope.functional import allocate_step, gradient_evaluator
 from learnscope.functional.nfa import nfa_metrics, preactivation_grams
 from models import Classifier, MemoryLogger, assert_bitwise_equal, digits, digits_loader, mlp, state_of, trainer
@@ -148,12 +149,12 @@ def test_a_raw_optimizer_stepped_by_the_module_is_measured_against_direct_loss_e
     trainer(callbacks=[recorder, callback], loggers=[MemoryLogger()], max_steps=5, max_epochs=1, limit_train_batches=5).fit(
         model, digits_loader(shuffle=False)
     )
-    assert callback._measured_steps == 5
+    assert callback.measured_steps == 5
     net = mlp()
     loss_fn = _probe_loss(net, [(x[:256], y[:256]), (x[256:512], y[256:512])], 512)
     names = lambda p: {k.removeprefix("net."): v for k, v in p.items()}  # noqa: E731
     direct = loss_fn(names(dict(model.named_parameters()))) - loss_fn(names(recorder.params[0]))
-    assert callback._sum_delta_loss == pytest.approx(float(direct), rel=1e-5)
+    assert callback.run_totals.sum_delta_loss == pytest.approx(float(direct), rel=1e-5)
     assert callback.cumulative_relative_error < 0.01
 
 
@@ -378,7 +379,7 @@ def test_resume_continues_cumulative_values_exactly_and_two_instances_coexist(tm
         assert b.cumulative == pytest.approx(a.cumulative, rel=1e-6)
         assert b.cumulative_relative_error == pytest.approx(a.cumulative_relative_error, rel=1e-6)
         # log_every_n_steps=50: one histogram step (0) in 20 steps, also across the resume at step 10
-        assert a._last_histogram_step == b._last_histogram_step == 0
+        assert a.run_totals.last_histogram_step == b.run_totals.last_histogram_step == 0
     assert resumed[0].state_key != resumed[1].state_key
     assert resumed[0].cumulative_relative_error < resumed[1].cumulative_relative_error  # each got its own state
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from learnscope._probe import ProbeError
+from learnscope import ProbeError
 from learnscope.callbacks.nfa import NeuralFeatureAnsatz
 from learnscope.functional.nfa import agop, preactivation_grams
 from learnscope.tensorboard_layout import charts_matching

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import jacrev
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from learnscope._probe import ProbeError
+from learnscope import ProbeError
 from learnscope.callbacks.nfa import NeuralFeatureAnsatz, default_input_fn
 from learnscope.functional.nfa import agop, preactivation_grams
 from learnscope.layers import attention_forward, default_layers, select_layers

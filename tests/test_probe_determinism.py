@@ -220,7 +220,7 @@ def test_nfa_refuses_a_prediction_whose_rows_are_not_the_samples():
     """A model that flattens tokens into rows ((n·T, c)) would make the exact G add up a
     sequence's token gradients before squaring them: refused at fit start, with the recipe."""
     from learnscope import NeuralFeatureAnsatz
-    from learnscope._probe import ProbeError
+    from learnscope import ProbeError
 
     class Flattening(nn.Module):
         def __init__(self) -> None:

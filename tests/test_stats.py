@@ -240,7 +240,7 @@ def test_callback_logs_the_same_values_with_compiled_statistics():
             probe="batch", rule="first_order", histograms=False, decompose=True, compile_statistics=compiled
         )
         trainer(callbacks=[callback], loggers=[logger], max_steps=6).fit(model, digits_loader())
-        assert callback._stats.compiled is compiled
+        assert callback.statistics_compiled is compiled
         series[compiled] = logger.series
     tags = sorted(t for t in series[False] if t.startswith("lca/"))
     assert tags == sorted(t for t in series[True] if t.startswith("lca/")) and "lca/helped_fraction" in tags
@@ -294,12 +294,12 @@ def test_compile_statistics_none_compiles_only_runs_long_enough_to_repay_it(max_
     callback = _cheap(**flags)
     _fit_digits_mlp(max_steps, callback)
     assert callback.compile_statistics == flags.get("compile_statistics")
-    assert callback._stats.compiled is compiled
+    assert callback.statistics_compiled is compiled
 
 
 @pytest.mark.skipif(not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler")
 def test_a_long_run_compiles_by_default_and_trains_bitwise_as_without_the_callback():
     callback = _cheap(decompose=True)
     with_callback = _fit_digits_mlp(50_000, callback)  # 50 000 × 90 610 ≈ 4.5e9 ≥ 2³²
-    assert callback.compile_statistics is None and callback._stats.compiled is True
+    assert callback.compile_statistics is None and callback.statistics_compiled is True
     assert_bitwise_equal(with_callback, _fit_digits_mlp(50_000, None))

@@ -11,11 +11,14 @@ from typing import Any
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["LossChangeAllocation", "NeuralFeatureAnsatz", "__version__"]
+__all__ = ["LCAConfig", "LossChangeAllocation", "NeuralFeatureAnsatz", "NonFiniteProbe", "ProbeError", "__version__"]
 
 _CALLBACKS = {
     "LossChangeAllocation": "learnscope.callbacks.lca",
     "NeuralFeatureAnsatz": "learnscope.callbacks.nfa",
+    "LCAConfig": "learnscope.config",
+    "ProbeError": "learnscope._probe",
+    "NonFiniteProbe": "learnscope._probe",
 }
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from learnscope._compat import validation_data_source
+from learnscope._compat import reparametrized, validation_data_source
 from learnscope.functional.lca import Evaluation
 
 try:  # NumPy is a dependency of Lightning, but keep the import soft.
@@ -198,19 +198,6 @@ def samples_in(batch: Any, batch_size_fn: Callable[[Any], int] | None = None) ->
     return size
 
 
-def clone_tensors(batch: Any) -> Any:
-    """Clone every tensor (used for batches created under ``inference_mode``)."""
-    if isinstance(batch, Tensor):
-        return batch.clone()
-    if isinstance(batch, Mapping):
-        return type(batch)({k: clone_tensors(v) for k, v in batch.items()}) if not hasattr(batch, "_fields") else batch
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(clone_tensors(v) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(clone_tensors(v) for v in batch)
-    return batch
-
-
 @dataclass
 class ProbeChunk:
     """One fixed piece of the probe set, already on the module's device."""
@@ -248,6 +235,58 @@ def chunk_weights(
         ProbeChunk(b, i, (1.0 / len(batches)) if equal else (n / total), n)
         for i, (b, n) in enumerate(zip(batches, sizes))
     ]
+
+
+class ProbeData(Sequence[ProbeChunk]):
+    """The probe chunks this rank evaluates: ``L(θ) = Σ_c w_c ℓ_c(θ)``, where the weights
+    of all ranks' chunks together sum to 1 (a mean over samples, or over micro-batches).
+
+    It owns the weighting and the sharding over ranks, so an objective only sums
+    ``w_c ℓ_c`` over its chunks and adds the ranks' sums. A sequence of
+    :class:`ProbeChunk`."""
+
+    def __init__(self, chunks: Sequence[ProbeChunk]) -> None:
+        self.chunks: tuple[ProbeChunk, ...] = tuple(chunks)
+
+    @classmethod
+    def fixed(
+        cls, batches: Sequence[Any], *, batch_size_fn: Callable[[Any], int] | None = None, rank: int = 0,
+        world_size: int = 1,
+    ) -> ProbeData:
+        """A fixed probe set: each batch weighted by its share of the samples of the whole
+        set; rank ``rank`` of ``world_size`` keeps every ``world_size``-th chunk (whole
+        chunks, so BatchNorm sees the same chunk statistics as in one process)."""
+        chunks = chunk_weights(batches, batch_size_fn=batch_size_fn)
+        return cls([c for i, c in enumerate(chunks) if i % world_size == rank])
+
+    @classmethod
+    def minibatches(cls, batches: Sequence[tuple[Any, int]], *, world_size: int = 1) -> ProbeData:
+        """One optimizer step's ``(batch, batch_idx)`` micro-batches on this rank, each
+        weighted ``1 / (micro-batches × ranks)``: the loss gradient accumulation and DDP
+        train on."""
+        chunks = chunk_weights([batch for batch, _ in batches], equal=True)
+        for chunk, (_, index) in zip(chunks, batches):
+            chunk.batch_idx = index
+            chunk.weight /= world_size
+        return cls(chunks)
+
+    @property
+    def samples(self) -> int:
+        """Samples in this rank's chunks (0 for micro-batches, which are not counted)."""
+        return sum(chunk.size for chunk in self.chunks)
+
+    def to(self, convert: Callable[[Any], Any]) -> ProbeData:
+        """The same chunks with ``convert`` applied to each batch (e.g. a device move)."""
+        return ProbeData([dataclasses.replace(c, batch=convert(c.batch)) for c in self.chunks])
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.chunks[index]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __repr__(self) -> str:
+        return f"ProbeData({len(self.chunks)} chunks, {self.samples} samples)"
 
 
 def _subset_loader(loader: DataLoader, size: int | None, batch_size: int) -> DataLoader | None:
@@ -313,7 +352,7 @@ def to_module_device(trainer: Any, batch: Any) -> Any:
 def build_probe_set(
     trainer: Any, pl_module: nn.Module, probe: Any, size: int | None, batch_size: int, *, owner: str,
     batch_size_fn: Callable[[Any], int] | None = None,
-) -> list[ProbeChunk]:
+) -> ProbeData:
     """The fixed probe set of a ``probe`` flag: ``"train"``, ``"val"`` or a DataLoader.
 
     Drawn once, without touching any RNG stream the run uses, and kept on the
@@ -338,16 +377,25 @@ def build_probe_set(
         if not raw:
             raise ProbeError(f"{owner}: {what} yielded no batches; set probe to non-empty data")
         try:
-            chunks = chunk_weights(raw, batch_size_fn=batch_size_fn)
+            data = ProbeData.fixed(
+                raw, batch_size_fn=batch_size_fn, rank=getattr(trainer, "global_rank", 0),
+                world_size=getattr(trainer, "world_size", 1),
+            )
         except ProbeError as err:
             raise ProbeError(f"{owner}: {err}") from None
-        # Under DDP each rank evaluates whole chunks (so BatchNorm sees the same chunk
-        # statistics as in one process) and the weighted sums are all-reduced.
-        world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
-        chunks = [c for i, c in enumerate(chunks) if i % world == rank]
-        for chunk in chunks:
-            chunk.batch = to_module_device(trainer, chunk.batch)
-    return chunks
+        return data.to(lambda batch: to_module_device(trainer, batch))
+
+
+def precision_context(trainer: Any) -> contextlib.AbstractContextManager:
+    """The trainer's precision context for a probe forward: its ``forward_context`` (e.g.
+    true half precision, or double), except under autocast mixed precision, whose probe
+    math stays in float32."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    if plugin is None or isinstance(plugin, MixedPrecision):
+        return contextlib.nullcontext()
+    return plugin.forward_context()
 
 
 def rank_sum(trainer: Any) -> Callable[[Tensor], Tensor] | None:
@@ -399,7 +447,9 @@ class _LossModule(nn.Module):
 
 class ProbeObjective:
     """``L(θ) = Σ_c w_c ℓ_c(θ)``: the loss on fixed probe chunks as a function of the
-    tracked parameters only, with its gradient. Callable as an LCA evaluator.
+    tracked parameters only, with its gradient. An LCA evaluator that can also
+    accumulate into caller-owned buffers
+    (:class:`~learnscope.functional.lca.AccumulatingEvaluator`).
 
     Modules are set by :func:`module_modes` (``mode``): by default everything in eval
     mode but batch-statistics normalisation. Buffers are cloned for every chunk, so
@@ -408,6 +458,7 @@ class ProbeObjective:
     other buffer is read as it is. Every chunk's forward starts from a fixed random
     stream (:func:`seed_random_streams`), so whatever randomness is left draws the
     same numbers at every θ; :meth:`check_determinism` finds out whether any is left.
+    ``reduce`` adds a tensor over ranks (see :class:`ProbeData` for the weights).
     """
 
     def __init__(
@@ -421,67 +472,75 @@ class ProbeObjective:
         reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.module = module
-        self.chunks = list(chunks)
+        self.chunks = chunks if isinstance(chunks, ProbeData) else ProbeData(chunks)
         self.wrapper = _LossModule(module, loss_fn)
         self.mode = mode
         self.step_context = step_context or contextlib.nullcontext
         self.reduce = reduce
         self.evaluations = 0
 
-    #: ``__call__`` can add ``alpha·∇L`` into caller-owned buffers (``out=``)
-    accepts_out = True
+    def __call__(self, params: Mapping[str, Tensor], /) -> Evaluation:
+        """The probe loss and its gradient at ``params`` (fresh gradient tensors)."""
+        return self._evaluate(params, None, 1.0)
 
-    def __call__(self, params: Mapping[str, Tensor], out: dict[str, Tensor] | None = None, alpha: float = 1.0) -> Evaluation:
-        if out is not None and self.reduce is not None:  # DDP: reduce the fresh gradient, then add it
+    def accumulate_into(self, params: Mapping[str, Tensor], out: dict[str, Tensor], alpha: float) -> float:
+        """Add ``alpha·∇L(params)`` into ``out`` in place and return ``L(params)``:
+        every chunk's backward adds into ``out`` directly (no second gradient buffer),
+        except under DDP, where the ranks' gradients are summed first."""
+        if self.reduce is not None:
             fresh = self(params)
             for name, g in fresh.gradient.items():
                 out[name].add_(g, alpha=alpha)
-            return Evaluation(fresh.loss, out)
-        prefix = _LossModule.prefix
+            return fresh.loss
+        return self._evaluate(params, out, alpha).loss
+
+    def _evaluate(self, params: Mapping[str, Tensor], out: dict[str, Tensor] | None, alpha: float) -> Evaluation:
         leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
         if out is not None:
             for name, leaf in leaves.items():
                 leaf.grad = out[name]  # backward adds every chunk's gradient into it in place
-        named = {prefix + name: leaf for name, leaf in leaves.items()}
-        device = next(iter(leaves.values())).device if leaves else None
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        from torch.nn.utils.stateless import _reparametrize_module
-
-        buffer_names = [n for n, _ in self.module.named_buffers()]
-        inputs = list(leaves.values())
-        evaluated = False
-        # the parameters are bound once per evaluation; buffers are re-cloned for every chunk
-        with probe_context(self.module, mode=self.mode, device=device), _reparametrize_module(self.wrapper, named, tie_weights=True):
-            for index, chunk in enumerate(self.chunks):
-                buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()} if buffer_names else {}
-                seed_random_streams(PROBE_SEED + index, device)
-                with self.step_context(), _reparametrize_module(self.wrapper, buffers):
-                    loss = self.wrapper(chunk.batch, chunk.batch_idx)
-                # Weighting the scalar loss, not the gradients, saves a pass over the parameters.
-                # backward(inputs=) accumulates into the probe's own leaves' .grad (never the
-                # model's): the first chunk's gradient is kept as it is and later chunks are added
-                # in place, one tensor at a time, so no second parameter-sized gradient is alive.
-                weight = chunk.weight if out is None else alpha * chunk.weight
-                torch.autograd.backward(loss * weight, inputs=inputs)
-                loss_sum += loss.detach().to(torch.float64) * chunk.weight
-                evaluated = True
-                del loss
-        gradient = None
-        if evaluated:
-            gradient = {name: torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for name, leaf in leaves.items()}
-            for leaf in inputs:
-                leaf.grad = None
-        if gradient is None:
-            if self.reduce is None:
-                raise ProbeError("the probe set is empty")
-            gradient = {name: torch.zeros_like(leaf) for name, leaf in leaves.items()}  # no chunk on this rank
+        loss_sum = self._backward_chunks(leaves, alpha)
+        gradient = {name: torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for name, leaf in leaves.items()}
+        for leaf in leaves.values():
+            leaf.grad = None
         if self.reduce is not None:
             loss_sum, gradient = self._all_reduce(loss_sum, gradient)
+        elif not self.chunks:
+            raise ProbeError("the probe set is empty")
         self.evaluations += 1
         loss_value = float(loss_sum)
         if not torch.isfinite(loss_sum):
             raise NonFiniteProbe(f"the probe loss is {loss_value}")
         return Evaluation(loss_value, gradient)
+
+    def _backward_chunks(self, leaves: dict[str, Tensor], alpha: float) -> Tensor:
+        """Σ_c w_c ℓ_c in float64, with ``alpha·∇`` of it accumulated into the leaves' ``.grad``.
+
+        The parameters are bound once per evaluation; buffers are re-cloned for every
+        chunk. Weighting the scalar loss, not the gradients, saves a pass over the
+        parameters; ``backward(inputs=)`` accumulates into the probe's own leaves (never
+        the model's): the first chunk's gradient is kept as it is and later chunks are
+        added in place, so no second parameter-sized gradient is alive."""
+        prefix = _LossModule.prefix
+        inputs = list(leaves.values())
+        device = inputs[0].device if inputs else None
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        named = {prefix + name: leaf for name, leaf in leaves.items()}
+        with probe_context(self.module, mode=self.mode, device=device), reparametrized(self.wrapper, named, tie_weights=True):
+            for index, chunk in enumerate(self.chunks):
+                seed_random_streams(PROBE_SEED + index, device)
+                loss = self._chunk_loss(chunk)
+                torch.autograd.backward(loss * (alpha * chunk.weight), inputs=inputs)
+                loss_sum += loss.detach().to(torch.float64) * chunk.weight
+                del loss
+        return loss_sum
+
+    def _chunk_loss(self, chunk: ProbeChunk) -> Tensor:
+        """``ℓ_c`` at the bound parameters, with the module's buffers cloned (read, never written)."""
+        prefix = _LossModule.prefix
+        buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()}
+        with self.step_context(), reparametrized(self.wrapper, buffers):
+            return self.wrapper(chunk.batch, chunk.batch_idx)
 
     def _all_reduce(self, loss: Tensor, gradient: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum the loss and every gradient over ranks in one collective (float64 loss kept exact)."""
@@ -501,19 +560,86 @@ class ProbeObjective:
         if not self.chunks:
             return None
         chunk = self.chunks[0]
-        prefix = _LossModule.prefix
-        named = {prefix + name: p.detach() for name, p in params.items()}
+        named = {_LossModule.prefix + name: p.detach() for name, p in params.items()}
         device = next(iter(named.values())).device if named else None
-        from torch.nn.utils.stateless import _reparametrize_module
-
-        def loss() -> Tensor:
-            buffers = {prefix + n: b.clone() for n, b in self.module.named_buffers()}
-            with self.step_context(), _reparametrize_module(self.wrapper, buffers):
-                return self.wrapper(chunk.batch, chunk.batch_idx)
-
         with probe_context(self.module, mode=self.mode, device=device), torch.no_grad():
-            with _reparametrize_module(self.wrapper, named, tie_weights=True):
-                return stochastic_forward(self.module, loss, device)
+            with reparametrized(self.wrapper, named, tie_weights=True):
+                return stochastic_forward(self.module, lambda: self._chunk_loss(chunk), device)
+
+
+class ProbeLosses:
+    """The probe losses one callback evaluates, all in one probe mode: ``"probe"``, its
+    fixed probe set, and ``"batch"``, one optimizer step's micro-batches.
+
+    Before the first integral, :meth:`check_once` runs the self-check: a model that
+    cannot be evaluated with its modules in eval mode (a forward that returns other
+    outputs when not training, say) falls back to its own modes with dropout layers off
+    (``mode = "dropout_off"``), with one warning; then, if the loss is still random,
+    one warning naming the module and ``stochastic = True``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        fixed: ProbeData | None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+        step_context: Callable[[], contextlib.AbstractContextManager],
+        reduce: Callable[[Tensor], Tensor] | None,
+        world_size: int,
+        owner: str,
+        stochastic_tag: str,
+    ) -> None:
+        self.module, self.fixed, self.loss_fn = module, fixed, loss_fn
+        self.step_context, self.reduce, self.world_size = step_context, reduce, world_size
+        self.owner, self.stochastic_tag = owner, stochastic_tag
+        self.mode = "deterministic"
+        self.stochastic: bool | None = None  # the self-check's verdict (None: not checked yet)
+
+    def objective(self, data: str, minibatches: Sequence[tuple[Any, int]] = ()) -> ProbeObjective:
+        """The loss on ``data``: ``"probe"`` (the fixed set) or ``"batch"`` (``minibatches``)."""
+        if data == "batch":
+            chunks = ProbeData.minibatches(minibatches, world_size=self.world_size)
+        else:
+            assert self.fixed is not None, "no fixed probe set was built"
+            chunks = self.fixed
+        return ProbeObjective(
+            self.module, chunks, loss_fn=self.loss_fn, mode=self.mode, step_context=self.step_context,
+            reduce=self.reduce,
+        )
+
+    def check_once(self, objective: ProbeObjective, params: Mapping[str, Tensor]) -> None:
+        """The self-check at ``params``, the first time only (see the class docstring)."""
+        if self.stochastic is not None:
+            return
+        try:
+            noise = objective.check_determinism(params)
+        except Exception as error:
+            if isinstance(error, ProbeError) or objective.mode != "deterministic":
+                raise
+            self.mode = objective.mode = "dropout_off"
+            warn(
+                f"{self.owner}: the probe loss cannot be evaluated with the modules in eval mode "
+                f"({type(error).__name__}: {error}); the probe passes keep every module's own mode and turn off "
+                "only nn.Dropout layers. Pass loss_fn=callable(module, batch) -> scalar to evaluate it your way."
+            )
+            noise = objective.check_determinism(params)
+        self.stochastic = noise is not None
+        if noise is not None:
+            warn(
+                f"{self.owner}: the probe loss is not deterministic: {noise.describe()}. Every probe "
+                "chunk is evaluated with the same random numbers at every θ, so the allocations still sum to the "
+                "change of that one noisy loss, but it is not the model's deterministic loss "
+                f"({self.stochastic_tag} = 1). Draw random numbers only when `self.training` is True in "
+                "that module, or pass loss_fn=callable(module, batch) -> scalar that evaluates it without noise."
+            )
+
+
+def warn(message: str) -> None:
+    """One warning on rank zero (Lightning's ``rank_zero_warn``, imported late: this
+    module does not need Lightning otherwise)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(message)
 
 
 # --------------------------------------------------------------------------- self-check

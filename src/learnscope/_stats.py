@@ -214,19 +214,8 @@ class ProductStats:
         A delta may be ``(start, end)`` (Δ = end − start, read in the same pass)."""
         if not self.compiled or (histograms is not None and any(h is not None for h in histograms)):
             return many_product_stats(ks, deltas, histograms)
-        # (tensor index, operands) pieces of at most _EXACT_COUNTS entries each, so that the
-        # kernel's float32 sums of signs stay exact; the pieces' rows add up per tensor
-        pieces: dict[bool, list[tuple[int, list[Tensor]]]] = {False: [], True: []}
-        for i, (k, d) in enumerate(zip(ks, deltas)):
-            between = isinstance(d, tuple)
-            flat = [_flat(k), *((_flat(d[0]), _flat(d[1])) if between else (_flat(d),))]
-            if flat[0].numel() <= _EXACT_COUNTS:  # one piece: the tensors themselves, no slicing
-                pieces[between].append((i, flat))
-                continue
-            for start in range(0, flat[0].numel(), _EXACT_COUNTS):
-                pieces[between].append((i, [t[start : start + _EXACT_COUNTS] for t in flat]))
         rows = [[0.0] * 6 for _ in ks]
-        for between, todo in pieces.items():
+        for between, todo in _pieces(ks, deltas).items():
             kernel = _fused_sums_between if between else _fused_sums
             for first in range(0, len(todo), _GROUP):
                 group = todo[first : first + _GROUP]
@@ -238,3 +227,19 @@ class ProductStats:
                 for (i, _), row in zip(group, sums.tolist()):
                     rows[i] = [a + b for a, b in zip(rows[i], row)]
         return [_from_sums(k.numel(), *rows[i]) for i, k in enumerate(ks)]
+
+
+def _pieces(ks: list[Tensor], deltas: list[Delta]) -> dict[bool, list[tuple[int, list[Tensor]]]]:
+    """(tensor index, flat operands) pieces of at most ``_EXACT_COUNTS`` entries each, so
+    that the kernel's float32 sums of signs stay exact (the pieces' rows add up per
+    tensor), keyed by whether Δ is given as ``(start, end)``."""
+    pieces: dict[bool, list[tuple[int, list[Tensor]]]] = {False: [], True: []}
+    for i, (k, d) in enumerate(zip(ks, deltas)):
+        between = isinstance(d, tuple)
+        flat = [_flat(k), *((_flat(d[0]), _flat(d[1])) if isinstance(d, tuple) else (_flat(d),))]
+        if flat[0].numel() <= _EXACT_COUNTS:  # one piece: the tensors themselves, no slicing
+            pieces[between].append((i, flat))
+            continue
+        for start in range(0, flat[0].numel(), _EXACT_COUNTS):
+            pieces[between].append((i, [t[start : start + _EXACT_COUNTS] for t in flat]))
+    return pieces

@@ -26,6 +26,13 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_seconds(name: str, value: Any) -> float:
+    """A positive duration in seconds; ``math.inf`` (never) is allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
+        raise ValueError(f"{name} must be a positive number of seconds (math.inf: never), got {value!r}")
+    return float(value)
+
+
 def check_optional_positive_float(name: str, value: Any) -> float | None:
     """None (off) or a positive finite float."""
     if value is None:

@@ -39,22 +39,31 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from learnscope._validate import check_optional_positive_float
+from learnscope._validate import check_choice, check_optional_positive_float, check_positive_float
 
 __all__ = [
     "RULES",
+    "AccumulatingEvaluator",
     "Evaluation",
+    "Evaluator",
     "LazyDelta",
     "StepAllocation",
     "accepted_error",
     "allocate_step",
+    "check_max_intervals",
+    "check_relative_tolerance",
+    "check_rule",
+    "check_tolerance",
+    "first_order_step",
     "gradient_evaluator",
+    "step_delta",
 ]
 
 RULES = ("first_order", "trapezoid", "simpson", "adaptive")
@@ -70,7 +79,24 @@ class Evaluation:
     gradient: dict[str, Tensor]
 
 
-Evaluator = Callable[[Params], Evaluation]
+class Evaluator(Protocol):
+    """``evaluate(params) -> Evaluation``: the loss and its gradient at ``params``."""
+
+    def __call__(self, params: Params, /) -> Evaluation: ...
+
+
+@runtime_checkable
+class AccumulatingEvaluator(Protocol):
+    """An evaluator that can also add a scaled gradient into buffers the caller owns.
+
+    ``accumulate_into(params, out, alpha)`` adds ``alpha·∇L(params)`` into ``out`` in
+    place (one tensor per entry, same shapes) and returns ``L(params)``. ``simpson``
+    uses it to build ``k`` in one set of buffers, without a buffer for the midpoint
+    gradient (:class:`learnscope._probe.ProbeObjective` implements it)."""
+
+    def __call__(self, params: Params, /) -> Evaluation: ...
+
+    def accumulate_into(self, params: Params, out: dict[str, Tensor], alpha: float) -> float: ...
 
 
 def gradient_evaluator(loss_fn: Callable[[dict[str, Tensor]], Tensor]) -> Evaluator:
@@ -114,7 +140,7 @@ class StepAllocation:
     """
 
     path_gradient: dict[str, Tensor]
-    delta: dict[str, Tensor]
+    delta: Mapping[str, Tensor]  # a dict, or a LazyDelta formed tensor by tensor
     loss_start: float | None
     loss_end: float | None
     splits: int
@@ -183,7 +209,7 @@ class LazyDelta(Mapping[str, Tensor]):
             self._formed[name] = delta
         return delta
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._start)
 
     def __len__(self) -> int:
@@ -221,13 +247,29 @@ def accepted_error(tolerance: float, relative_tolerance: float | None, delta_los
     return max(tolerance, relative_tolerance * abs(delta_loss))
 
 
-def _validate(rule: str, tolerance: float, max_intervals: int, relative_tolerance: float | None) -> None:
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if not (isinstance(tolerance, (int, float)) and tolerance > 0 and math.isfinite(tolerance)):
-        raise ValueError(f"tolerance must be a positive finite float, got {tolerance!r}")
-    check_max_intervals(max_intervals)
-    check_relative_tolerance(relative_tolerance)
+def check_rule(rule: object) -> str:
+    """``rule`` if it is one of :data:`RULES`, else a ValueError naming it."""
+    return check_choice("rule", rule, RULES)
+
+
+def check_tolerance(tolerance: object) -> float:
+    """``tolerance`` if it is a positive finite number, else a ValueError naming it."""
+    return check_positive_float("tolerance", tolerance)
+
+
+def first_order_step(
+    gradient: Mapping[str, Tensor], delta: Mapping[str, Tensor], *, compute_total: bool = False
+) -> StepAllocation:
+    """The first-order allocation ``A = g ⊙ Δ`` with a known gradient ``g`` at θ_t (the
+    gradient the optimizer applied, say): no evaluation, so ``loss_start``/``loss_end``
+    are None and ``delta_loss`` is NaN. ``delta`` may be a :class:`LazyDelta`.
+    ``compute_total``: form ``total = Σ g·Δ`` (else NaN, for a caller that sums anyway)."""
+    path_gradient = {name: gradient[name] for name in delta}
+    total = _dot(path_gradient, delta) if compute_total else math.nan
+    return StepAllocation(
+        path_gradient=path_gradient, delta=delta,
+        loss_start=None, loss_end=None, splits=1, end=None, total=total,
+    )
 
 
 def allocate_step(
@@ -248,7 +290,8 @@ def allocate_step(
 
     Args:
         evaluate: maps a parameter dict to an :class:`Evaluation` (loss and gradient
-            with respect to every entry). See :func:`gradient_evaluator`.
+            with respect to every entry). See :func:`gradient_evaluator`. An
+            :class:`AccumulatingEvaluator` lets ``simpson`` build ``k`` in place.
         start: ``θ_t``. end: ``θ_{t+1}`` (same keys and shapes).
         rule: one of ``RULES``.
         tolerance: absolute per-step error target of the ``adaptive`` rule.
@@ -262,7 +305,7 @@ def allocate_step(
             and overwritten: pass ownership, keep no other reference.
         compute_total: whether to form ``total = Σ_i k_i Δ_i`` (one pass over the
             parameters); a caller that sums the allocations anyway passes False and
-            sets ``total`` itself (it is NaN until then).
+            ``total`` is NaN.
         start_is_workspace: the caller hands over ``start``'s buffers (copies it owns):
             ``simpson`` then forms Δ in them in place instead of in new buffers, and
             ``start`` holds Δ afterwards. An entry that is the same tensor object as its
@@ -273,61 +316,64 @@ def allocate_step(
     Returns:
         A :class:`StepAllocation`; ``Σ A`` is ``total``, ``delta_loss`` the actual change.
     """
-    _validate(rule, tolerance, max_intervals, relative_tolerance)
+    check_rule(rule)
+    check_tolerance(tolerance)
+    check_max_intervals(max_intervals)
+    check_relative_tolerance(relative_tolerance)
     if set(start) != set(end):
         raise ValueError("start and end must hold the same parameter names")
     first = start_evaluation if start_evaluation is not None else evaluate(start)
-    if rule == "simpson" and getattr(evaluate, "accepts_out", False):
-        # k = g0/6 + 4·g_½/6 + g1/6 built in g0's buffers, g_½ added chunk by chunk
-        # (no midpoint buffer), Δ formed only at the end: peak θ_t, point, k, one chunk's gradient.
-        k = first.gradient
-        for g in k.values():
-            g.mul_(1.0 / 6.0)
-        midpoint = {name: torch.lerp(start[name], end[name], 0.5) for name in start}
-        evaluate(midpoint, out=k, alpha=4.0 / 6.0)
-        del midpoint  # before the end point's gradient is allocated
-        last = evaluate(end)
-        for name, g in k.items():
-            g.add_(last.gradient[name], alpha=1.0 / 6.0)
-        delta = step_delta(start, end, in_place=start_is_workspace)
-        result = StepAllocation(path_gradient=k, delta=delta, loss_start=first.loss, loss_end=last.loss, splits=2, end=last)
-        result.total = _dot(k, delta) if compute_total else math.nan
-        return result
+    if rule == "simpson" and isinstance(evaluate, AccumulatingEvaluator):
+        return _accumulated_simpson(evaluate, start, end, first, start_is_workspace, compute_total)
     delta = {name: end[name] - start[name] for name in start}
-
-    capped, target = False, math.nan
     if rule == "first_order":
         last = evaluate(end) if evaluate_end else None
-        path_gradient = first.gradient
-        splits = 1
-    else:
-        last = evaluate(end)
-        # k is built in place in the start gradient's buffers: the trapezoid T_1 first.
-        trapezoid = first.gradient
-        for name, g in trapezoid.items():
-            g.add_(last.gradient[name]).mul_(0.5)
-        if rule == "trapezoid":
-            path_gradient, splits = trapezoid, 1
-        else:
-            if rule == "adaptive":
-                target = accepted_error(tolerance, relative_tolerance, last.loss - first.loss)
-            path_gradient, splits, error = _simpson(
-                evaluate, start, delta, trapezoid, first.loss, last.loss,
-                adaptive=rule == "adaptive", target=target, max_intervals=max_intervals,
-            )
-            capped = rule == "adaptive" and not error <= target  # NaN counts as above
-    result = StepAllocation(
-        path_gradient=path_gradient,
-        delta=delta,
-        loss_start=first.loss,
-        loss_end=None if last is None else last.loss,
-        splits=splits,
-        end=last,
-        capped=capped,
-        accepted_error=target,
+        return _result(first.gradient, delta, first, last, 1, compute_total)
+    last = evaluate(end)
+    # k is built in place in the start gradient's buffers: the trapezoid T_1 first.
+    trapezoid = first.gradient
+    for name, g in trapezoid.items():
+        g.add_(last.gradient[name]).mul_(0.5)
+    if rule == "trapezoid":
+        return _result(trapezoid, delta, first, last, 1, compute_total)
+    target = accepted_error(tolerance, relative_tolerance, last.loss - first.loss) if rule == "adaptive" else math.nan
+    path_gradient, splits, error = _simpson(
+        evaluate, start, delta, trapezoid, first.loss, last.loss,
+        adaptive=rule == "adaptive", target=target, max_intervals=max_intervals,
     )
-    result.total = _dot(path_gradient, delta) if compute_total else math.nan
-    return result
+    capped = rule == "adaptive" and not error <= target  # NaN counts as above
+    return _result(path_gradient, delta, first, last, splits, compute_total, capped=capped, accepted=target)
+
+
+def _result(
+    k: dict[str, Tensor], delta: dict[str, Tensor], first: Evaluation, last: Evaluation | None, splits: int,
+    compute_total: bool, *, capped: bool = False, accepted: float = math.nan,
+) -> StepAllocation:
+    return StepAllocation(
+        path_gradient=k, delta=delta, loss_start=first.loss, loss_end=None if last is None else last.loss,
+        splits=splits, end=last, total=_dot(k, delta) if compute_total else math.nan,
+        capped=capped, accepted_error=accepted,
+    )
+
+
+def _accumulated_simpson(
+    evaluate: AccumulatingEvaluator, start: Params, end: Params, first: Evaluation, start_is_workspace: bool,
+    compute_total: bool,
+) -> StepAllocation:
+    """``simpson`` with k = g0/6 + 4·g_½/6 + g1/6 built in g0's buffers, g_½ added chunk by
+    chunk (no midpoint buffer), Δ formed only at the end: peak θ_t, point, k, one chunk's
+    gradient."""
+    k = first.gradient
+    for g in k.values():
+        g.mul_(1.0 / 6.0)
+    midpoint = {name: torch.lerp(start[name], end[name], 0.5) for name in start}
+    evaluate.accumulate_into(midpoint, k, 4.0 / 6.0)
+    del midpoint  # before the end point's gradient is allocated
+    last = evaluate(end)
+    for name, g in k.items():
+        g.add_(last.gradient[name], alpha=1.0 / 6.0)
+    delta = step_delta(start, end, in_place=start_is_workspace)
+    return _result(k, delta, first, last, 2, compute_total)
 
 
 def _simpson(

@@ -1,0 +1,244 @@
+"""From one measured step's per-parameter allocations to what is logged: the step's
+record (counts, moments, per-module sums, optimizer parts, per-unit sums,
+histograms), and the run's cumulative totals.
+
+Nothing here knows about Lightning or about how the step was measured.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from learnscope._probe import warn
+from learnscope._stats import ProductStats, StreamingHistogram
+from learnscope.functional import decompose
+from learnscope.functional.lca import LazyDelta, StepAllocation
+from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
+
+__all__ = ["RunTotals", "StepSummariser"]
+
+#: Modules with at most this many output units get per-unit allocations (``unit_allocations``).
+MAX_UNITS = 512
+
+
+class StepSummariser:
+    """Summarises one step's allocations ``A = k ⊙ Δ`` without materialising ``A``.
+
+    Args:
+        tracked: the trainable parameters by qualified name (θ_{t+1} when summarising).
+        owner: each parameter's module name (``"root"`` for the top module's own).
+        reported: the modules that get per-module sums, counts and histograms.
+        stats: the per-tensor statistics (eager or compiled).
+        unit_allocations: also sum ``A`` per output unit of modules with at most
+            :data:`MAX_UNITS` units.
+    """
+
+    def __init__(
+        self, tracked: Mapping[str, Tensor], owner: Mapping[str, str], reported: set[str], stats: ProductStats,
+        *, unit_allocations: bool, owner_label: str = "LossChangeAllocation",
+    ) -> None:
+        self.tracked, self.owner, self.reported, self.stats = tracked, owner, reported, stats
+        self.unit_allocations = unit_allocations
+        self.owner_label = owner_label
+        self._stale_warned = False
+
+    def statistics(
+        self, allocation: StepAllocation, names: Sequence[str], histograms: Sequence[StreamingHistogram | None] | None = None
+    ) -> list[tuple[Counts, Moments]]:
+        """Counts and moments of A = k ⊙ Δ for each of ``names`` (histograms filled on the way)."""
+        delta = allocation.delta
+        operands = [delta.operands(n) if isinstance(delta, LazyDelta) else delta[n] for n in names]
+        return self.stats.many([allocation.path_gradient[n] for n in names], operands, list(histograms or []) or None)
+
+    def parts(
+        self, record: decompose.StepRecord | None, names: Sequence[str], allocation: StepAllocation,
+        totals: Sequence[float] | None = None,
+    ) -> list[dict[str, float]]:
+        """The part allocations of each of ``names`` (a few fused dot products per tensor,
+        read back in one device sync); ``totals``: their Σ k ⊙ Δ when known, so the parts
+        sum to exactly what the statistics logged. No ``record`` (decompose off): no parts."""
+        splits: list[dict[str, float]] = [{} for _ in names]
+        if record is None:
+            return splits
+        plans, planned = [], []
+        for i, name in enumerate(names):
+            try:
+                plans.append(decompose.plan_part_values(
+                    allocation.path_gradient[name], record, self.tracked[name], lambda name=name: allocation.delta[name],
+                    total=None if totals is None else totals[i],
+                    fused=self.stats.compiled,  # compile_statistics, unless compiling failed
+                ))
+                planned.append(i)
+            except RuntimeError as err:  # the gradient or optimizer state changed before we could read it
+                if not self._stale_warned:
+                    self._stale_warned = True
+                    warn(f"{self.owner_label}: no optimizer parts for this step ({err}); the total is unaffected.")
+        for i, values in zip(planned, decompose.part_values(plans)):
+            splits[i] = values
+        return splits
+
+    def corner(self, names: Sequence[str], record: decompose.StepRecord | None, allocation: StepAllocation) -> CornerStats:
+        """An ablation corner's helped fraction and parts."""
+        stats = CornerStats()
+        splits = self.parts(record, names, allocation)
+        for (counts, _), split in zip(self.statistics(allocation, names), splits):
+            stats.counts.add(counts)
+            for part, value in split.items():
+                stats.parts[part] = stats.parts.get(part, 0.0) + value
+        return stats
+
+    def summarise(
+        self, step: int, names: Sequence[str], record: decompose.StepRecord | None, allocation: StepAllocation,
+        *, histograms: bool, with_delta_loss: bool,
+    ) -> LCAStepRecord:
+        """The step's record; ``total`` is Σ A from the statistics (``allocation.total`` is not read).
+        ``histograms``: fill one histogram per reported module (all its tensors)."""
+        modules = dict.fromkeys(self.owner[name] for name in names if self.owner[name] in self.reported)
+        by_module = {module: StreamingHistogram() for module in modules} if histograms else {}
+        hists = [by_module.get(self.owner[name]) for name in names]
+        statistics = self.statistics(allocation, names, hists)
+        splits = self.parts(record, names, allocation, totals=[m.s1 for _, m in statistics])
+        out = LCAStepRecord(
+            step=step, total=0.0, delta_loss=allocation.delta_loss if with_delta_loss else None,
+            splits=allocation.splits, counts=Counts(), moments=Moments(), histograms=by_module or None,
+        )
+        for name, (counts, moments), split in zip(names, statistics, splits):
+            out.total += moments.s1
+            self._add(out, name, counts, moments, split)
+            if self.unit_allocations and self.owner[name] in self.reported:
+                _add_units(out.units, self.owner[name], allocation, name)
+        return out
+
+    def part_tensors(self, record: decompose.StepRecord | None, allocation: StepAllocation, name: str) -> dict[str, Tensor]:
+        """The per-part allocation tensors ``k ⊙ Δ_part`` of one parameter (empty without a record)."""
+        if record is None:
+            return {}
+        param, delta = self.tracked[name], allocation.delta[name]
+        pieces = decompose.step_parts(record, param, delta, param.detach() - delta)
+        k = allocation.path_gradient[name]
+        return {part: k * piece for part, piece in pieces.items()}
+
+    def _add(self, out: LCAStepRecord, name: str, counts: Counts, moments: Moments, split: dict[str, float]) -> None:
+        """Add one parameter tensor's statistics and parts to the run-level and module sums."""
+        out.counts.add(counts)
+        out.moments.add(moments)
+        _add_into(out.parts, split)
+        module = self.owner[name]
+        if module not in self.reported:
+            return
+        out.layers[module] = out.layers.get(module, 0.0) + moments.s1
+        out.layer_counts.setdefault(module, Counts()).add(counts)
+        if split:
+            _add_into(out.layer_parts.setdefault(module, {}), split)
+
+
+def reported_modules(owner: Mapping[str, str], patterns: Sequence[str] | None) -> set[str]:
+    """The modules that get per-module tags: every module owning a trainable parameter,
+    or those matching a glob of ``patterns`` (a warning when none does)."""
+    modules = sorted(set(owner.values()))
+    if patterns is not None:
+        modules = [m for m in modules if any(fnmatch.fnmatchcase(m, pattern) for pattern in patterns)]
+        if not modules:
+            warn(f"LossChangeAllocation: no trainable module matches modules={list(patterns)}")
+    return set(modules)
+
+
+def _add_into(target: dict[str, float], values: Mapping[str, float]) -> None:
+    for key, value in values.items():
+        target[key] = target.get(key, 0.0) + value
+
+
+def _add_units(units: dict[str, Tensor], module: str, allocation: StepAllocation, name: str) -> None:
+    """Σ A per output unit (a unit's weights summed over inputs, plus its bias) in float64."""
+    delta = allocation.delta[name]
+    if delta.ndim < 1 or delta.shape[0] > MAX_UNITS:
+        return
+    a = allocation.allocation(name)
+    per_unit = a.detach().double().reshape(a.shape[0], -1).sum(1).cpu()
+    if module not in units:
+        units[module] = per_unit
+    elif units[module].shape == per_unit.shape:
+        units[module] = units[module] + per_unit
+
+
+@dataclass
+class RunTotals:
+    """The run's cumulative LCA state, saved in checkpoints (``state_dict``).
+
+    Attributes:
+        cumulative: Σ over measured steps of each reported module's allocation.
+        cumulative_parts: the same per part, keyed ``<part>`` and ``<part>/<module>``.
+        sum_total: Σ_t Σ_i A over measured steps.
+        sum_delta_loss: Σ_t ΔL over the steps whose loss change was evaluated.
+        sum_total_with_loss: Σ_t Σ_i A over those same steps.
+        measured_steps, skipped_steps, capped_steps: step counts.
+        last_histogram_step: the step of the last histograms (their cadence resumes too).
+    """
+
+    cumulative: dict[str, float] = field(default_factory=dict)
+    cumulative_parts: dict[str, float] = field(default_factory=dict)
+    sum_total: float = 0.0
+    sum_delta_loss: float = 0.0
+    sum_total_with_loss: float = 0.0
+    measured_steps: int = 0
+    skipped_steps: int = 0
+    capped_steps: int = 0
+    last_histogram_step: int | None = None
+
+    def add(self, record: LCAStepRecord) -> None:
+        """Count one measured step."""
+        self.measured_steps += 1
+        self.sum_total += record.total
+        if record.delta_loss is not None:
+            self.sum_delta_loss += record.delta_loss
+            self.sum_total_with_loss += record.total
+        _add_into(self.cumulative, record.layers)
+        _add_into(self.cumulative_parts, record.parts)
+        for module, parts in record.layer_parts.items():
+            _add_into(self.cumulative_parts, {f"{part}/{module}": value for part, value in parts.items()})
+
+    def histogram_due(self, step: int, every: int) -> bool:
+        """Histograms at most every ``every`` steps (``trainer.log_every_n_steps``)."""
+        last = self.last_histogram_step
+        return last is None or step - last >= max(1, every)
+
+    @property
+    def cumulative_relative_error(self) -> float:
+        """``|Σ_t Σ_i A − Σ_t ΔL| / |Σ_t ΔL|`` over the steps whose ΔL was evaluated (NaN without any)."""
+        if self.sum_delta_loss == 0.0:
+            return math.nan
+        return abs(self.sum_total_with_loss - self.sum_delta_loss) / abs(self.sum_delta_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "cumulative": dict(self.cumulative),
+            "sum_total": self.sum_total,
+            "sum_delta_loss": self.sum_delta_loss,
+            "sum_total_with_loss": self.sum_total_with_loss,
+            "skipped_steps": self.skipped_steps,
+            "capped_steps": self.capped_steps,
+            "measured_steps": self.measured_steps,
+            "cumulative_parts": dict(self.cumulative_parts),
+            "last_histogram_step": self.last_histogram_step,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> RunTotals:
+        last = state.get("last_histogram_step")
+        return cls(
+            cumulative=dict(state.get("cumulative", {})),
+            cumulative_parts=dict(state.get("cumulative_parts", {})),
+            sum_total=float(state.get("sum_total", 0.0)),
+            sum_delta_loss=float(state.get("sum_delta_loss", 0.0)),
+            sum_total_with_loss=float(state.get("sum_total_with_loss", 0.0)),
+            measured_steps=int(state.get("measured_steps", 0)),
+            skipped_steps=int(state.get("skipped_steps", 0)),
+            capped_steps=int(state.get("capped_steps", 0)),
+            last_histogram_step=None if last is None else int(last),
+        )
