@@ -3,6 +3,24 @@
 Nothing in this package imports Lightning: use it from a hand-written PyTorch loop.
 """
 
-from learnscope.functional.lca import RULES, Evaluation, StepAllocation, allocate_step, gradient_evaluator
+from learnscope.functional.lca import (
+    RULES,
+    AccumulatingEvaluator,
+    Evaluation,
+    Evaluator,
+    StepAllocation,
+    allocate_step,
+    first_order_step,
+    gradient_evaluator,
+)
 
-__all__ = ["RULES", "Evaluation", "StepAllocation", "allocate_step", "gradient_evaluator"]
+__all__ = [
+    "RULES",
+    "AccumulatingEvaluator",
+    "Evaluation",
+    "Evaluator",
+    "StepAllocation",
+    "allocate_step",
+    "first_order_step",
+    "gradient_evaluator",
+]

@@ -329,8 +329,19 @@ def allocate_step(
     if rule == "first_order":
         last = evaluate(end) if evaluate_end else None
         return _result(first.gradient, delta, first, last, 1, compute_total)
+    return _quadrature(
+        evaluate, start, end, delta, first, rule, tolerance, relative_tolerance, max_intervals, compute_total
+    )
+
+
+def _quadrature(
+    evaluate: Evaluator, start: Params, end: Params, delta: dict[str, Tensor], first: Evaluation, rule: str,
+    tolerance: float,
+    relative_tolerance: float | None, max_intervals: int, compute_total: bool,
+) -> StepAllocation:
+    """``trapezoid``, ``simpson`` and ``adaptive``, with k built in place in the start
+    gradient's buffers: the trapezoid T_1 first, then Richardson's recurrence."""
     last = evaluate(end)
-    # k is built in place in the start gradient's buffers: the trapezoid T_1 first.
     trapezoid = first.gradient
     for name, g in trapezoid.items():
         g.add_(last.gradient[name]).mul_(0.5)
