@@ -25,10 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from learnscope._compat import reparametrized, validation_data_source
 from learnscope.functional.lca import Evaluation
 
-try:  # NumPy is a dependency of Lightning, but keep the import soft.
-    import numpy as np
-except ImportError:  # pragma: no cover
-    np = None
+import numpy as np  # a dependency of Lightning and TensorBoard
 
 PROBE_SEED = 20191003  # fixed: the probe subset never depends on the run's seed or RNG state
 
@@ -49,14 +46,13 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
     """Fork torch (CPU and the module's accelerator), Python and NumPy RNG streams."""
     devices = [device] if device is not None and device.type == "cuda" else []
     py_state = random.getstate()
-    np_state = np.random.get_state() if np is not None else None
+    np_state = np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices, enabled=True):
             yield
     finally:
         random.setstate(py_state)
-        if np_state is not None:
-            np.random.set_state(np_state)
+        np.random.set_state(np_state)
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -113,8 +109,7 @@ def seed_random_streams(seed: int, device: torch.device | None = None) -> None:
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.default_generators[index].manual_seed(seed)
     random.seed(seed)
-    if np is not None:
-        np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)
 
 
 @contextlib.contextmanager
@@ -442,7 +437,8 @@ class _LossModule(nn.Module):
     def forward(self, batch: Any, batch_idx: int) -> Tensor:
         if self.loss_fn is not None:
             return loss_from_output(self.loss_fn(self.module, batch))
-        return loss_from_output(self.module.training_step(batch, batch_idx))
+        training_step: Callable[[Any, int], Any] = getattr(self.module, "training_step")  # noqa: B009
+        return loss_from_output(training_step(batch, batch_idx))
 
 
 class ProbeObjective:

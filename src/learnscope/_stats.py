@@ -15,6 +15,7 @@ slices, so histogram steps do not need the concatenated allocations either.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -132,9 +133,8 @@ def product_sums(k: Tensor, delta: Delta | None = None, histogram: StreamingHist
     end − start (bitwise what ``step_delta`` writes). ``histogram`` also receives every
     slice of a."""
     flat_k = _flat(k)
-    pair = isinstance(delta, tuple)
-    flat_d = None if delta is None or pair else _flat(delta)
-    flat_s, flat_e = (_flat(delta[0]), _flat(delta[1])) if pair else (None, None)
+    flat_d = _flat(delta) if isinstance(delta, Tensor) else None
+    flat_s, flat_e = (_flat(delta[0]), _flat(delta[1])) if isinstance(delta, tuple) else (None, None)
     size = _slice_size(flat_k)
     values = []
     for start in range(0, flat_k.numel(), size):
@@ -142,7 +142,7 @@ def product_sums(k: Tensor, delta: Delta | None = None, histogram: StreamingHist
         piece = flat_k[start:stop]
         if flat_d is not None:
             piece = piece * flat_d[start:stop]
-        elif flat_s is not None:
+        elif flat_s is not None and flat_e is not None:
             piece = piece * (flat_e[start:stop] - flat_s[start:stop])
         if histogram is not None:
             histogram.add(piece)
@@ -163,7 +163,7 @@ def product_stats(k: Tensor, delta: Delta | None = None, histogram: StreamingHis
 
 
 def many_product_stats(
-    ks: list[Tensor], deltas: list[Delta | None], histograms: list[StreamingHistogram | None] | None = None
+    ks: Sequence[Tensor], deltas: Sequence[Delta | None], histograms: list[StreamingHistogram | None] | None = None
 ) -> list[tuple[Counts, Moments]]:
     """``product_stats`` of every pair, read back to Python in one device sync."""
     hists = histograms or [None] * len(ks)

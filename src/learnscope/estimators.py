@@ -87,7 +87,8 @@ def corner_name(data: str, rule: str) -> str:
 
 
 def _applied_gradient(params: Params, names: list[str]) -> dict[str, Tensor]:
-    return {n: torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad.detach() for n in names}
+    gradients = {n: params[n].grad for n in names}
+    return {n: torch.zeros_like(params[n]) if g is None else g.detach() for n, g in gradients.items()}
 
 
 class StepEstimator:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,7 @@ class StepSummariser:
         for i, name in enumerate(names):
             try:
                 plans.append(decompose.plan_part_values(
-                    allocation.path_gradient[name], record, self.tracked[name], lambda name=name: allocation.delta[name],
+                    allocation.path_gradient[name], record, self.tracked[name], partial(allocation.delta.__getitem__, name),
                     total=None if totals is None else totals[i],
                     fused=self.stats.compiled,  # compile_statistics, unless compiling failed
                 ))

@@ -434,7 +434,7 @@ class LossChangeAllocation(Callback):
             self._pending_batches.clear()
         self._log_records(trainer)
         # one write per batch of steps (the events' steps and values are unchanged)
-        self._log.flush_if_due(trainer, every=max(1, trainer.log_every_n_steps))
+        self._log.flush_if_due(trainer, every=_log_every_n_steps(trainer))
 
     def _skipped_scalars(self, *, loss_unchanged: bool) -> dict[str, float]:
         """The count of skipped steps; for an update that did not happen, also its zero
@@ -489,12 +489,12 @@ class LossChangeAllocation(Callback):
             self._stochastic_logged = True  # written once, with the first measured step
             record.probe_stochastic = stochastic
         allocation = dataclasses.replace(allocation, total=record.total)
-        self.observe(event.step, event.names, allocation, partial(self._summariser.part_tensors, event.record, allocation))
+        self.observe(event.step, event.names, allocation, partial(summariser.part_tensors, event.record, allocation))
         return record
 
     def _summarise(self, event: StepEvent, allocation: StepAllocation) -> LCAStepRecord:
         assert self._summariser is not None and self._trainer is not None
-        want_histograms = self.histograms and self._totals.histogram_due(event.step, self._trainer.log_every_n_steps)
+        want_histograms = self.histograms and self._totals.histogram_due(event.step, _log_every_n_steps(self._trainer))
         record = self._summariser.summarise(
             event.step, event.names, event.record, allocation, histograms=want_histograms,
             with_delta_loss=not self.config.cheap,
@@ -609,6 +609,12 @@ class LossChangeAllocation(Callback):
         """Whether the per-step statistics run as compiled kernels (``compile_statistics``
         resolved; False again if compiling failed)."""
         return self._stats.compiled
+
+
+def _log_every_n_steps(trainer: pl.Trainer) -> int:
+    """``Trainer(log_every_n_steps=...)``, at least 1 (set on the trainer by its logger
+    connector, so not in its type)."""
+    return max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
 
 def _long_run_on_cpu(trainer: pl.Trainer, params: dict[str, Tensor], every_n_steps: int) -> bool:
