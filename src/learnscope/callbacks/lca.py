@@ -532,20 +532,9 @@ class LossChangeAllocation(Callback):
         if not allocation.capped:
             return
         self._totals.capped_steps += 1
-        if "capped" in self._warned:
-            return
-        self._warned.add("capped")
-        error = abs(allocation.delta_loss - record.total)
-        relative = "" if self.relative_tolerance is None else f", relative_tolerance={self.relative_tolerance:g}"
-        rank_zero_warn(
-            f"LossChangeAllocation: step {step} reached max_intervals={self.max_intervals} sub-intervals with "
-            f"|ΔL − ΣA| = {error:.3g} (ΔL = {allocation.delta_loss:+.3g}), above the accepted error "
-            f"{allocation.accepted_error:.3g} (tolerance={self.tolerance:g}{relative}). The step's allocation is "
-            f"still recorded; such steps are counted in {self._tag('capped_steps')} and this warning is not repeated. "
-            "The loss along the step is too rough for the quadrature (large steps across ReLU/max-pool kinks; see "
-            "docs/accuracy.md). To try: a larger max_intervals, a larger probe set (probe_size), a smaller learning "
-            f"rate, a relative_tolerance, or accept the error ({self._tag('abs_error')} shows it per step)."
-        )
+        if "capped" not in self._warned:
+            self._warned.add("capped")
+            rank_zero_warn(_capped_warning(self.config, step, allocation, record.total))
 
     def _skip(self, step: int, why: str) -> None:
         self._totals.skipped_steps += 1
@@ -609,6 +598,20 @@ class LossChangeAllocation(Callback):
         """Whether the per-step statistics run as compiled kernels (``compile_statistics``
         resolved; False again if compiling failed)."""
         return self._stats.compiled
+
+
+def _capped_warning(config: LCAConfig, step: int, allocation: StepAllocation, total: float) -> str:
+    error = abs(allocation.delta_loss - total)
+    relative = "" if config.relative_tolerance is None else f", relative_tolerance={config.relative_tolerance:g}"
+    return (
+        f"LossChangeAllocation: step {step} reached max_intervals={config.max_intervals} sub-intervals with "
+        f"|ΔL − ΣA| = {error:.3g} (ΔL = {allocation.delta_loss:+.3g}), above the accepted error "
+        f"{allocation.accepted_error:.3g} (tolerance={config.tolerance:g}{relative}). The step's allocation is "
+        f"still recorded; such steps are counted in {config.name}/capped_steps and this warning is not repeated. "
+        "The loss along the step is too rough for the quadrature (large steps across ReLU/max-pool kinks; see "
+        "docs/accuracy.md). To try: a larger max_intervals, a larger probe set (probe_size), a smaller learning "
+        f"rate, a relative_tolerance, or accept the error ({config.name}/abs_error shows it per step)."
+    )
 
 
 def _log_every_n_steps(trainer: pl.Trainer) -> int:
