@@ -1,113 +1,186 @@
 """Tag names (public API) for the records the callbacks produce.
 
-Every tag starts with its callback's ``name`` (the *root*: ``lca`` and ``nfa`` by
-default), so that several callbacks of one kind can log into one run."""
+Every tag is formatted from its family in :mod:`learnscope.contract`, and starts with
+its callback's ``name`` (the *root*: ``lca`` and ``nfa`` by default), so that several
+callbacks of one kind can log into one run."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from learnscope import contract
 
-from learnscope.records import LCAStepRecord
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from learnscope.records import LCAStepRecord, NFARecord
+
+_F = contract.family
 
 
 def lca_scalars(
     record: LCAStepRecord, cumulative: Mapping[str, float], cumulative_relative_error: float, root: str = "lca"
 ) -> dict[str, float]:
     """Scalars of one measured step: run-level ``lca/*`` and per-module ``lca/<kind>/<module>``."""
-    out: dict[str, float] = {
-        f"{root}/total": record.total,
-        f"{root}/splits": float(record.splits),
-        f"{root}/helped_fraction": record.counts.helped_fraction,
-        f"{root}/hurt_fraction": record.counts.hurt_fraction,
-        f"{root}/helped_fraction_nonzero": record.counts.helped_fraction_nonzero,
-    }
-    kurtosis = record.moments.excess_kurtosis
-    if math.isfinite(kurtosis):
-        out[f"{root}/excess_kurtosis"] = kurtosis
-    # frozen or never-reached parameters (A = 0 exactly) pile up at 0 and inflate the all-parameter kurtosis
-    kurtosis_nonzero = record.moments.over(record.counts.nonzero).excess_kurtosis
-    if math.isfinite(kurtosis_nonzero):
-        out[f"{root}/excess_kurtosis_nonzero"] = kurtosis_nonzero
-    if record.probe_stochastic is not None:
-        out[f"{root}/probe_stochastic"] = float(record.probe_stochastic)
-    if record.delta_loss is not None:
-        out[f"{root}/delta_loss"] = record.delta_loss
-        out[f"{root}/abs_error"] = abs(record.delta_loss - record.total)
-        if math.isfinite(cumulative_relative_error):
-            out[f"{root}/cumulative_relative_error"] = cumulative_relative_error
+    out = _lca_run_scalars(record, cumulative_relative_error, root)
     for module, value in record.layers.items():
+        layer, layer_cumulative, helped, hurt = _module_tags(root, module)
         counts = record.layer_counts[module]
-        out[f"{root}/layer/{module}"] = value
-        out[f"{root}/layer_cumulative/{module}"] = cumulative[module]
-        out[f"{root}/helped_fraction/{module}"] = counts.helped_fraction
-        out[f"{root}/hurt_fraction/{module}"] = counts.hurt_fraction
+        out[layer] = value
+        out[layer_cumulative] = cumulative[module]
+        out[helped] = counts.helped_fraction
+        out[hurt] = counts.hurt_fraction
     for part, value in record.parts.items():
-        out[f"{root}/part/{part}"] = value
+        out[_F("lca_part").format(root, part=part)] = value
     for module, parts in record.layer_parts.items():
+        tags = _module_part_tags(root, module)
         for part, value in parts.items():
-            out[f"{root}/part/{part}/{module}"] = value
+            out[tags[part]] = value
     for corner, stats in record.ablation.items():
-        out[f"{root}/ablation/{corner}/helped_fraction"] = stats.counts.helped_fraction
+        data, rule = corner.split("_", 1)
+        out[_F("lca_ablation_helped").format(root, data=data, rule=rule)] = stats.counts.helped_fraction
         for part, value in stats.parts.items():
-            out[f"{root}/ablation/{corner}/part/{part}"] = value
+            out[_F("lca_ablation_part").format(root, data=data, rule=rule, part=part)] = value
     for module, values in record.units.items():
-        for unit, value in enumerate(values.tolist()):
-            out[f"{root}/unit/{module}/{unit}"] = value
+        out.update(zip(_unit_tags(root, module, len(values)), values.tolist()))
     return out
 
 
-LCA_CAPPED_STEPS = "capped_steps"
+# The same tags are written every measured step: format them once per run.
+@functools.lru_cache(maxsize=4096)
+def _module_tags(root: str, module: str) -> tuple[str, str, str, str]:
+    """A module's ``lca/layer``, ``layer_cumulative``, ``helped_fraction`` and ``hurt_fraction`` tags."""
+    layer, layer_cumulative, helped, hurt = (
+        _F(name).format(root, module=module)
+        for name in ("lca_layer", "lca_layer_cumulative", "lca_layer_helped", "lca_layer_hurt")
+    )
+    return layer, layer_cumulative, helped, hurt
+
+
+@functools.lru_cache(maxsize=4096)
+def _module_part_tags(root: str, module: str) -> dict[str, str]:
+    """``lca/part/<part>/<module>`` of every part."""
+    return {part: _F("lca_layer_part").format(root, part=part, module=module) for part in contract.PARTS}
+
+
+@functools.lru_cache(maxsize=1024)
+def _unit_tags(root: str, module: str, units: int) -> tuple[str, ...]:
+    unit_tag = _F("lca_unit").bind(root, module=module)
+    return tuple(unit_tag.format(unit=unit) for unit in range(units))
+
+
+def _lca_run_scalars(record: LCAStepRecord, cumulative_relative_error: float, root: str) -> dict[str, float]:
+    """The run-level scalars of one step; the undefined ones (NaN kurtosis, no ΔL) left out."""
+    values: dict[str, float | None] = {
+        "lca_total": record.total,
+        "lca_splits": float(record.splits),
+        "lca_helped_fraction": record.counts.helped_fraction,
+        "lca_hurt_fraction": record.counts.hurt_fraction,
+        "lca_helped_fraction_nonzero": record.counts.helped_fraction_nonzero,
+        "lca_excess_kurtosis": _finite(record.moments.excess_kurtosis),
+        # frozen or never-reached parameters (A = 0 exactly) pile up at 0 and inflate the all-parameter kurtosis
+        "lca_excess_kurtosis_nonzero": _finite(record.moments.over(record.counts.nonzero).excess_kurtosis),
+        "lca_probe_stochastic": None if record.probe_stochastic is None else float(record.probe_stochastic),
+    }
+    if record.delta_loss is not None:
+        values["lca_delta_loss"] = record.delta_loss
+        values["lca_abs_error"] = abs(record.delta_loss - record.total)
+        values["lca_cumulative_relative_error"] = _finite(cumulative_relative_error)
+    return {_F(name).format(root): value for name, value in values.items() if value is not None}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+LCA_CAPPED_STEPS = contract.family("lca_capped_steps").run_metric
 
 
 def lca_capped(capped_steps: int, root: str = "lca") -> dict[str, float]:
     """``lca/capped_steps``: how many steps so far ``rule="adaptive"`` accepted at
     ``max_intervals`` with their error above the target (cumulative, like ``lca/skipped_steps``)."""
-    return {f"{root}/{LCA_CAPPED_STEPS}": float(capped_steps)}
+    return {_F("lca_capped_steps").format(root): float(capped_steps)}
+
+
+def lca_skipped(skipped_steps: int, root: str = "lca", *, unmoved: bool = False, delta_loss: bool = True) -> dict[str, float]:
+    """``lca/skipped_steps``: how many steps so far were not measured (cumulative).
+
+    Args:
+        skipped_steps: the count so far.
+        root: the callback's ``name``.
+        unmoved: the skipped update did not move θ (a GradScaler skipped it), so its
+            allocation is known to be 0: also write ``lca/total`` = 0 and, when the run
+            evaluates the loss after each step (``delta_loss``), ``lca/delta_loss`` = 0.
+        delta_loss: whether the run writes ``lca/delta_loss`` (False in the cheap mode).
+    """
+    out = {_F("lca_skipped_steps").format(root): float(skipped_steps)}
+    if unmoved:
+        out[_F("lca_total").format(root)] = 0.0
+        if delta_loss:
+            out[_F("lca_delta_loss").format(root)] = 0.0
+    return out
+
+
+def lca_ablation_corner(data: str, rule: str) -> str:
+    """The key of one corner of the three-factor ablation in ``LCAStepRecord.ablation``
+    (``probe_simpson``): the ``<data>_<rule>`` field of ``lca/ablation/<data>_<rule>/...``.
+    ``data`` is ``batch`` or ``probe``, ``rule`` one of the quadrature rules."""
+    return contract.ablation_corner(data, rule)
 
 
 def lca_part_cumulative(cumulative_parts: Mapping[str, float], root: str = "lca") -> dict[str, float]:
     """``lca/part_cumulative/<part>`` and ``lca/part_cumulative/<part>/<module>`` from a
     flat mapping keyed ``<part>`` or ``<part>/<module>``."""
-    return {f"{root}/part_cumulative/{key}": value for key, value in cumulative_parts.items()}
+    out = {}
+    for key, value in cumulative_parts.items():
+        part, _, module = key.partition("/")
+        if module:
+            out[_F("lca_layer_part_cumulative").format(root, part=part, module=module)] = value
+        else:
+            out[_F("lca_part_cumulative").format(root, part=part)] = value
+    return out
 
 
 def lca_histograms(values: Mapping[str, Any], root: str = "lca") -> dict[str, Any]:
-    return {f"{root}/hist/{module}": tensor for module, tensor in values.items()}
+    """``lca/hist/<module>``: each module's allocations (a tensor or a StreamingHistogram)."""
+    return {_F("lca_hist").format(root, module=module): tensor for module, tensor in values.items()}
 
 
 # --------------------------------------------------------------------------- NFA
-
-from learnscope.records import NFARecord  # noqa: E402  (kept beside the NFA tags)
-
 
 
 def nfa_scalars(record: NFARecord, root: str = "nfa") -> dict[str, float]:
     """``nfa/<layer>/<metric>`` for every measured metric, and the run's ``nfa/skipped`` count."""
     out = {
-        f"{root}/{layer}/{metric}": value
+        _nfa_metric_tag(root, layer, metric): value
         for layer, metrics in record.metrics.items()
         for metric, value in metrics.items()
     }
-    out[f"{root}/skipped"] = float(record.skipped)
+    out.update(nfa_skipped(record.skipped, root))
     if record.probe_stochastic is not None:
-        out[f"{root}/probe_stochastic"] = float(record.probe_stochastic)
+        out[_F("nfa_probe_stochastic").format(root)] = float(record.probe_stochastic)
     return out
+
+
+def _nfa_metric_tag(root: str, layer: str, metric: str) -> str:
+    """``<root>/<layer>/<metric>`` from the contract's family of ``metric``."""
+    family, fields = contract.nfa_metric(metric)
+    return family.format(root, layer=layer, **fields)
 
 
 def nfa_skipped(skipped: int, root: str = "nfa") -> dict[str, float]:
     """The scalar written when a whole measurement is skipped."""
-    return {f"{root}/skipped": float(skipped)}
+    return {_F("nfa_skipped").format(root): float(skipped)}
 
 
 def nfa_histograms(record: NFARecord, root: str = "nfa") -> dict[str, Tensor]:
     """``nfa/<layer>/spectrum``: eigenvalues of G compressed to range(W)."""
-    return {f"{root}/{layer}/spectrum": spectrum for layer, spectrum in record.spectra.items()}
+    return {_F("nfa_spectrum").format(root, layer=layer): spectrum for layer, spectrum in record.spectra.items()}
 
 
 def nfa_images(record: NFARecord, root: str = "nfa") -> dict[str, dict[str, Tensor]]:
     """``nfa/<layer>/matrices``: the matrices to draw side by side (WᵀW, AGOP^α, ...)."""
-    return {f"{root}/{layer}/matrices": matrices for layer, matrices in record.matrices.items()}
+    return {_F("nfa_matrices").format(root, layer=layer): matrices for layer, matrices in record.matrices.items()}

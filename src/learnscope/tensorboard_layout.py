@@ -2,7 +2,7 @@
 
 The custom-scalars dashboard groups scalar tags into multiline charts. Every
 chart here is defined by *regular expressions* over the tag names the callbacks
-write (see ``learnscope.report.reader`` for the full tag contract), so a callback
+write (see :mod:`learnscope.contract` for the full tag contract), so a callback
 can build the layout knowing only which probes are on, not the layer names.
 Per-layer NFA charts (pearson next to its rotation null) are the one exception:
 they are added when the callback passes the layer names it measures.
@@ -41,24 +41,27 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from learnscope import contract
+
 __all__ = [
     "CATEGORY_LCA",
-    "CATEGORY_LCA_PARTS",
-    "CATEGORY_LCA_HEALTH",
     "CATEGORY_LCA_ABLATION",
+    "CATEGORY_LCA_HEALTH",
+    "CATEGORY_LCA_PARTS",
     "CATEGORY_NFA",
     "LCA_PARTS",
     "NFA_METRICS",
     "build_layout",
-    "merge_layouts",
-    "layout_to_dict",
-    "write_layout_once",
-    "layout_patterns",
     "charts_matching",
+    "layout_patterns",
+    "layout_to_dict",
+    "merge_layouts",
+    "write_layout_once",
 ]
 
 CATEGORY_LCA = "learnscope LCA"
@@ -75,29 +78,8 @@ _CATEGORY_ORDER = (
     CATEGORY_NFA,
 )
 
-LCA_PARTS = ("gradient", "momentum", "weight_decay", "residual")
-NFA_METRICS = (
-    "pearson_a1",
-    "cosine_a1",
-    "pearson_a0.5",
-    "cosine_a0.5",
-    "null_a1",
-    "null_a0.5",
-    "excess_a1",
-    "excess_a0.5",
-    "sphericity",
-    "sphericity_range",
-    "align_a0.5",
-    "stable_rank",
-    "weight_change",
-    "cnfa_pearson_a1",
-)
-
-_ANY_LAYER = "[^/]+"
-
-
-def _exact(tag: str) -> str:
-    return "^" + re.escape(tag) + "$"
+LCA_PARTS: tuple[str, ...] = contract.PARTS
+NFA_METRICS: tuple[str, ...] = tuple(contract.nfa_metric_names((1.0, 0.5), null=True))
 
 
 def _chart(title: str, patterns: Sequence[str]) -> layout_pb2.Chart:
@@ -106,93 +88,78 @@ def _chart(title: str, patterns: Sequence[str]) -> layout_pb2.Chart:
     )
 
 
-def _lca_categories(parts: Sequence[str], ablation: bool) -> list[layout_pb2.Category]:
-    any_layer = _ANY_LAYER
-    main = layout_pb2.Category(
-        title=CATEGORY_LCA,
-        chart=[
-            _chart("layer LCA per step (negative = helped)", [f"^lca/layer/{any_layer}$"]),
-            _chart("layer LCA cumulative", [f"^lca/layer_cumulative/{any_layer}$"]),
-            _chart("helped fraction per layer", [f"^lca/helped_fraction/{any_layer}$"]),
-            _chart("hurt fraction per layer", [f"^lca/hurt_fraction/{any_layer}$"]),
-        ],
+def _pattern(family: str, root: str, **fixed: object) -> str:
+    """The anchored regex of one contract family under ``root`` (free fields match any value)."""
+    return contract.family(family).regex(root, **fixed)
+
+
+def _run_charts(root: str, charts: Sequence[tuple[str, Sequence[str]]]) -> list[layout_pb2.Chart]:
+    """Charts of run-level families: ``(title, [family, ...])``."""
+    return [_chart(title, [_pattern(name, root) for name in names]) for title, names in charts]
+
+
+_LCA_HEALTH_CHARTS = (
+    ("total LCA vs actual loss change", ("lca_total", "lca_delta_loss")),
+    ("absolute error per step", ("lca_abs_error",)),
+    ("cumulative relative error", ("lca_cumulative_relative_error",)),
+    (
+        "helped / hurt fraction (all parameters; helped among A != 0)",
+        ("lca_helped_fraction", "lca_hurt_fraction", "lca_helped_fraction_nonzero"),
+    ),
+    ("excess kurtosis of the allocations (all; A != 0)", ("lca_excess_kurtosis", "lca_excess_kurtosis_nonzero")),
+    ("quadrature sub-intervals", ("lca_splits",)),
+    ("skipped steps", ("lca_skipped_steps", "lca_probe_stochastic")),
+    ("adaptive steps capped above tolerance", ("lca_capped_steps",)),
+)
+_LCA_LAYER_CHARTS = (
+    ("layer LCA per step (negative = helped)", ("lca_layer",)),
+    ("layer LCA cumulative", ("lca_layer_cumulative",)),
+    ("helped fraction per layer", ("lca_layer_helped",)),
+    ("hurt fraction per layer", ("lca_layer_hurt",)),
+)
+
+
+def _lca_categories(parts: Sequence[str], ablation: bool, root: str) -> list[layout_pb2.Category]:
+    part_charts = _run_charts(
+        root, [("parts, all layers summed", ("lca_part",)), ("parts cumulative, all layers summed", ("lca_part_cumulative",))]
     )
-    part_charts = [
-        _chart("parts, all layers summed", [f"^lca/part/{any_layer}$"]),
-        _chart("parts cumulative, all layers summed", [f"^lca/part_cumulative/{any_layer}$"]),
-    ]
     for part in parts:
-        escaped = re.escape(part)
-        part_charts.append(_chart(f"{part} part per layer", [f"^lca/part/{escaped}/{any_layer}$"]))
+        part_charts.append(_chart(f"{part} part per layer", [_pattern("lca_layer_part", root, part=part)]))
         part_charts.append(
-            _chart(
-                f"{part} part per layer, cumulative",
-                [f"^lca/part_cumulative/{escaped}/{any_layer}$"],
-            )
+            _chart(f"{part} part per layer, cumulative", [_pattern("lca_layer_part_cumulative", root, part=part)])
         )
-    health = layout_pb2.Category(
-        title=CATEGORY_LCA_HEALTH,
-        chart=[
-            _chart("total LCA vs actual loss change", [_exact("lca/total"), _exact("lca/delta_loss")]),
-            _chart("absolute error per step", [_exact("lca/abs_error")]),
-            _chart("cumulative relative error", [_exact("lca/cumulative_relative_error")]),
-            _chart(
-                "helped / hurt fraction (all parameters; helped among A != 0)",
-                [_exact("lca/helped_fraction"), _exact("lca/hurt_fraction"), _exact("lca/helped_fraction_nonzero")],
-            ),
-            _chart(
-                "excess kurtosis of the allocations (all; A != 0)",
-                [_exact("lca/excess_kurtosis"), _exact("lca/excess_kurtosis_nonzero")],
-            ),
-            _chart("quadrature sub-intervals", [_exact("lca/splits")]),
-            _chart("skipped steps", [_exact("lca/skipped_steps"), _exact("lca/probe_stochastic")]),
-            _chart("adaptive steps capped above tolerance", [_exact("lca/capped_steps")]),
-        ],
-    )
-    categories = [main, layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=part_charts), health]
+    categories = [
+        layout_pb2.Category(title=CATEGORY_LCA, chart=_run_charts(root, _LCA_LAYER_CHARTS)),
+        layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=part_charts),
+        layout_pb2.Category(title=CATEGORY_LCA_HEALTH, chart=_run_charts(root, _LCA_HEALTH_CHARTS)),
+    ]
     if ablation:
-        ablation_charts = [
-            _chart("helped fraction by loss and rule", [f"^lca/ablation/{any_layer}/helped_fraction$"])
-        ]
+        ablation_charts = _run_charts(root, [("helped fraction by loss and rule", ("lca_ablation_helped",))])
         for part in parts:
             ablation_charts.append(
-                _chart(
-                    f"{part} part by loss and rule",
-                    [f"^lca/ablation/{any_layer}/part/{re.escape(part)}$"],
-                )
+                _chart(f"{part} part by loss and rule", [_pattern("lca_ablation_part", root, part=part)])
             )
         categories.append(layout_pb2.Category(title=CATEGORY_LCA_ABLATION, chart=ablation_charts))
     return categories
 
 
-def _nfa_category(metrics: Sequence[str], layers: Sequence[str] | None) -> layout_pb2.Category:
-    charts = [_chart(f"{metric}, all layers", [f"^nfa/{_ANY_LAYER}/{re.escape(metric)}$"]) for metric in metrics]
-    charts.append(
-        _chart("skipped measurements", [_exact("nfa/skipped"), _exact("nfa/probe_stochastic")])
-    )
-    if layers is None:
-        # Without layer names a per-layer chart cannot be spelled out; show every
-        # correlation beside every null in one chart instead.
-        charts.append(_chart("pearson vs rotation null, α=1, all layers", [f"^nfa/{_ANY_LAYER}/(pearson|null)_a1$"]))
-        charts.append(
-            _chart("pearson vs rotation null, α=0.5, all layers", [f"^nfa/{_ANY_LAYER}/(pearson|null)_a0\\.5$"])
-        )
-    else:
-        for layer in layers:
-            if "/" in layer:
-                raise ValueError(f"layer name {layer!r} contains '/', which the nfa/<layer>/<metric> tags cannot hold")
-            charts.append(
-                _chart(
-                    f"{layer}: pearson vs rotation null, α=1",
-                    [_exact(f"nfa/{layer}/pearson_a1"), _exact(f"nfa/{layer}/null_a1")],
-                )
+def _nfa_category(metrics: Sequence[str], layers: Sequence[str] | None, root: str) -> layout_pb2.Category:
+    charts = []
+    for metric in metrics:
+        family, fields = contract.nfa_metric(metric)
+        charts.append(_chart(f"{metric}, all layers", [family.regex(root, **fields)]))
+    charts += _run_charts(root, [("skipped measurements", ("nfa_skipped", "nfa_probe_stochastic"))])
+    # Without layer names a per-layer chart cannot be spelled out; show every
+    # correlation beside every null in one chart instead.
+    for layer in [None] if layers is None else layers:
+        if layer is not None and "/" in layer:
+            raise ValueError(f"layer name {layer!r} contains '/', which the nfa/<layer>/<metric> tags cannot hold")
+        for alpha in (1.0, 0.5):
+            fixed: dict[str, object] = {"alpha": alpha} if layer is None else {"alpha": alpha, "layer": layer}
+            title = f"pearson vs rotation null, α={alpha:g}, all layers" if layer is None else (
+                f"{layer}: pearson vs rotation null, α={alpha:g}"
             )
-            charts.append(
-                _chart(
-                    f"{layer}: pearson vs rotation null, α=0.5",
-                    [_exact(f"nfa/{layer}/pearson_a0.5"), _exact(f"nfa/{layer}/null_a0.5")],
-                )
-            )
+            charts.append(_chart(title, [_pattern("nfa_pearson", root, **fixed), _pattern("nfa_null", root, **fixed)]))
     return layout_pb2.Category(title=CATEGORY_NFA, chart=charts)
 
 
@@ -207,6 +174,8 @@ def build_layout(
     nfa_root: str = "nfa",
 ) -> layout_pb2.Layout:
     """The custom-scalar layout for the probes that are on.
+
+    Every chart's patterns are the regexes of :mod:`learnscope.contract` families.
 
     Args:
         lca: add the categories "learnscope LCA" (per-layer LCA, cumulative LCA,
@@ -231,24 +200,19 @@ def build_layout(
     """
     categories: list[layout_pb2.Category] = []
     if lca:
-        lca_categories = _lca_categories(tuple(lca_parts), lca_ablation)
-        categories.extend(_rooted(category, "lca", lca_root) for category in lca_categories)
+        lca_categories = _lca_categories(tuple(lca_parts), lca_ablation, lca_root)
+        categories.extend(_titled(category, "lca", lca_root) for category in lca_categories)
     if nfa:
-        nfa_category = _nfa_category(tuple(nfa_metrics), None if nfa_layers is None else tuple(nfa_layers))
-        categories.append(_rooted(nfa_category, "nfa", nfa_root))
+        nfa_category = _nfa_category(tuple(nfa_metrics), None if nfa_layers is None else tuple(nfa_layers), nfa_root)
+        categories.append(_titled(nfa_category, "nfa", nfa_root))
     return layout_pb2.Layout(category=categories)
 
 
-def _rooted(category: layout_pb2.Category, default: str, root: str) -> layout_pb2.Category:
-    """``category`` for tags under ``root/`` instead of ``default/`` (a renamed callback)."""
-    if root == default:
+def _titled(category: layout_pb2.Category, writer: str, root: str) -> layout_pb2.Category:
+    """A category of a renamed callback carries its root in the title."""
+    if root == contract.DEFAULT_ROOTS[writer]:
         return category
-    prefix, rooted = f"^{default}/", "^" + re.escape(root) + "/"
-    charts = []
-    for chart in category.chart:
-        patterns = [rooted + p[len(prefix):] if p.startswith(prefix) else p for p in chart.multiline.tag]
-        charts.append(_chart(chart.title, patterns))
-    return layout_pb2.Category(title=f"{category.title} ({root})", chart=charts)
+    return layout_pb2.Category(title=f"{category.title} ({root})", chart=category.chart)
 
 
 def merge_layouts(*layouts: layout_pb2.Layout) -> layout_pb2.Layout:
@@ -292,7 +256,7 @@ def layout_to_dict(layout: layout_pb2.Layout) -> dict[str, dict[str, list[Any]]]
     }
 
 
-_written: "weakref.WeakKeyDictionary[Any, layout_pb2.Layout]" = weakref.WeakKeyDictionary()
+_written: weakref.WeakKeyDictionary[Any, layout_pb2.Layout] = weakref.WeakKeyDictionary()
 _written_lock = threading.Lock()
 
 

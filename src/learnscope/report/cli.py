@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-from learnscope.report.reader import RunRecords, read_logdir
+from learnscope.report.reader import LogdirRecords, RunRecords, read_logdir
 from learnscope.report.summary import (
     RunSummary,
     SyncSettings,
@@ -23,7 +23,7 @@ from learnscope.report.summary import (
     summarise_run,
 )
 
-__all__ = ["main", "build_parser", "FIGURE_EXPLANATIONS"]
+__all__ = ["FIGURE_EXPLANATIONS", "build_parser", "main"]
 
 PROGRAM = "learnscope"
 
@@ -31,49 +31,49 @@ PROGRAM = "learnscope"
 FIGURE_EXPLANATIONS: dict[str, tuple[str, str]] = {
     "cumulative_lca": (
         "Cumulative LCA per layer",
-        "Each layer's loss change allocation summed over the measured steps. Negative means the layer's "
-        "parameter updates lowered the loss (helped); a rising curve means the layer was hurting at that time.",
+        ("Each layer's loss change allocation summed over the measured steps. Negative means the layer's "
+        "parameter updates lowered the loss (helped); a rising curve means the layer was hurting at that time."),
     ),
     "lca_per_layer": (
         "Total LCA per layer",
-        "The final cumulative LCA of each layer: green bars helped (negative), red bars hurt (positive). "
-        "The bars sum to the total loss change explained by the allocation.",
+        ("The final cumulative LCA of each layer: green bars helped (negative), red bars hurt (positive). "
+        "The bars sum to the total loss change explained by the allocation."),
     ),
     "helped_fraction": (
         "Helped fraction",
-        "Fraction of parameters whose allocation was negative on each step (left), and the distribution of "
-        "that fraction over the steps (right). The paper finds it barely above 0.5.",
+        ("Fraction of parameters whose allocation was negative on each step (left), and the distribution of "
+        "that fraction over the steps (right). The paper finds it barely above 0.5."),
     ),
     "lca_parts": (
         "LCA split by optimizer part",
-        "Each layer's cumulative LCA split into the parts of the update (gradient, momentum, weight decay, "
+        ("Each layer's cumulative LCA split into the parts of the update (gradient, momentum, weight decay, "
         "residual). Parts sum exactly to the layer total (black marker); momentum and weight decay are where "
-        "hurting parameters can come from under plain SGD on the same loss.",
+        "hurting parameters can come from under plain SGD on the same loss."),
     ),
     "nfa_alignment": (
         "NFA alignment against the rotation null",
-        "Pearson correlation between the neural feature matrix WᵀW and AGOP^α (α = 1 blue, α = ½ orange) over "
+        ("Pearson correlation between the neural feature matrix WᵀW and AGOP^α (α = 1 blue, α = ½ orange) over "
         "training. The dashed line and shaded band are the same correlation with the pre-activation gradient "
         "Gram matrix randomly rotated: only the excess above it is evidence for the ansatz. Readout layers "
-        "omit α = 1, which is identically 1 there.",
+        "omit α = 1, which is identically 1 there."),
     ),
     "nfa_metrics": (
         "Other NFA metrics",
-        "Excess alignment (correlation − null), cosine versions, sphericity of the gradient Gram matrix "
+        ("Excess alignment (correlation − null), cosine versions, sphericity of the gradient Gram matrix "
         "(1 = isotropic), the α = ½ alignment, stable rank, relative weight change and the centred NFA, "
-        "one panel per metric with every layer.",
+        "one panel per metric with every layer."),
     ),
     "synchronisation": (
         "Synchronisation of learning across layers",
-        "Our own operationalisation of the paper's claim (its test is not public): local minima of each layer's "
+        ("Our own operationalisation of the paper's claim (its test is not public): local minima of each layer's "
         "LCA series (▼), counted as coincident when two layers have a minimum on the same step (within the "
         "tolerance), compared with a null where each layer's minima are shifted circularly by an independent "
-        "random offset. The p-value is one-sided with the +1 correction.",
+        "random offset. The p-value is one-sided with the +1 correction."),
     ),
     "unit_lca": (
         "Per-neuron LCA",
-        "LCA of each output unit of the small layers over the measured steps (green = helped, red = hurt, "
-        "colour scale centred at 0).",
+        ("LCA of each output unit of the small layers over the measured steps (green = helped, red = hurt, "
+        "colour scale centred at 0)."),
     ),
 }
 
@@ -128,19 +128,31 @@ def _slug(run_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", run_name).strip("_") or "run"
 
 
+def _sync_settings(args: argparse.Namespace) -> SyncSettings:
+    """The synchronisation flags; ValueError naming the flag when one is out of range."""
+    settings = SyncSettings(
+        smooth=args.smooth, window=args.window, tolerance=args.tolerance, n_draws=args.draws, seed=args.seed
+    )
+    if settings.smooth < 1 or settings.smooth % 2 == 0:
+        raise ValueError(f"--smooth must be an odd integer >= 1, got {settings.smooth}")
+    if settings.window < 1 or settings.tolerance < 0 or settings.n_draws < 1:
+        raise ValueError("--window and --draws must be >= 1 and --tolerance >= 0")
+    return settings
+
+
+def _no_data_message(records: LogdirRecords, logdir: Path) -> str:
+    found = sum(len(run.event_files) for run in records.runs.values())
+    where = f"{found} event file(s) in {len(records.runs)} run(s)" if found else "no event files"
+    return f"no learnscope data (lca/... or nfa/... tags) under '{logdir}': {where}"
+
+
 def _report(args: argparse.Namespace) -> int:
     logdir: Path = args.logdir
     if not logdir.exists():
         _error(f"log directory '{logdir}' does not exist")
         return 2
     try:
-        settings = SyncSettings(
-            smooth=args.smooth, window=args.window, tolerance=args.tolerance, n_draws=args.draws, seed=args.seed
-        )
-        if settings.smooth < 1 or settings.smooth % 2 == 0:
-            raise ValueError(f"--smooth must be an odd integer >= 1, got {settings.smooth}")
-        if settings.window < 1 or settings.tolerance < 0 or settings.n_draws < 1:
-            raise ValueError("--window and --draws must be >= 1 and --tolerance >= 0")
+        settings = _sync_settings(args)
     except ValueError as error:
         _error(str(error))
         return 2
@@ -153,25 +165,28 @@ def _report(args: argparse.Namespace) -> int:
     records = read_logdir(logdir, progress=False if args.no_progress else None)
     runs = records.learnscope_runs
     if not runs:
-        found = sum(len(run.event_files) for run in records.runs.values())
-        where = f"{found} event file(s) in {len(records.runs)} run(s)" if found else "no event files"
-        _error(f"no learnscope data (lca/... or nfa/... tags) under '{logdir}': {where}")
+        _error(_no_data_message(records, logdir))
         return 2
-
     out: Path = args.out if args.out is not None else logdir / "learnscope_report"
+    report_path = _write_report(figures, runs, settings, out, logdir)
+    print(f"\nreport: {report_path}")
+    return 0
+
+
+def _write_report(figures, runs: dict[str, RunRecords], settings: SyncSettings, out: Path, logdir: Path) -> Path:
+    """Print each run's summary, draw its figures and write ``report.md``; returns its path."""
     out.mkdir(parents=True, exist_ok=True)
+    several = len(runs) > 1
     sections = []
     for name, run in runs.items():
         summary = summarise_run(run, settings)
-        _print_summary(run, summary, several=len(runs) > 1)
-        directory = out / _slug(name) if len(runs) > 1 else out
-        written = _write_figures(figures, run, summary, directory)
-        sections.append(_markdown_section(run, summary, written, out, several=len(runs) > 1))
+        _print_summary(run, summary, several=several)
+        written = _write_figures(figures, run, summary, out / _slug(name) if several else out)
+        sections.append(_markdown_section(run, summary, written, out, several=several))
     sections += _overlay_sections(figures, runs, out)
     report_path = out / "report.md"
     report_path.write_text(_markdown(logdir, sections), encoding="utf-8")
-    print(f"\nreport: {report_path}")
-    return 0
+    return report_path
 
 
 def _overlay_sections(figures, runs: dict[str, RunRecords], out: Path) -> list[str]:
@@ -180,7 +195,7 @@ def _overlay_sections(figures, runs: dict[str, RunRecords], out: Path) -> list[s
     for run in runs.values():
         by_path.setdefault(Path(run.path), []).append(run)
     sections = []
-    for path, group in by_path.items():
+    for group in by_path.values():
         if len(group) < 2:
             continue
         name = group[0].name
@@ -191,9 +206,9 @@ def _overlay_sections(figures, runs: dict[str, RunRecords], out: Path) -> list[s
         lines = [
             f"## LCA of each probe set: `{name}`", "",
             f"![LCA of each probe set]({written.relative_to(out).as_posix()})", "",
-            f"The run's LCA callbacks ({roots}) side by side: cumulative Σ LCA (solid) and the cumulative actual "
+            (f"The run's LCA callbacks ({roots}) side by side: cumulative Σ LCA (solid) and the cumulative actual "
             "loss change on the same probe set (dashed). A held-out probe set that helps less than the training "
-            "one shows where learning stops generalising.",
+            "one shows where learning stops generalising."),
         ]
         sections.append("\n".join(lines))
     return sections
@@ -236,8 +251,8 @@ def _markdown_section(run: RunRecords, summary: RunSummary, written: dict[str, P
     lines = [f"## Run `{run.name}`" if several or run.name != "." else "## Run", ""]
     lines += [f"- {line}" for line in format_headline(summary)]
     if summary.layers:
-        lines += ["", "Per layer (cumulative LCA: negative = helped; share: of the summed layer LCA; "
-                  "helped frac.: mean over steps; NFA: last measured value):", "", format_table(summary, markdown=True)]
+        lines += ["", ("Per layer (cumulative LCA: negative = helped; share: of the summed layer LCA; "
+                  "helped frac.: mean over steps; NFA: last measured value):"), "", format_table(summary, markdown=True)]
     for name, path in written.items():
         title, explanation = FIGURE_EXPLANATIONS[name]
         link = path.relative_to(out).as_posix()
@@ -254,9 +269,9 @@ def _markdown(logdir: Path, sections: list[str]) -> str:
         "",
         f"Log directory: `{logdir}`",
         "",
-        "LCA (loss change allocation, Lan et al. 2019): each parameter's share of the loss change on a step; "
+        ("LCA (loss change allocation, Lan et al. 2019): each parameter's share of the loss change on a step; "
         "negative = helped. NFA (neural feature ansatz): does each layer's WᵀW line up with the average "
-        "gradient outer product?",
+        "gradient outer product?"),
     ]
     return "\n".join(header + [""] + ["\n\n".join(sections)]) + "\n"
 

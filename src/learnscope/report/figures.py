@@ -13,8 +13,8 @@ LCA colours: green = helped (negative LCA), red = hurt (positive).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -24,8 +24,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from learnscope import contract
 from learnscope.report.reader import RunRecords, ScalarSeries
-from learnscope.report.summary import RunSummary, cumulative_layer_series, layer_part_totals
+from learnscope.report.summary import (
+    RunSummary,
+    cumulative_layer_series,
+    layer_part_totals,
+)
 from learnscope.report.sync import SyncResult, align_on_common_steps
 
 __all__ = [
@@ -33,10 +38,10 @@ __all__ = [
     "HELPED_COLOUR",
     "HURT_COLOUR",
     "plot_cumulative_lca",
-    "plot_layer_lca_bars",
     "plot_helped_fraction",
-    "plot_lca_parts",
+    "plot_layer_lca_bars",
     "plot_lca_overlay",
+    "plot_lca_parts",
     "plot_nfa_alignment",
     "plot_nfa_metrics",
     "plot_synchronisation",
@@ -46,27 +51,35 @@ __all__ = [
 DPI = 100
 HELPED_COLOUR = "#2ca02c"
 HURT_COLOUR = "#d62728"
-PART_COLOURS = {
-    "gradient": "#1f77b4",
-    "momentum": "#9467bd",
-    "weight_decay": "#8c564b",
-    "residual": "#7f7f7f",
-}
+PART_COLOURS = dict(zip(contract.PARTS, ("#1f77b4", "#9467bd", "#8c564b", "#7f7f7f")))
 _OTHER_PART_COLOURS = ("#17becf", "#bcbd22", "#e377c2", "#ff7f0e")
-# Metrics of the second NFA figure, in display order (pearson/null have their own).
-NFA_CONTEXT_METRICS = (
-    "excess_a1",
-    "excess_a0.5",
-    "cosine_a1",
-    "cosine_a0.5",
-    "sphericity",
-    "sphericity_range",
-    "align_a0.5",
-    "stable_rank",
-    "weight_change",
-    "cnfa_pearson_a1",
+_PEARSON, _NULL = contract.family("nfa_pearson"), contract.family("nfa_null")
+# The α of the NFA alignment figure (the callback's default alphas), one colour each.
+_ALIGNMENT_ALPHAS = ((1.0, "#1f77b4"), (0.5, "#ff7f0e"))
+# Families of the second NFA figure, in display order (pearson/null have their own).
+_CONTEXT_FAMILIES = (
+    "nfa_excess",
+    "nfa_cosine",
+    "nfa_sphericity",
+    "nfa_sphericity_range",
+    "nfa_align",
+    "nfa_stable_rank",
+    "nfa_weight_change",
+    "nfa_cnfa_pearson",
 )
 
+
+def _context_rank(metric: str) -> int:
+    return _CONTEXT_FAMILIES.index(contract.nfa_metric(metric)[0].name)
+
+
+# Metrics of the second NFA figure: those a callback with the default alphas logs.
+NFA_CONTEXT_METRICS = tuple(
+    sorted(
+        (m for m in contract.nfa_metric_names() if contract.nfa_metric(m)[0].name in _CONTEXT_FAMILIES),
+        key=_context_rank,
+    )
+)
 
 
 def _run_title(run: RunRecords) -> str:
@@ -269,15 +282,15 @@ def plot_lca_parts(run: RunRecords, path: str | Path) -> Path | None:
 # (e) ---------------------------------------------------------------------------
 
 
-def _draw_against_null(axes, metrics: dict[str, ScalarSeries], alpha: str, colour: str) -> bool:
-    pearson = metrics.get(f"pearson_a{alpha}")
+def _draw_against_null(axes, metrics: dict[str, ScalarSeries], alpha: float, colour: str) -> bool:
+    pearson = metrics.get(_PEARSON.leaf(alpha=alpha))
     if pearson is None or not len(pearson):
         return False
-    axes.plot(pearson.steps, pearson.values, color=colour, linewidth=1.6, label=f"pearson α={alpha}")
-    null = metrics.get(f"null_a{alpha}")
+    axes.plot(pearson.steps, pearson.values, color=colour, linewidth=1.6, label=f"pearson α={alpha:g}")
+    null = metrics.get(_NULL.leaf(alpha=alpha))
     if null is not None and len(null):
         axes.plot(
-            null.steps, null.values, color=colour, linestyle="--", linewidth=1.0, label=f"rotation null α={alpha}"
+            null.steps, null.values, color=colour, linestyle="--", linewidth=1.0, label=f"rotation null α={alpha:g}"
         )
         # The band a random rotation of G already reaches: alignment below it is not evidence.
         axes.fill_between(null.steps, 0, null.values, color=colour, alpha=0.12, linewidth=0)
@@ -293,7 +306,7 @@ def plot_nfa_alignment(run: RunRecords, path: str | Path) -> Path | None:
     layers = {
         name: layer.metrics
         for name, layer in run.nfa.layers.items()
-        if any(f"pearson_a{alpha}" in layer.metrics for alpha in ("1", "0.5"))
+        if any(_PEARSON.leaf(alpha=alpha) in layer.metrics for alpha, _ in _ALIGNMENT_ALPHAS)
     }
     if not layers:
         return None
@@ -301,9 +314,8 @@ def plot_nfa_alignment(run: RunRecords, path: str | Path) -> Path | None:
     figure = _new_figure(4 * columns, 3.6 * rows)
     grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     for axes, (name, metrics) in zip(grid, layers.items()):
-        has_a1 = _draw_against_null(axes, metrics, "1", "#1f77b4")
-        _draw_against_null(axes, metrics, "0.5", "#ff7f0e")
-        title = name if has_a1 else f"{name} (readout: α=1 omitted)"
+        drawn = [_draw_against_null(axes, metrics, alpha, colour) for alpha, colour in _ALIGNMENT_ALPHAS]
+        title = name if drawn[0] else f"{name} (readout: α=1 omitted)"
         axes.set_title(title, fontsize="medium")
         axes.set_ylim(min(0.0, axes.get_ylim()[0]), 1.02)
         axes.set_xlabel("step")
@@ -338,7 +350,7 @@ def plot_nfa_metrics(run: RunRecords, path: str | Path) -> Path | None:
             series = layer.metrics.get(metric)
             if series is not None and len(series):
                 axes.plot(series.steps, series.values, linewidth=1.2, color=colours[name])
-        if metric.startswith("excess"):
+        if contract.nfa_metric(metric)[0].name == "nfa_excess":  # pearson − null: 0 is chance
             axes.axhline(0, color="black", linewidth=0.8)
         axes.set_title(metric, fontsize="medium")
         axes.set_xlabel("step", fontsize="small")

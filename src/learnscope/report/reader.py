@@ -6,41 +6,16 @@ reads each with TensorBoard's ``EventAccumulator`` keeping every event (size
 guidance 0 for every kind: nothing is sampled away), and groups the tags by the
 contract below into :class:`LcaRecords` and :class:`NfaRecords`.
 
-Tag contract (``<m>``/``<layer>`` is a module's qualified name such as ``net.0``;
-module names never contain ``/``, so tags are parsed by anchored patterns over
-``/``-separated fields, and names with dots or digits are safe):
-
-=============================================  ==========  =========================
-tag                                            kind        record
-=============================================  ==========  =========================
-``lca/<metric>``                               scalar      ``LcaRecords.<metric>``
-  metric ∈ total, delta_loss, abs_error, splits, helped_fraction, hurt_fraction,
-  helped_fraction_nonzero, excess_kurtosis, excess_kurtosis_nonzero, cumulative_relative_error,
-  skipped_steps, probe_stochastic, capped_steps; any other ``lca/<name>`` goes to ``LcaRecords.extra[name]``
-``lca/layer/<m>``                              scalar      ``LcaLayer.allocation``
-``lca/layer_cumulative/<m>``                   scalar      ``LcaLayer.cumulative``
-``lca/helped_fraction/<m>``                    scalar      ``LcaLayer.helped_fraction``
-``lca/hurt_fraction/<m>``                      scalar      ``LcaLayer.hurt_fraction``
-``lca/hist/<m>``                               histogram   ``LcaLayer.histogram``
-``lca/part/<part>``                            scalar      ``LcaRecords.parts[part]``
-``lca/part/<part>/<m>``                        scalar      ``LcaLayer.parts[part]``
-``lca/part_cumulative/<part>``                 scalar      ``LcaRecords.parts_cumulative``
-``lca/part_cumulative/<part>/<m>``             scalar      ``LcaLayer.parts_cumulative``
-``lca/ablation/<data>_<rule>/helped_fraction`` scalar      ``LcaAblation.helped_fraction``
-``lca/ablation/<data>_<rule>/part/<part>``     scalar      ``LcaAblation.parts[part]``
-  data ∈ batch, probe (split at the first ``_``: ``probe_first_order``)
-``lca/unit/<m>/<unit index>``                  scalar      ``LcaLayer.units[index]``
-``nfa/skipped``                                scalar      ``NfaRecords.skipped``
-``nfa/probe_stochastic``                       scalar      ``NfaRecords.probe_stochastic``
-``nfa/<layer>/<metric>``                       scalar      ``NfaLayer.metrics[metric]``
-``nfa/<layer>/spectrum``                       histogram   ``NfaLayer.spectrum``
-``nfa/<layer>/matrices``                       image       ``NfaLayer.matrices``
-=============================================  ==========  =========================
-
-Part names and NFA metric names are not checked against a list, so new ones
-parse. Any other ``lca/`` or ``nfa/`` tag is kept in
-``RunRecords.unrecognised_tags``; tags outside both families (``epoch``, the
-user's own metrics) in ``RunRecords.other_scalars``.
+The tag contract (every family's template, kind, unit and meaning) is
+:mod:`learnscope.contract`; ``python -m learnscope.contract`` prints it as a table.
+Each family is filed into one place of the records (``_FILE_BY_FAMILY`` below):
+run-level LCA scalars into ``LcaRecords.<metric>``, per-module ones into
+:class:`LcaLayer`, parts into ``parts``/``parts_cumulative``, ablation corners into
+:class:`LcaAblation`, NFA metrics into ``NfaLayer.metrics[metric]``, the spectrum and
+the matrices into ``NfaLayer.spectrum``/``matrices``. A tag under a learnscope root
+that the contract does not know (written by a newer learnscope, say) is kept in
+``RunRecords.unrecognised_tags`` and named in one warning per read; tags outside
+every root (``epoch``, the user's own metrics) go to ``RunRecords.other_scalars``.
 
 Several event files in one run (a resumed run) are spliced per tag in file-name
 order: when a later file logs a step that an earlier file already reached, the
@@ -57,52 +32,41 @@ alphabetical: ``net.2`` before ``net.10``).
 from __future__ import annotations
 
 import os
-import re
 import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from learnscope import contract
+
 __all__ = [
-    "ScalarSeries",
+    "LCA_RUN_METRICS",
     "Histogram",
     "HistogramSeries",
     "ImageSeries",
-    "LcaLayer",
     "LcaAblation",
+    "LcaLayer",
     "LcaRecords",
+    "LogdirRecords",
     "NfaLayer",
     "NfaRecords",
-    "RunRecords",
-    "LogdirRecords",
     "ParsedTag",
-    "LCA_RUN_METRICS",
-    "parse_tag",
+    "RunRecords",
+    "ScalarSeries",
     "find_runs",
+    "parse_tag",
+    "read_logdir",
     "read_run",
     "read_run_sections",
-    "read_logdir",
 ]
 
-LCA_RUN_METRICS = (
-    "total",
-    "delta_loss",
-    "abs_error",
-    "splits",
-    "helped_fraction",
-    "hurt_fraction",
-    "helped_fraction_nonzero",
-    "excess_kurtosis",
-    "excess_kurtosis_nonzero",
-    "cumulative_relative_error",
-    "skipped_steps",
-    "probe_stochastic",
-    "capped_steps",
-)
+#: the run-level LCA scalars (``lca/<metric>``, each an attribute of LcaRecords), from the contract
+LCA_RUN_METRICS: tuple[str, ...] = contract.LCA_RUN_METRICS
 
 # Keep every event of every kind (0 = no reservoir sampling).
 _KEEP_EVERYTHING = {
@@ -224,7 +188,9 @@ class LcaRecords:
     skipped_steps: ScalarSeries | None = None
     probe_stochastic: ScalarSeries | None = None  # the determinism self-check (first measured step)
     capped_steps: ScalarSeries | None = None  # adaptive steps accepted at max_intervals above tolerance
-    extra: dict[str, ScalarSeries] = field(default_factory=dict)  # other lca/<name> run-level tags
+    #: kept for compatibility and always empty: a run-level tag the contract does not
+    #: know is in ``RunRecords.unrecognised_tags`` (with a warning) instead
+    extra: dict[str, ScalarSeries] = field(default_factory=dict)
     layers: dict[str, LcaLayer] = field(default_factory=dict)
     parts: dict[str, ScalarSeries] = field(default_factory=dict)
     parts_cumulative: dict[str, ScalarSeries] = field(default_factory=dict)
@@ -294,8 +260,10 @@ class LogdirRecords:
 
 @dataclass(frozen=True)
 class ParsedTag:
-    """What a learnscope tag names. ``family`` is one of the keys of
-    ``_PATTERNS``; the other fields are set where the tag carries them."""
+    """What a learnscope tag names. ``family`` is the contract family's name, except
+    that every run-level LCA scalar is ``lca_run`` and every per-layer NFA scalar
+    ``nfa_metric`` (their ``metric`` says which); the other fields are set where the
+    tag carries them (``layer`` is the module or layer name)."""
 
     family: str
     layer: str | None = None
@@ -307,42 +275,18 @@ class ParsedTag:
     rule: str | None = None
 
 
-_NAME = r"[^/]+"
-_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (family, re.compile(pattern))
-    for family, pattern in (
-        ("lca_run", rf"lca/(?P<metric>{'|'.join(LCA_RUN_METRICS)})"),
-        ("lca_layer", rf"lca/layer/(?P<layer>{_NAME})"),
-        ("lca_layer_cumulative", rf"lca/layer_cumulative/(?P<layer>{_NAME})"),
-        ("lca_layer_helped", rf"lca/helped_fraction/(?P<layer>{_NAME})"),
-        ("lca_layer_hurt", rf"lca/hurt_fraction/(?P<layer>{_NAME})"),
-        ("lca_hist", rf"lca/hist/(?P<layer>{_NAME})"),
-        ("lca_part", rf"lca/part/(?P<part>{_NAME})"),
-        ("lca_layer_part", rf"lca/part/(?P<part>{_NAME})/(?P<layer>{_NAME})"),
-        ("lca_part_cumulative", rf"lca/part_cumulative/(?P<part>{_NAME})"),
-        ("lca_layer_part_cumulative", rf"lca/part_cumulative/(?P<part>{_NAME})/(?P<layer>{_NAME})"),
-        ("lca_ablation_helped", r"lca/ablation/(?P<ablation>(?P<data>batch|probe)_(?P<rule>[^/]+))/helped_fraction"),
-        (
-            "lca_ablation_part",
-            rf"lca/ablation/(?P<ablation>(?P<data>batch|probe)_(?P<rule>[^/]+))/part/(?P<part>{_NAME})",
-        ),
-        ("lca_unit", rf"lca/unit/(?P<layer>{_NAME})/(?P<unit>\d+)"),
-        ("lca_run_extra", rf"lca/(?P<metric>{_NAME})"),
-        ("nfa_skipped", r"nfa/skipped"),
-        ("nfa_probe_stochastic", r"nfa/probe_stochastic"),
-        ("nfa_spectrum", rf"nfa/(?P<layer>{_NAME})/spectrum"),
-        ("nfa_matrices", rf"nfa/(?P<layer>{_NAME})/matrices"),
-        ("nfa_metric", rf"nfa/(?P<layer>{_NAME})/(?P<metric>{_NAME})"),
-    )
-)
-# Which kind of data each family is (spectrum/matrices are checked before the
-# generic nfa_metric pattern, so a scalar named like them is not mistaken).
-_HISTOGRAM_FAMILIES = {"lca_hist", "nfa_spectrum"}
-_IMAGE_FAMILIES = {"nfa_matrices"}
+def _group_name(family: contract.TagFamily) -> str:
+    if family.writer == "lca" and family.run_metric is not None:
+        return "lca_run"
+    if family.writer == "nfa" and family.kind == "scalar" and "layer" in family.fields:
+        return "nfa_metric"
+    return family.name
 
 
-def parse_tag(tag: str) -> ParsedTag | None:
+def parse_tag(tag: str, roots: Mapping[str, str] | None = None) -> ParsedTag | None:
     """The learnscope meaning of ``tag``, or None when it is not one of ours.
+
+    ``roots``: ``{root: "lca" | "nfa"}`` of the run's callbacks (default ``lca`` and ``nfa``).
 
     >>> tag = parse_tag("lca/part/weight_decay/net.0")
     >>> tag.family, tag.part, tag.layer
@@ -350,14 +294,21 @@ def parse_tag(tag: str) -> ParsedTag | None:
     >>> parse_tag("nfa/blocks.1.mlp/pearson_a0.5").metric
     'pearson_a0.5'
     """
-    for family, pattern in _PATTERNS:
-        match = pattern.fullmatch(tag)
-        if match:
-            groups = {k: v for k, v in match.groupdict().items() if v is not None}
-            if "unit" in groups:
-                groups["unit"] = int(groups["unit"])
-            return ParsedTag(family=family, **groups)
-    return None
+    match = contract.parse_tag(tag, roots)
+    if match is None:
+        return None
+    group, fields = _group_name(match.family), match.fields
+    data, rule = fields.get("data"), fields.get("rule")
+    return ParsedTag(
+        family=group,
+        layer=fields.get("module", fields.get("layer")),
+        metric=match.leaf if group in ("lca_run", "nfa_metric") else None,
+        part=fields.get("part"),
+        unit=int(fields["unit"]) if "unit" in fields else None,
+        ablation=None if data is None or rule is None else contract.ablation_corner(data, rule),
+        data=data,
+        rule=rule,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -489,98 +440,128 @@ def _scalar_series(tag: str, events: list[tuple[int, float, float]]) -> ScalarSe
     )
 
 
-def _group(name: str, path: Path, event_files: tuple[Path, ...], raw: _RawRun) -> RunRecords:
+def _image_series(tag: str, images: list[tuple[int, bytes, int, int]]) -> ImageSeries:
+    return ImageSeries(
+        tag=tag,
+        steps=np.array([e[0] for e in images], dtype=np.int64),
+        encoded_images=tuple(e[1] for e in images),
+        widths=np.array([e[2] for e in images], dtype=np.int64),
+        heights=np.array([e[3] for e in images], dtype=np.int64),
+    )
+
+
+_SERIES_OF_KIND: dict[str, Callable[[str, list], object]] = {
+    "scalar": _scalar_series,
+    "histogram": lambda tag, histograms: HistogramSeries(tag=tag, histograms=tuple(histograms)),
+    "image": _image_series,
+}
+
+
+@dataclass
+class _Section:
+    """The records of one section while its tags are filed."""
+
+    lca: LcaRecords = field(default_factory=LcaRecords)
+    nfa: NfaRecords = field(default_factory=NfaRecords)
+    writers: set[str] = field(default_factory=set)  # "lca", "nfa": which records got a tag
+
+
+_Filer = Callable[[_Section, contract.TagMatch, object], None]
+
+
+def _file_run_metric(section: _Section, match: contract.TagMatch, series) -> None:
+    records = section.lca if match.family.writer == "lca" else section.nfa
+    setattr(records, match.family.run_metric, series)
+
+
+_LCA_LAYER_ATTRIBUTES = {
+    "lca_layer": "allocation",
+    "lca_layer_cumulative": "cumulative",
+    "lca_layer_helped": "helped_fraction",
+    "lca_layer_hurt": "hurt_fraction",
+    "lca_hist": "histogram",
+}
+
+
+def _file_lca_layer(section: _Section, match: contract.TagMatch, series) -> None:
+    setattr(section.lca.layer(match.fields["module"]), _LCA_LAYER_ATTRIBUTES[match.family.name], series)
+
+
+def _file_lca_part(section: _Section, match: contract.TagMatch, series) -> None:
+    cumulative = match.family.name.endswith("_cumulative")
+    if "module" in match.fields:
+        layer = section.lca.layer(match.fields["module"])
+        table = layer.parts_cumulative if cumulative else layer.parts
+    else:
+        table = section.lca.parts_cumulative if cumulative else section.lca.parts
+    table[match.fields["part"]] = series
+
+
+def _file_lca_ablation(section: _Section, match: contract.TagMatch, series) -> None:
+    data, rule = match.fields["data"], match.fields["rule"]
+    name = contract.ablation_corner(data, rule)
+    ablation = section.lca.ablations.setdefault(name, LcaAblation(name=name, data=data, rule=rule))
+    if "part" in match.fields:
+        ablation.parts[match.fields["part"]] = series
+    else:
+        ablation.helped_fraction = series
+
+
+def _file_lca_unit(section: _Section, match: contract.TagMatch, series) -> None:
+    section.lca.layer(match.fields["module"]).units[int(match.fields["unit"])] = series
+
+
+def _file_nfa_layer(section: _Section, match: contract.TagMatch, series) -> None:
+    layer = section.nfa.layer(match.fields["layer"])
+    if match.family.kind == "histogram":
+        layer.spectrum = series
+    elif match.family.kind == "image":
+        layer.matrices = series
+    else:
+        layer.metrics[match.leaf] = series
+
+
+# Where each contract family goes in the records.
+_FILE_BY_FAMILY: dict[str, _Filer] = {
+    **{name: _file_lca_layer for name in _LCA_LAYER_ATTRIBUTES},
+    **dict.fromkeys(("lca_part", "lca_layer_part", "lca_part_cumulative", "lca_layer_part_cumulative"), _file_lca_part),
+    **dict.fromkeys(("lca_ablation_helped", "lca_ablation_part"), _file_lca_ablation),
+    "lca_unit": _file_lca_unit,
+    **{f.name: _file_run_metric for f in contract.FAMILIES if f.run_metric is not None},
+    **{f.name: _file_nfa_layer for f in contract.families("nfa") if "layer" in f.fields},
+}
+if set(_FILE_BY_FAMILY) != {f.name for f in contract.FAMILIES}:  # pragma: no cover - a new family needs a place
+    raise RuntimeError(f"report.reader files no records for {sorted({f.name for f in contract.FAMILIES} - set(_FILE_BY_FAMILY))}")
+
+
+def _group(
+    name: str,
+    path: Path,
+    event_files: tuple[Path, ...],
+    raw: _RawRun,
+    roots: Mapping[str, str | None],
+    ignored: set[str] = frozenset(),
+    keep_other: bool = True,
+) -> RunRecords:
+    """The records of one section: the tags under ``roots`` (``{root: writer}``; a
+    root mapped to None is a learnscope root of no callback here: its tags are
+    unrecognised), and with ``keep_other`` the scalars of no root in ``ignored``."""
     run = RunRecords(name=name, path=path, event_files=event_files)
-    lca = LcaRecords()
-    nfa = NfaRecords()
-    seen_lca = seen_nfa = False
-
-    def note_unrecognised(tag: str) -> None:
-        if tag.startswith(("lca/", "nfa/")):
-            run.unrecognised_tags.append(tag)
-
-    for tag, events in raw.scalars.items():
-        parsed = parse_tag(tag)
-        if parsed is None or parsed.family in _HISTOGRAM_FAMILIES | _IMAGE_FAMILIES:
-            if parsed is None and not tag.startswith(("lca/", "nfa/")):
+    section = _Section()
+    for kind, table in (("scalar", raw.scalars), ("histogram", raw.histograms), ("image", raw.images)):
+        for tag, events in table.items():
+            root = tag.partition("/")[0] if "/" in tag else None
+            if root in roots:
+                match = contract.parse_tag(tag, roots)
+                if match is None or match.family.kind != kind:
+                    run.unrecognised_tags.append(tag)
+                    continue
+                _FILE_BY_FAMILY[match.family.name](section, match, _SERIES_OF_KIND[kind](tag, events))
+                section.writers.add(match.family.writer)
+            elif keep_other and kind == "scalar" and root not in ignored:
                 run.other_scalars[tag] = _scalar_series(tag, events)
-            else:
-                note_unrecognised(tag)
-            continue
-        series = _scalar_series(tag, events)
-        family = parsed.family
-        if family.startswith("lca"):
-            seen_lca = True
-        else:
-            seen_nfa = True
-        if family == "lca_run":
-            setattr(lca, parsed.metric, series)
-        elif family == "lca_run_extra":
-            lca.extra[parsed.metric] = series
-        elif family == "lca_layer":
-            lca.layer(parsed.layer).allocation = series
-        elif family == "lca_layer_cumulative":
-            lca.layer(parsed.layer).cumulative = series
-        elif family == "lca_layer_helped":
-            lca.layer(parsed.layer).helped_fraction = series
-        elif family == "lca_layer_hurt":
-            lca.layer(parsed.layer).hurt_fraction = series
-        elif family == "lca_part":
-            lca.parts[parsed.part] = series
-        elif family == "lca_layer_part":
-            lca.layer(parsed.layer).parts[parsed.part] = series
-        elif family == "lca_part_cumulative":
-            lca.parts_cumulative[parsed.part] = series
-        elif family == "lca_layer_part_cumulative":
-            lca.layer(parsed.layer).parts_cumulative[parsed.part] = series
-        elif family in ("lca_ablation_helped", "lca_ablation_part"):
-            ablation = lca.ablations.setdefault(
-                parsed.ablation, LcaAblation(name=parsed.ablation, data=parsed.data, rule=parsed.rule)
-            )
-            if family == "lca_ablation_helped":
-                ablation.helped_fraction = series
-            else:
-                ablation.parts[parsed.part] = series
-        elif family == "lca_unit":
-            lca.layer(parsed.layer).units[parsed.unit] = series
-        elif family == "nfa_skipped":
-            nfa.skipped = series
-        elif family == "nfa_probe_stochastic":
-            nfa.probe_stochastic = series
-        elif family == "nfa_metric":
-            nfa.layer(parsed.layer).metrics[parsed.metric] = series
-        else:  # pragma: no cover - every scalar family is handled above
-            raise AssertionError(family)
-
-    for tag, histograms in raw.histograms.items():
-        parsed = parse_tag(tag)
-        if parsed is None or parsed.family not in _HISTOGRAM_FAMILIES:
-            note_unrecognised(tag)
-            continue
-        series = HistogramSeries(tag=tag, histograms=tuple(histograms))
-        if parsed.family == "lca_hist":
-            lca.layer(parsed.layer).histogram = series
-            seen_lca = True
-        else:
-            nfa.layer(parsed.layer).spectrum = series
-            seen_nfa = True
-
-    for tag, images in raw.images.items():
-        parsed = parse_tag(tag)
-        if parsed is None or parsed.family not in _IMAGE_FAMILIES:
-            note_unrecognised(tag)
-            continue
-        nfa.layer(parsed.layer).matrices = ImageSeries(
-            tag=tag,
-            steps=np.array([e[0] for e in images], dtype=np.int64),
-            encoded_images=tuple(e[1] for e in images),
-            widths=np.array([e[2] for e in images], dtype=np.int64),
-            heights=np.array([e[3] for e in images], dtype=np.int64),
-        )
-        seen_nfa = True
-
-    run.lca = lca if seen_lca else None
-    run.nfa = nfa if seen_nfa else None
+    run.lca = section.lca if "lca" in section.writers else None
+    run.nfa = section.nfa if "nfa" in section.writers else None
     return run
 
 
@@ -614,9 +595,16 @@ def read_run_sections(name: str, path: Path, event_files: list[Path], progress=N
     callbacks all kept distinct kinds is one section; each further callback of a kind
     (``LossChangeAllocation(name="lca_val")``) is a section of its own, named
     ``"<run> [<name>]"``, so its steps and values are never mixed with another's. A
-    root is an LCA section when it logged ``<root>/total`` and an NFA section when it
-    logged ``<root>/skipped``.
+    root is an LCA section when it logged ``<root>/total`` (or ``<root>/splits``) and an
+    NFA section when it logged ``<root>/skipped``. Warns once, naming them, when some
+    tags under these roots are not in the tag contract.
     """
+    sections = _read_sections(name, path, event_files, progress)
+    _warn_unrecognised(sections)
+    return sections
+
+
+def _read_sections(name: str, path: Path, event_files: list[Path], progress=None) -> list[RunRecords]:
     raws = []
     for event_file in event_files:
         raws.append(_read_event_file(event_file))
@@ -624,50 +612,56 @@ def read_run_sections(name: str, path: Path, event_files: list[Path], progress=N
             progress.update(event_file.stat().st_size)
     raw = _merge_raw(raws)
     lca_roots, nfa_roots = _section_roots(raw)
-    main = (lca_roots[:1] or ["lca"]) + (nfa_roots[:1] or ["nfa"])
-    every_root = set(lca_roots + nfa_roots)
-    sections = [_group(name, path, tuple(event_files), _rooted(raw, main[0], main[1], every_root, keep_other=True))]
-    sections[0].roots = tuple(main)
-    for root, kind in [(r, "lca") for r in lca_roots[1:]] + [(r, "nfa") for r in nfa_roots[1:]]:
-        lca_root, nfa_root = (root, None) if kind == "lca" else (None, root)
-        section = _group(
-            f"{name} [{root}]", path, tuple(event_files), _rooted(raw, lca_root, nfa_root, every_root, keep_other=False)
-        )
+    others = [(root, "lca") for root in lca_roots[1:]] + [(root, "nfa") for root in nfa_roots[1:]]
+    # A default root that no callback of its kind owns still holds learnscope tags (a run
+    # with only lca/layer/... tags is an LCA run); beside another root of its kind its
+    # tags are not read (None).
+    main: dict[str, str | None] = {"lca": None if lca_roots else "lca", "nfa": None if nfa_roots else "nfa"}
+    main.update({root: "lca" for root in lca_roots[:1]})
+    main.update({root: "nfa" for root in nfa_roots[:1]})
+    files = tuple(event_files)
+    sections = [_group(name, path, files, raw, main, ignored={root for root, _ in others})]
+    sections[0].roots = tuple((lca_roots[:1] or ["lca"]) + (nfa_roots[:1] or ["nfa"]))
+    for root, writer in others:
+        section = _group(f"{name} [{root}]", path, files, raw, {root: writer}, keep_other=False)
         section.roots = (root,)
         sections.append(section)
     return sections
 
 
+# A root is a callback's when it logged one of these run-level tags.
+_ROOT_MARKS = {
+    "lca": tuple(contract.family(name).run_metric for name in ("lca_total", "lca_splits")),
+    "nfa": (contract.family("nfa_skipped").run_metric,),
+}
+
+
 def _section_roots(raw: _RawRun) -> tuple[list[str], list[str]]:
     """The LCA and NFA tag roots of a run, the default one first, then in first-written order."""
     firsts = list(dict.fromkeys(tag.split("/", 1)[0] for tag in raw.scalars if "/" in tag))
-    lca = [r for r in firsts if f"{r}/total" in raw.scalars or f"{r}/splits" in raw.scalars]
-    nfa = [r for r in firsts if f"{r}/skipped" in raw.scalars and r not in lca]
-    lca.sort(key=lambda r: r != "lca")
-    nfa.sort(key=lambda r: r != "nfa")
+
+    def marked(root: str, writer: str) -> bool:
+        return any(f"{root}/{metric}" in raw.scalars for metric in _ROOT_MARKS[writer])
+
+    lca = [r for r in firsts if marked(r, "lca")]
+    nfa = [r for r in firsts if marked(r, "nfa") and r not in lca]
+    lca.sort(key=lambda r: r != contract.DEFAULT_ROOTS["lca"])
+    nfa.sort(key=lambda r: r != contract.DEFAULT_ROOTS["nfa"])
     return lca, nfa
 
 
-def _rooted(
-    raw: _RawRun, lca_root: str | None, nfa_root: str | None, every_root: set[str], *, keep_other: bool
-) -> _RawRun:
-    """The tags of one section with its roots renamed to ``lca``/``nfa`` (the contract's
-    patterns), the other sections' tags (``every_root``) left out; ``keep_other``: keep
-    tags of no section (the user's own metrics)."""
-    rename = {r: kind for r, kind in ((lca_root, "lca"), (nfa_root, "nfa")) if r is not None}
-    other_roots = every_root - set(rename)
-
-    def select(table: dict) -> dict:
-        out = {}
-        for tag, events in table.items():
-            root, sep, rest = tag.partition("/")
-            if sep and root in rename:
-                out[f"{rename[root]}/{rest}"] = events
-            elif keep_other and not (sep and root in other_roots) and not (sep and root in ("lca", "nfa")):
-                out[tag] = events
-        return out
-
-    return _RawRun(scalars=select(raw.scalars), histograms=select(raw.histograms), images=select(raw.images))
+def _warn_unrecognised(sections: Iterable[RunRecords]) -> None:
+    """One warning naming the tags under a learnscope root that the contract does not know."""
+    unknown = list(dict.fromkeys(tag for section in sections for tag in section.unrecognised_tags))
+    if not unknown:
+        return
+    shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+    warnings.warn(
+        f"learnscope report: {len(unknown)} tag(s) under a learnscope tag root are not in the tag contract "
+        f"(learnscope.contract) and were not read: {shown}. They are kept in RunRecords.unrecognised_tags; "
+        "a newer learnscope may have written them.",
+        stacklevel=3,
+    )
 
 
 def read_logdir(logdir: str | os.PathLike[str], progress: bool | None = None) -> LogdirRecords:
@@ -696,9 +690,10 @@ def read_logdir(logdir: str | os.PathLike[str], progress: bool | None = None) ->
         runs = {
             section.name: section
             for name, files in found.items()
-            for section in read_run_sections(name, root / name if root.is_dir() else root, files, bar)
+            for section in _read_sections(name, root / name if root.is_dir() else root, files, bar)
         }
     finally:
         if bar is not None:
             bar.close()
+    _warn_unrecognised(runs.values())
     return LogdirRecords(logdir=root, runs=runs)

@@ -14,26 +14,34 @@ a layer that helped has a positive share and one that hurt a negative share.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from learnscope.report.reader import LcaLayer, RunRecords, ScalarSeries
-from learnscope.report.sync import SyncError, SyncResult, align_on_common_steps, synchronisation_test
+from learnscope import contract
+from learnscope.report.reader import LcaLayer, LcaRecords, RunRecords, ScalarSeries
+from learnscope.report.sync import (
+    SyncError,
+    SyncResult,
+    align_on_common_steps,
+    synchronisation_test,
+)
 
 __all__ = [
+    "TABLE_COLUMNS",
     "LayerSummary",
     "RunSummary",
     "SyncSettings",
     "cumulative_layer_lca",
     "cumulative_layer_series",
+    "format_headline",
+    "format_table",
     "layer_part_totals",
     "run_synchronisation",
     "summarise_run",
-    "format_table",
-    "format_headline",
     "table_rows",
-    "TABLE_COLUMNS",
 ]
 
 _MISSING = "-"
@@ -160,78 +168,93 @@ def _final(metrics: dict[str, ScalarSeries], name: str) -> float | None:
     return None if series is None or not len(series) else _finite_or_none(series.last())
 
 
-def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSettings()) -> RunSummary:
-    """Summary numbers of one run; ``sync_settings=None`` skips the
-    synchronisation test."""
-    lca, nfa = run.lca, run.nfa
-    names = list(lca.layers) if lca is not None else []
-    if nfa is not None:
-        names += [name for name in nfa.layers if name not in names]
+def _present(series: ScalarSeries | None) -> ScalarSeries | None:
+    """``series`` when it holds at least one point."""
+    return series if series is not None and len(series) else None
 
-    cumulative = {}
-    if lca is not None:
-        for name, layer in lca.layers.items():
-            value = cumulative_layer_lca(layer)
-            if value is not None:
-                cumulative[name] = value
+
+# The NFA metrics of the per-layer table, by the contract's names.
+_PEARSON, _EXCESS = contract.family("nfa_pearson"), contract.family("nfa_excess")
+_TABLE_METRICS = {
+    "final_pearson_a1": _PEARSON.leaf(alpha=1.0),
+    "final_pearson_a05": _PEARSON.leaf(alpha=0.5),
+    "final_excess_a1": _EXCESS.leaf(alpha=1.0),
+    "final_excess_a05": _EXCESS.leaf(alpha=0.5),
+}
+
+
+def _layer_summaries(run: RunRecords, cumulative: dict[str, float]) -> tuple[LayerSummary, ...]:
+    """One summary per layer of the LCA records, then the NFA-only layers."""
+    lca_layers = run.lca.layers if run.lca is not None else {}
+    nfa_layers = run.nfa.layers if run.nfa is not None else {}
     layers_sum = sum(cumulative.values()) if cumulative else None
-
-    layers = []
-    for name in names:
-        lca_layer = lca.layers.get(name) if lca is not None else None
-        nfa_layer = nfa.layers.get(name) if nfa is not None else None
+    summaries = []
+    for name in dict.fromkeys([*lca_layers, *nfa_layers]):
+        lca_layer, nfa_layer = lca_layers.get(name), nfa_layers.get(name)
         value = cumulative.get(name)
-        share = value / layers_sum if value is not None and layers_sum else None
-        helped = None
-        if lca_layer is not None and lca_layer.helped_fraction is not None and len(lca_layer.helped_fraction):
-            helped = _mean(lca_layer.helped_fraction)
         metrics = nfa_layer.metrics if nfa_layer is not None else {}
-        layers.append(
+        summaries.append(
             LayerSummary(
                 name=name,
                 cumulative_lca=value,
-                share_of_total=share,
-                mean_helped_fraction=helped,
+                share_of_total=value / layers_sum if value is not None and layers_sum else None,
+                mean_helped_fraction=None if lca_layer is None else _mean(_present(lca_layer.helped_fraction)),
                 part_totals=layer_part_totals(lca_layer) if lca_layer is not None else {},
-                final_pearson_a1=_final(metrics, "pearson_a1"),
-                final_pearson_a05=_final(metrics, "pearson_a0.5"),
-                final_excess_a1=_final(metrics, "excess_a1"),
-                final_excess_a05=_final(metrics, "excess_a0.5"),
+                **{key: _final(metrics, metric) for key, metric in _TABLE_METRICS.items()},
             )
         )
+    return tuple(summaries)
 
-    summary = dict(run=run.name, layers=tuple(layers))
-    if lca is not None:
-        total = lca.total.sum() if lca.total is not None and len(lca.total) else layers_sum
-        loss_change = lca.delta_loss.sum() if lca.delta_loss is not None and len(lca.delta_loss) else None
-        if lca.cumulative_relative_error is not None and len(lca.cumulative_relative_error):
-            relative_error = _finite_or_none(lca.cumulative_relative_error.last())
-        elif total is not None and loss_change:
-            relative_error = abs(total - loss_change) / abs(loss_change)
-        else:
-            relative_error = None
-        step_counts = [len(s) for s in (lca.total, lca.delta_loss) if s is not None]
-        step_counts += [len(layer.allocation) for layer in lca.layers.values() if layer.allocation is not None]
-        summary.update(
-            measured_steps=max(step_counts, default=0),
-            total_lca=total,
-            total_loss_change=loss_change,
-            cumulative_relative_error=relative_error,
-            mean_helped_fraction=_mean(lca.helped_fraction),
-            mean_helped_fraction_nonzero=_mean(lca.helped_fraction_nonzero),
-            mean_excess_kurtosis=_mean(lca.excess_kurtosis),
-            mean_excess_kurtosis_nonzero=_mean(lca.excess_kurtosis_nonzero),
-            skipped_steps=(
-                lca.skipped_steps.last() if lca.skipped_steps is not None and len(lca.skipped_steps) else None
-            ),
-            probe_stochastic=(
-                bool(lca.probe_stochastic.values.max() > 0)
-                if lca.probe_stochastic is not None and len(lca.probe_stochastic) else None
-            ),
-            capped_steps=(
-                lca.capped_steps.last() if lca.capped_steps is not None and len(lca.capped_steps) else None
-            ),
-        )
+
+def _relative_error(lca: LcaRecords, total: float | None, loss_change: float | None) -> float | None:
+    """The logged cumulative relative error, else |Σ LCA − Σ ΔL| / |Σ ΔL|."""
+    logged = _present(lca.cumulative_relative_error)
+    if logged is not None:
+        return _finite_or_none(logged.last())
+    if total is not None and loss_change:
+        return abs(total - loss_change) / abs(loss_change)
+    return None
+
+
+def _lca_fields(lca: LcaRecords, layers_sum: float | None) -> dict[str, object]:
+    """The run-level LCA numbers of a :class:`RunSummary`."""
+    total = lca.total.sum() if _present(lca.total) else layers_sum
+    loss_change = lca.delta_loss.sum() if _present(lca.delta_loss) else None
+    step_counts = [len(s) for s in (lca.total, lca.delta_loss) if s is not None]
+    step_counts += [len(layer.allocation) for layer in lca.layers.values() if layer.allocation is not None]
+    probe_stochastic = _present(lca.probe_stochastic)
+    return {
+        "measured_steps": max(step_counts, default=0),
+        "total_lca": total,
+        "total_loss_change": loss_change,
+        "cumulative_relative_error": _relative_error(lca, total, loss_change),
+        "mean_helped_fraction": _mean(lca.helped_fraction),
+        "mean_helped_fraction_nonzero": _mean(lca.helped_fraction_nonzero),
+        "mean_excess_kurtosis": _mean(lca.excess_kurtosis),
+        "mean_excess_kurtosis_nonzero": _mean(lca.excess_kurtosis_nonzero),
+        "skipped_steps": _last(lca.skipped_steps),
+        "probe_stochastic": None if probe_stochastic is None else bool(probe_stochastic.values.max() > 0),
+        "capped_steps": _last(lca.capped_steps),
+    }
+
+
+def _last(series: ScalarSeries | None) -> float | None:
+    present = _present(series)
+    return None if present is None else present.last()
+
+
+def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSettings()) -> RunSummary:
+    """Summary numbers of one run; ``sync_settings=None`` skips the
+    synchronisation test."""
+    cumulative = {}
+    if run.lca is not None:
+        for name, layer in run.lca.layers.items():
+            value = cumulative_layer_lca(layer)
+            if value is not None:
+                cumulative[name] = value
+    summary: dict[str, object] = {"run": run.name, "layers": _layer_summaries(run, cumulative)}
+    if run.lca is not None:
+        summary.update(_lca_fields(run.lca, sum(cumulative.values()) if cumulative else None))
         if sync_settings is not None:
             try:
                 summary["sync"] = run_synchronisation(run, sync_settings)
@@ -293,39 +316,48 @@ def format_table(summary: RunSummary, markdown: bool = False) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
-def format_headline(summary: RunSummary) -> list[str]:
-    """Run-level lines: LCA totals, the cumulative relative error, sync."""
-    lines = []
-    if summary.measured_steps:
-        lines.append(f"measured steps: {summary.measured_steps}")
-    if summary.total_lca is not None:
-        lines.append(f"sum of LCA over steps: {summary.total_lca:+.6g}")
-    if summary.total_loss_change is not None:
-        lines.append(f"sum of actual loss changes: {summary.total_loss_change:+.6g}")
-    if summary.cumulative_relative_error is not None:
-        lines.append(f"cumulative relative error: {100 * summary.cumulative_relative_error:.3g}%")
-    if summary.mean_helped_fraction is not None:
-        lines.append(f"mean helped fraction (all parameters): {summary.mean_helped_fraction:.3f}")
-    if summary.mean_helped_fraction_nonzero is not None:
-        lines.append(f"mean helped fraction (parameters with A != 0): {summary.mean_helped_fraction_nonzero:.3f}")
-    if summary.mean_excess_kurtosis is not None:
-        lines.append(f"mean excess kurtosis of the allocations: {summary.mean_excess_kurtosis:.3g}")
-    if summary.mean_excess_kurtosis_nonzero is not None:
-        lines.append(
-            f"mean excess kurtosis of the allocations (parameters with A != 0): {summary.mean_excess_kurtosis_nonzero:.3g}"
-        )
-    if summary.skipped_steps:
-        lines.append(f"skipped steps: {summary.skipped_steps:g}")
-    if summary.probe_stochastic:
-        lines.append(
+def _is_set(value: object) -> bool:
+    return value is not None
+
+
+# The run-level lines of the headline, in order: (RunSummary field, line, whether to show it).
+_HEADLINE: tuple[tuple[str, Callable[[Any], str], Callable[[Any], bool]], ...] = (
+    ("measured_steps", "measured steps: {}".format, bool),
+    ("total_lca", "sum of LCA over steps: {:+.6g}".format, _is_set),
+    ("total_loss_change", "sum of actual loss changes: {:+.6g}".format, _is_set),
+    ("cumulative_relative_error", lambda value: f"cumulative relative error: {100 * value:.3g}%", _is_set),
+    ("mean_helped_fraction", "mean helped fraction (all parameters): {:.3f}".format, _is_set),
+    ("mean_helped_fraction_nonzero", "mean helped fraction (parameters with A != 0): {:.3f}".format, _is_set),
+    ("mean_excess_kurtosis", "mean excess kurtosis of the allocations: {:.3g}".format, _is_set),
+    (
+        "mean_excess_kurtosis_nonzero",
+        "mean excess kurtosis of the allocations (parameters with A != 0): {:.3g}".format,
+        _is_set,
+    ),
+    ("skipped_steps", "skipped steps: {:g}".format, bool),
+    (
+        "probe_stochastic",
+        lambda _: (
             "WARNING: the probe loss draws random numbers even in eval mode (the run's warning names the module): "
             "the allocations sum to the change of one fixed noisy loss, not of the deterministic loss"
-        )
-    if summary.capped_steps:
-        lines.append(
-            f"capped steps: {summary.capped_steps:g} (adaptive stopped at max_intervals above its tolerance; "
-            "see lca/abs_error)"
-        )
+        ),
+        bool,
+    ),
+    (
+        "capped_steps",
+        lambda value: (
+            f"capped steps: {value:g} (adaptive stopped at max_intervals above its tolerance; see lca/abs_error)"
+        ),
+        bool,
+    ),
+)
+
+
+def format_headline(summary: RunSummary) -> list[str]:
+    """Run-level lines: LCA totals, the cumulative relative error, sync."""
+    lines = [
+        line(getattr(summary, name)) for name, line, shown in _HEADLINE if shown(getattr(summary, name))
+    ]
     if summary.sync is not None:
         sync = summary.sync
         lines.append(

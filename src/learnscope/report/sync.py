@@ -45,17 +45,17 @@ shift assumes the minima process is roughly stationary over the run.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
     "SyncError",
     "SyncResult",
-    "moving_average",
-    "local_minima",
     "align_on_common_steps",
+    "local_minima",
+    "moving_average",
     "synchronisation_test",
 ]
 
@@ -173,6 +173,64 @@ def _circular_cross_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.rint(c)
 
 
+def _check_settings(*, smooth: int, window: int, tolerance: int, n_draws: int) -> None:
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if smooth < 1 or smooth % 2 == 0:
+        raise ValueError(f"smooth must be an odd integer >= 1, got {smooth}")
+
+
+def _finite_grid(
+    series: Mapping[str, Sequence[float]], layers: tuple[str, ...], steps: Sequence[int] | None, window: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The series stacked (L, T) on the steps where every layer is finite, those steps,
+    and how many were dropped; SyncError when too few layers or steps are left."""
+    if len(layers) < 2:
+        raise SyncError(
+            f"synchronisation needs at least 2 layer series, got {len(layers)}"
+            + (f" ({layers[0]!r})" if layers else "")
+        )
+    arrays = [np.asarray(series[name], dtype=np.float64).ravel() for name in layers]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(
+            "all series must have the same length (align them with align_on_common_steps); got lengths "
+            + ", ".join(f"{name}: {len(a)}" for name, a in zip(layers, arrays))
+        )
+    values = np.stack(arrays)
+    step_grid = np.arange(values.shape[1]) if steps is None else np.asarray(steps, dtype=np.int64)
+    if len(step_grid) != values.shape[1]:
+        raise ValueError(f"steps has length {len(step_grid)}, the series {values.shape[1]}")
+    finite = np.isfinite(values).all(axis=0)
+    values, step_grid = values[:, finite], step_grid[finite]
+    needed = 2 * window + 3
+    if values.shape[1] < needed:
+        raise SyncError(
+            f"series too short for the synchronisation test: {values.shape[1]} finite steps, "
+            f"need at least {needed} for window={window}"
+        )
+    return values, step_grid, int((~finite).sum())
+
+
+def _coincidence_counts(minima: np.ndarray, dilated: np.ndarray, n_draws: int, seed: int) -> tuple[float, np.ndarray]:
+    """The statistic S on the real alignment and under each circular-shift draw."""
+    layers, length = minima.shape
+    rng = np.random.default_rng(seed)
+    shifts = rng.integers(0, length, size=(n_draws, layers))
+    observed = 0.0
+    null = np.zeros(n_draws, dtype=np.float64)
+    for i in range(layers):
+        for j in range(i + 1, layers):
+            # Shifting layer i by s_i and layer j by s_j gives c_ij[(s_i - s_j) mod T].
+            correlation = _circular_cross_correlation(minima[i], dilated[j])
+            observed += correlation[0]
+            null += correlation[(shifts[:, i] - shifts[:, j]) % length]
+    return float(observed), null
+
+
 def synchronisation_test(
     series: Mapping[str, Sequence[float]],
     steps: Sequence[int] | None = None,
@@ -204,59 +262,14 @@ def synchronisation_test(
             steps (not enough interior points to find minima).
         ValueError: invalid parameters or series of different lengths.
     """
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    if n_draws < 1:
-        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if smooth < 1 or smooth % 2 == 0:
-        raise ValueError(f"smooth must be an odd integer >= 1, got {smooth}")
+    _check_settings(smooth=smooth, window=window, tolerance=tolerance, n_draws=n_draws)
     layers = tuple(series)
-    if len(layers) < 2:
-        raise SyncError(
-            f"synchronisation needs at least 2 layer series, got {len(layers)}"
-            + (f" ({layers[0]!r})" if layers else "")
-        )
-    arrays = [np.asarray(series[name], dtype=np.float64).ravel() for name in layers]
-    lengths = {len(a) for a in arrays}
-    if len(lengths) != 1:
-        raise ValueError(
-            "all series must have the same length (align them with align_on_common_steps); got lengths "
-            + ", ".join(f"{name}: {len(a)}" for name, a in zip(layers, arrays))
-        )
-    values = np.stack(arrays)
-    step_grid = np.arange(values.shape[1]) if steps is None else np.asarray(steps, dtype=np.int64)
-    if len(step_grid) != values.shape[1]:
-        raise ValueError(f"steps has length {len(step_grid)}, the series {values.shape[1]}")
-    finite = np.isfinite(values).all(axis=0)
-    dropped = int((~finite).sum())
-    values, step_grid = values[:, finite], step_grid[finite]
-    length = values.shape[1]
-    needed = 2 * window + 3
-    if length < needed:
-        raise SyncError(
-            f"series too short for the synchronisation test: {length} finite steps, "
-            f"need at least {needed} for window={window}"
-        )
-
+    values, step_grid, dropped = _finite_grid(series, layers, steps, window)
     smoothed = moving_average(values, smooth)
     minima = local_minima(smoothed, window).astype(np.float64)  # (L, T)
     dilated = np.stack([_circular_dilate(row, tolerance) for row in minima])
-
-    rng = np.random.default_rng(seed)
-    shifts = rng.integers(0, length, size=(n_draws, len(layers)))
-    observed = 0.0
-    null = np.zeros(n_draws, dtype=np.float64)
-    for i in range(len(layers)):
-        for j in range(i + 1, len(layers)):
-            # Shifting layer i by s_i and layer j by s_j gives c_ij[(s_i - s_j) mod T].
-            correlation = _circular_cross_correlation(minima[i], dilated[j])
-            observed += correlation[0]
-            null += correlation[(shifts[:, i] - shifts[:, j]) % length]
-
+    observed, null = _coincidence_counts(minima, dilated, n_draws, seed)
     p_value = (1.0 + float(np.count_nonzero(null >= observed))) / (1.0 + n_draws)
-
     others = dilated.sum(axis=0)[None, :] - dilated  # minima of *other* layers near t
     coincident = ((minima > 0) & (others > 0)).any(axis=0)
 
