@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learnscope import _compat
+from learnscope import _compat, tags
 from learnscope._probe import ProbeLosses, ProbeObjective
 from learnscope.config import LCAConfig
 from learnscope.functional import decompose
@@ -81,9 +81,7 @@ class Measurement:
     corners: dict[str, CornerStats] = field(default_factory=dict)
 
 
-def corner_name(data: str, rule: str) -> str:
-    """An ablation corner's name: ``<data>_<rule>`` (``probe_first_order``, ``batch_simpson``, ...)."""
-    return f"{data}_{rule}"
+corner_name = tags.lca_ablation_corner  # ``<data>_<rule>``: probe_first_order, batch_simpson, ...
 
 
 def _applied_gradient(params: Params, names: list[str]) -> dict[str, Tensor]:

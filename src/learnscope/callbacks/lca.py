@@ -429,22 +429,15 @@ class LossChangeAllocation(Callback):
         stepped, self._hooked_steps = self._hooked_steps, 0
         if advanced > stepped:  # e.g. a GradScaler skipped the update: no hooks fired, θ did not move
             self._totals.skipped_steps += advanced - stepped
-            self._log.add(trainer, trainer.global_step - 1, self._skipped_scalars(loss_unchanged=True))
+            skipped = tags.lca_skipped(
+                self._totals.skipped_steps, root=self.name, unmoved=True, delta_loss=not self.config.cheap
+            )
+            self._log.add(trainer, trainer.global_step - 1, skipped)
         if advanced > 0 or stepped > 0:
             self._pending_batches.clear()
         self._log_records(trainer)
         # one write per batch of steps (the events' steps and values are unchanged)
         self._log.flush_if_due(trainer, every=_log_every_n_steps(trainer))
-
-    def _skipped_scalars(self, *, loss_unchanged: bool) -> dict[str, float]:
-        """The count of skipped steps; for an update that did not happen, also its zero
-        allocation and (when ΔL is measured) zero loss change."""
-        scalars = {self._tag("skipped_steps"): float(self._totals.skipped_steps)}
-        if loss_unchanged:
-            scalars[self._tag("total")] = 0.0
-            if not self.config.cheap:
-                scalars[self._tag("delta_loss")] = 0.0
-        return scalars
 
     # ------------------------------------------------------------------ measurement
 
@@ -542,7 +535,7 @@ class LossChangeAllocation(Callback):
             self._estimator.discard()
         rank_zero_warn(f"LossChangeAllocation: step {step} skipped: {why}. Training goes on.")
         if self._trainer is not None:
-            self._log.add(self._trainer, step, self._skipped_scalars(loss_unchanged=False))
+            self._log.add(self._trainer, step, tags.lca_skipped(self._totals.skipped_steps, root=self.name))
 
     def _log_records(self, trainer: pl.Trainer) -> None:
         for step in sorted(self._records):
