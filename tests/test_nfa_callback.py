@@ -8,6 +8,7 @@ variable), AGOP^α by an explicit eigendecomposition, Pearson by ``torch.corrcoe
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import random
 import warnings
@@ -312,6 +313,75 @@ def test_event_files_hold_every_tag_histogram_and_image(tmp_path):
     for tag in expected:
         assert charts_matching(layout, tag), tag
     assert ("learnscope NFA", "net.2: pearson vs rotation null, α=1") in charts_matching(layout, "nfa/net.2/null_a1")
+
+
+def _heatmap_panels_before_the_sink_drew_them(matrices, min_panel_pixels=128, gap=4):
+    """``heatmap_panels`` as the callback drew the images itself (callbacks/nfa.py at 25deda3),
+    verbatim: moving the drawing to the sink must not change a pixel."""
+    panels = []
+    for matrix in matrices:
+        values = matrix.detach().to(torch.float32).cpu()
+        scale = values.abs().max()
+        values = values / scale if scale > 0 else values
+        positive, negative = values.clamp(min=0), (-values).clamp(min=0)
+        rgb = torch.stack([1 - negative, 1 - positive - negative, 1 - positive]).clamp(0, 1)
+        factor = max(1, math.ceil(min_panel_pixels / max(values.shape)))
+        panels.append(rgb.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2))
+    height = max(panel.shape[1] for panel in panels)
+    separator = torch.full((3, height, gap), 0.5)
+    row = []
+    for panel in panels:
+        if row:
+            row.append(separator)
+        padded = torch.ones(3, height, panel.shape[2])
+        padded[:, : panel.shape[1]] = panel
+        row.append(padded)
+    return torch.cat(row, dim=2)
+
+
+def _psd_power_before(matrix, alpha):
+    """M^α as the callback formed AGOP^α for its images: eigh, eigenvalues ≤ r·ε·λ_max → 0."""
+    if alpha == 1:
+        return matrix
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * eigenvalues.abs().max()
+    powered = torch.where(eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues))
+    return (eigenvectors * powered) @ eigenvectors.mT
+
+
+def _pixels(encoded_png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(encoded_png)).convert("RGB"))
+
+
+def test_written_images_are_pixel_identical_to_the_images_the_callback_drew_before(tmp_path):
+    from torch.utils.tensorboard.summary import image as image_summary
+
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = NeuralFeatureAnsatz(every_n_steps=5, probe_size=256, image_every_n_steps=10)
+    model = Classifier(optimizer="sgd", lr=0.05, momentum=0.9)
+    trainer(callbacks=[callback], loggers=[logger], max_steps=12).fit(model, digits_loader())
+    record = callback.last_record  # fit end, step 12: images are always drawn there
+    assert record.step == 12
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    for index, name in ((0, "net.0"), (2, "net.2"), (4, READOUT)):
+        weight = model.net[index].weight.detach().to(torch.float64)
+        agop_matrix = weight.mT @ record.grams[name] @ weight
+        matrices = [weight.mT @ weight, agop_matrix, _psd_power_before(agop_matrix, 0.5)]
+        expected = image_summary(name, _heatmap_panels_before_the_sink_drew_them(matrices), dataformats="CHW")
+        written = events.Images(f"nfa/{name}/matrices")[-1]
+        assert written.step == 12
+        expected_pixels, written_pixels = _pixels(expected.value[0].image.encoded_image_string), _pixels(
+            written.encoded_image_string
+        )
+        side = weight.shape[1] * math.ceil(128 / weight.shape[1])  # d×d panels enlarged to ≥ 128 pixels
+        assert written_pixels.shape == expected_pixels.shape == (side, 3 * side + 2 * 4, 3)
+        assert np.array_equal(written_pixels, expected_pixels), name
+        # a real picture: red (positive) and blue (negative) entries, not a blank
+        assert (written_pixels[..., 2] < 128).any() and (written_pixels[..., 0] < 128).any()
 
 
 class _ScaleOnly(pl.LightningModule):

@@ -25,11 +25,14 @@ from learnscope.functional.nfa import (
     agop,
     eval_mode,
     _haar_transpose_times,
+    feature_matrices,
     haar_orthogonal,
     nfa_metrics,
     nfa_metrics_and_spectrum,
     preactivation_grams,
     range_spectrum,
+    readout_from_grams,
+    readout_from_outputs,
 )
 from learnscope import layers as layers_module
 from learnscope.layers import (
@@ -965,3 +968,92 @@ def test_float32_training_layer_end_to_end_metrics_are_finite(digits):
     metrics = nfa_metrics(model[2].weight, grams["2"], initial_weight=model[2].weight.detach() * 0.9)
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert 1 / 32 <= metrics["sphericity"] <= 1
+
+
+# --------------------------------------------------------------------------- #
+# The d×d matrices and the readout layer
+# --------------------------------------------------------------------------- #
+
+
+def test_feature_matrices_are_the_nfm_and_the_agop_powers():
+    generator = torch.Generator().manual_seed(20)
+    weight = torch.randn(5, 8, generator=generator)  # float32, as a layer's weight
+    gram = random_gram(5, generator)
+    matrices = feature_matrices(weight, gram, alphas=[1.0, 0.5, 1.0])  # a repeated α is drawn once
+    assert list(matrices) == ["nfm", "agop_a1", "agop_a0.5"]
+    w = weight.double()
+    reference_agop = w.mT @ gram @ w
+    assert torch.allclose(matrices["nfm"], w.mT @ w, rtol=1e-12, atol=0)
+    assert torch.allclose(matrices["agop_a1"], reference_agop, rtol=1e-12, atol=0)
+    # AGOP^½ squared is AGOP (rank 5 of 8: the zero eigenvalues stay zero)
+    root = matrices["agop_a0.5"]
+    assert torch.allclose(root, root.mT, atol=1e-12)
+    assert relative_error(root @ root, reference_agop) < 1e-10
+    with pytest.raises(ValueError, match="alphas must be a non-empty list of positive finite floats"):
+        feature_matrices(weight, gram, alphas=[])
+
+
+def test_readout_from_grams_is_the_last_layer_whose_gram_is_a_multiple_of_the_identity():
+    generator = torch.Generator().manual_seed(21)
+    grams = {"a": 2.0 * torch.eye(4, dtype=DTYPE), "b": random_gram(4, generator), "c": 0.3 * torch.eye(3, dtype=DTYPE)}
+    assert readout_from_grams(grams) == "c"
+    assert readout_from_grams({"a": grams["a"], "b": grams["b"]}) == "a"
+    perturbed = 0.3 * torch.eye(3, dtype=DTYPE)
+    perturbed[0, 1] = perturbed[1, 0] = 1e-5  # ‖off-diagonal‖/‖G‖ ≈ 2.7e-5
+    assert readout_from_grams({"c": perturbed}) is None
+    assert readout_from_grams({"c": perturbed}, tolerance=1e-4) == "c"
+    assert readout_from_grams({"one": torch.ones(1, 1, dtype=DTYPE), "zero": torch.zeros(3, 3, dtype=DTYPE)}) is None
+
+
+def test_readout_from_outputs_finds_the_layer_whose_output_is_the_prediction():
+    hidden, logits = torch.randn(4, 6), torch.randn(4, 3)
+    assert readout_from_outputs({"h": hidden, "out": logits}, logits) == "out"
+    assert readout_from_outputs({"h": hidden, "out": logits}, logits.view(4, 1, 3)) == "out"  # a view of it all
+    assert readout_from_outputs({"h": hidden, "out": logits}, logits[:2]) is None  # a part is not the prediction
+    assert readout_from_outputs({"h": hidden, "out": logits}, logits / 2) is None  # a new tensor
+    assert readout_from_outputs({"h": hidden, "skipped": None}, hidden) == "h"
+
+
+def test_eval_mode_yields_the_model(bn_model):
+    with eval_mode(bn_model) as model:
+        assert model is bn_model
+
+
+def test_nfa_metrics_and_spectrum_takes_nfa_metrics_keywords_and_defaults():
+    generator = torch.Generator().manual_seed(22)
+    weight, gram = torch.randn(5, 7, generator=generator, dtype=DTYPE), random_gram(5, generator)
+    metrics, _ = nfa_metrics_and_spectrum(weight, gram)
+    assert metrics == nfa_metrics(weight, gram)  # the same defaults (two alphas, four null draws)
+    with pytest.raises(TypeError, match="null_drws"):
+        nfa_metrics_and_spectrum(weight, gram, null_drws=2)
+    with pytest.raises(ValueError, match="each of alphas must be a positive finite float"):
+        nfa_metrics(weight, gram, alphas=[1.0, 0.0])
+
+
+def test_heatmap_panels_colour_each_entry_by_its_sign_and_its_panels_scale():
+    from learnscope.render import heatmap_panels
+
+    matrix = torch.tensor([[2.0, -2.0], [0.0, 1.0]])
+    image = heatmap_panels([matrix, 3 * torch.eye(4)], min_panel_pixels=4, gap=1)
+    assert image.shape == (3, 4, 2 * 2 + 1 + 4)  # the 2×2 matrix enlarged twice, one grey column
+    assert image[:, 0, 0].tolist() == [1.0, 0.0, 0.0]  # the largest positive entry: red
+    assert image[:, 1, 3].tolist() == [0.0, 0.0, 1.0]  # the largest negative entry: blue
+    assert image[:, 2, 1].tolist() == [1.0, 1.0, 1.0]  # zero: white
+    assert image[:, 3, 3].tolist() == [1.0, 0.5, 0.5]  # half the panel's scale: light red
+    assert (image[:, :, 4] == 0.5).all()
+    assert image[:, 0, 5].tolist() == [1.0, 0.0, 0.0] and image[:, 0, 6].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("first", ["learnscope._probe", "learnscope.functional.nfa"])
+def test_the_nfa_core_imports_in_either_order_without_lightning(first):
+    # functional.nfa uses learnscope._probe, which imports learnscope.functional: no cycle may break
+    import subprocess
+    import sys
+
+    code = (
+        f"import importlib, sys; importlib.import_module({first!r}); "
+        "from learnscope.functional.nfa import eval_mode; from learnscope.functional import nfa_metrics; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

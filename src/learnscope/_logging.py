@@ -2,7 +2,8 @@
 
 Only plain float scalars reach ``log_metrics`` (a dict value would make
 TensorBoardLogger call ``add_scalars`` and create one run directory per key).
-Histograms and images go through ``TensorBoardLogger.experiment`` on rank zero only.
+Histograms and images go through ``TensorBoardLogger.experiment`` on rank zero only;
+images are drawn here, from the matrices a record carries, when they are written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from learnscope._compat import logger_prefix, summary_file_writer
+from learnscope.render import heatmap_panels
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -72,6 +74,18 @@ def log_histograms(trainer: pl.Trainer, values: Mapping[str, Any], step: int) ->
                 if data.numel() == 0:
                     continue
             writer.add_histogram(tag, data, global_step=step)
+
+
+def log_images(trainer: pl.Trainer, images: Mapping[str, Mapping[str, Tensor]], step: int) -> None:
+    """Draw each tag's matrices side by side (:func:`learnscope.render.heatmap_panels`, in
+    the mapping's order) and ``add_image`` it on every TensorBoard writer (rank zero only)."""
+    writers = tensorboard_writers(trainer)
+    if not writers:
+        return
+    for tag, matrices in images.items():
+        image = heatmap_panels(list(matrices.values()))
+        for writer in writers:
+            writer.add_image(tag, image, global_step=step, dataformats="CHW")
 
 
 class DeferredLog:

@@ -97,3 +97,27 @@ def check_unique_tag_roots(trainer: Any, callback: Any) -> None:
                 f"(name={other.tag_root!r}) in one Trainer would write the same tags: give each a distinct "
                 f"name= (e.g. name={callback.tag_root + '_val'!r})"
             )
+
+
+def check_alphas(name: str, value: Any) -> tuple[float, ...]:
+    """The NFA exponents α of AGOP^α: a non-empty list (or tuple) of positive finite
+    floats; returns the distinct ones, in the order given."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(
+            f"{name} must be a non-empty list of positive finite floats (e.g. [1.0, 0.5]), got {value!r}"
+        )
+    return tuple(dict.fromkeys(check_positive_float(f"each of {name}", alpha) for alpha in value))
+
+
+def check_probe_options(
+    probe: Any, probe_size: Any, probe_batch_size: Any, allowed: Sequence[str]
+) -> tuple[Any, int | None, int]:
+    """A callback's probe-set arguments: ``probe`` (one of ``allowed`` or a DataLoader),
+    ``probe_size`` (None: all, or an int >= 1) and ``probe_batch_size`` (an int >= 1)."""
+    # imported here, not above: this module imports no torch
+    from torch.utils.data import DataLoader
+
+    if not isinstance(probe, DataLoader):
+        check_choice("probe", probe, allowed, extra="or a torch.utils.data.DataLoader")
+    size = None if probe_size is None else check_int("probe_size", probe_size, minimum=1)
+    return probe, size, check_int("probe_batch_size", probe_batch_size, minimum=1)

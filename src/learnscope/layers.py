@@ -30,6 +30,7 @@ qualified class name, so the library is never imported here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -333,28 +334,7 @@ class MultiheadAttentionHandler(LayerHandler):
         return {"q": _InProjection(0), "k": _InProjection(1), "v": _InProjection(2), "out_proj": _OutProjection()}
 
     def tap(self, module: nn.Module, taps: Mapping[str, Callable[[Tensor], Tensor]]) -> Any:
-        def forward(
-            query: Tensor,
-            key: Tensor,
-            value: Tensor,
-            key_padding_mask: Tensor | None = None,
-            need_weights: bool = True,
-            attn_mask: Tensor | None = None,
-            average_attn_weights: bool = True,
-            is_causal: bool = False,
-        ) -> tuple[Tensor, Tensor | None]:
-            if query.is_nested or key.is_nested or value.is_nested:
-                # only the fast path takes nested tensors (no grad): no probe can be added
-                return type(module).forward(
-                    module, query, key, value, key_padding_mask, need_weights, attn_mask,
-                    average_attn_weights, is_causal,
-                )
-            return attention_forward(
-                module, query, key, value, key_padding_mask, need_weights, attn_mask,
-                average_attn_weights, is_causal, taps=taps,
-            )
-
-        return _ForwardOverride(module, forward)
+        return _ForwardOverride(module, functools.partial(attention_forward, module, taps=taps))
 
 
 class _ForwardOverride:
@@ -405,64 +385,26 @@ def attention_forward(
     (N·H)-batched, key padding, the ``is_causal`` hint), layouts (``batch_first``,
     unbatched) and returned weights as the module's own forward, on its slow and fast
     paths alike; attention dropout as the slow path (only when the module is training).
-    The maps run on (N, L, E) tokens: every tap sees batch-first outputs.
+    The maps run on (N, L, E) tokens: every tap sees batch-first outputs. Nested
+    tensors (which only the module's fused fast path takes, without gradients) go to
+    the module's own forward, untapped.
     """
+    if query.is_nested or key.is_nested or value.is_nested:
+        return type(module).forward(
+            module, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
     taps = taps or {}
-
-    def tapped_map(part: str, z: Tensor) -> Tensor:
-        tap = taps.get(part)
-        return z if tap is None else tap(z)
-
     batched = query.dim() == 3
-    if not batched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    elif not module.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    query, key, value, key_padding_mask = _batch_first(module, batched, query, key, value, key_padding_mask)
     n, tgt_len, embed_dim = query.shape
-    src_len, heads = key.shape[1], module.num_heads
-    head_dim = embed_dim // heads
-
-    if module.in_proj_weight is not None:
-        w_q, w_k, w_v = module.in_proj_weight.chunk(3)
-    else:
-        w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
-    b_q, b_k, b_v = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
-    q = tapped_map("q", F.linear(query, w_q, b_q))
-    k = tapped_map("k", F.linear(key, w_k, b_k))
-    v = tapped_map("v", F.linear(value, w_v, b_v))
-
-    key_padding_mask = _additive_mask(key_padding_mask, q.dtype)
-    if is_causal and attn_mask is None:
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
-    # as F.multi_head_attention_forward: the causal hint is used only without padding or weights
+    q, k, v = _in_projections(module, query, key, value, taps)
     causal = is_causal and key_padding_mask is None and not need_weights
-    attn_mask = None if causal else _additive_mask(attn_mask, q.dtype)
-    if attn_mask is not None and attn_mask.dim() == 3:
-        attn_mask = attn_mask.view(n, heads, tgt_len, src_len)  # rows are (sample, head)
-    if key_padding_mask is not None:
-        padding = key_padding_mask.view(n, 1, 1, src_len)
-        attn_mask = padding if attn_mask is None else attn_mask + padding
-
+    scores_shape = (n, module.num_heads, tgt_len, key.shape[1])
+    mask = _attention_mask(attn_mask, key_padding_mask, is_causal, causal, q.dtype, scores_shape)
     dropout_p = module.dropout if module.training else 0.0
-    q, k, v = (
-        t.reshape(n, length, heads, head_dim).transpose(1, 2)
-        for t, length in ((q, tgt_len), (k, src_len), (v, src_len))
-    )
-    if need_weights:
-        scores = (q * math.sqrt(1.0 / head_dim)) @ k.mT
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        weights = torch.softmax(scores, dim=-1)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        heads_out = weights @ v
-    else:
-        weights = None
-        heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
+    heads_out, weights = _attend(q, k, v, module.num_heads, mask, dropout_p, need_weights, causal)
     concatenated = heads_out.transpose(1, 2).reshape(n, tgt_len, embed_dim)
-    out = tapped_map("out_proj", F.linear(concatenated, module.out_proj.weight, module.out_proj.bias))
+    out = _tapped(taps, "out_proj", F.linear(concatenated, module.out_proj.weight, module.out_proj.bias))
 
     if weights is not None and average_attn_weights:
         weights = weights.mean(dim=1)
@@ -471,6 +413,90 @@ def attention_forward(
     if not module.batch_first:
         out = out.transpose(0, 1)
     return out, weights
+
+
+def _tapped(taps: Mapping[str, Callable[[Tensor], Tensor]], part: str, z: Tensor) -> Tensor:
+    """``z`` through the part's tap, when it has one."""
+    tap = taps.get(part)
+    return z if tap is None else tap(z)
+
+
+def _batch_first(
+    module: nn.Module, batched: bool, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The inputs as (N, L, E) tokens: an unbatched (L, E) input gets a batch of one,
+    a sequence-first (L, N, E) one is transposed."""
+    if not batched:
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        return query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), key_padding_mask
+    if not module.batch_first:
+        return query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), key_padding_mask
+    return query, key, value, key_padding_mask
+
+
+def _in_projections(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, taps: Mapping[str, Callable[[Tensor], Tensor]]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q = W_q·query + b_q, k = W_k·key + b_k, v = W_v·value + b_v, each through its tap."""
+    if module.in_proj_weight is not None:
+        w_q, w_k, w_v = module.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+    b_q, b_k, b_v = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+    q = _tapped(taps, "q", F.linear(query, w_q, b_q))
+    k = _tapped(taps, "k", F.linear(key, w_k, b_k))
+    v = _tapped(taps, "v", F.linear(value, w_v, b_v))
+    return q, k, v
+
+
+def _attention_mask(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    causal: bool,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int],
+) -> Tensor | None:
+    """The additive mask over (N, H, L, S) scores from ``attn_mask`` (2-D, or (N·H)-batched)
+    and the key padding mask; None under the causal hint (``causal``: used only without
+    padding or weights, as ``F.multi_head_attention_forward`` does)."""
+    key_padding_mask = _additive_mask(key_padding_mask, dtype)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    mask = None if causal else _additive_mask(attn_mask, dtype)
+    if mask is not None and mask.dim() == 3:
+        mask = mask.view(shape)  # rows are (sample, head)
+    if key_padding_mask is not None:
+        padding = key_padding_mask.view(shape[0], 1, 1, shape[3])
+        mask = padding if mask is None else mask + padding
+    return mask
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    mask: Tensor | None,
+    dropout_p: float,
+    need_weights: bool,
+    causal: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Per head: softmax((q_h k_hᵀ)/√d_h + mask) v_h, as (N, H, L, d_h), and the attention
+    weights (N, H, L, S) when ``need_weights`` (then written out, else fused)."""
+    n = q.shape[0]
+    head_dim = q.shape[-1] // heads
+    q, k, v = (t.reshape(n, t.shape[1], heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    if not need_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal), None
+    scores = (q * math.sqrt(1.0 / head_dim)) @ k.mT
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights
 
 
 _HANDLERS: dict[type[nn.Module], LayerHandler] = {}
@@ -713,50 +739,64 @@ def select_layers(model: nn.Module, patterns: Iterable[str] | None = None) -> di
     """
     if patterns is None:
         return default_layers(model)
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    patterns = list(patterns)
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise TypeError(f"patterns must be strings, got {pattern!r}")
-
-    selected: dict[str, LayerMap] = {}
-    skipped: list[str] = []
-    measurable: list[str] = []
-    used_patterns: set[str] = set()
+    selection = _Selection(patterns)
     for candidate in _candidates(model):
-        measurable.extend(candidate.maps)
-        by_module = [p for p in patterns if fnmatchcase(candidate.name, p)]
+        selection.add(candidate)
+    selection.warn(stacklevel=2)
+    return selection.selected
+
+
+class _Selection:
+    """``select_layers``' pass over the candidates: what the patterns select, what they
+    match but cannot measure, which patterns were used, and every measurable name."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = patterns
+        self.selected: dict[str, LayerMap] = {}
+        self.skipped: list[str] = []
+        self.measurable: list[str] = []
+        self.used: set[str] = set()
+
+    def add(self, candidate: _Candidate) -> None:
+        """Select the candidate's maps that a pattern matches (by the module's name or the map's)."""
+        self.measurable.extend(candidate.maps)
+        by_module = [p for p in self.patterns if fnmatchcase(candidate.name, p)]
         matched = False
         for map_name in candidate.map_names:
-            matching = by_module + [p for p in patterns if map_name != candidate.name and fnmatchcase(map_name, p)]
-            if not matching:
+            by_map = [p for p in self.patterns if map_name != candidate.name and fnmatchcase(map_name, p)]
+            if not by_module and not by_map:
                 continue
             matched = True
             if candidate.reason is None:
-                selected[map_name] = candidate.maps[map_name]
-                used_patterns.update(matching)
+                self.selected[map_name] = candidate.maps[map_name]
+                self.used.update(by_module + by_map)
         if matched and candidate.reason is not None and any(True for _ in candidate.module.parameters(recurse=False)):
-            skipped.append(candidate.description)
+            self.skipped.append(candidate.description)
 
-    if not selected:
-        what = (
-            "match only modules that cannot be measured: " + "; ".join(skipped)
-            if skipped
-            else "match no measurable layer"
-        )
-        warnings.warn(
-            f"learnscope NFA: layers={patterns} {what}. Nothing will be measured; the measurable "
-            f"layers are: {_name_list(measurable)}",
-            stacklevel=2,
-        )
-        return selected
-    messages = []
-    if skipped:
-        messages.append("skipping matched modules that cannot be measured: " + "; ".join(skipped))
-    unused = [p for p in patterns if p not in used_patterns]
-    if unused:
-        messages.append(f"patterns that selected no supported layer: {unused}")
-    if messages:
-        warnings.warn("learnscope NFA: " + ". ".join(messages), stacklevel=2)
-    return selected
+    def warn(self, stacklevel: int) -> None:
+        """One warning: nothing selected (and why, with the measurable names), or the
+        matched modules skipped and the patterns that selected nothing."""
+        if not self.selected:
+            what = (
+                "match only modules that cannot be measured: " + "; ".join(self.skipped)
+                if self.skipped
+                else "match no measurable layer"
+            )
+            warnings.warn(
+                f"learnscope NFA: layers={self.patterns} {what}. Nothing will be measured; the measurable "
+                f"layers are: {_name_list(self.measurable)}",
+                stacklevel=stacklevel + 1,
+            )
+            return
+        messages = []
+        if self.skipped:
+            messages.append("skipping matched modules that cannot be measured: " + "; ".join(self.skipped))
+        unused = [p for p in self.patterns if p not in self.used]
+        if unused:
+            messages.append(f"patterns that selected no supported layer: {unused}")
+        if messages:
+            warnings.warn("learnscope NFA: " + ". ".join(messages), stacklevel=stacklevel + 1)

@@ -1,12 +1,11 @@
 """The NeuralFeatureAnsatz callback: when and on what to measure; the math is in
-:mod:`learnscope.functional.nfa`."""
+:mod:`learnscope.functional.nfa`, the drawing in the sink (:mod:`learnscope._logging`)."""
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,12 +13,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from learnscope import _logging, tags
+from learnscope import _logging, _validate, tags
+from learnscope._model_inputs import LABEL_KEYS, default_input_fn, required_positional
 from learnscope._probe import (
     PROBE_SEED,
     ProbeChunk,
     ProbeError,
+    ProbeNoise,
     build_probe_set,
     probe_context,
     rank_sum,
@@ -28,110 +30,25 @@ from learnscope._probe import (
     stochastic_forward,
     to_module_device,
 )
-from learnscope._validate import (
-    check_bool,
-    check_callable,
-    check_choice,
-    check_int,
-    check_patterns,
-    check_positive_float,
-    check_tag_root,
-    check_unique_tag_roots,
-)
 from learnscope.functional.nfa import (
+    ESTIMATORS,
     PreactivationGramAccumulator,
-    _alpha_suffix,
-    _call_model,
-    _psd_power,
-    agop,
+    alpha_suffix,
+    call_model,
     default_output_fn,
+    feature_matrices,
     nfa_metrics_and_spectrum,
+    readout_from_grams,
+    readout_from_outputs,
 )
 from learnscope.layers import LayerMap, select_layers, tapped
 from learnscope.records import NFARecord
 
+__all__ = ["LABEL_KEYS", "NeuralFeatureAnsatz", "default_input_fn"]
+
 PROBES = ("train", "val")
-ESTIMATORS = ("exact", "hutchinson", "auto")
-#: Batch keys that ``default_input_fn`` treats as targets and does not pass to the model.
-LABEL_KEYS = frozenset({"label", "labels", "y", "target", "targets"})
 #: Heatmaps of WᵀW and AGOP^α are drawn for layers with at most this input dimension d.
 IMAGE_MAX_INPUT_DIM = 256
-
-
-def default_input_fn(batch: Any, required: Sequence[str] = ()) -> Any:
-    """The model input in a batch, as ``NeuralFeatureAnsatz`` reads it by default.
-
-    A tensor is the input; of a tuple or list (``(x, y)``) the first element is;
-    of a dict, every entry whose key is not a label key (``label(s)``, ``y``,
-    ``target(s)``), passed to the model as keyword arguments. The model is then
-    called as ``pl_module(x)``, ``pl_module(*x)`` for a tuple or ``pl_module(**x)``
-    for a dict. Raises :class:`ProbeError` naming ``input_fn`` otherwise.
-
-    ``required``: the names of the model forward's positional parameters without a
-    default. When there are several (``forward(inputs, target)``), a tuple or list
-    batch gives its first ``len(required)`` elements, positionally; a dict keeps those
-    keys even when they are label keys; any other batch raises a :class:`ProbeError`
-    that says which ``input_fn`` to pass.
-    """
-    if len(required) > 1:
-        return _several_arguments(batch, list(required))
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
-        if inputs:
-            return inputs
-        raise ProbeError(
-            f"NeuralFeatureAnsatz: the batch is a dict with only label keys {list(batch)}; "
-            "pass input_fn=callable(batch) -> model input"
-        )
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (Tensor, Mapping, tuple, list)):
-        return batch[0]
-    raise ProbeError(
-        f"NeuralFeatureAnsatz: cannot read the model input from a batch of type {type(batch).__name__} "
-        "(the default reads a tensor, the first element of a tuple/list, or a dict's non-label entries); "
-        "pass input_fn=callable(batch) -> model input"
-    )
-
-
-def _several_arguments(batch: Any, required: list[str]) -> Any:
-    """The inputs of a forward that needs ``required`` positional arguments (see ``default_input_fn``)."""
-    count = len(required)
-    signature = f"forward({', '.join(required)})"
-    if isinstance(batch, (tuple, list)) and len(batch) >= count:
-        return tuple(batch[:count])
-    if isinstance(batch, Mapping):
-        if all(name in batch for name in required):
-            return {key: value for key, value in batch.items() if key not in LABEL_KEYS or key in required}
-        missing = [name for name in required if name not in batch]
-        raise ProbeError(
-            f"NeuralFeatureAnsatz: the model's {signature} needs {missing}, which the batch dict (keys "
-            f"{list(batch)}) lacks; pass input_fn=lambda batch: {{...}} returning the keyword arguments"
-        )
-    if isinstance(batch, (tuple, list)):
-        what = f"a {type(batch).__name__} of {len(batch)} elements"
-        missing = required[len(batch) :]
-    else:
-        what = f"a single {type(batch).__name__}"
-        missing = required[1:]
-    advice = "(" + ", ".join(f"batch[{i}]" for i in range(count)) + ")"
-    raise ProbeError(
-        f"NeuralFeatureAnsatz: the model's {signature} needs {count} positional arguments but the batch is "
-        f"{what}, which leaves {missing} without a value; pass input_fn=callable(batch) -> "
-        f"({', '.join(required)}), e.g. input_fn=lambda batch: {advice} for a batch holding them in that order"
-    )
-
-
-def _required_positional(model: nn.Module) -> list[str]:
-    """The positional parameters of ``model.forward`` without a default (none known for ``*args``)."""
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return []
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return []
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
 
 
 class NeuralFeatureAnsatz(Callback):
@@ -230,46 +147,40 @@ class NeuralFeatureAnsatz(Callback):
     def __init__(
         self,
         every_n_steps: int = 100,
-        probe: Union[Literal["train", "val"], DataLoader] = "train",
-        probe_size: Optional[int] = 1024,
+        probe: Literal["train", "val"] | DataLoader = "train",
+        probe_size: int | None = 1024,
         probe_batch_size: int = 256,
-        layers: Optional[list[str]] = None,
+        layers: list[str] | None = None,
         alphas: list[float] = [1.0, 0.5],  # noqa: B006  (never mutated: copied to a tuple)
         null_draws: int = 4,
-        input_fn: Optional[Callable[[Any], Any]] = None,
-        output_fn: Optional[Callable[[Any], Any]] = None,
+        input_fn: Callable[[Any], Any] | None = None,
+        output_fn: Callable[[Any], Any] | None = None,
         estimator: Literal["exact", "hutchinson", "auto"] = "auto",
         num_probes: int = 16,
         images: bool = True,
-        image_every_n_steps: Optional[int] = None,
-        batch_size_fn: Optional[Callable[[Any], int]] = None,
+        image_every_n_steps: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
         name: str = "nfa",
     ) -> None:
         super().__init__()
-        self.name = check_tag_root("name", name)
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
-        if not isinstance(probe, DataLoader):
-            check_choice("probe", probe, PROBES, extra="or a torch.utils.data.DataLoader")
-        self.probe = probe
-        self.probe_size = None if probe_size is None else check_int("probe_size", probe_size, minimum=1)
-        self.probe_batch_size = check_int("probe_batch_size", probe_batch_size, minimum=1)
-        self.layers = check_patterns("layers", layers)
-        self.alphas = _check_alphas(alphas)
-        self.null_draws = check_int("null_draws", null_draws, minimum=0)
-        for name, fn in (("input_fn", input_fn), ("output_fn", output_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{name} must be None or a callable, got {fn!r}")
-        self.input_fn = input_fn
-        self.output_fn = output_fn
-        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, "callable(batch) -> number of samples")
-        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
-        self.num_probes = check_int("num_probes", num_probes, minimum=1)
-        self.images = check_bool("images", images)
-        self.image_every_n_steps = (
-            10 * self.every_n_steps
-            if image_every_n_steps is None
-            else check_int("image_every_n_steps", image_every_n_steps, minimum=1)
+        self.name = _validate.check_tag_root("name", name)
+        self.every_n_steps = _validate.check_int("every_n_steps", every_n_steps, minimum=1)
+        self.probe, self.probe_size, self.probe_batch_size = _validate.check_probe_options(
+            probe, probe_size, probe_batch_size, PROBES
         )
+        self.layers = _validate.check_patterns("layers", layers)
+        self.alphas = _validate.check_alphas("alphas", alphas)
+        self.null_draws = _validate.check_int("null_draws", null_draws, minimum=0)
+        self.input_fn = _validate.check_callable("input_fn", input_fn, "callable")
+        self.output_fn = _validate.check_callable("output_fn", output_fn, "callable")
+        self.batch_size_fn = _validate.check_callable(
+            "batch_size_fn", batch_size_fn, "callable(batch) -> number of samples"
+        )
+        self.estimator = _validate.check_choice("estimator", estimator, ESTIMATORS)
+        self.num_probes = _validate.check_int("num_probes", num_probes, minimum=1)
+        self.images = _validate.check_bool("images", images)
+        every_images = 10 * self.every_n_steps if image_every_n_steps is None else image_every_n_steps
+        self.image_every_n_steps = _validate.check_int("image_every_n_steps", every_images, minimum=1)
 
         # run state, rebuilt when a stage starts
         self._layers: dict[str, LayerMap] = {}
@@ -295,6 +206,7 @@ class NeuralFeatureAnsatz(Callback):
     # ------------------------------------------------------------------ identity
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps,
@@ -310,6 +222,7 @@ class NeuralFeatureAnsatz(Callback):
         """The first field of every tag this callback writes (``name``)."""
         return self.name
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "initial_weights": dict(self._initial_weights),
@@ -318,6 +231,7 @@ class NeuralFeatureAnsatz(Callback):
             "skipped": self._skipped,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._initial_weights = dict(state_dict.get("initial_weights", {}))
         self._last_measured_step = state_dict.get("last_measured_step")
@@ -339,10 +253,11 @@ class NeuralFeatureAnsatz(Callback):
         """The measured layer whose output is the model output (see the class docstring)."""
         return self._readout
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ hooks: when to measure
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_unique_tag_roots(trainer, self)
+        _validate.check_unique_tag_roots(trainer, self)
         if type(pl_module).forward is pl.LightningModule.forward:
             raise ProbeError(
                 f"NeuralFeatureAnsatz runs the model as pl_module(inputs), but {type(pl_module).__name__} "
@@ -350,8 +265,49 @@ class NeuralFeatureAnsatz(Callback):
             )
         if stage == "fit" and self.probe == "val":
             require_validation_data(trainer, owner="NeuralFeatureAnsatz")
-        self._forward_arguments = _required_positional(pl_module)
+        self._forward_arguments = required_positional(pl_module)
         self._select_layers(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._layers:
+            return
+        self._capture_initial_weights()
+        self._probe_set = self._build_probe_set(trainer, pl_module)
+        _logging.write_layout(
+            trainer, lca=False, nfa=True, nfa_metrics=self._metric_names(), nfa_layers=list(self._layers),
+            nfa_root=self.name,
+        )
+        if trainer.global_step != self._last_measured_step:
+            self._measure(trainer, pl_module, boundary=True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # global_step has already counted this batch's optimizer step (if any): the weights
+        # measured here have had exactly global_step updates. Under gradient accumulation the
+        # non-stepping micro-batches see the step number of the last measurement and are skipped.
+        step = trainer.global_step
+        if self._layers and step % self.every_n_steps == 0 and step != self._last_measured_step:
+            self._measure(trainer, pl_module, boundary=False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._layers and trainer.global_step != self._last_measured_step:
+            self._measure(trainer, pl_module, boundary=True)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate" and not trainer.sanity_checking:
+            self._measure_standalone(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "test":
+            self._measure_standalone(trainer, pl_module)
+
+    # ------------------------------------------------------------------ on what: layers and data
 
     def _select_layers(self, pl_module: pl.LightningModule) -> None:
         self._layers = select_layers(pl_module, self.layers)
@@ -363,28 +319,13 @@ class NeuralFeatureAnsatz(Callback):
                 "Hugging Face Conv1D, nn.MultiheadAttention); the callback does nothing"
             )
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._layers:
-            return
-        self._capture_initial_weights()
-        self._probe_set = build_probe_set(
-            trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz",
-            batch_size_fn=self.batch_size_fn,
-        )
-        _logging.write_layout(
-            trainer, lca=False, nfa=True, nfa_metrics=self._metric_names(), nfa_layers=list(self._layers),
-            nfa_root=self.name,
-        )
-        if trainer.global_step != self._last_measured_step:
-            self._measure(trainer, pl_module, boundary=True)
-
     def _metric_names(self) -> list[str]:
         """The metrics this configuration logs (a hidden layer's; the readout logs a subset)."""
-        suffixes = [_alpha_suffix(alpha) for alpha in self.alphas]
+        suffixes = [alpha_suffix(alpha) for alpha in self.alphas]
         families = ["pearson", "cosine"] + (["null", "excess"] if self.null_draws else [])
         names = [f"{family}_{suffix}" for family in families for suffix in suffixes]
         names += ["sphericity", "sphericity_range"]
-        names += [f"align_{_alpha_suffix(alpha)}" for alpha in self.alphas if alpha != 1.0]
+        names += [f"align_{alpha_suffix(alpha)}" for alpha in self.alphas if alpha != 1.0]
         return names + ["stable_rank", "weight_change", "cnfa_pearson_a1"]
 
     def _capture_initial_weights(self) -> None:
@@ -405,27 +346,11 @@ class NeuralFeatureAnsatz(Callback):
                     "cnfa_pearson_a1 are left out. Training goes on."
                 )
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        # global_step has already counted this batch's optimizer step (if any): the weights
-        # measured here have had exactly global_step updates. Under gradient accumulation the
-        # non-stepping micro-batches see the step number of the last measurement and are skipped.
-        step = trainer.global_step
-        if self._layers and step % self.every_n_steps == 0 and step != self._last_measured_step:
-            self._measure(trainer, pl_module, boundary=False)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._layers and trainer.global_step != self._last_measured_step:
-            self._measure(trainer, pl_module, boundary=True)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "validate" and not trainer.sanity_checking:
-            self._measure_standalone(trainer, pl_module)
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "test":
-            self._measure_standalone(trainer, pl_module)
+    def _build_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ProbeChunk]:
+        return build_probe_set(
+            trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz",
+            batch_size_fn=self.batch_size_fn,
+        )
 
     def _measure_standalone(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One measurement under ``trainer.validate``/``test`` (inference mode, no fit loop)."""
@@ -438,10 +363,7 @@ class NeuralFeatureAnsatz(Callback):
                 ProbeChunk(to_module_device(trainer, c.batch), c.batch_idx, c.weight, c.size) for c in self._probe_set
             ]
         elif isinstance(self.probe, DataLoader) or (self.probe == "val" and trainer.state.fn == "validate"):
-            self._probe_set = build_probe_set(
-                trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz",
-                batch_size_fn=self.batch_size_fn,
-            )
+            self._probe_set = self._build_probe_set(trainer, pl_module)
         else:
             if not self._warned_no_probe:
                 self._warned_no_probe = True
@@ -466,14 +388,10 @@ class NeuralFeatureAnsatz(Callback):
         if self.resolved_estimator is None:
             self.resolved_estimator = estimator
             if self._readout is None and estimator == "exact":
-                self._readout = _isotropic_last(grams)
+                self._readout = readout_from_grams(grams)
             self._describe(estimator, grams)
         weights = {name: self._layers[name].weight_flat() for name in grams}
-        non_finite = [
-            name
-            for name, gram in grams.items()
-            if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(weights[name]).all()))
-        ]
+        non_finite = _non_finite(weights, grams)
         if non_finite:
             self._skipped += 1
             rank_zero_warn(
@@ -482,19 +400,18 @@ class NeuralFeatureAnsatz(Callback):
             )
             _logging.log_scalars(trainer, tags.nfa_skipped(self._skipped, root=self.name), step=step)
             return
-        writers = _logging.tensorboard_writers(trainer) if self.images else []
-        draw = bool(writers) and (boundary or self._images_due(step))
-        record = self._summarise(step, weights, grams, estimator, draw)
-        self.last_record = record
+        draw = self.images and bool(_logging.tensorboard_writers(trainer)) and (boundary or self._images_due(step))
+        self.last_record = self._summarise(step, weights, grams, estimator, draw)
         self._noise_logged = True
-        _logging.log_scalars(trainer, tags.nfa_scalars(record, root=self.name), step=step)
-        _logging.log_histograms(trainer, tags.nfa_histograms(record, root=self.name), step=step)
+        self._write(trainer, self.last_record, draw)
+
+    def _write(self, trainer: pl.Trainer, record: NFARecord, draw: bool) -> None:
+        """Hand the record to the sink: scalars, spectra and, when due, the matrices to draw."""
+        _logging.log_scalars(trainer, tags.nfa_scalars(record, root=self.name), step=record.step)
+        _logging.log_histograms(trainer, tags.nfa_histograms(record, root=self.name), step=record.step)
         if draw:
-            self._last_image_step = step
-            for tag, matrices in tags.nfa_images(record, root=self.name).items():
-                image = heatmap_panels(list(matrices.values()))
-                for writer in writers:
-                    writer.add_image(tag, image, global_step=step, dataformats="CHW")
+            self._last_image_step = record.step
+            _logging.log_images(trainer, tags.nfa_images(record, root=self.name), step=record.step)
 
     def _images_due(self, step: int) -> bool:
         last = self._last_image_step
@@ -523,12 +440,14 @@ class NeuralFeatureAnsatz(Callback):
         return prediction
 
     def _inspect(self, pl_module: pl.LightningModule) -> None:
-        """First measurement: check that input_fn and output_fn read the data, and find the readout.
+        """First measurement: check that input_fn and output_fn read the data, that the forward
+        is deterministic, and find the readout.
 
         One forward on the first probe chunk records every measured layer's output
-        tensor; the readout is the layer whose output is the prediction itself.
+        tensor; the readout is the layer whose output is the prediction itself
+        (:func:`~learnscope.functional.nfa.readout_from_outputs`).
         """
-        layer_outputs: dict[str, Tensor] = {}
+        layer_outputs: dict[str, Tensor | None] = dict.fromkeys(self._layers)  # in layer order
 
         def recorder(name: str) -> Callable[[Tensor], Tensor]:
             def tap(output: Tensor) -> Tensor:
@@ -541,19 +460,26 @@ class NeuralFeatureAnsatz(Callback):
         inputs = self._model_inputs(chunk.batch)
         with probe_context(pl_module, mode="eval", device=pl_module.device), torch.no_grad():
             with tapped(self._layers, recorder):
-                try:
-                    output = _call_model(pl_module, inputs)
-                except Exception as error:
-                    hint = "the default input_fn" if self.input_fn is None else "input_fn"
-                    raise ProbeError(
-                        f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
-                        f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
-                    ) from error
-                prediction = self._prediction(output)
+                prediction = self._prediction(self._first_forward(pl_module, inputs))
             self._check_rows(prediction, chunk)
             noise = stochastic_forward(
-                pl_module, lambda: self._prediction(_call_model(pl_module, inputs)), pl_module.device
+                pl_module, lambda: self._prediction(call_model(pl_module, inputs)), pl_module.device
             )
+        self._note_noise(noise)
+        self._readout = readout_from_outputs(layer_outputs, prediction)
+        self._inspected = True
+
+    def _first_forward(self, pl_module: pl.LightningModule, inputs: Any) -> Any:
+        try:
+            return call_model(pl_module, inputs)
+        except Exception as error:
+            hint = "the default input_fn" if self.input_fn is None else "input_fn"
+            raise ProbeError(
+                f"NeuralFeatureAnsatz: pl_module(inputs) failed on a probe batch read by {hint} "
+                f"({type(error).__name__}: {error}); pass input_fn=callable(batch) -> model input"
+            ) from error
+
+    def _note_noise(self, noise: ProbeNoise | None) -> None:
         self.probe_is_stochastic = noise is not None
         if noise is not None:
             rank_zero_warn(
@@ -561,15 +487,6 @@ class NeuralFeatureAnsatz(Callback):
                 f"average over that noise, not the model's AGOP ({self.name}/probe_stochastic = 1). Draw random "
                 "numbers only when `self.training` is True in that module."
             )
-        self._readout = None
-        for name in reversed(list(self._layers)):
-            out = layer_outputs.get(name)
-            if isinstance(out, Tensor) and (
-                out is prediction or (out.data_ptr() == prediction.data_ptr() and out.numel() == prediction.numel())
-            ):
-                self._readout = name
-                break
-        self._inspected = True
 
     @staticmethod
     def _check_rows(prediction: Tensor, chunk: ProbeChunk) -> None:
@@ -633,29 +550,9 @@ class NeuralFeatureAnsatz(Callback):
         spectra: dict[str, Tensor] = {}
         matrices: dict[str, dict[str, Tensor]] = {}
         for name, gram in grams.items():
-            weight = weights[name]
-            readout = name == self._readout
-            initial = self._initial_weights.get(name)
-            if initial is not None and not bool(torch.isfinite(initial).all()):
-                initial = None  # weight_change and the centred NFA are undefined: left out
-            values, spectra[name] = nfa_metrics_and_spectrum(
-                weight,
-                gram,
-                alphas=self.alphas,
-                initial_weight=initial,
-                # G = I is rotation invariant: at the readout every null equals its value
-                null_draws=0 if readout else self.null_draws,
-                readout=readout,
-            )
-            if readout:  # and ψ(I) = 1: sphericity says nothing there either
-                del values["sphericity"], values["sphericity_range"]
-            metrics[name] = {key: value for key, value in values.items() if math.isfinite(value)}
-            if draw and weight.shape[1] <= IMAGE_MAX_INPUT_DIM:
-                weight64 = weight.to(torch.float64)
-                full_agop = agop(weight64, gram)
-                matrices[name] = {"nfm": weight64.mT @ weight64}
-                for alpha in self.alphas:
-                    matrices[name][f"agop_{_alpha_suffix(alpha)}"] = _psd_power(full_agop, alpha)
+            metrics[name], spectra[name] = self._layer_metrics(name, weights[name], gram)
+            if draw and weights[name].shape[1] <= IMAGE_MAX_INPUT_DIM:
+                matrices[name] = feature_matrices(weights[name], gram, alphas=self.alphas)
         return NFARecord(
             step=step,
             metrics=metrics,
@@ -668,20 +565,34 @@ class NeuralFeatureAnsatz(Callback):
             probe_stochastic=None if self._noise_logged else self.probe_is_stochastic,
         )
 
+    def _layer_metrics(self, name: str, weight: Tensor, gram: Tensor) -> tuple[dict[str, float], Tensor]:
+        """The finite metrics a layer logs, and its spectrum; at the readout the metrics
+        that are identically 1 there (α = 1, nulls, sphericities) are left out."""
+        readout = name == self._readout
+        initial = self._initial_weights.get(name)
+        if initial is not None and not bool(torch.isfinite(initial).all()):
+            initial = None  # weight_change and the centred NFA are undefined: left out
+        values, spectrum = nfa_metrics_and_spectrum(
+            weight,
+            gram,
+            alphas=self.alphas,
+            initial_weight=initial,
+            # G = I is rotation invariant: at the readout every null equals its value
+            null_draws=0 if readout else self.null_draws,
+            readout=readout,
+        )
+        if readout:  # and ψ(I) = 1: sphericity says nothing there either
+            del values["sphericity"], values["sphericity_range"]
+        return {key: value for key, value in values.items() if math.isfinite(value)}, spectrum
 
-def _isotropic_last(grams: Mapping[str, Tensor], tolerance: float = 1e-6) -> str | None:
-    """The last layer whose exact G is a multiple of the identity to ``tolerance`` (relative,
-    Frobenius): a readout followed by a scaling (``logits / T``) has G = s²·I, so its
-    α = 1 metrics are identically 1, as at a raw readout. None if no layer's is."""
-    for name in reversed(list(grams)):
-        gram = grams[name].to(torch.float64)
-        k = gram.shape[0]
-        scale = torch.trace(gram) / k
-        if k > 1 and scale > 0:
-            off = gram - scale * torch.eye(k, dtype=gram.dtype, device=gram.device)
-            if float(torch.linalg.matrix_norm(off)) <= tolerance * float(torch.linalg.matrix_norm(gram)):
-                return name
-    return None
+
+def _non_finite(weights: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> list[str]:
+    """The layers whose weight or G holds a NaN or an infinity: their metrics are undefined."""
+    return [
+        name
+        for name, gram in grams.items()
+        if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(weights[name]).all()))
+    ]
 
 
 class _WithBuffers(nn.Module):
@@ -693,41 +604,6 @@ class _WithBuffers(nn.Module):
         object.__setattr__(self, "wrapped", module)
         self.substitute = buffers
 
+    @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(self.wrapped, self.substitute, args, kwargs, strict=False)
-
-
-def _check_alphas(alphas: Any) -> tuple[float, ...]:
-    """The distinct exponents, in the order given."""
-    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, (list, tuple)) or not alphas:
-        raise ValueError(f"alphas must be a non-empty list of positive finite floats (e.g. [1.0, 0.5]), got {alphas!r}")
-    return tuple(dict.fromkeys(check_positive_float("each of alphas", alpha) for alpha in alphas))
-
-
-def heatmap_panels(matrices: list[Tensor], *, min_panel_pixels: int = 128, gap: int = 4) -> Tensor:
-    """Draw square matrices side by side as one RGB image (3, H, W), values in [0, 1].
-
-    Each panel is scaled by its own largest absolute entry (the NFA compares
-    matrices up to scale) and coloured on a diverging map: white 0, red positive,
-    blue negative. Small matrices are enlarged (nearest neighbour) to at least
-    ``min_panel_pixels`` pixels per side; panels are separated by ``gap`` grey columns.
-    """
-    panels = []
-    for matrix in matrices:
-        values = matrix.detach().to(torch.float32).cpu()
-        scale = values.abs().max()
-        values = values / scale if scale > 0 else values
-        positive, negative = values.clamp(min=0), (-values).clamp(min=0)
-        rgb = torch.stack([1 - negative, 1 - positive - negative, 1 - positive]).clamp(0, 1)
-        factor = max(1, math.ceil(min_panel_pixels / max(values.shape)))
-        panels.append(rgb.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2))
-    height = max(panel.shape[1] for panel in panels)
-    separator = torch.full((3, height, gap), 0.5)
-    row: list[Tensor] = []
-    for panel in panels:
-        if row:
-            row.append(separator)
-        padded = torch.ones(3, height, panel.shape[2])
-        padded[:, : panel.shape[1]] = panel
-        row.append(padded)
-    return torch.cat(row, dim=2)

@@ -3,6 +3,7 @@
 Nothing in this package imports Lightning: use it from a hand-written PyTorch loop.
 """
 
+from learnscope.functional import nfa
 from learnscope.functional.lca import (
     RULES,
     AccumulatingEvaluator,
@@ -13,6 +14,7 @@ from learnscope.functional.lca import (
     first_order_step,
     gradient_evaluator,
 )
+from learnscope.functional.nfa import *  # noqa: F403  (exactly nfa.__all__)
 
 __all__ = [
     "RULES",
@@ -24,3 +26,4 @@ __all__ = [
     "first_order_step",
     "gradient_evaluator",
 ]
+__all__ += nfa.__all__

@@ -11,14 +11,17 @@ z = W h + b. The network output is f ∈ R^c per sample (per token for sequences
     NFA:   WᵀW ∝ AGOP^α,  α ∈ {1, ½}
 
 This module computes G for every layer at once (``preactivation_grams``,
-``PreactivationGramAccumulator``) and the scale-invariant NFA metrics from
-(W, G) without ever forming a d×d matrix (``nfa_metrics``, ``range_spectrum``).
+``PreactivationGramAccumulator``), the scale-invariant NFA metrics from (W, G)
+without ever forming a d×d matrix (``nfa_metrics``, ``range_spectrum``), the d×d
+matrices themselves for drawing (``feature_matrices``), and finds the readout layer,
+where G = I (``readout_from_outputs``, ``readout_from_grams``).
 It imports nothing from Lightning: a hand-written training loop can use it as is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +30,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+# The module, not its names: learnscope._probe imports learnscope.functional, so this
+# import may meet _probe half-initialised; its functions are looked up when called.
+from learnscope import _probe
+from learnscope._validate import check_alphas, check_callable, check_choice, check_int
 from learnscope.layers import (
     LayerMap,
     select_layers,
@@ -37,18 +44,26 @@ from learnscope.layers import (
 
 __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
+    "ESTIMATORS",
     "PreactivationGramAccumulator",
     "agop",
+    "alpha_suffix",
+    "call_model",
     "default_output_fn",
     "eval_mode",
+    "feature_matrices",
     "haar_orthogonal",
     "nfa_metrics",
     "nfa_metrics_and_spectrum",
     "preactivation_grams",
     "range_spectrum",
+    "readout_from_grams",
+    "readout_from_outputs",
 ]
 
 Estimator = Literal["exact", "hutchinson", "auto"]
+#: The values of ``estimator``.
+ESTIMATORS: tuple[str, ...] = ("exact", "hutchinson", "auto")
 
 #: ``estimator="auto"`` is exact up to this many outputs per position (c), Hutchinson above.
 AUTO_EXACT_MAX_OUTPUTS = 64
@@ -69,14 +84,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     ``model.train()`` afterwards would be wrong: users keep some submodules
     frozen in eval mode, so each module's ``.training`` is saved and restored.
+    The probes' own ``module_modes(model, "eval")``, yielding ``model``.
     """
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
+    with _probe.module_modes(model, "eval"):
         yield model
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def default_output_fn(output: Any) -> Tensor:
@@ -116,7 +127,9 @@ def _clone_inference_tensors(value: Any) -> Any:
     return value
 
 
-def _call_model(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list,
+    ``model(inputs)`` otherwise: how every function here runs the model."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -142,16 +155,19 @@ def _cuda_devices(model: nn.Module, inputs: Any) -> list[int]:
     return sorted(indices)
 
 
+#: The dropout layers of ``torch.nn`` (each with its drop probability ``p``).
+_DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def _modules_in_training_mode(model: nn.Module) -> list[str]:
-    offenders = []
-    for name, module in model.named_modules():
-        if not module.training:
-            continue
-        if isinstance(module, nn.modules.batchnorm._NormBase) or (
-            isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-        ):
-            offenders.append(name or "<root>")
-    return offenders
+    """Modules in training mode that make samples interact (normalisation with batch
+    statistics) or add noise (dropout with p > 0)."""
+    return [
+        name or "<root>"
+        for name, module in model.named_modules()
+        if module.training
+        and (_probe.uses_batch_statistics(module) or (isinstance(module, _DROPOUT_LAYERS) and module.p > 0))
+    ]
 
 
 def _resolve_layers(
@@ -183,7 +199,30 @@ class PreactivationGramAccumulator:
 
     with n the total number of samples seen, so feeding a probe set in chunks
     gives the same G as one batch (exactly, up to float64 summation order, for
-    the exact estimator). See ``preactivation_grams`` for the arguments.
+    the exact estimator); ``update(inputs)`` runs ``model`` on one chunk.
+
+    Args:
+        model: called as ``model(inputs)``, ``model(*inputs)`` for a tuple/list or
+            ``model(**inputs)`` for a dict. Put it in eval mode first
+            (``with eval_mode(model): ...``): samples must not interact.
+        layers: name → ``LayerMap`` (from ``learnscope.layers.select_layers``) or
+            module (a module holding several maps, an ``nn.MultiheadAttention``,
+            gives ``<name>.q`` ...), a list of glob patterns over map names, or None
+            for every supported layer (Linear, Conv1d/2d/3d, Hugging Face Conv1D,
+            the q/k/v/out_proj maps of nn.MultiheadAttention). Unsupported modules
+            are skipped with a warning.
+        output_fn: maps the model output to the prediction f of shape (n, c) or
+            (n, T, c) (any trailing shape: every coordinate is one output; for
+            (n, T, c) each (token, class) pair is an output). Default:
+            ``default_output_fn`` (tensor, first tuple element, ``logits``).
+        estimator: "exact" (C = ∏ f.shape[1:] VJPs), "hutchinson" (``num_probes``
+            Rademacher VJPs, unbiased, drawn independently per sample) or "auto"
+            (exact when c = f.shape[-1] ≤ 64).
+        num_probes: Hutchinson probes per sample.
+        output_chunk: VJPs computed together (bounds memory: each holds a gradient
+            the size of every measured layer's output).
+        generator: source of Hutchinson probes; default a private generator
+            seeded with 0 (the global RNG is never touched).
 
     How (BRIEF 3.4): forward hooks replace each layer's output z by z + p with
     p a zero leaf tensor, so ∂f/∂p = ∂f/∂z even when an in-place op (ReLU) follows
@@ -227,22 +266,12 @@ class PreactivationGramAccumulator:
         output_chunk: int = 16,
         generator: torch.Generator | None = None,
     ) -> None:
-        if estimator not in ("exact", "hutchinson", "auto"):
-            raise ValueError(
-                f"estimator must be 'exact', 'hutchinson' or 'auto', got {estimator!r}"
-            )
-        if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
-            raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
-        if not isinstance(output_chunk, int) or isinstance(output_chunk, bool) or output_chunk < 1:
-            raise ValueError(f"output_chunk must be a positive int, got {output_chunk!r}")
-        if output_fn is not None and not callable(output_fn):
-            raise ValueError(f"output_fn must be callable, got {type(output_fn).__name__}")
+        self.requested_estimator = check_choice("estimator", estimator, ESTIMATORS)
+        self.num_probes = check_int("num_probes", num_probes, minimum=1)
+        self.output_chunk = check_int("output_chunk", output_chunk, minimum=1)
+        self.output_fn = check_callable("output_fn", output_fn, "callable")
         self.model = model
         self.layers = _resolve_layers(model, layers)
-        self.output_fn = output_fn
-        self.requested_estimator = estimator
-        self.num_probes = num_probes
-        self.output_chunk = output_chunk
         self.generator = generator
         self._batched_vjp_works = True
         self._warned: set[str] = set()
@@ -282,27 +311,10 @@ class PreactivationGramAccumulator:
 
     def _update(self, inputs: Any) -> None:
         flat_output, leaves = self._forward(inputs)
-        num_samples = flat_output.shape[0]
-
-        for name in self.layers:
-            if not leaves[name] and name not in self._warned:
-                self._warned.add(name)
-                warnings.warn(
-                    f"learnscope NFA: layer {name!r} was not called during the forward pass "
-                    "(e.g. a fused fast path that bypasses it, or a compiled model); it is left out",
-                    stacklevel=3,
-                )
-            self._calls[name] += len(leaves[name])
-
+        self._count_calls(leaves)
+        self.num_samples += flat_output.shape[0]
         names = [name for name in self.layers for _ in leaves[name]]
-        probes = [probe for name in self.layers for probe in leaves[name]]
-        for name in self.layers:
-            if leaves[name] and name not in self._gram_sums:
-                k = self.layers[name].out_features()
-                self._gram_sums[name] = torch.zeros(
-                    k, k, dtype=torch.float64, device=leaves[name][0].device
-                )
-        self.num_samples += num_samples
+        probes = self._probes(leaves)
         if not probes or not flat_output.requires_grad:
             return  # no measured layer influences the output: G gets zeros
 
@@ -314,15 +326,37 @@ class PreactivationGramAccumulator:
                 # The batched VJP failed after freeing part of the graph: build it again
                 # (same inputs, eval mode: the same graph) and finish one VJP at a time.
                 flat_output, leaves = self._forward(inputs)
-                probes = [probe for name in self.layers for probe in leaves[name]]
+                probes = self._probes(leaves)
                 grads = self._batched_vjp(flat_output, probes, grad_outputs, retain_graph=not last)
-            for name, grad in zip(names, grads):
-                if grad is None:
-                    continue
-                # one chunk's Σ gᵀg in the gradient's dtype, in blocks on and above the
-                # diagonal, accumulated over chunks in float64 (symmetrised in compute)
+            self._add_grams(names, grads, weight)
+            grads = None  # release this batch's gradients before the next batch's VJPs
+
+    def _probes(self, leaves: Mapping[str, list[Tensor]]) -> list[Tensor]:
+        """Every probe of one forward, layer by layer (one per call of the layer)."""
+        return [probe for name in self.layers for probe in leaves[name]]
+
+    def _count_calls(self, leaves: Mapping[str, list[Tensor]]) -> None:
+        """Count each layer's calls in one forward, warn (once) about a layer that was not
+        called, and allocate the float64 sum of a layer called for the first time."""
+        for name in self.layers:
+            if not leaves[name] and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"learnscope NFA: layer {name!r} was not called during the forward pass "
+                    "(e.g. a fused fast path that bypasses it, or a compiled model); it is left out",
+                    stacklevel=4,
+                )
+            self._calls[name] += len(leaves[name])
+            if leaves[name] and name not in self._gram_sums:
+                k = self.layers[name].out_features()
+                self._gram_sums[name] = torch.zeros(k, k, dtype=torch.float64, device=leaves[name][0].device)
+
+    def _add_grams(self, names: list[str], grads: Sequence[Tensor | None], weight: float) -> None:
+        """One batch of VJPs into each layer's sum: Σ gᵀg in the gradient's dtype, in blocks
+        on and above the diagonal, accumulated over chunks in float64 (symmetrised in compute)."""
+        for name, grad in zip(names, grads):
+            if grad is not None:
                 self.layers[name].add_gram(grad, self._gram_sums[name], alpha=weight)
-            grads = grad = None  # release this batch's gradients before the next batch's VJPs
 
     def _forward(self, inputs: Any) -> tuple[Tensor, dict[str, list[Tensor]]]:
         """One forward with a zero probe p added to every measured layer's output:
@@ -340,7 +374,7 @@ class PreactivationGramAccumulator:
             return tap
 
         with tapped(self.layers, make_tap):
-            raw_output = _call_model(self.model, inputs)
+            raw_output = call_model(self.model, inputs)
 
         output = self._read_output(raw_output)
         if self.estimator is None:
@@ -379,7 +413,7 @@ class PreactivationGramAccumulator:
     def _grad_output_batches(self, flat_output: Tensor) -> Iterator[tuple[Tensor, float, bool]]:
         """(grad_outputs, weight, last): the batches of VJP directions of one chunk."""
         num_samples, num_outputs = flat_output.shape
-        options = dict(dtype=flat_output.dtype, device=flat_output.device)
+        options = {"dtype": flat_output.dtype, "device": flat_output.device}
         if self.estimator == "exact":
             # Row j of V is the one-hot e_j for every sample: rows of the identity,
             # expanded over the samples (no n × C storage per row).
@@ -483,14 +517,9 @@ def preactivation_grams(
     model: nn.Module,
     inputs: Any,
     layers: Mapping[str, nn.Module | LayerMap] | Sequence[str] | None = None,
-    *,
-    output_fn: Callable[[Any], Tensor] | None = None,
-    estimator: Estimator = "exact",
-    num_probes: int = 16,
-    output_chunk: int = 16,
-    generator: torch.Generator | None = None,
+    **options: Any,
 ) -> dict[str, Tensor]:
-    r"""G_l for every layer in one forward pass (BRIEF 3.2, 3.4).
+    r"""G_l for every layer in one forward pass on one batch ``inputs`` of n samples (BRIEF 3.2, 3.4).
 
         G_l = (1/n) Σ_x Σ_j Σ_positions ∇_z f_j(x) ∇_z f_j(x)ᵀ     (k_l × k_l, float64)
 
@@ -498,44 +527,16 @@ def preactivation_grams(
     (per token for Linear layers applied to sequences, per patch for convolutions,
     each layer's own input being the free variable).
 
-    Args:
-        model: called as ``model(inputs)``, ``model(*inputs)`` for a tuple/list or
-            ``model(**inputs)`` for a dict. Put it in eval mode first
-            (``with eval_mode(model): ...``): samples must not interact.
-        inputs: one batch of n samples.
-        layers: name → ``LayerMap`` (from ``learnscope.layers.select_layers``) or
-            module (a module holding several maps, an ``nn.MultiheadAttention``,
-            gives ``<name>.q`` ...), a list of glob patterns over map names, or None
-            for every supported layer (Linear, Conv1d/2d/3d, Hugging Face Conv1D,
-            the q/k/v/out_proj maps of nn.MultiheadAttention). Unsupported modules
-            are skipped with a warning.
-        output_fn: maps the model output to the prediction f of shape (n, c) or
-            (n, T, c) (any trailing shape: every coordinate is one output; for
-            (n, T, c) each (token, class) pair is an output). Default:
-            ``default_output_fn`` (tensor, first tuple element, ``logits``).
-        estimator: "exact" (C = ∏ f.shape[1:] VJPs), "hutchinson" (``num_probes``
-            Rademacher VJPs, unbiased, drawn independently per sample) or "auto"
-            (exact when c = f.shape[-1] ≤ 64).
-        num_probes: Hutchinson probes per sample.
-        output_chunk: VJPs computed together (bounds memory: each holds a gradient
-            the size of every measured layer's output).
-        generator: source of Hutchinson probes; default a private generator
-            seeded with 0 (the global RNG is never touched).
+    ``model``, ``layers`` and the keyword arguments (``output_fn``, ``estimator``,
+    ``num_probes``, ``output_chunk``, ``generator``) are those of
+    :class:`PreactivationGramAccumulator`, which a probe set fed in chunks uses.
+    Put the model in eval mode first (``with eval_mode(model): ...``): samples must
+    not interact.
 
     Returns:
         name → G (float64, on the layer's device), for every layer that ran.
-
-    For a probe set fed in chunks use ``PreactivationGramAccumulator``.
     """
-    accumulator = PreactivationGramAccumulator(
-        model,
-        layers,
-        output_fn=output_fn,
-        estimator=estimator,
-        num_probes=num_probes,
-        output_chunk=output_chunk,
-        generator=generator,
-    )
+    accumulator = PreactivationGramAccumulator(model, layers, **options)
     accumulator.update(inputs)
     return accumulator.compute()
 
@@ -545,6 +546,63 @@ def agop(weight_flat: Tensor, gram: Tensor) -> Tensor:
     the metrics never form d×d matrices."""
     weight = weight_flat.detach().to(dtype=gram.dtype, device=gram.device)
     return weight.mT @ gram @ weight
+
+
+def feature_matrices(weight_flat: Tensor, gram: Tensor, *, alphas: Sequence[float] = (1.0, 0.5)) -> dict[str, Tensor]:
+    """The d×d matrices the NFA compares, formed whole (float64), e.g. to draw them:
+
+        ``"nfm"`` → NFM = WᵀW,   ``"agop_a{α}"`` → AGOP^α = (Wᵀ G W)^α  for every α in ``alphas``
+
+    (M^α by ``eigh``, round-off eigenvalues set to 0). d×d each: for small layers only;
+    the metrics never form them (:func:`nfa_metrics`).
+    """
+    weight64 = weight_flat.detach().to(torch.float64)
+    full_agop = agop(weight64, gram)
+    matrices = {"nfm": weight64.mT @ weight64}
+    for alpha in check_alphas("alphas", alphas):
+        matrices[f"agop_{alpha_suffix(alpha)}"] = _psd_power(full_agop, alpha)
+    return matrices
+
+
+# --------------------------------------------------------------------------- #
+# The readout layer: G = I there, and the α = 1 metrics are identically 1
+# --------------------------------------------------------------------------- #
+
+
+def readout_from_outputs(layer_outputs: Mapping[str, Any], prediction: Tensor) -> str | None:
+    """The readout: the last layer (in ``layer_outputs``' order) whose output tensor *is*
+    the prediction f, the same tensor or a view of all of its elements (same first
+    element, same number of elements). There ∇_z f_j = e_j, so G = I exactly whatever
+    the weights. None when no layer's output is (entries that are not tensors are passed over).
+    """
+    for name in reversed(list(layer_outputs)):
+        output = layer_outputs[name]
+        if isinstance(output, Tensor) and (
+            output is prediction
+            or (output.data_ptr() == prediction.data_ptr() and output.numel() == prediction.numel())
+        ):
+            return name
+    return None
+
+
+def readout_from_grams(grams: Mapping[str, Tensor], *, tolerance: float = 1e-6) -> str | None:
+    """The last layer (in ``grams``' order) whose exact G is a multiple of the identity:
+
+        ‖G − s·I‖_F ≤ tolerance · ‖G‖_F,   s = tr(G)/k > 0,  k > 1
+
+    A readout followed by a scaling or a shift (``logits / T``) has G = s²·I, so its α = 1
+    metrics are identically 1, as at a raw readout; a layer followed by a non-linear map
+    (a softmax) does not. None if no layer's G is. Meaningful for the exact G only.
+    """
+    for name in reversed(list(grams)):
+        gram = grams[name].to(torch.float64)
+        k = gram.shape[0]
+        scale = torch.trace(gram) / k
+        if k > 1 and scale > 0:
+            off = gram - scale * torch.eye(k, dtype=gram.dtype, device=gram.device)
+            if float(torch.linalg.matrix_norm(off)) <= tolerance * float(torch.linalg.matrix_norm(gram)):
+                return name
+    return None
 
 
 # --------------------------------------------------------------------------- #
@@ -575,7 +633,8 @@ def haar_orthogonal(
     return (q * signs).to(dtype=dtype, device=device)
 
 
-def _alpha_suffix(alpha: float) -> str:
+def alpha_suffix(alpha: float) -> str:
+    """The suffix that names a metric of exponent α: ``a{α:g}`` (``a1``, ``a0.5``)."""
     return f"a{alpha:g}"
 
 
@@ -833,107 +892,129 @@ def nfa_metrics(
     )[0]
 
 
-def nfa_metrics_and_spectrum(
-    weight_flat: Tensor,
-    gram: Tensor,
-    *,
-    alphas: Sequence[float] = (1.0, 0.5),
-    initial_weight: Tensor | None = None,
-    null_draws: int = 4,
-    generator: torch.Generator | None = None,
-    readout: bool = False,
-    rank_rtol: float | None = None,
-) -> tuple[dict[str, float], Tensor]:
-    """``(nfa_metrics(...), range_spectrum(weight_flat, gram))`` from one SVD of W.
+def nfa_metrics_and_spectrum(weight_flat: Tensor, gram: Tensor, **options: Any) -> tuple[dict[str, float], Tensor]:
+    """``(nfa_metrics(weight_flat, gram, **options), range_spectrum(weight_flat, gram))`` from one SVD of W.
 
-    Same arguments as :func:`nfa_metrics`; the same values as the two calls (the
-    spectrum with the same ``rank_rtol``), at the cost of one thin SVD of W and one
-    compression UᵀGU fewer: what the ``NeuralFeatureAnsatz`` callback computes at
-    every measurement.
+    The keyword arguments, and their defaults, are those of :func:`nfa_metrics`; the
+    same values as the two calls (the spectrum with the same ``rank_rtol``), at the
+    cost of one thin SVD of W and one compression UᵀGU fewer: what the
+    ``NeuralFeatureAnsatz`` callback computes at every measurement.
     """
-    return _nfa_metrics_and_spectrum(
-        weight_flat, gram, alphas=alphas, initial_weight=initial_weight, null_draws=null_draws,
-        generator=generator, readout=readout, rank_rtol=rank_rtol, with_spectrum=True,
-    )
+    # Bound against nfa_metrics's signature: its defaults are the only ones, and an
+    # unknown keyword is the same TypeError as there.
+    arguments = inspect.signature(nfa_metrics).bind(weight_flat, gram, **options)
+    arguments.apply_defaults()
+    metrics, spectrum = _nfa_metrics_and_spectrum(**arguments.arguments, with_spectrum=True)
+    assert spectrum is not None
+    return metrics, spectrum
 
 
 def _nfa_metrics_and_spectrum(
-    weight_flat: Tensor,
-    gram: Tensor,
-    *,
-    alphas: Sequence[float],
-    initial_weight: Tensor | None,
-    null_draws: int,
-    generator: torch.Generator | None,
-    readout: bool,
-    rank_rtol: float | None,
-    with_spectrum: bool,
+    weight_flat: Tensor, gram: Tensor, *, alphas: Sequence[float], initial_weight: Tensor | None, null_draws: int,
+    generator: torch.Generator | None, readout: bool, rank_rtol: float | None, with_spectrum: bool,
 ) -> tuple[dict[str, float], Tensor | None]:
+    alphas = _check_metric_arguments(weight_flat, gram, alphas, initial_weight, null_draws)
+    if rank_rtol is None:
+        rank_rtol = _default_rank_rtol(weight_flat)
+    gram, weight, frame, compressed = _range_frame(weight_flat, gram, rank_rtol)
+    reported = [alpha for alpha in alphas if not (readout and alpha == 1.0)]
+    metrics = _correlations(frame, compressed, reported, weight.shape[1])
+    if null_draws > 0 and reported:
+        metrics.update(_rotation_nulls(frame, gram, metrics, reported, weight.shape[1], null_draws, generator))
+    metrics.update(_geometry(gram, compressed, frame[1], alphas))
+    if initial_weight is not None:
+        metrics.update(_weight_change(weight, initial_weight, gram, readout))
+    spectrum = torch.linalg.eigvalsh(compressed).flip(0) if with_spectrum else None
+    return metrics, spectrum
+
+
+def _check_metric_arguments(
+    weight_flat: Tensor, gram: Tensor, alphas: Sequence[float], initial_weight: Tensor | None, null_draws: int
+) -> tuple[float, ...]:
+    """The shapes of W (k×d), G (k×k) and W₀ (k×d, finite), ``null_draws``; returns the distinct α."""
     if weight_flat.dim() != 2:
         raise ValueError(f"weight_flat must be a k×d matrix, got shape {tuple(weight_flat.shape)}")
     k, d = weight_flat.shape
     if gram.shape != (k, k):
         raise ValueError(f"gram must be {k}×{k} for a weight of shape {(k, d)}, got {tuple(gram.shape)}")
-    if initial_weight is not None and initial_weight.shape != weight_flat.shape:
-        raise ValueError(
-            f"initial_weight must have the weight's shape {(k, d)}, got {tuple(initial_weight.shape)}"
-        )
     if initial_weight is not None:
+        if initial_weight.shape != weight_flat.shape:
+            raise ValueError(
+                f"initial_weight must have the weight's shape {(k, d)}, got {tuple(initial_weight.shape)}"
+            )
         _require_finite("initial_weight", initial_weight)
-    alphas = [float(alpha) for alpha in alphas]
-    if any(not alpha > 0 for alpha in alphas):
-        raise ValueError(f"alphas must be positive, got {alphas}")
+    checked = check_alphas("alphas", alphas)
     if not isinstance(null_draws, int) or null_draws < 0:
         raise ValueError(f"null_draws must be a non-negative int, got {null_draws!r}")
-    if rank_rtol is None:
-        rank_rtol = _default_rank_rtol(weight_flat)
+    return checked
 
-    device = gram.device
-    gram, weight, (u, s, v), compressed = _range_frame(weight_flat, gram, rank_rtol)
-    reported = [alpha for alpha in alphas if not (readout and alpha == 1.0)]
 
+def _correlations(
+    frame: tuple[Tensor, Tensor, Tensor], compressed: Tensor, alphas: Sequence[float], d: int
+) -> dict[str, float]:
+    """``pearson_a{α}`` and ``cosine_a{α}`` of NFM = V S² Vᵀ with AGOP^α = V M^α Vᵀ, for every α."""
     metrics: dict[str, float] = {}
-    for alpha in reported:
+    _, s, v = frame
+    for alpha in alphas:
         cosine, pearson = _nfa_correlations(s, v, compressed, alpha, d)
-        metrics[f"pearson_{_alpha_suffix(alpha)}"] = pearson
-        metrics[f"cosine_{_alpha_suffix(alpha)}"] = cosine
+        metrics[f"pearson_{alpha_suffix(alpha)}"] = pearson
+        metrics[f"cosine_{alpha_suffix(alpha)}"] = cosine
+    return metrics
 
-    if null_draws > 0 and reported:
-        if generator is None:
-            generator = torch.Generator().manual_seed(_DEFAULT_SEED)
-        null_sums = {alpha: 0.0 for alpha in reported}
-        for _ in range(null_draws):
-            rotated_frame = _haar_transpose_times(u, generator)  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
-            rotated = rotated_frame.mT @ gram @ rotated_frame
-            for alpha in reported:
-                null_sums[alpha] += _nfa_correlations(s, v, rotated, alpha, d)[1]
-        for alpha in reported:
-            suffix = _alpha_suffix(alpha)
-            null = null_sums[alpha] / null_draws
-            metrics[f"null_{suffix}"] = null
-            metrics[f"excess_{suffix}"] = metrics[f"pearson_{suffix}"] - null
 
-    metrics["sphericity"] = _sphericity(gram)
-    metrics["sphericity_range"] = _sphericity(compressed)
+def _rotation_nulls(
+    frame: tuple[Tensor, Tensor, Tensor],
+    gram: Tensor,
+    metrics: Mapping[str, float],
+    alphas: Sequence[float],
+    d: int,
+    null_draws: int,
+    generator: torch.Generator | None,
+) -> dict[str, float]:
+    """``null_a{α}``: the mean Pearson with G replaced by Q G Qᵀ over ``null_draws`` Haar-random
+    orthogonal Q, and ``excess_a{α}`` = ``pearson_a{α}`` (from ``metrics``) − null."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(_DEFAULT_SEED)
+    u, s, v = frame
+    null_sums = {alpha: 0.0 for alpha in alphas}
+    for _ in range(null_draws):
+        rotated_frame = _haar_transpose_times(u, generator)  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
+        rotated = rotated_frame.mT @ gram @ rotated_frame
+        for alpha in alphas:
+            null_sums[alpha] += _nfa_correlations(s, v, rotated, alpha, d)[1]
+    nulls: dict[str, float] = {}
+    for alpha in alphas:
+        suffix = alpha_suffix(alpha)
+        null = null_sums[alpha] / null_draws
+        nulls[f"null_{suffix}"] = null
+        nulls[f"excess_{suffix}"] = metrics[f"pearson_{suffix}"] - null
+    return nulls
+
+
+def _geometry(gram: Tensor, compressed: Tensor, s: Tensor, alphas: Sequence[float]) -> dict[str, float]:
+    """``sphericity`` ψ(G), ``sphericity_range`` ψ(UᵀGU), ``align_a{α}`` (α ≠ 1): the cosine of
+    UᵀGU with S^{2(1/α−1)}, and ``stable_rank`` ‖W‖_F²/‖W‖_2² = Σ s_i²/s_1²."""
+    metrics = {"sphericity": _sphericity(gram), "sphericity_range": _sphericity(compressed)}
     for alpha in alphas:
         if alpha == 1.0:
             continue
         target = s ** (2 * (1 / alpha - 1))
-        metrics[f"align_{_alpha_suffix(alpha)}"] = _ratio(
+        metrics[f"align_{alpha_suffix(alpha)}"] = _ratio(
             (torch.diagonal(compressed) * target).sum(),
             torch.linalg.matrix_norm(compressed) * torch.linalg.vector_norm(target),
         )
     metrics["stable_rank"] = _ratio((s**2).sum(), s[0] ** 2) if s.numel() else float("nan")
+    return metrics
 
-    if initial_weight is not None:
-        delta = weight - initial_weight.detach().to(dtype=torch.float64, device=device)
-        metrics["weight_change"] = _ratio(
-            torch.linalg.matrix_norm(delta), torch.linalg.matrix_norm(weight)
-        )
-        if not readout:
-            metrics["cnfa_pearson_a1"] = _product_pearson(delta, gram)
-    spectrum = torch.linalg.eigvalsh(compressed).flip(0) if with_spectrum else None
-    return metrics, spectrum
+
+def _weight_change(weight: Tensor, initial_weight: Tensor, gram: Tensor, readout: bool) -> dict[str, float]:
+    """``weight_change`` ‖W − W₀‖_F/‖W‖_F and, except at the readout, the centred NFA
+    ``cnfa_pearson_a1`` = Pearson(ΔWᵀΔW, ΔWᵀ G ΔW) with ΔW = W − W₀."""
+    delta = weight - initial_weight.detach().to(dtype=torch.float64, device=weight.device)
+    metrics = {"weight_change": _ratio(torch.linalg.matrix_norm(delta), torch.linalg.matrix_norm(weight))}
+    if not readout:
+        metrics["cnfa_pearson_a1"] = _product_pearson(delta, gram)
+    return metrics
 
 
 def range_spectrum(weight_flat: Tensor, gram: Tensor, *, rank_rtol: float | None = None) -> Tensor:
