@@ -64,7 +64,8 @@ def uses_batch_statistics(module: nn.Module) -> bool:
 
 
 PROBE_MODES = ("deterministic", "eval", "dropout_off")
-_DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: The dropout layers of torch.nn (and their subclasses, by isinstance).
+DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 @contextlib.contextmanager
@@ -89,7 +90,7 @@ def module_modes(module: nn.Module, mode: str) -> Iterator[None]:
     try:
         for m, training in saved:
             if mode == "dropout_off":
-                m.training = training and not isinstance(m, _DROPOUT_LAYERS)
+                m.training = training and not isinstance(m, DROPOUT_LAYERS)
             else:
                 m.training = training and mode == "deterministic" and uses_batch_statistics(m)
         yield

@@ -19,6 +19,7 @@ from learnscope._validate import (
     check_choice,
     check_int,
     check_patterns,
+    check_probe_options,
     check_tag_root,
 )
 from learnscope.functional.lca import check_max_intervals, check_relative_tolerance, check_rule, check_tolerance
@@ -81,7 +82,13 @@ class LCAConfig:
         return cls(**flags)
 
     def __post_init__(self) -> None:
-        for flag, check in _CHECKS.items():  # in the constructor's order: the first bad argument is named
+        # in the constructor's order: the first bad argument is the one named
+        object.__setattr__(self, "name", check_tag_root("name", self.name))
+        object.__setattr__(self, "every_n_steps", check_int("every_n_steps", self.every_n_steps, minimum=1))
+        probe = check_probe_options(self.probe, self.probe_size, self.probe_batch_size, PROBES)
+        for flag, value in zip(("probe", "probe_size", "probe_batch_size"), probe):
+            object.__setattr__(self, flag, value)
+        for flag, check in _CHECKS.items():
             object.__setattr__(self, flag, check(getattr(self, flag)))
 
     @property
@@ -100,12 +107,6 @@ class LCAConfig:
         return self.probe != "batch" or self.ablation
 
 
-def _probe(value: Any) -> Any:
-    if not isinstance(value, DataLoader):
-        check_choice("probe", value, PROBES, extra="or a torch.utils.data.DataLoader")
-    return value
-
-
 def _optional_bool(value: Any) -> bool | None:
     if value is not None:
         check_bool("compile_statistics", value, extra="or None (automatic)")
@@ -119,11 +120,6 @@ def _loss_fn(value: Any) -> Any:
 
 
 _CHECKS: dict[str, Callable[[Any], Any]] = {
-    "name": lambda v: check_tag_root("name", v),
-    "every_n_steps": lambda v: check_int("every_n_steps", v, minimum=1),
-    "probe": _probe,
-    "probe_size": lambda v: None if v is None else check_int("probe_size", v, minimum=1),
-    "probe_batch_size": lambda v: check_int("probe_batch_size", v, minimum=1),
     "rule": check_rule,
     "tolerance": check_tolerance,
     "max_intervals": check_max_intervals,

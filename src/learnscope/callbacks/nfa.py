@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from learnscope import _logging, _validate, tags
+from learnscope import _logging, _validate, contract, tags
 from learnscope._model_inputs import LABEL_KEYS, default_input_fn, required_positional
 from learnscope._probe import (
     PROBE_SEED,
@@ -33,7 +33,6 @@ from learnscope._probe import (
 from learnscope.functional.nfa import (
     ESTIMATORS,
     PreactivationGramAccumulator,
-    alpha_suffix,
     call_model,
     default_output_fn,
     feature_matrices,
@@ -275,7 +274,7 @@ class NeuralFeatureAnsatz(Callback):
         self._capture_initial_weights()
         self._probe_set = self._build_probe_set(trainer, pl_module)
         _logging.write_layout(
-            trainer, lca=False, nfa=True, nfa_metrics=self._metric_names(), nfa_layers=list(self._layers),
+            trainer, lca=False, nfa=True, nfa_metrics=contract.nfa_metric_names(self.alphas, null=self.null_draws > 0), nfa_layers=list(self._layers),
             nfa_root=self.name,
         )
         if trainer.global_step != self._last_measured_step:
@@ -318,15 +317,6 @@ class NeuralFeatureAnsatz(Callback):
                 "NeuralFeatureAnsatz: the model has no measurable layer (nn.Linear, nn.Conv1d/2d/3d, "
                 "Hugging Face Conv1D, nn.MultiheadAttention); the callback does nothing"
             )
-
-    def _metric_names(self) -> list[str]:
-        """The metrics this configuration logs (a hidden layer's; the readout logs a subset)."""
-        suffixes = [alpha_suffix(alpha) for alpha in self.alphas]
-        families = ["pearson", "cosine"] + (["null", "excess"] if self.null_draws else [])
-        names = [f"{family}_{suffix}" for family in families for suffix in suffixes]
-        names += ["sphericity", "sphericity_range"]
-        names += [f"align_{alpha_suffix(alpha)}" for alpha in self.alphas if alpha != 1.0]
-        return names + ["stable_rank", "weight_change", "cnfa_pearson_a1"]
 
     def _capture_initial_weights(self) -> None:
         """W₀ of each layer, unless a checkpoint restored it (then the run continues exactly)."""

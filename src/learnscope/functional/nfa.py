@@ -155,10 +155,6 @@ def _cuda_devices(model: nn.Module, inputs: Any) -> list[int]:
     return sorted(indices)
 
 
-#: The dropout layers of ``torch.nn`` (each with its drop probability ``p``).
-_DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
-
 def _modules_in_training_mode(model: nn.Module) -> list[str]:
     """Modules in training mode that make samples interact (normalisation with batch
     statistics) or add noise (dropout with p > 0)."""
@@ -166,7 +162,7 @@ def _modules_in_training_mode(model: nn.Module) -> list[str]:
         name or "<root>"
         for name, module in model.named_modules()
         if module.training
-        and (_probe.uses_batch_statistics(module) or (isinstance(module, _DROPOUT_LAYERS) and module.p > 0))
+        and (_probe.uses_batch_statistics(module) or (isinstance(module, _probe.DROPOUT_LAYERS) and module.p > 0))
     ]
 
 
