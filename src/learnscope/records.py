@@ -13,6 +13,12 @@ from typing import Any
 from torch import Tensor
 
 
+def _add_fields(into: Any, other: Any) -> None:
+    """Add every field of the dataclass ``other`` into ``into`` (same class)."""
+    for name in into.__dataclass_fields__:
+        setattr(into, name, getattr(into, name) + getattr(other, name))
+
+
 @dataclass
 class Counts:
     """How many allocations were negative (helped), positive (hurt), non-zero, in all."""
@@ -23,10 +29,7 @@ class Counts:
     total: int = 0
 
     def add(self, other: Counts) -> None:
-        self.helped += other.helped
-        self.hurt += other.hurt
-        self.nonzero += other.nonzero
-        self.total += other.total
+        _add_fields(self, other)
 
     @property
     def helped_fraction(self) -> float:
@@ -52,11 +55,7 @@ class Moments:
     s4: float = 0.0
 
     def add(self, other: Moments) -> None:
-        self.n += other.n
-        self.s1 += other.s1
-        self.s2 += other.s2
-        self.s3 += other.s3
-        self.s4 += other.s4
+        _add_fields(self, other)
 
     def over(self, n: int) -> Moments:
         """The moments of the same values with exact zeros dropped, for ``n`` non-zero
