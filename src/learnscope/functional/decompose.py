@@ -79,14 +79,20 @@ How to use it from the torch step hooks (the LCA callback does exactly this)::
         # or allocate_parts(...) for 0-dim tensors (no device sync), or
         # step_parts(record, p, delta, theta_t) for the part tensors themselves
 
-Allocations are fused: no part tensor is formed. Each model writes k·Δ_part as
-a linear combination of a few dot products, combined in float64: SGD k·g,
-k·buf_t (and k·θ_t with weight decay); Adam with q = k/D formed once, q·g,
-q·m_t (and q·θ_t, or k·θ_t for AdamW); RMSprop q·g, k·b_t; Adagrad q·g. The
-dots run in the working dtype (float32 dots for a float32 model). Without θ_t,
-x·θ_t is x·θ_{t+1} − x·Δ, and k·Δ is the total the caller may pass in. Adam's
-capturable / differentiable path (float32 tensor bias corrections) falls back
-to the materialised split.
+Each optimizer's rule is declared once (one class per optimizer): its parts as
+linear combinations of a few named tensors (g, θ_t, a state tensor), each term
+plain or divided elementwise by D, with coefficients formed once from the
+hyper-parameters. ``step_parts`` evaluates that declaration on tensors; the
+allocations evaluate the same declaration on dot products.
+
+Allocations are fused: no part tensor is formed. k·Δ_part is a linear
+combination of a few dot products, combined in float64: SGD k·g, k·buf_t (and
+k·θ_t with weight decay); Adam with q = k/D formed once, q·g, q·m_t (and q·θ_t,
+or k·θ_t for AdamW); RMSprop q·g, k·b_t; Adagrad q·g. The dots run in the
+working dtype (float32 dots for a float32 model). Without θ_t, x·θ_t is
+x·θ_{t+1} − x·Δ, and k·Δ is the total the caller may pass in. Adam's
+capturable / differentiable path (float32 tensor bias corrections) reads those
+corrections as numbers formed exactly as torch forms them.
 
 Memory: ``capture_step`` clones only scalars (tensor-valued hyper-parameters)
 and one bool per parameter for SGD; ``finish_step`` keeps *references* to
@@ -103,20 +109,21 @@ are not kept alive.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from learnscope._compat import tensor_version
 from learnscope._compile import call_compiled
 from learnscope._readback import to_python
 
 __all__ = [
     "PARTS",
-    "StepRecord",
     "PartValuesPlan",
+    "StepRecord",
     "allocate_part_values",
     "allocate_parts",
     "capture_step",
@@ -173,6 +180,7 @@ class StepRecord:
     _found_inf: Tensor | None = field(default=None, repr=False)
     _skipped: bool | None = field(default=None, repr=False)
     _scalars: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _updates: dict[tuple[int, bool, float | None], _Update] = field(default_factory=dict, repr=False)
     finished: bool = False
 
     def hyperparameters(self, group: int) -> dict[str, Any]:
@@ -206,12 +214,271 @@ def _to_python(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- #
-# Fused allocations: linear forms over a few dot products
+# An update rule, declared once: the parts as linear combinations
+# --------------------------------------------------------------------------- #
+
+
+class _Denominator:
+    """The elementwise denominator D = √s + ε of an adaptive rule, written ``x / _D``."""
+
+    def __repr__(self) -> str:
+        return "D"
+
+
+_D = _Denominator()
+
+
+class _Lin:
+    """A linear combination Σ c·x of named tensors x (``"g"``, ``"θ"`` for θ_t, or an
+    optimizer state key), each term plain or divided elementwise by D (``x / _D``).
+
+    The coefficients c are Python floats formed from the hyper-parameters; a zero
+    term is dropped, so an empty combination stands for an exact zero part (and
+    costs nothing: no tensor is read for it).
+    """
+
+    __slots__ = ("terms",)
+
+    def __init__(self, terms: dict[tuple[str, bool], float] | None = None) -> None:
+        # (name, over_d) → c: the term c·x, or c·x / D when over_d
+        self.terms = {key: c for key, c in (terms or {}).items() if c != 0}
+
+    @classmethod
+    def of(cls, name: str) -> _Lin:
+        return cls({(name, False): 1.0})
+
+    def __add__(self, other: _Lin) -> _Lin:
+        terms = dict(self.terms)
+        for key, c in other.terms.items():
+            terms[key] = terms.get(key, 0.0) + c
+        return _Lin(terms)
+
+    def __sub__(self, other: _Lin) -> _Lin:
+        return self + -1.0 * other
+
+    def __rmul__(self, c: float) -> _Lin:
+        return _Lin({key: c * value for key, value in self.terms.items()})
+
+    def __truediv__(self, denominator: _Denominator) -> _Lin:
+        if any(over_d for _, over_d in self.terms):
+            raise ValueError("a term divided by D twice")
+        return _Lin({(name, True): c for (name, _), c in self.terms.items()})
+
+    def named(self, over_d: bool) -> list[tuple[str, float]]:
+        """(name, c) of the plain terms, or of those divided by D."""
+        return [(name, c) for (name, over), c in self.terms.items() if over is over_d]
+
+
+_G, _THETA, _ZERO_PART = _Lin.of("g"), _Lin.of("θ"), _Lin()
+
+
+class _Update:
+    """One step of one parameter group as its rule declares it: the (gradient, momentum,
+    weight_decay) parts of Δ as linear combinations, and, for the adaptive methods, the
+    denominator of their terms divided by D: D = √s + eps with s the state tensor
+    ``second``, or s = second − mean² (centered RMSprop). Symbolic (no tensors), so
+    one declaration serves every parameter of the group at this step."""
+
+    def __init__(
+        self, parts: tuple[_Lin, _Lin, _Lin], eps: float = 0.0, second: str | None = None, mean: str | None = None
+    ) -> None:
+        self.parts, self.eps, self.second, self.mean = parts, eps, second, mean
+        # the distinct terms (name, over_d), and the tensors divided by D (the dots q·x)
+        self.terms = list(dict.fromkeys(key for part in parts for key in part.terms))
+        self.scaled = [name for name, over_d in self.terms if over_d]
+        if self.scaled and second is None:
+            raise ValueError("a term divided by D in a rule without a denominator")
+
+    def second_moment(self, tensors: dict[str, Tensor]) -> tuple[Tensor, bool]:
+        """s, and whether it is a fresh temporary (the caller may overwrite it)."""
+        assert self.second is not None
+        if self.mean is None:
+            return tensors[self.second], False
+        mean = tensors[self.mean]
+        return tensors[self.second].addcmul(mean, mean, value=-1), True
+
+    def denominator(self, tensors: dict[str, Tensor]) -> Tensor:
+        """D = √s + eps as a fresh tensor the caller owns."""
+        second, owned = self.second_moment(tensors)
+        return (second.sqrt_() if owned else second.sqrt()).add_(self.eps)
+
+    def split(self, tensors: dict[str, Tensor]) -> list[Tensor | None]:
+        """The part tensors Σ c·x + (Σ c·x) / D over ``tensors`` (real views in one dtype),
+        None for an exact zero part. Never writes to ``tensors``."""
+        parts: list[Tensor | None] = []
+        denominator = None
+        for part in self.parts:
+            plain = _weighted_sum(part.named(False), tensors)
+            scaled = _weighted_sum(part.named(True), tensors)
+            if scaled is not None:
+                denominator = self.denominator(tensors) if denominator is None else denominator
+                scaled = scaled.div_(denominator)
+                plain = scaled if plain is None else plain.add_(scaled)
+            parts.append(plain)
+        return parts
+
+
+def _weighted_sum(terms: list[tuple[str, float]], tensors: dict[str, Tensor]) -> Tensor | None:
+    """Σ c·x as a fresh tensor; None when there are no terms."""
+    total = None
+    for name, c in terms:
+        total = tensors[name] * c if total is None else total.add_(tensors[name], alpha=c)
+    return total
+
+
+class _StepRule:
+    """One optimizer class's update rule: which state it reads, and ``update``, the parts
+    of Δ declared once. Both ``step_parts`` (``_Update.split``, the part tensors) and the
+    allocations (``_Form.rows``, the dots k·Δ_part) are derived from that declaration.
+
+    ``update`` gets ``hyper``, the hyper-parameters as Python numbers, and ``raw``, as
+    captured (1-element tensors kept): where torch forms a scalar from a tensor ``lr``
+    (float32, say) the rule forms it the same way, so the rounding matches. Its
+    declaration is symbolic: one per group and step (``StepRecord`` keeps it).
+    """
+
+    state_keys: tuple[str, ...] = ()
+    has_step_counter: bool = True
+
+    def first_step_from_state_before(self, hyper: dict[str, Any], state: dict[str, Any]) -> bool | None:
+        """Whether this step is the first, judged from the state before it (None: not needed)."""
+        return None
+
+    def state_keys_for(self, hyper: dict[str, Any]) -> tuple[str, ...]:
+        return self.state_keys
+
+    def update(self, hyper: dict[str, Any], raw: dict[str, Any], first_step: bool, step: Any) -> _Update:
+        """The parts of Δ at this step (``step``: the counter after it, a float or a
+        0-dim tensor; ``first_step``: SGD's buffer was created by it)."""
+        raise NotImplementedError
+
+
+def _sign(hyper: dict[str, Any]) -> float:
+    return -1.0 if hyper["maximize"] else 1.0
+
+
+class _SGDRule(_StepRule):
+    """SGD: Δ = −lr·buf_t (nesterov: −lr·(g' + μ·buf_t)), buf_t = μ·buf_{t−1} + a·g'."""
+
+    has_step_counter = False
+
+    def first_step_from_state_before(self, hyper, state):
+        # The step that creates the momentum buffer sets buf_1 = g' (no dampening).
+        return state.get("momentum_buffer") is None if hyper["momentum"] != 0 else None
+
+    def state_keys_for(self, hyper):
+        return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
+
+    def update(self, hyper, raw, first_step, step):
+        lr, mu, tau, wd, nesterov = (hyper[key] for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+        s = _sign(hyper)
+        # a: weight of g' in buf_t (first step: buf_1 = g', no dampening; μ = 0: Δ = −lr·g')
+        a = 1.0 if first_step or mu == 0 else 1.0 - tau
+        coef = 1.0 + mu * a if nesterov else a  # the weight of g' in Δ / (−lr)
+        gradient = (-lr * coef * s) * _G
+        weight_decay = (-lr * coef * wd) * _THETA
+        momentum = _ZERO_PART
+        if mu != 0 and not first_step:
+            carried = _Lin.of("momentum_buffer") - a * (s * _G + wd * _THETA)  # μ·buf_{t−1} = buf_t − a·g'
+            momentum = (-lr * (mu if nesterov else 1.0)) * carried
+        return _Update((gradient, momentum, weight_decay))
+
+
+class _AdamRule(_StepRule):
+    """Adam / AdamW: Δ = −lr·m_t / D (AdamW: − lr·λ·θ_t), m_t = β1·m_{t−1} + (1−β1)·g'."""
+
+    def __init__(self, decoupled: bool | None) -> None:
+        # None: follow the group's ``decoupled_weight_decay`` flag (Adam).
+        self.decoupled = decoupled
+
+    def state_keys_for(self, hyper):
+        if hyper.get("amsgrad", False):
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def update(self, hyper, raw, first_step, step):
+        lr, wd, (beta1, beta2), eps, s = hyper["lr"], hyper["weight_decay"], hyper["betas"], hyper["eps"], _sign(hyper)
+        decoupled = self.decoupled if self.decoupled is not None else hyper.get("decoupled_weight_decay", False)
+        if hyper.get("capturable", False) or hyper.get("differentiable", False):
+            # torch's tensor path: t is a float32 tensor, so the bias corrections are float32
+            # numbers; form them as it does (else ~1e-5 residual). With c = √(1−β2^t)·ssn and
+            # b = ε/ssn (ssn = −lr/(1−β1^t)): Δ_adam = m_t / (√v̂_t/c + b) = c·m_t / (√v̂_t + c·b)
+            step_t = step if isinstance(step, Tensor) else torch.tensor(float(step))
+            raw_beta1, raw_beta2 = raw["betas"]
+            step_size_neg = (raw["lr"] / (1 - raw_beta1**step_t)).neg()
+            c = float((1 - raw_beta2**step_t).sqrt() * step_size_neg)
+            eps_term = c * float(eps / step_size_neg)
+        else:
+            # Δ_adam = −(lr/(1−β1^t))·m_t / (√v̂_t/√(1−β2^t) + ε) = c·m_t / (√v̂_t + ε·√(1−β2^t))
+            bias_correction2_sqrt = (1 - beta2 ** float(step)) ** 0.5
+            c = -float(raw["lr"] / (1 - beta1 ** float(step))) * bias_correction2_sqrt
+            eps_term = eps * bias_correction2_sqrt
+        coupled = 0.0 if decoupled else wd
+        gradient = c * (1 - beta1) * s * _G / _D
+        weight_decay = (-lr * wd) * _THETA if decoupled else c * (1 - beta1) * wd * _THETA / _D
+        momentum = _ZERO_PART  # m_0 = 0 on the first step; else β1·m_{t−1} = m_t − (1−β1)·g'
+        if float(step) != 1:
+            momentum = c * (_Lin.of("exp_avg") - (1 - beta1) * (s * _G + coupled * _THETA)) / _D
+        second = "max_exp_avg_sq" if hyper.get("amsgrad", False) else "exp_avg_sq"
+        return _Update((gradient, momentum, weight_decay), eps_term, second)
+
+
+class _RMSpropRule(_StepRule):
+    """RMSprop: Δ = −lr·g'/D (momentum: −lr·b_t, b_t = μ·b_{t−1} + g'/D)."""
+
+    def state_keys_for(self, hyper):
+        keys = ["square_avg"]
+        if hyper["momentum"] > 0:
+            keys.append("momentum_buffer")
+        if hyper["centered"]:
+            keys.append("grad_avg")
+        return tuple(keys)
+
+    def update(self, hyper, raw, first_step, step):
+        lr, eps, wd, mu, s = hyper["lr"], hyper["eps"], hyper["weight_decay"], hyper["momentum"], _sign(hyper)
+        momentum = _ZERO_PART  # b_0 = 0 on the first step; else μ·b_{t−1} = b_t − g'/D
+        if mu > 0 and float(step) != 1:
+            momentum = -lr * (_Lin.of("momentum_buffer") - (s * _G + wd * _THETA) / _D)
+        parts = ((-lr * s) * _G / _D, momentum, (-lr * wd) * _THETA / _D)
+        return _Update(parts, eps, "square_avg", "grad_avg" if hyper["centered"] else None)  # ṽ_t = v_t − ḡ_t²
+
+
+class _AdagradRule(_StepRule):
+    """Adagrad: Δ = −clr·g'/D, clr = lr / (1 + (t−1)·lr_decay)."""
+
+    state_keys = ("sum",)
+
+    def update(self, hyper, raw, first_step, step):
+        eps, wd, lr_decay, s = hyper["eps"], hyper["weight_decay"], hyper["lr_decay"], _sign(hyper)
+        clr = float(raw["lr"] / (1 + (float(step) - 1) * lr_decay))
+        return _Update(((-clr * s) * _G / _D, _ZERO_PART, (-clr * wd) * _THETA / _D), eps, "sum")
+
+
+# Exact classes only: a subclass may override ``step``.
+_RULES: dict[type, _StepRule] = {
+    torch.optim.SGD: _SGDRule(),
+    torch.optim.Adam: _AdamRule(decoupled=None),
+    torch.optim.AdamW: _AdamRule(decoupled=True),
+    torch.optim.RMSprop: _RMSpropRule(),
+    torch.optim.Adagrad: _AdagradRule(),
+}
+
+
+def has_step_model(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this optimizer's steps are decomposed exactly (else all goes to ``residual``)."""
+    return type(optimizer) in _RULES
+
+
+# --------------------------------------------------------------------------- #
+# Allocations: the same declaration as linear forms over a few dot products
 # --------------------------------------------------------------------------- #
 
 _Row = dict
 """A linear form: dot index → coefficient; the key ``_TOTAL`` stands for k·Δ."""
 _TOTAL = -1
+
+#: Tensors below this size take the eager dots even with ``fused=True``.
+_FUSED_MIN_NUMEL = 1 << 16
 
 
 def _rows(*terms: tuple[float, _Row]) -> _Row:
@@ -221,79 +488,6 @@ def _rows(*terms: tuple[float, _Row]) -> _Row:
         for index, value in row.items():
             out[index] = out.get(index, 0.0) + coef * value
     return out
-
-
-class _Form:
-    """The dot products an allocation needs, each computed once (no sync).
-
-    A part's allocation k·Δ_part is linear in a few dots such as k·g or
-    (k/D)·m_t, so the models return rows of coefficients over ``dots`` instead
-    of part tensors. Every tensor here is a real view in the working dtype.
-    """
-
-    def __init__(
-        self, k: Tensor, delta: Tensor, before: Tensor | None, after: Tensor, working: Any, fused: bool = False
-    ) -> None:
-        self.k = k
-        self.fused = fused  # large tensors' scaled dots in one compiled pass (see scaled_dots)
-        self._delta = delta
-        self._before = before  # θ_t, when the caller has it
-        self._after = after  # θ_{t+1}
-        self.working = working  # a tensor as a real view in the working dtype
-        self.dots: list[Tensor] = []
-        self._index: dict[str, int] = {}
-
-    @property
-    def delta(self) -> Tensor:
-        if callable(self._delta):  # Δ formed on first use (the callers that have θ_t and θ_{t+1})
-            self._delta = self._delta()
-        return self.working(self._delta)
-
-    def dot(self, key: str, a: Tensor, b: Tensor) -> _Row:
-        """The form 1·(a·b); ``key`` names the product so it is computed once."""
-        index = self._index.get(key)
-        if index is None:
-            index = self._index[key] = len(self.dots)
-            self.dots.append(torch.dot(a.reshape(-1), b.reshape(-1)))
-        return {index: 1.0}
-
-    def theta(self, key: str, x: Tensor, x_is_k: bool = False) -> _Row:
-        """The form x·θ_t: one dot with θ_t if given, else x·θ_{t+1} − x·Δ (k·Δ is the total)."""
-        if self._before is not None:
-            return self.dot(f"{key}·θ_t", x, self.working(self._before))
-        after = self.dot(f"{key}·θ_t+1", x, self.working(self._after))
-        delta = {_TOTAL: 1.0} if x_is_k else self.dot(f"{key}·Δ", x, self.delta)
-        return _rows((1.0, after), (-1.0, delta))
-
-    def scaled_k(self, denominator: Tensor) -> Tensor:
-        """k / D, written over ``denominator`` (a fresh tensor the caller owns)."""
-        return torch.div(self.k, denominator, out=denominator)
-
-    def scaled_dots(self, second: Tensor, eps: float, named: dict[str, Tensor]) -> dict[str, _Row] | None:
-        """The forms q·x for each named x, q = k / (√second + eps), in one fused pass that
-        never writes q (``torch.compile``), or None where that does not apply: not asked
-        for (``fused=False``), a small tensor (one compiled call costs ~0.1 ms), or a
-        compile failure (one warning; the caller then forms q eagerly)."""
-        if not self.fused or self.k.numel() < _FUSED_MIN_NUMEL or any(key in self._index for key in named):
-            return None
-        sums = _fused_scaled_sums(self.k, second, eps, list(named.values()))
-        if sums is None:
-            return None
-        rows = {}
-        for (key, _), value in zip(named.items(), sums.unbind()):
-            self._index[key] = len(self.dots)
-            self.dots.append(value)
-            rows[key] = {self._index[key]: 1.0}
-        return rows
-
-
-# --------------------------------------------------------------------------- #
-# Per-optimizer models (one class per optimizer type, one interface)
-# --------------------------------------------------------------------------- #
-
-
-#: Tensors below this size take the eager dots even with ``fused=True``.
-_FUSED_MIN_NUMEL = 1 << 16
 
 
 def _scaled_sums(k: Tensor, second: Tensor, eps: Tensor, xs: list[Tensor]) -> Tensor:
@@ -310,291 +504,109 @@ def _fused_scaled_sums(k: Tensor, second: Tensor, eps: float, xs: list[Tensor]) 
                          purpose="compile_statistics is on (the decomposition's fused dots)")
 
 
-class _StepModel:
-    """Interface: which state to reference, and the modelled parts of Δ.
+class _Form:
+    """The dot products an allocation needs, each computed once (no sync).
 
-    ``split`` returns (gradient, momentum, weight_decay) on real views in the
-    computation dtype; None stands for an exact zero part. ``hyper`` holds the
-    hyper-parameters as Python numbers, ``raw`` as captured (1-element tensors
-    kept): where torch forms a scalar from a tensor ``lr`` (float32, say) the
-    model forms it the same way, so the rounding matches.
+    A part c·x + c'·x'/D allocates k·Δ_part = c·(k·x) + c'·(q·x') with q = k/D, so
+    ``rows`` turns an ``_Update`` into rows of coefficients over ``dots`` instead of
+    part tensors. Dots are named "x·y" over the vectors k, q, Δ, θ_t, θ_t+1, g and
+    the state keys; every tensor here is a real view in the working dtype.
     """
 
-    state_keys: tuple[str, ...] = ()
-    has_step_counter: bool = True
+    def __init__(
+        self, k: Tensor, delta: Tensor | Callable[[], Tensor], before: Tensor | None, after: Tensor, working: Any,
+        fused: bool = False,
+    ) -> None:
+        self.k = k
+        self.fused = fused  # large tensors' q·x in one compiled pass (see _fuse)
+        self._delta = delta
+        self._before = before  # θ_t, when the caller has it
+        self._after = after  # θ_{t+1}
+        self.working = working  # a tensor as a real view in the working dtype
+        self.dots: list[Tensor] = []
+        self._index: dict[str, int] = {}
+        self._tensors: dict[str, Tensor] = {"k": k}  # and g and the state, during ``rows``
+        self._update: _Update | None = None
+        self._q: Tensor | None = None
 
-    def first_step_from_state_before(self, hyper: dict[str, Any], state: dict[str, Any]) -> bool | None:
-        """Whether this step is the first, judged from the state before it (None: not needed)."""
-        return None
+    @property
+    def delta(self) -> Tensor:
+        if callable(self._delta):  # Δ formed on first use (the callers that have θ_t and θ_{t+1})
+            self._delta = self._delta()
+        return self.working(self._delta)
 
-    def state_keys_for(self, hyper: dict[str, Any]) -> tuple[str, ...]:
-        return self.state_keys
+    def index(self, key: str) -> int:
+        return self._index[key]
 
-    def split(
-        self,
-        hyper: dict[str, Any],
-        raw: dict[str, Any],
-        rec: _ParamStep,
-        grad: Tensor,
-        theta: Tensor,
-        state: dict[str, Tensor],
-        step: float | Tensor | None,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        raise NotImplementedError
+    def _vector(self, name: str) -> Tensor:
+        tensor = self._tensors.get(name)  # k, g, the state
+        if tensor is not None:
+            return tensor
+        if name == "q":
+            return self._scaled_k()
+        if name == "Δ":
+            return self.delta
+        if name in ("θ_t", "θ_t+1"):
+            return self.working(self._before if name == "θ_t" else self._after)
+        return self._tensors[name]
 
-    def allocate(
-        self,
-        hyper: dict[str, Any],
-        raw: dict[str, Any],
-        rec: _ParamStep,
-        form: _Form,
-        grad: Tensor,
-        state: dict[str, Tensor],
-        step: float | Tensor | None,
-    ) -> tuple[_Row | None, _Row | None, _Row | None] | None:
-        """The allocations k·Δ_part as linear forms over a few dot products (see ``_Form``).
+    def _scaled_k(self) -> Tensor:
+        """q = k / D, formed once, written over D (the only parameter-sized temporary)."""
+        if self._q is None:
+            assert self._update is not None
+            denominator = self._update.denominator(self._tensors)
+            self._q = torch.div(self.k, denominator, out=denominator)
+        return self._q
 
-        The same model as ``split``, without the part tensors: (gradient, momentum,
-        weight_decay) rows, None for an exact zero part; None overall to fall back
-        to ``split`` (materialised parts).
-        """
-        return None
+    def dot(self, x: str, y: str) -> _Row:
+        """The form 1·(x·y) over two named vectors, the product computed once."""
+        key = f"{x}·{y}"
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = len(self.dots)
+            self.dots.append(torch.dot(self._vector(x).reshape(-1), self._vector(y).reshape(-1)))
+        return {index: 1.0}
 
+    def term(self, x: str, name: str) -> _Row:
+        """The form x·name (x = k or q). For θ_t: one dot with θ_t if given, else
+        x·θ_{t+1} − x·Δ (k·Δ being the total, which the caller may pass in)."""
+        if name != "θ":
+            return self.dot(x, name)
+        if self._before is not None:
+            return self.dot(x, "θ_t")
+        delta = {_TOTAL: 1.0} if x == "k" else self.dot(x, "Δ")
+        return _rows((1.0, self.dot(x, "θ_t+1")), (-1.0, delta))
 
-class _SGDModel(_StepModel):
-    has_step_counter = False
+    def rows(
+        self, update: _Update, tensors: dict[str, Tensor]
+    ) -> tuple[_Row | None, _Row | None, _Row | None]:
+        """The (gradient, momentum, weight_decay) allocations of ``update`` as rows (None:
+        an exact zero part); ``tensors`` holds g and the state (not θ)."""
+        self._update = update
+        self._tensors.update(tensors)
+        if update.scaled and "θ" not in update.scaled:  # q·θ needs q (or q·Δ): no fused pass
+            self._fuse(update.scaled)
+        terms = {(name, over_d): self.term("q" if over_d else "k", name) for name, over_d in update.terms}
+        rows = [_rows(*((c, terms[key]) for key, c in part.terms.items())) if part.terms else None for part in update.parts]
+        # every dot that needs q or the state is queued: drop them (q is parameter-sized)
+        self._update, self._tensors, self._q = None, {"k": self.k}, None
+        return rows[0], rows[1], rows[2]
 
-    def first_step_from_state_before(self, hyper, state):
-        # The step that creates the momentum buffer sets buf_1 = g' (no dampening).
-        return state.get("momentum_buffer") is None if hyper["momentum"] != 0 else None
-
-    def state_keys_for(self, hyper):
-        return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
-
-    def split(self, hyper, raw, rec, grad, theta, state, step):
-        lr, mu, tau, wd = hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
-        sign = -1.0 if hyper["maximize"] else 1.0
-        if mu == 0:
-            coef, carried = 1.0, None
-        else:
-            # a: weight of g' in buf_t; first step: buf_1 = g' (no dampening).
-            a = 1.0 if rec.first_step else 1.0 - tau
-            carried = None
-            if not rec.first_step:
-                g_eff = grad * sign
-                if wd != 0:
-                    g_eff = g_eff + wd * theta
-                carried = state["momentum_buffer"] - a * g_eff  # μ·buf_{t−1}
-            if hyper["nesterov"]:
-                coef = 1.0 + mu * a
-                carried = None if carried is None else mu * carried
-            else:
-                coef = a
-        gradient = grad * (-lr * coef * sign)
-        weight_decay = theta * (-lr * coef * wd) if wd != 0 else None
-        momentum = None if carried is None else carried * (-lr)
-        return gradient, momentum, weight_decay
-
-    def allocate(self, hyper, raw, rec, form, grad, state, step):
-        lr, mu, tau, wd = hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
-        sign = -1.0 if hyper["maximize"] else 1.0
-        kg = form.dot("k·g", form.k, grad)
-        theta = form.theta("k", form.k, x_is_k=True) if wd != 0 else {}
-        momentum = None
-        if mu == 0:
-            coef = 1.0
-        else:
-            a = 1.0 if rec.first_step else 1.0 - tau
-            coef = 1.0 + mu * a if hyper["nesterov"] else a
-            if not rec.first_step:
-                # k·(μ·buf_{t−1}) = k·buf_t − a·(s·k·g + λ·k·θ_t)
-                carried = _rows((1.0, form.dot("k·buf", form.k, state["momentum_buffer"])), (-a * sign, kg), (-a * wd, theta))
-                momentum = _rows((-lr * (mu if hyper["nesterov"] else 1.0), carried))
-        gradient = _rows((-lr * coef * sign, kg))
-        weight_decay = _rows((-lr * coef * wd, theta)) if wd != 0 else None
-        return gradient, momentum, weight_decay
-
-
-class _AdamModel(_StepModel):
-    def __init__(self, decoupled: bool | None) -> None:
-        # None: follow the group's ``decoupled_weight_decay`` flag (Adam).
-        self.decoupled = decoupled
-
-    def state_keys_for(self, hyper):
-        if hyper.get("amsgrad", False):
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
-
-    def split(self, hyper, raw, rec, grad, theta, state, step):
-        lr, eps, wd = hyper["lr"], hyper["eps"], hyper["weight_decay"]
-        beta1, beta2 = hyper["betas"]
-        decoupled = (
-            self.decoupled
-            if self.decoupled is not None
-            else hyper.get("decoupled_weight_decay", False)
-        )
-        sign = -1.0 if hyper["maximize"] else 1.0
-        second = state["max_exp_avg_sq"] if hyper.get("amsgrad", False) else state["exp_avg_sq"]
-        if hyper.get("capturable", False) or hyper.get("differentiable", False):
-            # torch's tensor path: t is a float32 tensor, so the bias corrections are
-            # float32 numbers; follow it operation by operation (else ~1e-5 residual).
-            step_t = step if isinstance(step, Tensor) else torch.tensor(float(step))
-            raw_beta1, raw_beta2 = raw["betas"]
-            step_size_neg = (raw["lr"] / (1 - raw_beta1**step_t)).neg()
-            bias_correction2_sqrt = (1 - raw_beta2**step_t).sqrt()
-            # Δ_adam = m_t / denom, denom = −(1−β1^t)(√v̂_t/√(1−β2^t) + ε)/lr
-            denom = (second.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(eps / step_size_neg)
-            scale = 1.0
-        else:
-            t = float(step)
-            bias_correction2_sqrt = (1 - beta2**t) ** 0.5
-            # Δ_adam = −(lr/(1−β1^t))·m_t / denom, denom = √v̂_t/√(1−β2^t) + ε
-            denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
-            scale = -float(raw["lr"] / (1 - beta1**t))
-        gradient = grad * ((1 - beta1) * sign * scale) / denom
-        weight_decay = None
-        if wd != 0:
-            if decoupled:
-                weight_decay = theta * (-lr * wd)
-            else:
-                weight_decay = theta * ((1 - beta1) * wd * scale) / denom
-        momentum = None
-        if float(step) != 1:  # m_0 = 0 on the first step
-            g_eff = grad * sign
-            if wd != 0 and not decoupled:
-                g_eff = g_eff + wd * theta
-            carried = state["exp_avg"] - (1 - beta1) * g_eff  # β1·m_{t−1}
-            momentum = carried.mul_(scale).div_(denom)
-        return gradient, momentum, weight_decay
-
-    def allocate(self, hyper, raw, rec, form, grad, state, step):
-        if hyper.get("capturable", False) or hyper.get("differentiable", False):
-            return None  # float32 tensor bias corrections: the materialised split follows them
-        lr, eps, wd = hyper["lr"], hyper["eps"], hyper["weight_decay"]
-        beta1, beta2 = hyper["betas"]
-        decoupled = (
-            self.decoupled
-            if self.decoupled is not None
-            else hyper.get("decoupled_weight_decay", False)
-        )
-        sign = -1.0 if hyper["maximize"] else 1.0
-        second = state["max_exp_avg_sq"] if hyper.get("amsgrad", False) else state["exp_avg_sq"]
-        t = float(step)
-        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
-        scale = -float(raw["lr"] / (1 - beta1**t))
-        # Δ_adam = scale·m_t / D with D = √v̂_t/√(1−β2^t) + ε = (√v̂_t + ε·√(1−β2^t)) / √(1−β2^t):
-        # with q = k / (√v̂_t + ε·√(1−β2^t)), k·(x / D) = √(1−β2^t)·(q·x).
-        c = scale * bias_correction2_sqrt
-        eps_term = eps * bias_correction2_sqrt
-        fused = None
-        if wd == 0 or decoupled:  # no q·θ needed: q need not exist
-            named = {"q·g": grad} if t == 1 else {"q·g": grad, "q·m": state["exp_avg"]}
-            fused = form.scaled_dots(second, eps_term, named)
-        if fused is not None:
-            q, qg = None, fused["q·g"]
-        else:
-            q = form.scaled_k(second.sqrt().add_(eps_term))
-            qg = form.dot("q·g", q, grad)
-        gradient = _rows((c * (1 - beta1) * sign, qg))
-        weight_decay = None
-        theta_q: _Row = {}
-        if wd != 0:
-            if decoupled:
-                weight_decay = _rows((-lr * wd, form.theta("k", form.k, x_is_k=True)))
-            else:
-                theta_q = form.theta("q", q)
-                weight_decay = _rows((c * (1 - beta1) * wd, theta_q))
-        momentum = None
-        if t != 1:  # m_0 = 0 on the first step
-            # k·(β1·m_{t−1} / D) with β1·m_{t−1} = m_t − (1−β1)·g'
-            qm = fused["q·m"] if fused is not None else form.dot("q·m", q, state["exp_avg"])
-            momentum = _rows((c, qm), (-c * (1 - beta1) * sign, qg), (-c * (1 - beta1) * wd, theta_q))
-        return gradient, momentum, weight_decay
-
-
-class _RMSpropModel(_StepModel):
-    def state_keys_for(self, hyper):
-        keys = ["square_avg"]
-        if hyper["momentum"] > 0:
-            keys.append("momentum_buffer")
-        if hyper["centered"]:
-            keys.append("grad_avg")
-        return tuple(keys)
-
-    def split(self, hyper, raw, rec, grad, theta, state, step):
-        lr, eps, wd, mu = hyper["lr"], hyper["eps"], hyper["weight_decay"], hyper["momentum"]
-        sign = -1.0 if hyper["maximize"] else 1.0
-        if hyper["centered"]:
-            avg = state["square_avg"].addcmul(state["grad_avg"], state["grad_avg"], value=-1).sqrt_()
-        else:
-            avg = state["square_avg"].sqrt()
-        denom = avg.add_(eps)
-        g_eff = grad * sign
-        if wd != 0:
-            g_eff = g_eff + wd * theta
-        gradient = grad * (-lr * sign) / denom
-        weight_decay = theta * (-lr * wd) / denom if wd != 0 else None
-        momentum = None
-        if mu > 0 and float(step) != 1:  # b_0 = 0 on the first step
-            carried = state["momentum_buffer"] - g_eff / denom  # μ·b_{t−1}
-            momentum = carried.mul_(-lr)
-        return gradient, momentum, weight_decay
-
-    def allocate(self, hyper, raw, rec, form, grad, state, step):
-        lr, eps, wd, mu = hyper["lr"], hyper["eps"], hyper["weight_decay"], hyper["momentum"]
-        sign = -1.0 if hyper["maximize"] else 1.0
-        if hyper["centered"]:
-            avg = state["square_avg"].addcmul(state["grad_avg"], state["grad_avg"], value=-1).sqrt_()
-        else:
-            avg = state["square_avg"].sqrt()
-        q = form.scaled_k(avg.add_(eps))  # k / D
-        qg = form.dot("q·g", q, grad)
-        theta_q = form.theta("q", q) if wd != 0 else {}
-        gradient = _rows((-lr * sign, qg))
-        weight_decay = _rows((-lr * wd, theta_q)) if wd != 0 else None
-        momentum = None
-        if mu > 0 and float(step) != 1:  # b_0 = 0 on the first step
-            # −lr·k·(μ·b_{t−1}) with μ·b_{t−1} = b_t − g'/D
-            kb = form.dot("k·b", form.k, state["momentum_buffer"])
-            momentum = _rows((-lr, kb), (lr * sign, qg), (lr * wd, theta_q))
-        return gradient, momentum, weight_decay
-
-
-class _AdagradModel(_StepModel):
-    state_keys = ("sum",)
-
-    def split(self, hyper, raw, rec, grad, theta, state, step):
-        lr, eps, wd, lr_decay = hyper["lr"], hyper["eps"], hyper["weight_decay"], hyper["lr_decay"]
-        sign = -1.0 if hyper["maximize"] else 1.0
-        clr = float(raw["lr"] / (1 + (float(step) - 1) * lr_decay))
-        denom = state["sum"].sqrt().add_(eps)
-        gradient = grad * (-clr * sign) / denom
-        weight_decay = theta * (-clr * wd) / denom if wd != 0 else None
-        return gradient, None, weight_decay
-
-    def allocate(self, hyper, raw, rec, form, grad, state, step):
-        eps, wd, lr_decay = hyper["eps"], hyper["weight_decay"], hyper["lr_decay"]
-        sign = -1.0 if hyper["maximize"] else 1.0
-        clr = float(raw["lr"] / (1 + (float(step) - 1) * lr_decay))
-        q = form.scaled_k(state["sum"].sqrt().add_(eps))  # k / D
-        gradient = _rows((-clr * sign, form.dot("q·g", q, grad)))
-        weight_decay = _rows((-clr * wd, form.theta("q", q))) if wd != 0 else None
-        return gradient, None, weight_decay
-
-
-# Exact classes only: a subclass may override ``step``.
-_MODELS: dict[type, _StepModel] = {
-    torch.optim.SGD: _SGDModel(),
-    torch.optim.Adam: _AdamModel(decoupled=None),
-    torch.optim.AdamW: _AdamModel(decoupled=True),
-    torch.optim.RMSprop: _RMSpropModel(),
-    torch.optim.Adagrad: _AdagradModel(),
-}
-
-
-def has_step_model(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether this optimizer's steps are decomposed exactly (else all goes to ``residual``)."""
-    return type(optimizer) in _MODELS
+    def _fuse(self, names: list[str]) -> None:
+        """The dots q·x for each named x in one fused pass that never writes q
+        (``torch.compile``), where that applies: asked for (``fused=True``), a large
+        tensor (one compiled call costs ~0.1 ms), and compiling works (else one
+        warning, and the dots are formed eagerly with q)."""
+        if not self.fused or self.k.numel() < _FUSED_MIN_NUMEL:
+            return
+        assert self._update is not None
+        second, _ = self._update.second_moment(self._tensors)
+        sums = _fused_scaled_sums(self.k, second, self._update.eps, [self._tensors[n] for n in names])
+        if sums is None:
+            return
+        for name, value in zip(names, sums.unbind()):
+            self._index[f"q·{name}"] = len(self.dots)
+            self.dots.append(value)
 
 
 # --------------------------------------------------------------------------- #
@@ -615,7 +627,7 @@ def capture_step(optimizer: torch.optim.Optimizer) -> StepRecord:
 
     Never writes to the optimizer (its ``state`` is a defaultdict: only ``.get``).
     """
-    model = _MODELS.get(type(optimizer))
+    rule = _RULES.get(type(optimizer))
     name = type(optimizer).__name__
     groups = [
         {key: _snapshot(value) for key, value in group.items() if key != "params"}
@@ -624,10 +636,10 @@ def capture_step(optimizer: torch.optim.Optimizer) -> StepRecord:
     record = StepRecord(
         optimizer=optimizer,
         optimizer_class=name,
-        modelled=model is not None,
+        modelled=rule is not None,
         unmodelled_reason=(
             None
-            if model is not None
+            if rule is not None
             else f"learnscope has no step model for optimizer {name}: its whole step "
             "goes to the 'residual' part of the loss change allocation"
         ),
@@ -636,10 +648,10 @@ def capture_step(optimizer: torch.optim.Optimizer) -> StepRecord:
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
             record._group_of[param] = index
-        if model is None:
+        if rule is None:
             continue
         for param in group["params"]:
-            first = model.first_step_from_state_before(group, optimizer.state.get(param, {}))
+            first = rule.first_step_from_state_before(group, optimizer.state.get(param, {}))
             if first is not None:
                 record._first_step[param] = first
     return record
@@ -651,13 +663,13 @@ def finish_step(record: StepRecord) -> None:
 
     Keeps references (no copies) to each updated parameter's ``grad`` (the gradient
     the optimizer used: clipped, unscaled; fused optimizers unscale it in place) and
-    to the state tensors its model needs (m_t, v_t, buf_t, ... after the step), plus
+    to the state tensors its rule needs (m_t, v_t, buf_t, ... after the step), plus
     the step counter t after the step and a GradScaler's ``found_inf`` flag.
     """
     optimizer = record.optimizer
-    model = _MODELS.get(type(optimizer))
+    rule = _RULES.get(type(optimizer))
     record.finished = True
-    if model is None:
+    if rule is None:
         return  # everything goes to the residual: nothing to keep
     found_inf = getattr(optimizer, "found_inf", None)
     record._found_inf = found_inf.detach().clone() if isinstance(found_inf, Tensor) else None
@@ -667,7 +679,7 @@ def finish_step(record: StepRecord) -> None:
             record._group_of.setdefault(param, index)
             if param.grad is None:
                 continue  # skipped by the optimizer: all parts 0
-            entry = _reference_param(model, hyper, index, param, optimizer.state.get(param, {}))
+            entry = _reference_param(rule, hyper, index, param, optimizer.state.get(param, {}))
             entry.first_step = record._first_step.get(param, False)
             if entry.unmodelled_reason is not None:
                 record.modelled = False
@@ -679,23 +691,28 @@ def finish_step(record: StepRecord) -> None:
 
 
 def _reference_param(
-    model: _StepModel, hyper: dict[str, Any], group: int, param: Tensor, state: dict[str, Any]
+    rule: _StepRule, hyper: dict[str, Any], group: int, param: Tensor, state: dict[str, Any]
 ) -> _ParamStep:
-    """References to what the model needs for one updated parameter (no copies)."""
+    """References to what the rule needs for one updated parameter (no copies)."""
     grad = param.grad
+    assert grad is not None  # finish_step skips the parameters the optimizer skipped
     if grad.is_sparse:
         return _ParamStep(group, None, {}, None, False, (), "sparse gradient")
-    missing = [key for key in model.state_keys_for(hyper) if key not in state]
-    if model.has_step_counter and "step" not in state:
+    missing = [key for key in rule.state_keys_for(hyper) if key not in state]
+    if rule.has_step_counter and "step" not in state:
         missing.append("step")
     if missing:
         return _ParamStep(group, None, {}, None, False, (), f"optimizer state lacks {missing}")
-    refs = {key: state[key] for key in model.state_keys_for(hyper)}
-    counter = state.get("step") if model.has_step_counter else None
+    refs = {key: state[key] for key in rule.state_keys_for(hyper)}
+    counter = state.get("step") if rule.has_step_counter else None
     # The counter is a 0-dim tensor bumped in place by the next step: clone it.
     step = counter.detach().clone() if isinstance(counter, Tensor) else counter
-    versions = (grad._version, *(t._version for t in refs.values()))
-    return _ParamStep(group, grad, refs, step, False, versions)
+    return _ParamStep(group, grad, refs, step, False, _versions(grad, refs))
+
+
+def _versions(grad: Tensor, state: dict[str, Tensor]) -> tuple[int, ...]:
+    """The version counters of the referenced tensors: any in-place change bumps one."""
+    return (tensor_version(grad), *(tensor_version(t) for t in state.values()))
 
 
 # --------------------------------------------------------------------------- #
@@ -735,8 +752,6 @@ def step_parts(
         RuntimeError: ``finish_step`` was not called, or the gradient or the
             optimizer state changed since the step (parts requested too late).
     """
-    if not record.finished:
-        raise RuntimeError("step_parts needs finish_step(record) to have run (post-step hook)")
     dtype = torch.promote_types(delta.dtype, param.dtype)
     delta = delta.detach().to(dtype)
     modelled = _modelled_parts(record, param, delta, param_before, dtype)
@@ -751,26 +766,44 @@ def step_parts(
 _UNMODELLED, _ZERO = "unmodelled", "zero"
 
 
-def _lookup(record: StepRecord, param: Tensor) -> tuple[_StepModel | None, _ParamStep | str]:
-    """The model and this parameter's entry, or ``_UNMODELLED`` / ``_ZERO`` (all modelled parts 0)."""
-    model = _MODELS.get(type(record.optimizer))
-    if model is None:
+def _lookup(record: StepRecord, param: Tensor) -> tuple[_StepRule | None, _ParamStep | str]:
+    """The rule and this parameter's entry, or ``_UNMODELLED`` / ``_ZERO`` (all modelled parts 0)."""
+    if not record.finished:
+        raise RuntimeError("step_parts needs finish_step(record) to have run (post-step hook)")
+    rule = _RULES.get(type(record.optimizer))
+    if rule is None:
         return None, _UNMODELLED
     rec = record._params.get(param)
     if rec is None:
         # not this optimizer's parameter: nothing explains Δ; else skipped (grad was None)
-        return model, _UNMODELLED if param not in record._group_of else _ZERO
-    if rec.unmodelled_reason is not None:
-        return model, _UNMODELLED
-    versions = (rec.grad._version, *(t._version for t in rec.state.values()))
-    if versions != rec.versions:
+        return rule, _UNMODELLED if param not in record._group_of else _ZERO
+    if rec.unmodelled_reason is not None or rec.grad is None:
+        return rule, _UNMODELLED
+    if _versions(rec.grad, rec.state) != rec.versions:
         raise RuntimeError(
             "the gradient or optimizer state changed after the step: request the parts "
             "before the optimizer's next step and before gradients are zeroed"
         )
     if record.step_was_skipped():
-        return model, _ZERO
-    return model, rec
+        return rule, _ZERO
+    return rule, rec
+
+
+def _declared(
+    record: StepRecord, rule: _StepRule, rec: _ParamStep, working: Callable[[Tensor], Tensor]
+) -> tuple[_Update, dict[str, Tensor]]:
+    """The rule's declaration of this parameter's step (one per group and step count), and
+    the tensors it names: g and the state as ``working`` views (θ is the caller's)."""
+    assert rec.grad is not None
+    step = None if rec.step is None else float(rec.step)
+    key = (rec.group, rec.first_step, step)
+    update = record._updates.get(key)
+    if update is None:
+        hyper, raw = record.hyperparameters(rec.group), record.groups[rec.group]
+        update = record._updates[key] = rule.update(hyper, raw, rec.first_step, rec.step)
+    tensors = {name: working(value) for name, value in rec.state.items()}
+    tensors["g"] = working(rec.grad)
+    return update, tensors
 
 
 def _modelled_parts(
@@ -779,38 +812,25 @@ def _modelled_parts(
     delta: Tensor,
     param_before: Tensor | None,
     dtype: torch.dtype,
-    keep_none: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """(gradient, momentum, weight_decay) in ``dtype``, or None when unmodelled."""
-    model, rec = _lookup(record, param)
+    rule, rec = _lookup(record, param)
     if rec is _UNMODELLED:
         return None
-    if rec is _ZERO:
+    if not isinstance(rec, _ParamStep):  # zero
         zero = torch.zeros_like(delta)
         return zero, zero.clone(), zero.clone()
-    assert model is not None and isinstance(rec, _ParamStep)
-    theta = (param.detach() - delta) if param_before is None else param_before.detach()
+    assert rule is not None
 
     def working(tensor: Tensor) -> Tensor:
-        # Same dtype: ``to`` returns the tensor itself, so ``split`` must never write in place.
+        # Same dtype: ``to`` returns the tensor itself; the split never writes to it.
         return _real(tensor.detach().to(dtype))
 
-    gradient, momentum, weight_decay = model.split(
-        record.hyperparameters(rec.group),
-        record.groups[rec.group],
-        rec,
-        working(rec.grad),
-        working(theta),
-        {key: working(value) for key, value in rec.state.items()},
-        rec.step,
-    )
-    parts = []
-    for part in (gradient, momentum, weight_decay):
-        if part is None and not keep_none:
-            part = torch.zeros_like(_real(delta))
-        if part is not None and dtype.is_complex:
-            part = torch.view_as_complex(part.contiguous())
-        parts.append(part)
+    update, tensors = _declared(record, rule, rec, working)
+    tensors["θ"] = working((param.detach() - delta) if param_before is None else param_before)
+    parts = [torch.zeros_like(tensors["θ"]) if part is None else part for part in update.split(tensors)]
+    if dtype.is_complex:
+        parts = [torch.view_as_complex(part.contiguous()) for part in parts]
     return parts[0], parts[1], parts[2]
 
 
@@ -823,37 +843,23 @@ def _allocation_forms(
     fused: bool = False,
 ) -> tuple[_Form, tuple[_Row | None, _Row | None, _Row | None]]:
     """The dots and the (gradient, momentum, weight_decay) rows of one parameter's allocation."""
-    if not record.finished:
-        raise RuntimeError("step_parts needs finish_step(record) to have run (post-step hook)")
+    rule, rec = _lookup(record, param)
     delta_dtype = param.dtype if callable(delta) else delta.dtype  # a deferred Δ has the parameter's dtype
     parts_dtype = torch.promote_types(delta_dtype, param.dtype)  # may be complex
     k_real = _real(k)
     dtype = torch.promote_types(k_real.dtype, parts_dtype.to_real())
 
     def working(tensor: Tensor) -> Tensor:
-        # Same dtype: the tensor itself (under no_grad), so the models never write to it.
+        # Same dtype: the tensor itself (under no_grad); the forms never write to it.
         if tensor.dtype == dtype:
             return tensor
         return _real(tensor.to(parts_dtype)).to(dtype)
 
     form = _Form(k_real if k_real.dtype == dtype else k_real.to(dtype), delta, param_before, param, working, fused)
-    model, rec = _lookup(record, param)
     if not isinstance(rec, _ParamStep):  # unmodelled (all in the residual) or zero
         return form, (None, None, None)
-    assert model is not None
-    hyper, raw = record.hyperparameters(rec.group), record.groups[rec.group]
-    state = {key: working(value) for key, value in rec.state.items()}
-    rows = model.allocate(hyper, raw, rec, form, working(rec.grad), state, rec.step)
-    if rows is None:  # no fused form: materialise the parts, one dot each
-        if callable(delta):
-            delta = delta()
-        parts = _modelled_parts(record, param, delta.detach().to(parts_dtype), param_before, parts_dtype, keep_none=True)
-        assert parts is not None
-        rows = tuple(
-            None if part is None else form.dot(f"k·part{i}", form.k, _real(part).to(dtype))
-            for i, part in enumerate(parts)
-        )
-    return form, rows
+    assert rule is not None
+    return form, form.rows(*_declared(record, rule, rec, working))
 
 
 @torch.no_grad()
@@ -874,7 +880,7 @@ def allocate_parts(
     the promoted dtype of k, Δ and the parameter. Complex parameters use the real
     inner product Re(k)·Re(Δ) + Im(k)·Im(Δ).
 
-    The part tensors are never formed: each model writes its allocations as a few
+    The part tensors are never formed: each rule's parts become a few
     dot products (k·g, (k/D)·m_t, ...) combined in float64, so the cost is a few
     passes over the parameter (Adam: √v̂, + ε, k/D and two dots).
 
@@ -928,7 +934,7 @@ def plan_part_values(
     ``part_values`` reads many plans back at once. Same arguments."""
     form, rows = _allocation_forms(k, record, param, delta, param_before, fused)
     if total is None:
-        form.dot("k·Δ", form.k, form.delta)
+        form.dot("k", "Δ")
     return PartValuesPlan(form, rows, total, torch.stack(form.dots) if form.dots else None)
 
 
@@ -941,7 +947,7 @@ def part_values(plans: Sequence[PartValuesPlan]) -> list[dict[str, float]]:
 
 def _evaluate_parts(plan: PartValuesPlan, values: list[float]) -> dict[str, float]:
     form = plan.form
-    grand = values[form._index["k·Δ"]] if plan.total is None else float(plan.total)
+    grand = values[form.index("k·Δ")] if plan.total is None else float(plan.total)
 
     def evaluate(row: _Row | None) -> float:
         if row is None:
@@ -971,8 +977,9 @@ def allocate_part_values(
     parts sum to it exactly) and leave ``param_before`` None unless θ_t is at hand.
     ``delta`` may be a callable returning Δ: it is called only if a part needs Δ
     (Adam without coupled weight decay, with ``total`` given, never does).
-    ``fused=True``: on large tensors, Adam's dots (k/D)·g and (k/D)·m in one
-    ``torch.compile`` pass that never writes k/D (falls back to eager, once warned).
+    ``fused=True``: on large tensors, an adaptive rule's dots (k/D)·x (Adam: x = g, m_t)
+    in one ``torch.compile`` pass that never writes k/D, unless a part needs (k/D)·θ_t
+    (coupled weight decay); falls back to eager, once warned.
     Many parameters: ``plan_part_values`` for each, then ``part_values`` (one sync).
     """
     return part_values([plan_part_values(k, record, param, delta, param_before, total=total, fused=fused)])[0]
