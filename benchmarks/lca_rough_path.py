@@ -40,9 +40,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo.resnet import resnet18
-
 from learnscope import LossChangeAllocation
+from zoo.resnet import resnet18
 
 DENSE = 256  # intervals of the dense reference (257 points)
 

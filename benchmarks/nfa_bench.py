@@ -93,7 +93,7 @@ class NFAProblem:
         for index in self.layers:
             head, tail = self.net[:index], self.net[index:]
 
-            def tail_fn(h: Tensor) -> Tensor:
+            def tail_fn(h: Tensor, tail: nn.Module = tail) -> Tensor:  # this iteration's tail, bound now
                 return tail(h.unsqueeze(0)).squeeze(0)
 
             total = None
@@ -299,12 +299,13 @@ def gram_model_inputs(workload: Workload, samples: int = 1024) -> dict[str, floa
     # a chunk's batched VJP outputs (c, n, k[, H, W]): a Linear's rows are contiguous (a
     # view); a convolution's Gram in its native layout; beyond the caches
     linear = torch.randn(10, CHUNK, 4096)
-    per_linear = best_of(lambda: linear.reshape(-1, 4096).contiguous(), 3) / linear.numel()
+    # the tensors are bound as defaults: best_of runs the lambdas before the ``del`` frees them
+    per_linear = best_of(lambda linear=linear: linear.reshape(-1, 4096).contiguous(), 3) / linear.numel()
     del linear
     conv = torch.randn(10, CHUNK, 8, 28, 28)
     conv_layer = nn.Conv2d(1, 8, 3)
     target = torch.zeros(8, 8, dtype=torch.float64)
-    per_conv = best_of(lambda: handler_for(conv_layer).add_gram(conv_layer, conv, target), 3) / conv.numel()
+    per_conv = best_of(lambda conv=conv: handler_for(conv_layer).add_gram(conv_layer, conv, target), 3) / conv.numel()
     del conv
     return {"rows_k2": rows_k2, "rate64": 2 * 2560 * 512 * 512 / product,
             "layout_seconds": rows_k_linear * per_linear + rows_k_conv * per_conv,

@@ -29,8 +29,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-from workloads import LOG_EVERY_N_STEPS  # noqa: E402
+import torch
+
+from workloads import LOG_EVERY_N_STEPS
 
 
 @dataclass
@@ -88,7 +89,6 @@ def ms(seconds: float) -> str:
 
 def lca_section(results: Any, targets: list[Target]) -> list[str]:
     import timing
-
     from timing import median
 
     r = results
@@ -272,7 +272,7 @@ def cost_model_section(lca_results: dict, nfa_results: dict, targets: list[Targe
         lines.append(f"  {p.workload:8s} {p.config:22s} {ms(p.predicted)}  {ms(p.measured)}  {p.error * 100:+6.0f} %")
         if not p.config.startswith("cheap"):  # cheap-mode extras are within the noise of the plain step
             worst = max(worst, abs(p.error))
-    for name, r in nfa_results.items():
+    for r in nfa_results.values():
         if r.gram_model:
             predicted = r.time("reference") + cost_model.nfa_gram_seconds(r.gram_model, r.outputs)
             worst = max(worst, abs(predicted / r.time("learnscope") - 1))

@@ -32,14 +32,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the zoo and tests/models.py
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from run import machine_note, quiet  # noqa: E402
-from timing import interleaved, median, spread  # noqa: E402
-from workloads import LOG_EVERY_N_STEPS, StepClock, scratch_dir  # noqa: E402
+import lightning.pytorch as pl
+import torch
 
-import zoo  # noqa: E402
-from learnscope import LossChangeAllocation, NeuralFeatureAnsatz  # noqa: E402
+import zoo
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
+from run import machine_note, quiet
+from timing import interleaved, median, spread
+from workloads import LOG_EVERY_N_STEPS, StepClock, scratch_dir
 
 CASES: dict[str, Callable[[], list[pl.Callback]]] = {
     "plain": list,

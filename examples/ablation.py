@@ -15,7 +15,6 @@ import argparse
 import statistics
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import Logger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

@@ -11,6 +11,8 @@ then ``tensorboard --logdir runs/cli`` or ``learnscope report runs/cli``.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -28,7 +30,7 @@ class DigitsClassifier(pl.LightningModule):
         self.save_hyperparameters()
         sizes = [64, *hidden, 10]
         layers: list[nn.Module] = []
-        for i, (inputs, outputs) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (inputs, outputs) in enumerate(pairwise(sizes)):
             layers.append(nn.Linear(inputs, outputs))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())

@@ -18,8 +18,8 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 import learnscope
-from learnscope.report.cli import main as report_main
 from cli import DigitsClassifier  # the example model (examples/cli.py), unaware of the probes
+from learnscope.report.cli import main as report_main
 
 
 def digits_loaders(batch_size: int = 64) -> tuple[DataLoader, DataLoader]:

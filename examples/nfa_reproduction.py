@@ -24,6 +24,7 @@ import argparse
 import math
 import time
 from collections import defaultdict
+from itertools import pairwise
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,7 +53,7 @@ def digits_data(n_train: int = 1400) -> tuple[TensorDataset, TensorDataset]:
 def mlp(widths: tuple[int, ...] = WIDTHS, init_scale: float = 0.1) -> nn.Sequential:
     """Bias-free ReLU MLP, PyTorch's default init multiplied by ``init_scale``."""
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for index, (fan_in, fan_out) in enumerate(pairwise(widths)):
         linear = nn.Linear(fan_in, fan_out, bias=False)
         with torch.no_grad():
             linear.weight.mul_(init_scale)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -182,16 +183,14 @@ class Chromium:
         try:
             self.call("Browser.close")
             self._process.wait(timeout=10)
-        except Exception:  # noqa: BLE001  (a browser that will not close is killed below)
+        except Exception:  # a browser that will not close is killed below
             pass
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait()
         for fd in (self._to_browser, self._from_browser):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         shutil.rmtree(self._profile, ignore_errors=True)
 
 
@@ -320,33 +319,32 @@ def main(argv: list[str] | None = None) -> int:
 
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
-    server_log = tempfile.TemporaryFile()
-    server = start_tensorboard(args.logdir, port, server_log)
-    browser = None
-    try:
-        wait_for_tensorboard(server, base, args.timeout, server_log)
-        browser = Chromium(binary, args.width, 1000)
-        for probe in probes:
-            sections = charts_to_keep(base, SHOTS[probe])
-            png = take(browser, f"{base}/#custom_scalars", sections, args.width, args.timeout)
-            path = args.out.with_name(f"{args.out.stem}_{probe}{args.out.suffix or '.png'}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data = png if args.full_colour else palette_png(png)
-            path.write_bytes(data)
-            print(f"{path} ({len(data) / 1024:.0f} KiB)")
-    except (RuntimeError, TimeoutError) as error:
-        print(f"screenshot_tensorboard: {error}", file=sys.stderr)
-        return 1
-    finally:
-        if browser is not None:
-            browser.close()
-        server.terminate()
+    with tempfile.TemporaryFile() as server_log:  # closed after the server that writes it has stopped
+        server = start_tensorboard(args.logdir, port, server_log)
+        browser = None
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        server_log.close()
+            wait_for_tensorboard(server, base, args.timeout, server_log)
+            browser = Chromium(binary, args.width, 1000)
+            for probe in probes:
+                sections = charts_to_keep(base, SHOTS[probe])
+                png = take(browser, f"{base}/#custom_scalars", sections, args.width, args.timeout)
+                path = args.out.with_name(f"{args.out.stem}_{probe}{args.out.suffix or '.png'}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                data = png if args.full_colour else palette_png(png)
+                path.write_bytes(data)
+                print(f"{path} ({len(data) / 1024:.0f} KiB)")
+        except (RuntimeError, TimeoutError) as error:
+            print(f"screenshot_tensorboard: {error}", file=sys.stderr)
+            return 1
+        finally:
+            if browser is not None:
+                browser.close()
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import pairwise
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,7 +32,7 @@ def digits_loader(batch_size: int = 64, shuffle: bool = True, n: int | None = No
 
 def mlp(sizes=(64, 100, 50, 10), dropout: float = 0.0, batchnorm: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             if batchnorm:

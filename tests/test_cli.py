@@ -13,9 +13,10 @@ import pytest
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
 
-import learnscope  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from torch import nn  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import learnscope
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIG = EXAMPLES / "cli_config.yaml"

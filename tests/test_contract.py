@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from models import Classifier, digits, digits_loader, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -28,6 +27,7 @@ from learnscope.report.reader import (
     parse_tag,
     read_logdir,
 )
+from models import Classifier, digits, digits_loader, trainer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SAMPLE_FIELDS = {

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
-from learnscope import ProbeError
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz, ProbeError
 from models import Classifier, MemoryLogger, digits, trainer
 
 
@@ -26,7 +25,7 @@ class NodeBatch:
     def num_samples(self) -> int:
         return len(self.y)
 
-    def to(self, *args, **kwargs) -> "NodeBatch":
+    def to(self, *args, **kwargs) -> NodeBatch:
         return NodeBatch(self.nodes.to(*args, **kwargs), self.x.to(*args, **kwargs), self.y.to(*args, **kwargs))
 
 

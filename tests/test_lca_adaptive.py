@@ -34,7 +34,7 @@ def test_max_intervals_must_be_a_power_of_two_of_at_least_two(bad):
 
 @pytest.mark.parametrize("bad", [0, -0.1, math.nan, math.inf, "0.01", True])
 def test_relative_tolerance_must_be_none_or_positive(bad):
-    with pytest.raises(ValueError, match="relative_tolerance must be None .* or a positive finite float"):
+    with pytest.raises(ValueError, match=r"relative_tolerance must be None .* or a positive finite float"):
         LossChangeAllocation(rule="adaptive", relative_tolerance=bad)
 
 

@@ -10,8 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from learnscope import LossChangeAllocation
-from learnscope import ProbeError
+from learnscope import LossChangeAllocation, ProbeError
 from models import Classifier, MemoryLogger, assert_bitwise_equal, digits, digits_loader, mlp, state_of, trainer
 
 
@@ -251,9 +250,11 @@ def test_a_logger_failing_after_the_run_failed_does_not_mask_the_runs_exception(
     torch.manual_seed(0)
     t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order")], loggers=[logger],
                 max_steps=12, log_every_n_steps=50)
-    with pytest.warns(UserWarning, match="could not write the last steps' scalars .OSError: disk full"):
-        with pytest.raises(RuntimeError, match="user code failed"):
-            t.fit(Fail(7, optimizer="adam", lr=1e-3), digits_loader())
+    with (
+        pytest.warns(UserWarning, match="could not write the last steps' scalars .OSError: disk full"),
+        pytest.raises(RuntimeError, match="user code failed"),
+    ):
+        t.fit(Fail(7, optimizer="adam", lr=1e-3), digits_loader())
 
 
 def test_a_checkpoint_finds_every_step_it_counts_already_logged(tmp_path):

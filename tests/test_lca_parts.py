@@ -5,7 +5,6 @@ import statistics
 
 import pytest
 import torch
-from torch import nn
 
 from learnscope import LossChangeAllocation
 from learnscope.functional.decompose import PARTS

@@ -13,8 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
-from learnscope import ProbeError
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz, ProbeError
 from learnscope._probe import collect_batches
 from learnscope.functional import allocate_step, gradient_evaluator
 from learnscope.functional.nfa import nfa_metrics, preactivation_grams

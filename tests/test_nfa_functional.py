@@ -19,12 +19,13 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.func import jacrev, vmap
 
+from learnscope import layers as layers_module
 from learnscope.functional.nfa import (
     PreactivationGramAccumulator,
+    _haar_transpose_times,
     _nfa_correlations,
     agop,
     eval_mode,
-    _haar_transpose_times,
     feature_matrices,
     haar_orthogonal,
     nfa_metrics,
@@ -34,7 +35,6 @@ from learnscope.functional.nfa import (
     readout_from_grams,
     readout_from_outputs,
 )
-from learnscope import layers as layers_module
 from learnscope.layers import (
     ConvHandler,
     LinearHandler,
@@ -125,7 +125,7 @@ def test_mlp_agop_matches_jacrev_reference_on_digits(digits):
     assert list(grams) == ["0", "2", "4"]
     for index in (0, 2, 4):
         layer_input = run(model[:index], digits)
-        expected = reference_agop(lambda h: run(model[index:], h), layer_input)
+        expected = reference_agop(lambda h, index=index: run(model[index:], h), layer_input)
         measured = agop(model[index].weight, grams[str(index)])
         assert relative_error(measured, expected) < 1e-6, index
         assert relative_error(measured, expected) < 1e-12  # float64: round-off only
@@ -150,7 +150,7 @@ def test_cnn_patch_agop_matches_jacrev_reference_with_stride_two(digits):
         conv = model[index]
         patches, grid = extract_patches(run(model[:index], images), conv)
         # the patch extraction itself reproduces the convolution
-        rebuilt = vmap(lambda p: conv_from_patches(p, conv, grid))(patches)
+        rebuilt = vmap(lambda p, conv=conv, grid=grid: conv_from_patches(p, conv, grid))(patches)
         assert torch.allclose(rebuilt, conv(run(model[:index], images)), atol=1e-12)
 
         def tail(p, conv=conv, grid=grid, index=index):
@@ -697,7 +697,6 @@ def reference_sphericity(eigenvalues):
 
 
 def reference_metrics(weight, gram, alphas, initial_weight, rotations):
-    k, d = weight.shape
     nfm = weight.mT @ weight
     rank = int(torch.linalg.matrix_rank(weight, rtol=1e-10))
     projector = weight @ torch.linalg.pinv(weight, rtol=1e-10)
@@ -915,7 +914,7 @@ def test_metrics_and_spectrum_from_one_svd_equal_the_separate_calls(shape, rank,
     assert torch.equal(separate_source.get_state(), shared_source.get_state())  # the same null draws
     assert shared.keys() == separate.keys()
     for key, value in separate.items():
-        assert shared[key] == pytest.approx(value, rel=1e-12, abs=1e-300) or math.isnan(value) and math.isnan(shared[key]), key
+        assert shared[key] == pytest.approx(value, rel=1e-12, abs=1e-300) or (math.isnan(value) and math.isnan(shared[key])), key
     assert torch.equal(spectrum, range_spectrum(weight, gram))
 
 

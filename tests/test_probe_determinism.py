@@ -119,7 +119,7 @@ def test_probe_loss_is_the_eval_mode_loss_and_the_integral_closes(make):
     callback = LossChangeAllocation(probe=probe, rule="simpson", histograms=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        logger, model = _fit(make, [Snap(), callback], max_steps=10)
+        logger, _ = _fit(make, [Snap(), callback], max_steps=10)
     assert not [w for w in caught if "not deterministic" in str(w.message)]
     assert callback.probe_is_stochastic is False
     assert logger.series["lca/probe_stochastic"] == {0: 0.0}
@@ -219,8 +219,7 @@ def test_nfa_forward_with_stochastic_layers_in_eval_mode_is_deterministic():
 def test_nfa_refuses_a_prediction_whose_rows_are_not_the_samples():
     """A model that flattens tokens into rows ((n·T, c)) would make the exact G add up a
     sequence's token gradients before squaring them: refused at fit start, with the recipe."""
-    from learnscope import NeuralFeatureAnsatz
-    from learnscope import ProbeError
+    from learnscope import NeuralFeatureAnsatz, ProbeError
 
     class Flattening(nn.Module):
         def __init__(self) -> None:

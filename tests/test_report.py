@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
-from matplotlib.image import imread  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from matplotlib.image import imread
+from torch.utils.tensorboard import SummaryWriter
 
-from learnscope.report.cli import main  # noqa: E402
-from learnscope.report.reader import parse_tag, read_logdir  # noqa: E402
-from learnscope.tensorboard_layout import build_layout, write_layout_once  # noqa: E402
+from learnscope.report.cli import main
+from learnscope.report.reader import parse_tag, read_logdir
+from learnscope.tensorboard_layout import build_layout, write_layout_once
 
 LAYERS = ("net.0", "net.2", "net.10")  # net.10 after net.2: model order, not alphabetical
 READOUT = "net.10"

@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from matplotlib.image import imread  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.image import imread
 
-import learnscope  # noqa: E402
-from learnscope.report.cli import FIGURE_EXPLANATIONS, main  # noqa: E402
-from models import Classifier, digits_loader, trainer  # noqa: E402
+import learnscope
+from learnscope.report.cli import FIGURE_EXPLANATIONS, main
+from models import Classifier, digits_loader, trainer
 
 STEPS = 60
 NFA_EVERY = 10

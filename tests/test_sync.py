@@ -121,7 +121,7 @@ def test_one_layer_is_a_clear_error():
 
 
 def test_too_short_series_is_a_clear_error():
-    with pytest.raises(SyncError, match="too short.*4 finite steps, need at least 7 for window=2"):
+    with pytest.raises(SyncError, match=r"too short.*4 finite steps, need at least 7 for window=2"):
         synchronisation_test({"a": np.arange(4.0), "b": np.arange(4.0)}, window=2)
 
 

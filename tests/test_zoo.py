@@ -26,11 +26,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+
 import zoo
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 from models import MemoryLogger, assert_bitwise_equal, state_of, trainer
 from zoo.common import eval_mode_probe_loss
-
-from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 
 STEPS = 10
 PROBE_SIZE = 64

@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np  # a dependency of Lightning and TensorBoard
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from learnscope._compat import reparametrized, validation_data_source
 from learnscope.functional.lca import Evaluation
-
-import numpy as np  # a dependency of Lightning and TensorBoard
 
 PROBE_SEED = 20191003  # fixed: the probe subset never depends on the run's seed or RNG state
 
@@ -559,9 +558,12 @@ class ProbeObjective:
         chunk = self.chunks[0]
         named = {_LossModule.prefix + name: p.detach() for name, p in params.items()}
         device = next(iter(named.values())).device if named else None
-        with probe_context(self.module, mode=self.mode, device=device), torch.no_grad():
-            with reparametrized(self.wrapper, named, tie_weights=True):
-                return stochastic_forward(self.module, lambda: self._chunk_loss(chunk), device)
+        with (
+            probe_context(self.module, mode=self.mode, device=device),
+            torch.no_grad(),
+            reparametrized(self.wrapper, named, tie_weights=True),
+        ):
+            return stochastic_forward(self.module, lambda: self._chunk_loss(chunk), device)
 
 
 class ProbeLosses:

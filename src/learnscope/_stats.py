@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,12 +109,12 @@ class StreamingHistogram:
 
 
 def _from_sums(numel: int, net: float, nonzero: float, s1: float, s2: float, s3: float, s4: float) -> tuple[Counts, Moments]:
-    helped, hurt = int(round((nonzero - net) / 2)), int(round((nonzero + net) / 2))
+    helped, hurt = round((nonzero - net) / 2), round((nonzero + net) / 2)
     return Counts(helped, hurt, helped + hurt, numel), Moments(numel, s1, s2, s3, s4)
 
 
 #: Δ as a tensor, or as ``(start, end)`` with Δ = end − start formed slice by slice (never whole).
-Delta = Union[Tensor, tuple[Tensor, Tensor]]
+Delta = Tensor | tuple[Tensor, Tensor]
 
 
 def _flat(tensor: Tensor) -> Tensor:

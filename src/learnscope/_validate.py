@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
+
+#: One of a validated choice's values: a plain str, or a Literal when ``allowed`` is typed so.
+_Choice = TypeVar("_Choice", bound=str)
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
@@ -49,11 +52,11 @@ def check_bool(name: str, value: Any, *, extra: str = "") -> bool:
     return value
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[str], *, extra: str = "") -> str:
+def check_choice(name: str, value: Any, allowed: Sequence[_Choice], *, extra: str = "") -> _Choice:
     if not isinstance(value, str) or value not in allowed:
         options = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name} must be one of {options}{' ' + extra if extra else ''}; got {value!r}")
-    return value
+    return cast(_Choice, value)  # one of ``allowed``, which isinstance cannot narrow to
 
 
 def check_patterns(name: str, value: Any) -> list[str] | None:

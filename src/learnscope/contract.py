@@ -377,14 +377,15 @@ class TagMatch:
         return self.tag.rsplit("/", 1)[1]
 
 
-def parse_tag(tag: str, roots: Mapping[str, str] | None = None) -> TagMatch | None:
+def parse_tag(tag: str, roots: Mapping[str, str | None] | None = None) -> TagMatch | None:
     """The family and fields of ``tag``, or None when it is not a contract tag.
 
     Args:
         tag: a tag as written.
         roots: ``{root: writer}`` of the callbacks that wrote the run (default
             :data:`DEFAULT_ROOTS`: ``lca`` for LossChangeAllocation, ``nfa`` for
-            NeuralFeatureAnsatz). A tag under any other root is not parsed.
+            NeuralFeatureAnsatz). A tag under any other root, or under a root
+            mapped to None, is not parsed.
     """
     root = tag.partition("/")[0]
     writer = (roots if roots is not None else _DEFAULT_WRITERS).get(root)

@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,19 @@ def symmetric_from_upper(upper: Tensor) -> Tensor:
     return torch.triu(upper) + torch.triu(upper, diagonal=1).mT
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """``module.weight``: a tensor in every module a weight handler measures (its
+    ``unsupported_reason`` refuses the others), which ``nn.Module.__getattr__``'s
+    return type (Tensor | Module) cannot say."""
+    return cast(Tensor, module.weight)
+
+
+def _attention(module: nn.Module) -> nn.MultiheadAttention:
+    """The module of an attention handler: ``handler_for`` gives these handlers to
+    ``nn.MultiheadAttention`` instances only (their registered type)."""
+    return cast(nn.MultiheadAttention, module)
+
+
 class LayerHandler:
     """How the NFA probe reads one layer type.
 
@@ -116,7 +129,7 @@ class LayerHandler:
 
     def out_features(self, module: nn.Module) -> int:
         """k, the number of pre-activation coordinates (rows of W_flat)."""
-        return int(module.weight.shape[0])
+        return int(_weight(module).shape[0])
 
     def weight_flat(self, module: nn.Module) -> Tensor:
         """W_flat (k×d), detached."""
@@ -163,7 +176,7 @@ class LinearHandler(LayerHandler):
     """
 
     def weight_flat(self, module: nn.Module) -> Tensor:
-        return module.weight.detach()
+        return _weight(module).detach()
 
     def gradient_rows(self, module: nn.Module, output_grad: Tensor) -> Tensor:
         k = self.out_features(module)
@@ -182,15 +195,15 @@ class Conv1DHandler(LinearHandler):
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         reason = super().unsupported_reason(module)
-        if reason is None and module.weight.dim() != 2:
-            return f"its weight has {module.weight.dim()} dimensions, not 2"
+        if reason is None and _weight(module).dim() != 2:
+            return f"its weight has {_weight(module).dim()} dimensions, not 2"
         return reason
 
     def out_features(self, module: nn.Module) -> int:
-        return int(module.weight.shape[1])
+        return int(_weight(module).shape[1])
 
     def weight_flat(self, module: nn.Module) -> Tensor:
-        return module.weight.detach().mT
+        return _weight(module).detach().mT
 
 
 class ConvHandler(LayerHandler):
@@ -217,7 +230,7 @@ class ConvHandler(LayerHandler):
         return None
 
     def weight_flat(self, module: nn.Module) -> Tensor:
-        weight = module.weight.detach()
+        weight = _weight(module).detach()
         return weight.reshape(weight.shape[0], -1)
 
     def _channels(self, module: nn.Module, output_grad: Tensor) -> tuple[int, int]:
@@ -278,13 +291,14 @@ class _InProjection(LinearHandler):
         return None  # the owner (MultiheadAttentionHandler) decides
 
     def out_features(self, module: nn.Module) -> int:
-        return int(module.embed_dim)
+        return int(_attention(module).embed_dim)
 
     def weight_flat(self, module: nn.Module) -> Tensor:
-        if module.in_proj_weight is not None:
-            k = module.embed_dim
-            return module.in_proj_weight.detach()[self.index * k : (self.index + 1) * k]
-        return getattr(module, self._SEPARATE[self.index]).detach()
+        attention = _attention(module)
+        if attention.in_proj_weight is not None:
+            k = attention.embed_dim
+            return attention.in_proj_weight.detach()[self.index * k : (self.index + 1) * k]
+        return getattr(attention, self._SEPARATE[self.index]).detach()
 
 
 class _OutProjection(LinearHandler):
@@ -294,10 +308,10 @@ class _OutProjection(LinearHandler):
         return None
 
     def out_features(self, module: nn.Module) -> int:
-        return int(module.out_proj.weight.shape[0])
+        return int(_attention(module).out_proj.weight.shape[0])
 
     def weight_flat(self, module: nn.Module) -> Tensor:
-        return module.out_proj.weight.detach()
+        return _attention(module).out_proj.weight.detach()
 
 
 class MultiheadAttentionHandler(LayerHandler):
@@ -334,7 +348,7 @@ class MultiheadAttentionHandler(LayerHandler):
         return {"q": _InProjection(0), "k": _InProjection(1), "v": _InProjection(2), "out_proj": _OutProjection()}
 
     def tap(self, module: nn.Module, taps: Mapping[str, Callable[[Tensor], Tensor]]) -> Any:
-        return _ForwardOverride(module, functools.partial(attention_forward, module, taps=taps))
+        return _ForwardOverride(module, functools.partial(attention_forward, _attention(module), taps=taps))
 
 
 class _ForwardOverride:
@@ -364,7 +378,7 @@ def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def attention_forward(
-    module: nn.Module,
+    module: nn.MultiheadAttention,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -422,7 +436,7 @@ def _tapped(taps: Mapping[str, Callable[[Tensor], Tensor]], part: str, z: Tensor
 
 
 def _batch_first(
-    module: nn.Module, batched: bool, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
+    module: nn.MultiheadAttention, batched: bool, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The inputs as (N, L, E) tokens: an unbatched (L, E) input gets a batch of one,
     a sequence-first (L, N, E) one is transposed."""
@@ -436,7 +450,7 @@ def _batch_first(
 
 
 def _in_projections(
-    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, taps: Mapping[str, Callable[[Tensor], Tensor]]
+    module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, taps: Mapping[str, Callable[[Tensor], Tensor]]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q = W_q·query + b_q, k = W_k·key + b_k, v = W_v·value + b_v, each through its tap."""
     if module.in_proj_weight is not None:
@@ -710,8 +724,9 @@ def supported_only(
             selected[name] = module
             continue
         reason = unsupported_reason(module)
-        if reason is None:
-            selected.update(_layer_maps(name, module, handler_for(module)))
+        handler = handler_for(module)
+        if reason is None and handler is not None:  # no reason: a handler that can measure it
+            selected.update(_layer_maps(name, module, handler))
         else:
             skipped.append(f"{name or '<root>'} ({type(module).__name__}: {reason})")
     _warn_skipped(skipped, stacklevel=stacklevel + 1)

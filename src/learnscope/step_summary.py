@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from torch import Tensor

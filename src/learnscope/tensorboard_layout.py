@@ -38,6 +38,7 @@ How a callback uses it::
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import weakref
@@ -300,10 +301,8 @@ def _remember(summary_writer: Any, layout: layout_pb2.Layout) -> None:
     try:
         _written[summary_writer] = layout
     except TypeError:
-        try:
+        with contextlib.suppress(AttributeError):  # cannot remember: a later call writes the (idempotent) union again
             summary_writer._learnscope_layout = layout
-        except AttributeError:
-            pass  # cannot remember: a later call writes the (idempotent) union again
 
 
 def layout_patterns(layout: layout_pb2.Layout) -> Iterable[tuple[str, str, str]]:

@@ -15,9 +15,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import Classifier, digits_loader, mlp  # noqa: E402
-
-from learnscope import LossChangeAllocation, NeuralFeatureAnsatz  # noqa: E402
+from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
+from models import Classifier, digits_loader, mlp
 
 
 class Totals(LossChangeAllocation):

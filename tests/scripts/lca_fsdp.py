@@ -19,10 +19,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import digits, mlp  # noqa: E402
-
-from learnscope.functional import allocate_step, gradient_evaluator  # noqa: E402
-from learnscope.functional.sharded import local_shards, module_sums, sharded_evaluator  # noqa: E402
+from learnscope.functional import allocate_step, gradient_evaluator
+from learnscope.functional.sharded import local_shards, module_sums, sharded_evaluator
+from models import digits, mlp
 
 
 def main(out: str) -> None:

@@ -89,6 +89,7 @@ def build(stochastic: bool = True, width: int = 8, batch_size: int = 32):
     and weight decay 5e-4: ``(module, loader)``. It has no stochastic layers (``stochastic``
     is accepted for a uniform interface); BatchNorm trains in batch-statistics mode."""
     import torch
+
     from models import Classifier
 
     from .common import MODEL_SEED, digit_images, shuffled_loader

@@ -9,9 +9,10 @@ linearly to ``drop_path_rate``. Trained on the digits as 1×8×8 images."""
 from __future__ import annotations
 
 import torch
-from models import Classifier
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+
+from models import Classifier
 
 from .common import MODEL_SEED, digit_images, shuffled_loader
 

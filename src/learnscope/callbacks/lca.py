@@ -4,12 +4,11 @@ measured is in :mod:`learnscope.estimators`, what is logged of it in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from functools import partial
 from collections.abc import Callable
-from typing import Any, Literal, Optional, Union
+from functools import partial
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +31,7 @@ from learnscope._probe import (
 from learnscope._stats import ProductStats
 from learnscope._validate import check_seconds, check_unique_tag_roots
 from learnscope.config import DEFAULTS, PRESETS, PROBES, LCAConfig
-from learnscope.estimators import Measurement, StepEstimator, StepEvent, build_estimator
+from learnscope.estimators import StepEstimator, StepEvent, build_estimator
 from learnscope.functional import decompose
 from learnscope.functional.lca import StepAllocation
 from learnscope.records import LCAStepRecord
@@ -202,22 +201,22 @@ class LossChangeAllocation(Callback):
     def __init__(
         self,
         every_n_steps: int = 1,
-        probe: Union[Literal["train", "val", "batch"], DataLoader, None] = None,
-        probe_size: Optional[int] = 1024,
+        probe: Literal["train", "val", "batch"] | DataLoader | None = None,
+        probe_size: int | None = 1024,
         probe_batch_size: int = 256,
-        rule: Optional[Literal["first_order", "trapezoid", "simpson", "adaptive"]] = None,
-        tolerance: Optional[float] = None,
-        loss_fn: Optional[Callable[[pl.LightningModule, Any], Any]] = None,
-        histograms: Optional[bool] = None,
-        modules: Optional[list[str]] = None,
-        decompose: Optional[bool] = None,
+        rule: Literal["first_order", "trapezoid", "simpson", "adaptive"] | None = None,
+        tolerance: float | None = None,
+        loss_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
+        histograms: bool | None = None,
+        modules: list[str] | None = None,
+        decompose: bool | None = None,
         ablation: bool = False,
         unit_allocations: bool = False,
-        preset: Optional[Literal["cheap", "default", "paper"]] = None,
-        compile_statistics: Optional[bool] = None,
-        batch_size_fn: Optional[Callable[[Any], int]] = None,
+        preset: Literal["cheap", "default", "paper"] | None = None,
+        compile_statistics: bool | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
         max_intervals: int = 32,
-        relative_tolerance: Optional[float] = None,
+        relative_tolerance: float | None = None,
         name: str = "lca",
         flush_seconds: float = 2.0,
     ) -> None:

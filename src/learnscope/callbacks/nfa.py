@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from learnscope._model_inputs import LABEL_KEYS, default_input_fn, required_posi
 from learnscope._probe import (
     PROBE_SEED,
     ProbeChunk,
+    ProbeData,
     ProbeError,
     ProbeNoise,
     build_probe_set,
@@ -184,7 +186,7 @@ class NeuralFeatureAnsatz(Callback):
         # run state, rebuilt when a stage starts
         self._layers: dict[str, LayerMap] = {}
         self._forward_arguments: list[str] = []
-        self._probe_set: list[ProbeChunk] = []
+        self._probe_set = ProbeData([])
         self._readout: str | None = None
         self._inspected = False
         self._measuring_trainer: pl.Trainer | None = None
@@ -336,7 +338,7 @@ class NeuralFeatureAnsatz(Callback):
                     "cnfa_pearson_a1 are left out. Training goes on."
                 )
 
-    def _build_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ProbeChunk]:
+    def _build_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeData:
         return build_probe_set(
             trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz",
             batch_size_fn=self.batch_size_fn,
@@ -349,9 +351,7 @@ class NeuralFeatureAnsatz(Callback):
         if trainer is self._measuring_trainer and trainer.global_step == self._last_measured_step:
             return  # this trainer measured these weights already (e.g. at fit end)
         if self._probe_set:
-            self._probe_set = [
-                ProbeChunk(to_module_device(trainer, c.batch), c.batch_idx, c.weight, c.size) for c in self._probe_set
-            ]
+            self._probe_set = self._probe_set.to(partial(to_module_device, trainer))
         elif isinstance(self.probe, DataLoader) or (self.probe == "val" and trainer.state.fn == "validate"):
             self._probe_set = self._build_probe_set(trainer, pl_module)
         else:
@@ -374,7 +374,7 @@ class NeuralFeatureAnsatz(Callback):
         # ranks, so all ranks hold the same values; only rank zero writes them.
         if not self._inspected:
             self._inspect(pl_module)
-        grams, estimator = self._preactivation_grams(pl_module, step)
+        grams, estimator = self._preactivation_grams(trainer, pl_module, step)
         if self.resolved_estimator is None:
             self.resolved_estimator = estimator
             if self._readout is None and estimator == "exact":
@@ -494,8 +494,9 @@ class NeuralFeatureAnsatz(Callback):
                 "tensor's first dimension)"
             )
 
-    def _preactivation_grams(self, pl_module: pl.LightningModule, step: int) -> tuple[dict[str, Tensor], str]:
-        trainer = self._measuring_trainer
+    def _preactivation_grams(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> tuple[dict[str, Tensor], str]:
         model: nn.Module = pl_module
         if getattr(trainer, "world_size", 1) > 1 and any(True for _ in pl_module.buffers()):
             # BatchNorm running statistics differ between ranks: measure all ranks with rank 0's.
@@ -588,6 +589,8 @@ def _non_finite(weights: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> l
 class _WithBuffers(nn.Module):
     """Runs ``module`` with substitute buffers (live buffers untouched); hooks on its
     layers still fire. The module is held, not registered, so it is not a child."""
+
+    wrapped: nn.Module  # set with object.__setattr__: an instance attribute, not a submodule
 
     def __init__(self, module: nn.Module, buffers: dict[str, Tensor]) -> None:
         super().__init__()

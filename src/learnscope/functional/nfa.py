@@ -63,7 +63,7 @@ __all__ = [
 
 Estimator = Literal["exact", "hutchinson", "auto"]
 #: The values of ``estimator``.
-ESTIMATORS: tuple[str, ...] = ("exact", "hutchinson", "auto")
+ESTIMATORS: tuple[Estimator, ...] = ("exact", "hutchinson", "auto")
 
 #: ``estimator="auto"`` is exact up to this many outputs per position (c), Hutchinson above.
 AUTO_EXACT_MAX_OUTPUTS = 64
@@ -323,7 +323,7 @@ class PreactivationGramAccumulator:
                 # (same inputs, eval mode: the same graph) and finish one VJP at a time.
                 flat_output, leaves = self._forward(inputs)
                 probes = self._probes(leaves)
-                grads = self._batched_vjp(flat_output, probes, grad_outputs, retain_graph=not last)
+                grads = self._vjp_per_row(flat_output, probes, grad_outputs, retain_graph=not last)
             self._add_grams(names, grads, weight)
             grads = None  # release this batch's gradients before the next batch's VJPs
 
@@ -409,11 +409,11 @@ class PreactivationGramAccumulator:
     def _grad_output_batches(self, flat_output: Tensor) -> Iterator[tuple[Tensor, float, bool]]:
         """(grad_outputs, weight, last): the batches of VJP directions of one chunk."""
         num_samples, num_outputs = flat_output.shape
-        options = {"dtype": flat_output.dtype, "device": flat_output.device}
+        dtype, device = flat_output.dtype, flat_output.device
         if self.estimator == "exact":
             # Row j of V is the one-hot e_j for every sample: rows of the identity,
             # expanded over the samples (no n × C storage per row).
-            identity = torch.eye(num_outputs, **options)
+            identity = torch.eye(num_outputs, dtype=dtype, device=device)
             for start in range(0, num_outputs, self.output_chunk):
                 stop = min(start + self.output_chunk, num_outputs)
                 one_hots = identity[start:stop].unsqueeze(1).expand(stop - start, num_samples, num_outputs)
@@ -427,7 +427,7 @@ class PreactivationGramAccumulator:
                 0, 2, (count, num_samples, num_outputs),
                 generator=self.generator, device=self.generator.device,
             )
-            yield (2 * signs - 1).to(**options), 1.0 / self.num_probes, start + count == self.num_probes
+            yield (2 * signs - 1).to(dtype=dtype, device=device), 1.0 / self.num_probes, start + count == self.num_probes
 
     def _batched_vjp(
         self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor, *, retain_graph: bool
@@ -451,6 +451,13 @@ class PreactivationGramAccumulator:
                 )
                 if not retain_graph:
                     return None
+        return self._vjp_per_row(output, probes, grad_outputs, retain_graph=retain_graph)
+
+    def _vjp_per_row(
+        self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor, *, retain_graph: bool
+    ) -> list[Tensor | None]:
+        """The VJPs of ``grad_outputs`` one row at a time, stacked, for every probe (None
+        for a probe the output does not depend on)."""
         last_row = len(grad_outputs) - 1
         per_row = [
             torch.autograd.grad(

@@ -86,7 +86,7 @@ def _run_title(run: RunRecords) -> str:
     """A run's name for titles: the folder's own name when LOGDIR is the run itself."""
     return run.name if run.name not in ("", ".") else Path(run.path).name
 
-def _layer_colour(index: int) -> str:
+def _layer_colour(index: int) -> tuple[float, float, float, float]:  # RGBA
     return colormaps["tab10"](index % 10)
 
 
@@ -130,8 +130,9 @@ def plot_cumulative_lca(run: RunRecords, path: str | Path) -> Path | None:
     """Cumulative LCA of each layer over the steps (8 × 5 in)."""
     if run.lca is None:
         return None
-    curves = {name: cumulative_layer_series(layer) for name, layer in run.lca.layers.items()}
-    curves = {name: curve for name, curve in curves.items() if curve is not None}
+    curves = {
+        name: curve for name, layer in run.lca.layers.items() if (curve := cumulative_layer_series(layer)) is not None
+    }
     if not curves:
         return None
     figure = _new_figure(8, 5)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -422,12 +422,12 @@ def _read_event_file(path: Path) -> _RawRun:
 def _merge_raw(runs: Iterable[_RawRun]) -> _RawRun:
     merged = _RawRun()
     for raw in runs:
-        for tag, events in raw.scalars.items():
-            merged.scalars[tag] = _splice(merged.scalars.get(tag, []), events, lambda e: e[0])
-        for tag, events in raw.histograms.items():
-            merged.histograms[tag] = _splice(merged.histograms.get(tag, []), events, lambda h: h.step)
-        for tag, events in raw.images.items():
-            merged.images[tag] = _splice(merged.images.get(tag, []), events, lambda e: e[0])
+        for tag, scalars in raw.scalars.items():
+            merged.scalars[tag] = _splice(merged.scalars.get(tag, []), scalars, lambda e: e[0])
+        for tag, histograms in raw.histograms.items():
+            merged.histograms[tag] = _splice(merged.histograms.get(tag, []), histograms, lambda h: h.step)
+        for tag, images in raw.images.items():
+            merged.images[tag] = _splice(merged.images.get(tag, []), images, lambda e: e[0])
     return merged
 
 
@@ -471,6 +471,7 @@ _Filer = Callable[[_Section, contract.TagMatch, object], None]
 
 def _file_run_metric(section: _Section, match: contract.TagMatch, series) -> None:
     records = section.lca if match.family.writer == "lca" else section.nfa
+    assert match.family.run_metric is not None  # filed here only for the families with a run metric
     setattr(records, match.family.run_metric, series)
 
 
@@ -540,7 +541,7 @@ def _group(
     event_files: tuple[Path, ...],
     raw: _RawRun,
     roots: Mapping[str, str | None],
-    ignored: set[str] = frozenset(),
+    ignored: Collection[str] = frozenset(),
     keep_other: bool = True,
 ) -> RunRecords:
     """The records of one section: the tags under ``roots`` (``{root: writer}``; a
@@ -550,19 +551,25 @@ def _group(
     section = _Section()
     for kind, table in (("scalar", raw.scalars), ("histogram", raw.histograms), ("image", raw.images)):
         for tag, events in table.items():
-            root = tag.partition("/")[0] if "/" in tag else None
-            if root in roots:
-                match = contract.parse_tag(tag, roots)
-                if match is None or match.family.kind != kind:
-                    run.unrecognised_tags.append(tag)
-                    continue
-                _FILE_BY_FAMILY[match.family.name](section, match, _SERIES_OF_KIND[kind](tag, events))
-                section.writers.add(match.family.writer)
-            elif keep_other and kind == "scalar" and root not in ignored:
-                run.other_scalars[tag] = _scalar_series(tag, events)
+            if _root_of(tag) not in roots:
+                continue
+            match = contract.parse_tag(tag, roots)
+            if match is None or match.family.kind != kind:
+                run.unrecognised_tags.append(tag)
+                continue
+            _FILE_BY_FAMILY[match.family.name](section, match, _SERIES_OF_KIND[kind](tag, events))
+            section.writers.add(match.family.writer)
+    if keep_other:
+        for tag, scalars in raw.scalars.items():
+            if _root_of(tag) not in roots and _root_of(tag) not in ignored:
+                run.other_scalars[tag] = _scalar_series(tag, scalars)
     run.lca = section.lca if "lca" in section.writers else None
     run.nfa = section.nfa if "nfa" in section.writers else None
     return run
+
+
+def _root_of(tag: str) -> str | None:
+    return tag.partition("/")[0] if "/" in tag else None
 
 
 def _progress_bar(total_bytes: int, enabled: bool | None):

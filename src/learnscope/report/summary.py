@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -216,26 +216,28 @@ def _relative_error(lca: LcaRecords, total: float | None, loss_change: float | N
     return None
 
 
-def _lca_fields(lca: LcaRecords, layers_sum: float | None) -> dict[str, object]:
-    """The run-level LCA numbers of a :class:`RunSummary`."""
-    total = lca.total.sum() if _present(lca.total) else layers_sum
-    loss_change = lca.delta_loss.sum() if _present(lca.delta_loss) else None
+def _with_lca_fields(summary: RunSummary, lca: LcaRecords, layers_sum: float | None) -> RunSummary:
+    """``summary`` with the run-level LCA numbers filled in."""
+    logged_total, logged_change = _present(lca.total), _present(lca.delta_loss)
+    total = logged_total.sum() if logged_total is not None else layers_sum
+    loss_change = logged_change.sum() if logged_change is not None else None
     step_counts = [len(s) for s in (lca.total, lca.delta_loss) if s is not None]
     step_counts += [len(layer.allocation) for layer in lca.layers.values() if layer.allocation is not None]
     probe_stochastic = _present(lca.probe_stochastic)
-    return {
-        "measured_steps": max(step_counts, default=0),
-        "total_lca": total,
-        "total_loss_change": loss_change,
-        "cumulative_relative_error": _relative_error(lca, total, loss_change),
-        "mean_helped_fraction": _mean(lca.helped_fraction),
-        "mean_helped_fraction_nonzero": _mean(lca.helped_fraction_nonzero),
-        "mean_excess_kurtosis": _mean(lca.excess_kurtosis),
-        "mean_excess_kurtosis_nonzero": _mean(lca.excess_kurtosis_nonzero),
-        "skipped_steps": _last(lca.skipped_steps),
-        "probe_stochastic": None if probe_stochastic is None else bool(probe_stochastic.values.max() > 0),
-        "capped_steps": _last(lca.capped_steps),
-    }
+    return replace(
+        summary,
+        measured_steps=max(step_counts, default=0),
+        total_lca=total,
+        total_loss_change=loss_change,
+        cumulative_relative_error=_relative_error(lca, total, loss_change),
+        mean_helped_fraction=_mean(lca.helped_fraction),
+        mean_helped_fraction_nonzero=_mean(lca.helped_fraction_nonzero),
+        mean_excess_kurtosis=_mean(lca.excess_kurtosis),
+        mean_excess_kurtosis_nonzero=_mean(lca.excess_kurtosis_nonzero),
+        skipped_steps=_last(lca.skipped_steps),
+        probe_stochastic=None if probe_stochastic is None else bool(probe_stochastic.values.max() > 0),
+        capped_steps=_last(lca.capped_steps),
+    )
 
 
 def _last(series: ScalarSeries | None) -> float | None:
@@ -252,15 +254,22 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
             value = cumulative_layer_lca(layer)
             if value is not None:
                 cumulative[name] = value
-    summary: dict[str, object] = {"run": run.name, "layers": _layer_summaries(run, cumulative)}
-    if run.lca is not None:
-        summary.update(_lca_fields(run.lca, sum(cumulative.values()) if cumulative else None))
-        if sync_settings is not None:
-            try:
-                summary["sync"] = run_synchronisation(run, sync_settings)
-            except SyncError as error:
-                summary["sync_message"] = str(error)
-    return RunSummary(**summary)
+    summary = RunSummary(run=run.name, layers=_layer_summaries(run, cumulative))
+    if run.lca is None:
+        return summary
+    summary = _with_lca_fields(summary, run.lca, sum(cumulative.values()) if cumulative else None)
+    sync, sync_message = _sync_or_message(run, sync_settings)
+    return replace(summary, sync=sync, sync_message=sync_message)
+
+
+def _sync_or_message(run: RunRecords, settings: SyncSettings | None) -> tuple[SyncResult | None, str | None]:
+    """The synchronisation test's result, or why there is none (None, None: not run)."""
+    if settings is None:
+        return None, None
+    try:
+        return run_synchronisation(run, settings), None
+    except SyncError as error:
+        return None, str(error)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -45,10 +45,16 @@ shift assumes the minima process is roughly stationary over the run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+#: Steps or values of a series: a list, or a NumPy array (what the report's reader returns).
+Steps = Sequence[int] | np.ndarray
+Values = Sequence[float] | np.ndarray
+_Key = TypeVar("_Key", bound=Hashable)  # a layer name, or a unit index
 
 __all__ = [
     "SyncError",
@@ -143,8 +149,8 @@ def local_minima(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def align_on_common_steps(
-    series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    series: Mapping[_Key, tuple[Steps, Values]],
+) -> tuple[np.ndarray, dict[_Key, np.ndarray]]:
     """Restrict ``{layer: (steps, values)}`` to the steps every layer has.
 
     A step logged twice in one series keeps its last value.
@@ -156,8 +162,8 @@ def align_on_common_steps(
         # dict keeps the last value of a repeated step
         per_layer[name] = dict(zip(np.asarray(steps, dtype=np.int64).tolist(), np.asarray(values, dtype=float)))
     common = sorted(set.intersection(*(set(d) for d in per_layer.values())))
-    steps = np.array(common, dtype=np.int64)
-    return steps, {name: np.array([d[s] for s in common], dtype=np.float64) for name, d in per_layer.items()}
+    grid = np.array(common, dtype=np.int64)
+    return grid, {name: np.array([d[s] for s in common], dtype=np.float64) for name, d in per_layer.items()}
 
 
 def _circular_dilate(indicator: np.ndarray, tolerance: int) -> np.ndarray:
@@ -185,7 +191,7 @@ def _check_settings(*, smooth: int, window: int, tolerance: int, n_draws: int) -
 
 
 def _finite_grid(
-    series: Mapping[str, Sequence[float]], layers: tuple[str, ...], steps: Sequence[int] | None, window: int
+    series: Mapping[str, Values], layers: tuple[str, ...], steps: Steps | None, window: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The series stacked (L, T) on the steps where every layer is finite, those steps,
     and how many were dropped; SyncError when too few layers or steps are left."""
@@ -232,8 +238,8 @@ def _coincidence_counts(minima: np.ndarray, dilated: np.ndarray, n_draws: int, s
 
 
 def synchronisation_test(
-    series: Mapping[str, Sequence[float]],
-    steps: Sequence[int] | None = None,
+    series: Mapping[str, Values],
+    steps: Steps | None = None,
     *,
     smooth: int = 1,
     window: int = 2,
