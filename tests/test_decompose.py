@@ -22,12 +22,12 @@ from torch.nn import functional as F
 from learnscope.functional.decompose import (
     PARTS,
     allocate_part_values,
-    part_values,
-    plan_part_values,
     allocate_parts,
     capture_step,
     finish_step,
     has_step_model,
+    part_values,
+    plan_part_values,
     step_parts,
 )
 
@@ -109,7 +109,7 @@ def train(make_optimizer, batches, steps: int, *, closure: bool = True, seed: in
     reference = PreStepState(optimizer) if hooks else None
 
     for _, (x, y) in zip(range(steps), itertools.cycle(batches)):
-        def compute_loss():
+        def compute_loss(x=x, y=y):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -253,7 +253,7 @@ def test_parts_sum_to_delta_and_the_residual_vanishes(make_optimizer, batches):
 
 def test_plain_sgd_has_only_a_gradient_part_equal_to_minus_lr_times_g(batches):
     lr = 0.1
-    for optimizer, probe, _ in train(lambda ps: SGD(ps, lr=lr), batches, steps=3):
+    for _optimizer, probe, _ in train(lambda ps: SGD(ps, lr=lr), batches, steps=3):
         for param, _, delta, parts in probe.parts():
             assert torch.equal(parts["momentum"], torch.zeros_like(delta))
             assert torch.equal(parts["weight_decay"], torch.zeros_like(delta))
@@ -264,7 +264,7 @@ def test_plain_sgd_has_only_a_gradient_part_equal_to_minus_lr_times_g(batches):
 
 def test_adam_gradient_part_always_helps_while_its_momentum_part_sometimes_hurts(batches):
     momentum_hurt = []
-    for step, (optimizer, probe, _) in enumerate(train(lambda ps: Adam(ps, lr=0.01), batches, steps=4)):
+    for step, (_optimizer, probe, _) in enumerate(train(lambda ps: Adam(ps, lr=0.01), batches, steps=4)):
         for param, theta, delta, parts in probe.parts():
             g = param.grad  # k = g: the first-order allocation on the minibatch
             nonzero = g != 0
@@ -317,7 +317,7 @@ def test_unknown_optimizer_puts_the_whole_step_in_the_residual_and_says_so(make_
         assert probe.record.modelled is False
         assert probe.record.optimizer_class == name
         assert name in probe.record.unmodelled_reason
-        for param, _, delta, parts in probe.parts():
+        for _param, _, delta, parts in probe.parts():
             assert bool(delta.abs().max() > 0)
             assert torch.equal(parts["residual"], delta)
             for part in MODELLED:
@@ -424,13 +424,13 @@ def test_split_uses_the_learning_rate_in_force_before_the_scheduler_moves_it(ten
     for step, (optimizer, probe, _) in enumerate(train(make_optimizer, batches, steps=4)):
         schedulers[0].step()  # Lightning steps the scheduler before on_train_batch_end
         assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.1 * 0.5 ** (step + 1))
-        for param, _, delta, parts in probe.parts():
+        for _param, _, delta, parts in probe.parts():
             assert float(parts["residual"].abs().max()) <= 1e-12 * float(delta.abs().max())
 
 
 def test_parts_requested_after_the_next_step_or_an_in_place_zero_grad_are_refused(batches):
     records = []
-    for optimizer, probe, _ in train(lambda ps: Adam(ps, lr=0.01), batches, steps=2):
+    for optimizer, probe, _ in train(lambda ps: Adam(ps, lr=0.01), batches, steps=2):  # noqa: B007  (the last step's optimizer is used below)
         records.append(probe.record)
     param = probe.params[0]
     with pytest.raises(RuntimeError, match="next step"):
@@ -489,7 +489,7 @@ def test_fused_optimizer_under_grad_scaler_uses_unscaled_gradient_and_skips_inf_
             params[0].grad[0, 0] = float("inf")
         scaler.step(optimizer)  # fused: the kernel unscales p.grad and honours found_inf
         scaler.update()
-        for param, _, delta, parts in probe.parts():
+        for _param, _, delta, parts in probe.parts():
             if step == 2:
                 assert torch.equal(delta, torch.zeros_like(delta))
                 assert all(torch.equal(parts[n], torch.zeros_like(delta)) for n in PARTS)
@@ -691,7 +691,7 @@ def test_many_parameters_read_back_at_once_equal_each_read_back_alone(batches):
     for probe in float32_steps(make_mlp().float(), lambda ps: Adam(ps, lr=0.01, weight_decay=0.05), batches):
         parts = list(probe.parts())
         plans, alone = [], []
-        for i, (param, theta, delta, _) in enumerate(parts):
+        for i, (param, _theta, delta, _) in enumerate(parts):
             k = param.grad.clone() if i % 2 else param.grad.double()  # mixed float32 / float64 dots
             total = None if i % 3 else float((k.double() * delta.double()).sum())
             plans.append(plan_part_values(k, probe.record, param, delta, total=total))
@@ -797,7 +797,7 @@ def test_fused_allocations_of_differentiable_optimizers(make_optimizer, batches)
 
 
 def test_fused_allocations_are_refused_after_the_gradient_changed(batches):
-    for optimizer, probe, _ in train(lambda ps: SGD(ps, lr=0.1, momentum=0.9), batches, steps=2):
+    for optimizer, probe, _ in train(lambda ps: SGD(ps, lr=0.1, momentum=0.9), batches, steps=2):  # noqa: B007  (the last step's optimizer and probe are used below)
         pass
     param = probe.params[0]
     allocate_part_values(param.grad.clone(), probe.record, param, torch.zeros_like(param))
@@ -838,7 +838,7 @@ def test_compiled_adam_dots_equal_the_materialised_parts(make_optimizer, fused_r
             expected, total, scale = materialised_allocations(k, probe.record, param, delta, theta)
             formed = []
 
-            def deferred():
+            def deferred(formed=formed, delta=delta):
                 formed.append(1)
                 return delta
 
