@@ -78,9 +78,14 @@ def calibrate(lca_results: dict) -> tuple[dict[str, tuple[float, float]], float]
     """Per mode (γ seconds per parameter, δ seconds) by least squares over the
     workloads' every-step configurations, and ρ (median ProbeObjective / fb(P))."""
     constants: dict[str, tuple[float, float]] = {}
-    for mode, config in (("integral", "simpson"), ("integral+decompose", "simpson+decompose"),
-                         ("cheap", "cheap"), ("cheap+decompose", "cheap+decompose"),
-                         ("cheap compiled", "cheap compiled"), ("cheap+decompose compiled", "cheap+decomp. compiled")):
+    for mode, config in (
+        ("integral", "simpson"),
+        ("integral+decompose", "simpson+decompose"),
+        ("cheap", "cheap"),
+        ("cheap+decompose", "cheap+decompose"),
+        ("cheap compiled", "cheap compiled"),
+        ("cheap+decompose compiled", "cheap+decomp. compiled"),
+    ):
         points = [(r.params, bookkeeping(r, config)) for r in lca_results.values() if config in r.runs]
         if len(points) == 1:
             n, t = points[0]

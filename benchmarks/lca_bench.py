@@ -261,8 +261,12 @@ def configs(every_k: int, expensive_steps: int, cheap_steps: int, warmup: int) -
         Config("plain", cheap_steps, warmup),
         Config("simpson", expensive_steps, warmup, {**simpson, "decompose": False}),
         Config("simpson+decompose", expensive_steps, warmup, {**simpson, "decompose": True}),
-        Config(f"simpson every {every_k}", every_k * (1 + periods), every_k,
-               {**simpson, "decompose": False, "every_n_steps": every_k}),
+        Config(
+            f"simpson every {every_k}",
+            every_k * (1 + periods),
+            every_k,
+            {**simpson, "decompose": False, "every_n_steps": every_k},
+        ),
         Config("cheap", cheap_steps, warmup, {**cheap, "decompose": False, "compile_statistics": False}),
         Config("cheap+decompose", cheap_steps, warmup, {**cheap, "decompose": True, "compile_statistics": False}),
         # the flags' defaults in a Trainer planned for a long run: compile_statistics=None decides

@@ -120,8 +120,15 @@ def train(args, callbacks, logger=None) -> Classifier:
     model = Classifier(net, args.lr)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     pl.Trainer(
-        max_steps=args.steps, accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, deterministic=True,
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger or False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        deterministic=True,
         log_every_n_steps=1,
     ).fit(model, loader)
     return model
@@ -212,7 +219,9 @@ def main() -> None:
     runs = {}
     for rule in ("simpson", "adaptive"):
         logger, timer = Series(), StepTimer()
-        callback = LossChangeAllocation(probe=probe, probe_batch_size=args.probe, rule=rule, histograms=False, decompose=False)
+        callback = LossChangeAllocation(
+            probe=probe, probe_batch_size=args.probe, rule=rule, histograms=False, decompose=False
+        )
         model = train(args, [callback, timer], logger)
         state = {n: p.detach().clone() for n, p in model.named_parameters()}
         state.update({f"buffer/{n}": b.clone() for n, b in model.named_buffers()})
@@ -224,15 +233,19 @@ def main() -> None:
     identical = all(torch.equal(final[n], runs[r][3][n]) for r in runs for n in final)
 
     params = sum(p.numel() for p in plain.parameters())
-    print(f"{'smooth (SiLU, average pooling) ' if args.smooth else ''}resnet18 width {args.width}, {args.size}×{args.size} digits, stem stride {args.stem_stride}: {params:,} parameters; "
-          f"SGD lr {args.lr}, momentum 0.9, weight decay 5e-4; probe {args.probe} samples; {args.steps} steps")
+    print(
+        f"{'smooth (SiLU, average pooling) ' if args.smooth else ''}resnet18 width {args.width}, {args.size}×{args.size} digits, stem stride {args.stem_stride}: {params:,} parameters; "
+        f"SGD lr {args.lr}, momentum 0.9, weight decay 5e-4; probe {args.probe} samples; {args.steps} steps"
+    )
     print(f"training bitwise identical with each callback: {identical}")
     for rule, (series, callback, times, _) in runs.items():
         # Σ_t |ΣA − ΔL| / Σ_t |ΔL|: unlike the cumulative relative error, no cancellation between steps
         errors = sum(series["lca/abs_error"].values()) / sum(abs(v) for v in series["lca/delta_loss"].values())
-        print(f"{rule:>8}: cumulative relative error {callback.cumulative_relative_error:.4f}, "
-              f"Σ|ΣA − ΔL| / Σ|ΔL| {errors:.4f}, Σ ΔL {sum(series['lca/delta_loss'].values()):+.4f}, "
-              f"median step {sorted(times)[len(times) // 2]:.2f} s; capped steps {callback.capped_steps}")
+        print(
+            f"{rule:>8}: cumulative relative error {callback.cumulative_relative_error:.4f}, "
+            f"Σ|ΣA − ΔL| / Σ|ΔL| {errors:.4f}, Σ ΔL {sum(series['lca/delta_loss'].values()):+.4f}, "
+            f"median step {sorted(times)[len(times) // 2]:.2f} s; capped steps {callback.capped_steps}"
+        )
 
     dtype = getattr(torch, args.dtype)
     ref = reference_net(plain.net, dtype)
@@ -241,25 +254,36 @@ def main() -> None:
     s, a = runs["simpson"][0], runs["adaptive"][0]
     print("\nevery step, library: ΔL, Simpson ΣA and error, adaptive ΣA, error and sub-intervals")
     for t in range(args.steps):
-        print(f"{t:>4} ΔL {s['lca/delta_loss'][t]:+.4f}  simpson {s['lca/total'][t]:+.4f} ({s['lca/abs_error'][t]:.1e})  "
-              f"adaptive {a['lca/total'][t]:+.4f} ({a['lca/abs_error'][t]:.1e}, {a['lca/splits'][t]:.0f})")
-    print(f"\nper step, the library (float32) against the {args.dtype} dense reference along the same step "
-          "(ref S_n: composite Simpson with n intervals on the reference's samples):")
-    print(f"{'step':>4} {'|Δθ|':>7} {'ΔL lib':>9} {'ΔL ref':>9} {'ΣA simpson':>11} {'ref S2':>9} {'ΣA adapt':>9} {'splits':>6} "
-          f"{'ref S_n':>9} {'ref S256':>9} {'S256 err':>9} {'L min on path':>13} {'max|dL/ds|':>10}")
+        print(
+            f"{t:>4} ΔL {s['lca/delta_loss'][t]:+.4f}  simpson {s['lca/total'][t]:+.4f} ({s['lca/abs_error'][t]:.1e})  "
+            f"adaptive {a['lca/total'][t]:+.4f} ({a['lca/abs_error'][t]:.1e}, {a['lca/splits'][t]:.0f})"
+        )
+    print(
+        f"\nper step, the library (float32) against the {args.dtype} dense reference along the same step "
+        "(ref S_n: composite Simpson with n intervals on the reference's samples):"
+    )
+    print(
+        f"{'step':>4} {'|Δθ|':>7} {'ΔL lib':>9} {'ΔL ref':>9} {'ΣA simpson':>11} {'ref S2':>9} {'ΣA adapt':>9} {'splits':>6} "
+        f"{'ref S_n':>9} {'ref S256':>9} {'S256 err':>9} {'L min on path':>13} {'max|dL/ds|':>10}"
+    )
     rows = []
     for t in dense_steps:
         d = dense_step(ref, x, y, recorder.thetas[t], recorder.thetas[t + 1])
         rows.append((t, d))
         n = int(a["lca/splits"][t])
-        print(f"{t:>4} {d['step_norm']:7.3f} {s['lca/delta_loss'][t]:+9.4f} {d['delta_loss']:+9.4f} {s['lca/total'][t]:+11.4f} "
-              f"{d['simpson'][2]:+9.4f} {a['lca/total'][t]:+9.4f} {n:6d} {d['simpson'].get(n, math.nan):+9.4f} {d['simpson'][256]:+9.4f} "
-              f"{d['simpson'][256] - d['delta_loss']:+9.1e} {min(d['losses']) - d['losses'][0]:+13.4f} "
-              f"{max(abs(v) for v in d['slopes']):10.3f}")
+        print(
+            f"{t:>4} {d['step_norm']:7.3f} {s['lca/delta_loss'][t]:+9.4f} {d['delta_loss']:+9.4f} {s['lca/total'][t]:+11.4f} "
+            f"{d['simpson'][2]:+9.4f} {a['lca/total'][t]:+9.4f} {n:6d} {d['simpson'].get(n, math.nan):+9.4f} {d['simpson'][256]:+9.4f} "
+            f"{d['simpson'][256] - d['delta_loss']:+9.1e} {min(d['losses']) - d['losses'][0]:+13.4f} "
+            f"{max(abs(v) for v in d['slopes']):10.3f}"
+        )
     print("\nconvergence of composite Simpson on the reference samples: |S_n − ΔL| for n intervals")
     print(f"{'step':>4} " + " ".join(f"{n:>9}" for n in (2, 4, 8, 16, 32, 64, 128, 256)))
     for t, d in rows:
-        print(f"{t:>4} " + " ".join(f"{abs(d['simpson'][n] - d['delta_loss']):9.2e}" for n in (2, 4, 8, 16, 32, 64, 128, 256)))
+        print(
+            f"{t:>4} "
+            + " ".join(f"{abs(d['simpson'][n] - d['delta_loss']):9.2e}" for n in (2, 4, 8, 16, 32, 64, 128, 256))
+        )
     print("\nL(θ_t + sΔ) − L(θ_t) at s = 0, 1/16, ..., 1 (the loss along the step):")
     for t, d in rows:
         print(f"{t:>4} " + " ".join(f"{v - d['losses'][0]:+.2f}" for v in d["losses"][:: DENSE // 16]))

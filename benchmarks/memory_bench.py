@@ -108,11 +108,21 @@ def lca_memory(workload: Workload, probe_size: int, steps: int = 4) -> list[Memo
     ):
         callback = TimedLCA(probe_size=probe_size, probe_batch_size=CHUNK, **flags)
         peak = _fit_peak(workload, [callback], steps)
-        results.append(MemoryResult(
-            name, peak - plain, bound,
-            {"param_bytes": param_bytes, "chunk_activations": activations, "chunk_peak": chunk,
-             "probe_set": 0 if flags.get("probe") == "batch" else probe_set, "plain_fit_peak": plain, "fit_peak": peak},
-        ))
+        results.append(
+            MemoryResult(
+                name,
+                peak - plain,
+                bound,
+                {
+                    "param_bytes": param_bytes,
+                    "chunk_activations": activations,
+                    "chunk_peak": chunk,
+                    "probe_set": 0 if flags.get("probe") == "batch" else probe_set,
+                    "plain_fit_peak": plain,
+                    "fit_peak": peak,
+                },
+            )
+        )
     return results
 
 
@@ -131,6 +141,8 @@ def nfa_memory(workload: Workload, samples: int) -> MemoryResult:
     problem.learnscope()
     measured = peak_bytes(problem.learnscope)
     return MemoryResult(
-        "NFA exact (functional)", measured, gram_bytes + one_chunk,
+        "NFA exact (functional)",
+        measured,
+        gram_bytes + one_chunk,
         {"gram_bytes": gram_bytes, "reference_chunk_peak": one_chunk},
     )

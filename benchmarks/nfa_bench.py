@@ -204,10 +204,12 @@ def run_callback(workload: Workload, samples: int, every: int, periods: int, rep
         measured = callback.stopwatch.count("grams") - 1  # the fit-end measurement is after the window
         window = callback.stopwatch
         end_measure = {label: calls[-1] for label, calls in window.calls.items() if calls}
-        stages.append({
-            label: (sum(calls) - end_measure.get(label, 0.0)) / max(measured, 1)
-            for label, calls in window.calls.items()
-        })
+        stages.append(
+            {
+                label: (sum(calls) - end_measure.get(label, 0.0)) / max(measured, 1)
+                for label, calls in window.calls.items()
+            }
+        )
         images.append(sum(1 for w in (*watches, window) for _ in w.calls.get("images", [])))
         per_step["nfa"].append(clock.per_step())
         return per_step["nfa"][-1]
@@ -223,8 +225,16 @@ def run_callback(workload: Workload, samples: int, every: int, periods: int, rep
     }
 
 
-def run(workload: Workload, *, samples: int, repeats: int, with_jacrev: bool = True,
-        callback_repeats: int = 0, callback_every: int = 4, callback_periods: int = 3) -> NFAResults:
+def run(
+    workload: Workload,
+    *,
+    samples: int,
+    repeats: int,
+    with_jacrev: bool = True,
+    callback_repeats: int = 0,
+    callback_every: int = 4,
+    callback_periods: int = 3,
+) -> NFAResults:
     problem = NFAProblem(workload, samples)
     results = NFAResults(workload.name, samples, problem.outputs)
     grams = problem.learnscope()
@@ -307,6 +317,10 @@ def gram_model_inputs(workload: Workload, samples: int = 1024) -> dict[str, floa
     target = torch.zeros(8, 8, dtype=torch.float64)
     per_conv = best_of(lambda conv=conv: handler_for(conv_layer).add_gram(conv_layer, conv, target), 3) / conv.numel()
     del conv
-    return {"rows_k2": rows_k2, "rate64": 2 * 2560 * 512 * 512 / product,
-            "layout_seconds": rows_k_linear * per_linear + rows_k_conv * per_conv,
-            "per_linear": per_linear, "per_conv": per_conv}
+    return {
+        "rows_k2": rows_k2,
+        "rate64": 2 * 2560 * 512 * 512 / product,
+        "layout_seconds": rows_k_linear * per_linear + rows_k_conv * per_conv,
+        "per_linear": per_linear,
+        "per_conv": per_conv,
+    }

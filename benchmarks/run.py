@@ -52,7 +52,9 @@ class Target:
     def row(self) -> str:
         sign = "≥" if self.at_least else "≤"
         verdict = "PASS" if self.passed else "FAIL"
-        return f"  {self.key:4s} {self.text:58s} {self.workload:4s} {self.value:8.3f}  {sign} {self.limit:<6g} {verdict}"
+        return (
+            f"  {self.key:4s} {self.text:58s} {self.workload:4s} {self.value:8.3f}  {sign} {self.limit:<6g} {verdict}"
+        )
 
 
 def quiet() -> None:
@@ -119,20 +121,40 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
             f"{ms(logging_time)[2:]}  {ms(other)[3:]}  {ms(unattributed)}   ±{r.noise(name) * 100:.0f}%"
         )
     lines.append("  (ms per step, medians; extra = ms/step − plain; probe evals..other: the callback's own stopwatch;")
-    lines.append("   statistics = _summarise; other = the rest of _measure: θ copies, quadrature, totals, decomposition"
-                 " outside statistics)")
+    lines.append(
+        "   statistics = _summarise; other = the rest of _measure: θ copies, quadrature, totals, decomposition"
+        " outside statistics)"
+    )
 
     w = r.workload
     k = r.every_k
     targets += [
         Target("1a", "LCA simpson every step: extra ÷ 2·fb(P)", w, r.extra("simpson") / (2 * fb), 1.2),
         Target("1b", "  … decompose=True: extra ÷ 2·fb(P)", w, r.extra("simpson+decompose") / (2 * fb), 1.4),
-        Target("1c", f"  … every_n_steps={k}: extra ÷ (3·fb(P)/{k})", w, r.extra(f"simpson every {k}") / (3 * fb / k), 1.2),
-        Target("2a", f"LCA cheap, long run ({r.statistics('cheap long run')}): step ÷ plain", w,
-               r.per_step("cheap long run") / r.per_step("plain"), 1.3),
-        Target("2b", f"  … decompose=True ({r.statistics('cheap+decomp. long run')}): step ÷ plain", w,
-               r.per_step("cheap+decomp. long run") / r.per_step("plain"), 1.6),
-        Target("2a", "LCA cheap, short run (eager statistics): step ÷ plain", w, r.per_step("cheap") / r.per_step("plain"), 1.3),
+        Target(
+            "1c", f"  … every_n_steps={k}: extra ÷ (3·fb(P)/{k})", w, r.extra(f"simpson every {k}") / (3 * fb / k), 1.2
+        ),
+        Target(
+            "2a",
+            f"LCA cheap, long run ({r.statistics('cheap long run')}): step ÷ plain",
+            w,
+            r.per_step("cheap long run") / r.per_step("plain"),
+            1.3,
+        ),
+        Target(
+            "2b",
+            f"  … decompose=True ({r.statistics('cheap+decomp. long run')}): step ÷ plain",
+            w,
+            r.per_step("cheap+decomp. long run") / r.per_step("plain"),
+            1.6,
+        ),
+        Target(
+            "2a",
+            "LCA cheap, short run (eager statistics): step ÷ plain",
+            w,
+            r.per_step("cheap") / r.per_step("plain"),
+            1.3,
+        ),
         Target("2b", "  … decompose=True: step ÷ plain", w, r.per_step("cheap+decompose") / r.per_step("plain"), 1.6),
     ]
     lines.append(
@@ -140,6 +162,7 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
         f"with decompose {r.per_step('cheap+decomp. compiled') / r.per_step('plain'):.3f} × "
         "(the default from 2³² measured parameter-steps on CPU: a 'long run')"
     )
+
     # 5: logging against the probe's own cost, in the default configuration (Simpson, decompose on).
     # The scalars' cost is replayed outside the Trainer with the SummaryWriter's thread included
     # (event_write_cost): a stopwatch around the calls misses the thread's CRC work.
@@ -148,8 +171,13 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
         scalars = next((run.scalars for run in r.runs[name] if run.scalars), None)
         written = timing.event_write_cost(scalars) if scalars else 0.0
         in_trainer = r.stage(name, "log_scalars")
-        own = (r.stage(name, "batch_end") + r.stage(name, "train_end") + r.stage(name, "hooks")
-               + r.stage(name, "batch_start") - in_trainer)
+        own = (
+            r.stage(name, "batch_end")
+            + r.stage(name, "train_end")
+            + r.stage(name, "hooks")
+            + r.stage(name, "batch_start")
+            - in_trainer
+        )
         return max(written, in_trainer), in_trainer, own
 
     name = "simpson+decompose"
@@ -174,7 +202,9 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
     save_extra = r.per_step("save iterates") - r.per_step("plain")
     iterate_bytes = median([run.iterate_bytes for run in r.runs["save iterates"]])
     ours_extra = r.extra("simpson")
-    ours_bytes = (median([run.log_bytes for run in r.runs["simpson"]]) - median([run.log_bytes for run in r.runs["plain"]]))
+    ours_bytes = median([run.log_bytes for run in r.runs["simpson"]]) - median(
+        [run.log_bytes for run in r.runs["plain"]]
+    )
     ours_bytes /= r.runs["simpson"][0].steps
     offline_total = save_extra + r.offline_stage_two
     lines += [
@@ -212,9 +242,13 @@ def nfa_section(results: Any, targets: list[Target], agreement: float | None) ->
     targets.append(Target("3a", "NFA exact G, all layers ÷ (forward + c batched VJPs)", r.workload, ours / ref, 1.3))
     if "vmap(jacrev)" in r.times:
         jac = r.time("vmap(jacrev)")
-        lines.append(f"  per-layer vmap(jacrev) → AGOP (the papers' approach) {ms(jac).strip()} ms"
-                     + (f"; agreement with ours (WᵀGW vs AGOP) {agreement:.1e}" if agreement is not None else ""))
-        targets.append(Target("3b", "NFA: vmap(jacrev) time ÷ learnscope time", r.workload, jac / ours, 2.5, at_least=True))
+        lines.append(
+            f"  per-layer vmap(jacrev) → AGOP (the papers' approach) {ms(jac).strip()} ms"
+            + (f"; agreement with ours (WᵀGW vs AGOP) {agreement:.1e}" if agreement is not None else "")
+        )
+        targets.append(
+            Target("3b", "NFA: vmap(jacrev) time ÷ learnscope time", r.workload, jac / ours, 2.5, at_least=True)
+        )
     if r.callback:
         c = r.callback
         stages = c["stages"]
@@ -224,8 +258,15 @@ def nfa_section(results: Any, targets: list[Target], agreement: float | None) ->
             f"{ms(stages.get('metrics', 0)).strip()} + logging "
             f"{ms(stages.get('log_scalars', 0) + stages.get('log_histograms', 0)).strip()} ms (stopwatch)"
         )
-        targets.append(Target("3c", "  … callback's G stage in a Trainer ÷ reference", r.workload,
-                              stages.get("grams", math.nan) / ref, 1.3))
+        targets.append(
+            Target(
+                "3c",
+                "  … callback's G stage in a Trainer ÷ reference",
+                r.workload,
+                stages.get("grams", math.nan) / ref,
+                1.3,
+            )
+        )
     elif r.callback == {} and r.workload == "mlp":
         lines.append("  TODO: NeuralFeatureAnsatz callback not importable yet: callback-level timing not measured")
     return lines
@@ -246,13 +287,16 @@ def memory_section(lca: list[Any], nfa: Any, workload: str, targets: list[Target
             f"  {result.name:24s} extra {extra / 1e6:6.2f} MB = {extra / parts['param_bytes']:.1f} × parameters; "
             f"bound 3 × parameters + one chunk = {result.bound / 1e6:.2f} MB"
         )
-        targets.append(Target("4a", f"{result.name}: peak extra ÷ (3·params + one chunk)", workload,
-                              extra / result.bound, 1.0))
+        targets.append(
+            Target("4a", f"{result.name}: peak extra ÷ (3·params + one chunk)", workload, extra / result.bound, 1.0)
+        )
     lines.append(
         f"  {nfa.name:24s} peak {nfa.measured / 1e6:6.2f} MB; bound Σ k² float64 ({nfa.parts['gram_bytes'] / 1e6:.2f} MB)"
         f" + one chunk's forward + c VJPs ({nfa.parts['reference_chunk_peak'] / 1e6:.2f} MB) = {nfa.bound / 1e6:.2f} MB"
     )
-    targets.append(Target("4b", "NFA exact: peak ÷ (Σ k² float64 + one chunk)", workload, nfa.measured / nfa.bound, 1.0))
+    targets.append(
+        Target("4b", "NFA exact: peak ÷ (Σ k² float64 + one chunk)", workload, nfa.measured / nfa.bound, 1.0)
+    )
     return lines
 
 
@@ -262,8 +306,10 @@ def cost_model_section(lca_results: dict, nfa_results: dict, targets: list[Targe
     predictions, constants, rho = cost_model.predict(lca_results)
     lines = [
         "Cost model (docs/performance.md): extra/step ≈ [E·(P/B)·fb(B)·ρ + γ·N + δ] / k",
-        f"  calibrated: ρ = {rho:.2f};  " + ";  ".join(
-            f"{mode}: γ = {gamma * 1e9:.1f} ns/param, δ = {delta * 1e3:.2f} ms" for mode, (gamma, delta) in constants.items()
+        f"  calibrated: ρ = {rho:.2f};  "
+        + ";  ".join(
+            f"{mode}: γ = {gamma * 1e9:.1f} ns/param, δ = {delta * 1e3:.2f} ms"
+            for mode, (gamma, delta) in constants.items()
         ),
         "  workload config                  predicted  measured   error",
     ]
@@ -296,8 +342,9 @@ def cost_model_section(lca_results: dict, nfa_results: dict, targets: list[Targe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, MLP only (< 2 minutes)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: this machine's 2 cores are shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: this machine's 2 cores are shared)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the targets as JSON")
     args = parser.parse_args(argv)
     quiet()
@@ -346,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
 
     progress("LCA histogram cadence")
     written, allowed = lca_bench.histogram_cadence(WORKLOADS["mlp"])
-    targets.append(Target("5a", "histogram steps in 20 (log_every_n_steps=5) ÷ allowed 4", "mlp", written / allowed, 1.0))
+    targets.append(
+        Target("5a", "histogram steps in 20 (log_every_n_steps=5) ÷ allowed 4", "mlp", written / allowed, 1.0)
+    )
 
     nfa_results = {}
     agreement = nfa_bench.check_agreement(WORKLOADS["mlp"])
@@ -369,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"  {'#':4s} {'target':58s} {'on':4s} {'measured':>8s}  limit    result")
     lines += [t.row() for t in targets]
     failed = [t for t in targets if not t.passed]
-    lines.append(f"  {len(targets) - len(failed)} of {len(targets)} pass; total time {time.perf_counter() - started:.0f} s")
+    lines.append(
+        f"  {len(targets) - len(failed)} of {len(targets)} pass; total time {time.perf_counter() - started:.0f} s"
+    )
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

@@ -52,8 +52,15 @@ ACCURACY_PROBE_SIZE = 64
 
 def _trainer(callbacks: list[pl.Callback], steps: int, logger: Any) -> pl.Trainer:
     return pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=LOG_EVERY_N_STEPS,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        log_every_n_steps=LOG_EVERY_N_STEPS,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=callbacks,
     )
 
@@ -119,7 +126,9 @@ def simpson_errors(name: str, stochastic: bool, eval_loss: bool = False) -> tupl
 
     module, loader = zoo.load(name).build(stochastic)
     callback = LossChangeAllocation(
-        probe="train", probe_size=ACCURACY_PROBE_SIZE, rule="simpson",
+        probe="train",
+        probe_size=ACCURACY_PROBE_SIZE,
+        rule="simpson",
         loss_fn=eval_mode_probe_loss if eval_loss else None,
     )
     logger = MemoryLogger()
@@ -173,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats of 10 steps")
     parser.add_argument("--models", default=",".join(zoo.MODELS), help=f"comma-separated, of {','.join(zoo.MODELS)}")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: this machine's 2 cores are shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: this machine's 2 cores are shared)"
+    )
     parser.add_argument("--no-accuracy", action="store_true", help="only the timing table")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.models.split(",") if name.strip()]

@@ -46,8 +46,13 @@ def run(momentum: float, steps: int) -> dict[str, dict[int, float]]:
     train, _ = digits_loaders()
     logger = Collect()
     trainer = pl.Trainer(
-        max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1,
+        max_steps=steps,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
         callbacks=[learnscope.LossChangeAllocation(probe_size=1024, ablation=True, histograms=False)],
     )
     trainer.fit(DigitsClassifier(lr=0.1, momentum=momentum), train)

@@ -47,8 +47,14 @@ def main() -> None:
     nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=50, probe_size=1024)
     logger = TensorBoardLogger(args.logdir, name="mlp")
     trainer = pl.Trainer(
-        max_epochs=args.epochs, logger=logger, callbacks=[lca, nfa], log_every_n_steps=10,
-        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=args.epochs,
+        logger=logger,
+        callbacks=[lca, nfa],
+        log_every_n_steps=10,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     started = time.perf_counter()
     trainer.fit(DigitsClassifier(), train, val)

@@ -176,14 +176,21 @@ def main() -> None:
 
     start = time.perf_counter()
     history, callback, _ = reproduce(
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, init_scale=args.init_scale,
-        every_n_steps=args.every_n_steps, seed=args.seed, logdir=args.logdir,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        init_scale=args.init_scale,
+        every_n_steps=args.every_n_steps,
+        seed=args.seed,
+        logdir=args.logdir,
     )
     seconds = time.perf_counter() - start
     steps = sorted(history.series["nfa/skipped"])
     layers = list(callback.initial_weights)
-    print(f"\nNFA on digits, bias-free ReLU MLP {'→'.join(map(str, WIDTHS))}, init ×{args.init_scale}, "
-          f"SGD lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, MSE (readout: {callback.readout})")
+    print(
+        f"\nNFA on digits, bias-free ReLU MLP {'→'.join(map(str, WIDTHS))}, init ×{args.init_scale}, "
+        f"SGD lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, MSE (readout: {callback.readout})"
+    )
     for label, step in (("initialisation", steps[0]), ("end of training", steps[-1])):
         print(f"\n{label} (step {step})\n{layer_table(history, step, layers)}")
     accuracy = history.series.get("val_accuracy", {})

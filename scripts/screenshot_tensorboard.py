@@ -221,9 +221,7 @@ def wait_for_tensorboard(server: subprocess.Popen, base: str, timeout: float, lo
         try:
             layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
             tags = get_json(f"{base}/data/plugin/scalars/tags")
-            if layout.get("category") and any(
-                tag.startswith(("lca/", "nfa/")) for run in tags.values() for tag in run
-            ):
+            if layout.get("category") and any(tag.startswith(("lca/", "nfa/")) for run in tags.values() for tag in run):
                 return
         except OSError:
             pass

@@ -22,7 +22,9 @@ def digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tens
     return x.to(dtype), torch.tensor(data.target, dtype=torch.long)
 
 
-def digits_loader(batch_size: int = 64, shuffle: bool = True, n: int | None = None, dtype=torch.float32, seed: int = 0) -> DataLoader:
+def digits_loader(
+    batch_size: int = 64, shuffle: bool = True, n: int | None = None, dtype=torch.float32, seed: int = 0
+) -> DataLoader:
     x, y = digits(dtype)
     if n is not None:
         x, y = x[:n], y[:n]

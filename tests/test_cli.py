@@ -148,7 +148,12 @@ def test_a_cli_flag_equal_to_its_default_still_overrides_the_preset(example, tmp
         run=False,
     )  # fmt: skip
     callback = the(cli.trainer.callbacks, learnscope.LossChangeAllocation)
-    assert (callback.probe, callback.rule, callback.histograms, callback.decompose) == ("batch", "first_order", False, True)
+    assert (callback.probe, callback.rule, callback.histograms, callback.decompose) == (
+        "batch",
+        "first_order",
+        False,
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,4 +203,3 @@ def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(example, tmp_path, ca
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "rule" in error and "rk4" in error
-

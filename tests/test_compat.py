@@ -69,8 +69,15 @@ def test_logger_prefix_reads_the_tensorboard_loggers_prefix(tmp_path):
 def test_validation_data_source_tells_whether_validation_data_is_defined(tmp_path):
     def fit(val):
         torch.manual_seed(0)
-        t = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1)
+        t = Trainer(
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            limit_val_batches=1,
+        )
         t.fit(Classifier(), digits_loader(), val)
         return _compat.validation_data_source(t)
 

@@ -50,12 +50,18 @@ def test_closed_values_equal_the_functional_layers_own_lists():
 @pytest.mark.parametrize("family", contract.FAMILIES, ids=lambda f: f.name)
 @pytest.mark.parametrize("root", ["default", "renamed"])
 def test_every_family_formats_and_parses_back_to_itself_and_no_other(family, root):
-    root = contract.DEFAULT_ROOTS[family.writer] if root == "default" else {"lca": "lca_val", "nfa": "nfa.2"}[family.writer]
+    root = (
+        contract.DEFAULT_ROOTS[family.writer]
+        if root == "default"
+        else {"lca": "lca_val", "nfa": "nfa.2"}[family.writer]
+    )
     fields = {name: SAMPLE_FIELDS[name] for name in family.fields}
     tag = family.format(root, **fields)
     match = contract.parse_tag(tag, ROOTS)
     assert match.family is family and match.root == root
-    assert match.fields == {name: format(value, "g") if name == "alpha" else str(value) for name, value in fields.items()}
+    assert match.fields == {
+        name: format(value, "g") if name == "alpha" else str(value) for name, value in fields.items()
+    }
     # the root says which callback wrote the tag; among that callback's families, only this one matches
     others = contract.families(family.writer)
     assert [other.name for other in others if other.match(tag, root) is not None] == [family.name]
@@ -73,8 +79,10 @@ def test_templates_render_as_the_callbacks_tags():
     assert family("lca_unit").format(module="net.2", unit=7) == "lca/unit/net.2/7"
     assert family("nfa_pearson").format("nfa", layer="net.0", alpha=1.0) == "nfa/net.0/pearson_a1"
     assert family("nfa_align").format(layer="net.0", alpha=0.5) == "nfa/net.0/align_a0.5"
-    assert contract.ablation_corner("probe", "adaptive") == tags.lca_ablation_corner("probe", "adaptive") == (
-        "probe_adaptive"
+    assert (
+        contract.ablation_corner("probe", "adaptive")
+        == tags.lca_ablation_corner("probe", "adaptive")
+        == ("probe_adaptive")
     )
 
 
@@ -128,7 +136,9 @@ def test_nfa_metric_names_are_the_keys_nfa_metrics_returns(readout):
     generator = torch.Generator().manual_seed(0)
     weight, initial = torch.randn(6, 9, generator=generator), torch.randn(6, 9, generator=generator)
     root = torch.randn(6, 6, generator=generator)
-    metrics = nfa_metrics(weight, root @ root.T, alphas=(1.0, 0.5), initial_weight=initial, null_draws=2, readout=readout)
+    metrics = nfa_metrics(
+        weight, root @ root.T, alphas=(1.0, 0.5), initial_weight=initial, null_draws=2, readout=readout
+    )
     names = contract.nfa_metric_names((1.0, 0.5), null=True)
     expected = [name for name in names if not (readout and name.endswith("_a1"))]
     assert sorted(metrics) == sorted(expected)
@@ -148,7 +158,9 @@ def test_readme_tag_table_is_the_generated_one():
         [sys.executable, "-m", "learnscope.contract"], capture_output=True, text=True, check=True
     ).stdout
     assert printed.strip() == contract.markdown_table()
-    assert len(contract.markdown_table().splitlines()) == 2 + len(contract.FAMILIES) + 3 + len(contract.PLACEHOLDERS) - 1
+    assert (
+        len(contract.markdown_table().splitlines()) == 2 + len(contract.FAMILIES) + 3 + len(contract.PLACEHOLDERS) - 1
+    )
 
 
 @pytest.mark.parametrize("module", ["learnscope.contract", "learnscope.report", "learnscope.tensorboard_layout"])
@@ -271,7 +283,9 @@ def test_the_report_reads_the_runs_without_unrecognised_tags(written, recwarn):
     full, adaptive = runs["full/version_0"], runs["adaptive/version_0"]
     assert adaptive.roots[0] == "lca_val" and adaptive.lca.capped_steps.last() >= 1
     assert adaptive.lca.skipped_steps.last() >= 1
-    assert set(full.lca.ablations) == {f"{data}_{rule}" for data in ("batch", "probe") for rule in ("first_order", "simpson")}
+    assert set(full.lca.ablations) == {
+        f"{data}_{rule}" for data in ("batch", "probe") for rule in ("first_order", "simpson")
+    }
 
 
 def test_the_report_warns_once_naming_tags_the_contract_does_not_know(tmp_path):

@@ -51,8 +51,9 @@ def _collate_tuples(items):
 
 def _loader(collate, seed=0):
     x, y = digits()
-    return DataLoader(list(zip(x, y)), batch_size=64, shuffle=True, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        list(zip(x, y)), batch_size=64, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 class FieldClassifier(Classifier):
@@ -101,8 +102,14 @@ def test_an_unsized_batch_fails_before_training_naming_batch_size_fn():
         _lca_run(_collate_nodes)
 
 
-@pytest.mark.parametrize("bad, match", [(lambda b: -1, "int >= 0"), (lambda b: 2.5, "int >= 0"),
-                                        (lambda b: b.missing, "batch_size_fn raised AttributeError")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda b: -1, "int >= 0"),
+        (lambda b: 2.5, "int >= 0"),
+        (lambda b: b.missing, "batch_size_fn raised AttributeError"),
+    ],
+)
 def test_a_bad_batch_size_fn_result_is_named(bad, match):
     with pytest.raises(ProbeError, match=match):
         _lca_run(_collate_nodes, batch_size_fn=bad)

@@ -109,6 +109,7 @@ def train(make_optimizer, batches, steps: int, *, closure: bool = True, seed: in
     reference = PreStepState(optimizer) if hooks else None
 
     for _, (x, y) in zip(range(steps), itertools.cycle(batches)):
+
         def compute_loss(x=x, y=y):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
@@ -132,7 +133,11 @@ def relative_norm(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- #
 
 SGD, Adam, AdamW, RMSprop, Adagrad = (
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
 )
 
 
@@ -147,24 +152,39 @@ CONFIGS = [
     pytest.param(lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.05), id="sgd-dampening-wd"),
     pytest.param(lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05), id="sgd-nesterov-wd"),
     pytest.param(lambda ps: SGD(ps, lr=0.05, momentum=0.8, weight_decay=0.05, maximize=True), id="sgd-maximize"),
-    pytest.param(lambda ps: SGD(ps, lr=torch.tensor(0.1), momentum=0.9, weight_decay=torch.tensor(0.01)), id="sgd-tensor-lr-wd"),
+    pytest.param(
+        lambda ps: SGD(ps, lr=torch.tensor(0.1), momentum=0.9, weight_decay=torch.tensor(0.01)), id="sgd-tensor-lr-wd"
+    ),
     pytest.param(two_groups(SGD, dict(lr=0.05, momentum=0.9), dict(lr=0.2)), id="sgd-two-groups"),
     pytest.param(lambda ps: Adam(ps, lr=0.01), id="adam-plain"),
     pytest.param(lambda ps: Adam(ps, lr=0.01, weight_decay=0.05), id="adam-coupled-wd"),
     pytest.param(lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True), id="adam-amsgrad-wd"),
-    pytest.param(lambda ps: Adam(ps, lr=0.01, betas=(0.8, 0.99), weight_decay=0.05, maximize=True), id="adam-maximize-wd"),
-    pytest.param(lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, decoupled_weight_decay=True), id="adam-decoupled-flag"),
+    pytest.param(
+        lambda ps: Adam(ps, lr=0.01, betas=(0.8, 0.99), weight_decay=0.05, maximize=True), id="adam-maximize-wd"
+    ),
+    pytest.param(
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, decoupled_weight_decay=True), id="adam-decoupled-flag"
+    ),
     pytest.param(lambda ps: Adam(ps, lr=torch.tensor(0.01), foreach=False), id="adam-tensor-lr"),
     pytest.param(two_groups(Adam, dict(lr=0.01, betas=(0.5, 0.9)), dict(lr=0.02, amsgrad=True)), id="adam-two-groups"),
     pytest.param(lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1), id="adamw-wd"),
-    pytest.param(lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True), id="adamw-amsgrad-maximize"),
+    pytest.param(
+        lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True), id="adamw-amsgrad-maximize"
+    ),
     pytest.param(lambda ps: RMSprop(ps, lr=0.01), id="rmsprop-plain"),
     pytest.param(lambda ps: RMSprop(ps, lr=0.01, momentum=0.9), id="rmsprop-momentum"),
-    pytest.param(lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05), id="rmsprop-centered-momentum-wd"),
-    pytest.param(lambda ps: RMSprop(ps, lr=0.01, alpha=0.9, centered=True, maximize=True), id="rmsprop-centered-maximize"),
+    pytest.param(
+        lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05),
+        id="rmsprop-centered-momentum-wd",
+    ),
+    pytest.param(
+        lambda ps: RMSprop(ps, lr=0.01, alpha=0.9, centered=True, maximize=True), id="rmsprop-centered-maximize"
+    ),
     pytest.param(lambda ps: Adagrad(ps, lr=0.1), id="adagrad-plain"),
     pytest.param(lambda ps: Adagrad(ps, lr=0.1, lr_decay=0.2, weight_decay=0.05), id="adagrad-lr-decay-wd"),
-    pytest.param(lambda ps: Adagrad(ps, lr=0.1, initial_accumulator_value=0.1, maximize=True), id="adagrad-accumulator-maximize"),
+    pytest.param(
+        lambda ps: Adagrad(ps, lr=0.1, initial_accumulator_value=0.1, maximize=True), id="adagrad-accumulator-maximize"
+    ),
 ]
 
 
@@ -200,7 +220,9 @@ def assert_split_matches_pre_step_state(optimizer, param, theta, parts, pre_stat
         coef = 1.0 + mu * a if (group["nesterov"] and mu != 0) else a
         close(grad_part, -lr * coef * s * g)
         close(decay, -lr * coef * wd * theta)
-        expected_momentum = torch.zeros_like(theta) if first else -lr * mu * (mu if group["nesterov"] else 1.0) * buf_prev
+        expected_momentum = (
+            torch.zeros_like(theta) if first else -lr * mu * (mu if group["nesterov"] else 1.0) * buf_prev
+        )
         close(momentum, expected_momentum)
     elif isinstance(optimizer, Adam):  # AdamW too
         beta1 = group["betas"][0]
@@ -259,7 +281,9 @@ def test_plain_sgd_has_only_a_gradient_part_equal_to_minus_lr_times_g(batches):
             assert torch.equal(parts["weight_decay"], torch.zeros_like(delta))
             assert torch.equal(parts["gradient"], -lr * param.grad)
             # θ_{t+1} = θ_t − lr·g in floating point: the residual is one rounding of θ
-            assert float(parts["residual"].abs().max()) <= 4 * torch.finfo(DTYPE).eps * float(param.detach().abs().max())
+            assert float(parts["residual"].abs().max()) <= 4 * torch.finfo(DTYPE).eps * float(
+                param.detach().abs().max()
+            )
 
 
 def test_adam_gradient_part_always_helps_while_its_momentum_part_sometimes_hurts(batches):
@@ -354,13 +378,16 @@ def test_a_parameter_without_gradient_is_skipped_and_has_all_parts_zero(make_opt
 # --------------------------------------------------------------------------- #
 
 VARIANTS = {
-    "sgd-plain": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, **kw)), True),
-    "sgd": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.05, **kw)), True),
-    "nesterov": (lambda **kw: (lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, **kw)), True),
-    "adam": (lambda **kw: (lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True, **kw)), True),
-    "adamw": (lambda **kw: (lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, maximize=True, **kw)), True),
-    "rmsprop": (lambda **kw: (lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05, **kw)), False),
-    "adagrad": (lambda **kw: (lambda ps: Adagrad(ps, lr=0.1, lr_decay=0.1, weight_decay=0.05, **kw)), True),
+    "sgd-plain": (lambda **kw: lambda ps: SGD(ps, lr=0.1, **kw), True),
+    "sgd": (lambda **kw: lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.05, **kw), True),
+    "nesterov": (lambda **kw: lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, **kw), True),
+    "adam": (lambda **kw: lambda ps: Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True, **kw), True),
+    "adamw": (lambda **kw: lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, maximize=True, **kw), True),
+    "rmsprop": (
+        lambda **kw: lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05, **kw),
+        False,
+    ),
+    "adagrad": (lambda **kw: lambda ps: Adagrad(ps, lr=0.1, lr_decay=0.1, weight_decay=0.05, **kw), True),
 }
 
 

@@ -155,7 +155,12 @@ def test_capped_steps_are_counted_tagged_saved_and_warned_about_once():
     px, py = x[:128], y[:128]
     capped = 0
     for start, end in zip(thetas.thetas[:-1], thetas.thetas[1:]):
-        w0, b0, dw, db = start["net.weight"], start["net.bias"], end["net.weight"] - start["net.weight"], end["net.bias"] - start["net.bias"]
+        w0, b0, dw, db = (
+            start["net.weight"],
+            start["net.bias"],
+            end["net.weight"] - start["net.weight"],
+            end["net.bias"] - start["net.bias"],
+        )
 
         def slope(s, w0=w0, b0=b0, dw=dw, db=db):  # dL/ds = mean sign(r)·(x·Δw + Δb), r the residual at θ_t + sΔ
             residual = px @ (w0 + s * dw).T + (b0 + s * db) - py[:, None]
@@ -261,10 +266,12 @@ def test_simpson_on_a_batchnorm_resnet_matches_an_independent_simpson_and_the_do
     ref = _reference(plain.net)
 
     def loss_and_slope(theta, delta, s):
-        point = {n[len("net."):]: (theta[n] + s * delta[n]).requires_grad_(True) for n in theta}
+        point = {n[len("net.") :]: (theta[n] + s * delta[n]).requires_grad_(True) for n in theta}
         loss = nn.functional.cross_entropy(torch.func.functional_call(ref, point, (px,)), py)
         grads = torch.autograd.grad(loss, list(point.values()))
-        return float(loss.detach()), sum(float((g.double() * delta["net." + n].double()).sum()) for g, n in zip(grads, point))
+        return float(loss.detach()), sum(
+            float((g.double() * delta["net." + n].double()).sum()) for g, n in zip(grads, point)
+        )
 
     for t in (0, 1, 5, 11):
         theta, end = thetas.thetas[t], thetas.thetas[t + 1]

@@ -28,9 +28,7 @@ def _fit(callback, optimizer="sgd", max_steps=200, model=None, loader=None, **op
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "optimizer, options", [("sgd", dict(lr=0.05, momentum=0.9)), ("adam", dict(lr=1e-3))]
-)
+@pytest.mark.parametrize("optimizer, options", [("sgd", dict(lr=0.05, momentum=0.9)), ("adam", dict(lr=1e-3))])
 def test_simpson_cumulative_relative_error_below_one_percent_and_below_first_order(optimizer, options):
     errors = {}
     for rule in ("simpson", "first_order"):
@@ -133,7 +131,12 @@ def _train_state(callbacks, max_steps=40):
 
 @pytest.mark.parametrize(
     "flags",
-    [dict(rule="simpson"), dict(rule="adaptive", tolerance=1e-4, every_n_steps=3), dict(probe="batch", rule="first_order"), dict(probe="batch", rule="trapezoid")],
+    [
+        dict(rule="simpson"),
+        dict(rule="adaptive", tolerance=1e-4, every_n_steps=3),
+        dict(probe="batch", rule="first_order"),
+        dict(probe="batch", rule="trapezoid"),
+    ],
     ids=["simpson", "adaptive", "cheap", "batch-trapezoid"],
 )
 def test_training_with_the_callback_is_bitwise_identical(flags):
@@ -156,7 +159,18 @@ def test_event_files_hold_every_tag(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
-    expected = {f"lca/{k}" for k in ("total", "delta_loss", "abs_error", "splits", "helped_fraction", "hurt_fraction", "cumulative_relative_error")}
+    expected = {
+        f"lca/{k}"
+        for k in (
+            "total",
+            "delta_loss",
+            "abs_error",
+            "splits",
+            "helped_fraction",
+            "hurt_fraction",
+            "cumulative_relative_error",
+        )
+    }
     for module in ("net.0", "net.2", "net.4"):
         expected |= {f"lca/{k}/{module}" for k in ("layer", "layer_cumulative", "helped_fraction", "hurt_fraction")}
         assert f"lca/hist/{module}" in histograms
@@ -223,8 +237,12 @@ def test_scalars_are_written_a_batch_of_steps_at_a_time_with_every_step_and_valu
 def test_scalars_measured_before_an_exception_still_reach_the_logger():
     logger = _WhenLogger()
     torch.manual_seed(0)
-    t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order")], loggers=[logger],
-                max_steps=12, log_every_n_steps=50)
+    t = trainer(
+        callbacks=[LossChangeAllocation(probe="batch", rule="first_order")],
+        loggers=[logger],
+        max_steps=12,
+        log_every_n_steps=50,
+    )
     logger.trainer = t
     with pytest.raises(RuntimeError, match="user code failed"):
         t.fit(_FailAt(7, optimizer="adam", lr=1e-3), digits_loader())
@@ -248,8 +266,12 @@ def test_a_logger_failing_after_the_run_failed_does_not_mask_the_runs_exception(
 
     logger = BrokenAfterFailure()
     torch.manual_seed(0)
-    t = trainer(callbacks=[LossChangeAllocation(probe="batch", rule="first_order")], loggers=[logger],
-                max_steps=12, log_every_n_steps=50)
+    t = trainer(
+        callbacks=[LossChangeAllocation(probe="batch", rule="first_order")],
+        loggers=[logger],
+        max_steps=12,
+        log_every_n_steps=50,
+    )
     with (
         pytest.warns(UserWarning, match="could not write the last steps' scalars .OSError: disk full"),
         pytest.raises(RuntimeError, match="user code failed"),
@@ -271,9 +293,15 @@ def test_a_checkpoint_finds_every_step_it_counts_already_logged(tmp_path):
     spy = Spy(logger)
     torch.manual_seed(0)
     t = trainer(
-        callbacks=[LossChangeAllocation(probe="batch", rule="first_order"), spy,
-                   ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1)],
-        loggers=[logger], max_steps=12, log_every_n_steps=50, enable_checkpointing=True,
+        callbacks=[
+            LossChangeAllocation(probe="batch", rule="first_order"),
+            spy,
+            ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1),
+        ],
+        loggers=[logger],
+        max_steps=12,
+        log_every_n_steps=50,
+        enable_checkpointing=True,
     )
     t.fit(Classifier(optimizer="adam", lr=1e-3), digits_loader())
     assert [g for g, _ in spy.seen] == [4, 8, 12]
@@ -417,13 +445,23 @@ def test_presets_set_their_flags_and_explicit_flags_win():
     # a flag you set wins also when it equals the default
     cheap_split = LossChangeAllocation(preset="cheap", decompose=True, histograms=True)
     assert (cheap_split.probe, cheap_split.rule, cheap_split.decompose, cheap_split.histograms) == (
-        "batch", "first_order", True, True)
+        "batch",
+        "first_order",
+        True,
+        True,
+    )
     assert LossChangeAllocation(preset="paper", rule="simpson").rule == "simpson"
     assert LossChangeAllocation(preset="cheap", probe="train").probe == "train"
     # without a preset, unset flags take the documented defaults
     plain = LossChangeAllocation()
     assert (plain.probe, plain.probe_size, plain.rule, plain.tolerance, plain.histograms, plain.decompose) == (
-        "train", 1024, "simpson", 1e-3, True, True)
+        "train",
+        1024,
+        "simpson",
+        1e-3,
+        True,
+        True,
+    )
     # probe_size (None: the whole set) counts as unset at its default value
     assert LossChangeAllocation(preset="paper").probe_size is None
     assert LossChangeAllocation(preset="paper", probe_size=1024).probe_size is None

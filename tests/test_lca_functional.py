@@ -17,7 +17,10 @@ def _softmax_regression():
         return torch.nn.functional.cross_entropy(x @ p["w"] + p["b"], y)
 
     g = torch.Generator().manual_seed(1)
-    start = {"w": 0.1 * torch.randn(64, 10, generator=g, dtype=torch.float64), "b": torch.zeros(10, dtype=torch.float64)}
+    start = {
+        "w": 0.1 * torch.randn(64, 10, generator=g, dtype=torch.float64),
+        "b": torch.zeros(10, dtype=torch.float64),
+    }
     end = {"w": start["w"] + 0.2 * torch.randn(64, 10, generator=g, dtype=torch.float64), "b": start["b"] + 0.1}
     return loss_fn, start, end
 

@@ -35,8 +35,13 @@ CONFIGS = [
 
 class _AnyOptimizer(Classifier):
     def configure_optimizers(self):
-        classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-                   "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+        classes = {
+            "sgd": torch.optim.SGD,
+            "adam": torch.optim.Adam,
+            "adamw": torch.optim.AdamW,
+            "rmsprop": torch.optim.RMSprop,
+            "adagrad": torch.optim.Adagrad,
+        }
         return classes[self.optimizer_name](self.parameters(), **self.optimizer_options)
 
 

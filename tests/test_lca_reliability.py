@@ -145,9 +145,9 @@ def test_a_raw_optimizer_stepped_by_the_module_is_measured_against_direct_loss_e
     recorder = _RecordSteps()
     torch.manual_seed(0)
     model = _RawOptimizer()
-    trainer(callbacks=[recorder, callback], loggers=[MemoryLogger()], max_steps=5, max_epochs=1, limit_train_batches=5).fit(
-        model, digits_loader(shuffle=False)
-    )
+    trainer(
+        callbacks=[recorder, callback], loggers=[MemoryLogger()], max_steps=5, max_epochs=1, limit_train_batches=5
+    ).fit(model, digits_loader(shuffle=False))
     assert callback.measured_steps == 5
     net = mlp()
     loss_fn = _probe_loss(net, [(x[:256], y[:256]), (x[256:512], y[256:512])], 512)
@@ -197,9 +197,9 @@ def test_clipping_the_gradient_part_uses_the_clipped_gradient():
     callback = Clipped(probe="batch", rule="first_order")
     torch.manual_seed(0)
     logger = MemoryLogger()
-    trainer(callbacks=[callback], loggers=[logger], max_steps=10, gradient_clip_val=0.05, gradient_clip_algorithm="norm").fit(
-        Classifier(optimizer="sgd", lr=0.1), digits_loader()
-    )
+    trainer(
+        callbacks=[callback], loggers=[logger], max_steps=10, gradient_clip_val=0.05, gradient_clip_algorithm="norm"
+    ).fit(Classifier(optimizer="sgd", lr=0.1), digits_loader())
     assert max(callback.max_norm) <= 0.05 * (1 + 1e-5)
     series = logger.series
     for step, total in series["lca/total"].items():
@@ -360,8 +360,14 @@ def _resume_run(tmp_path, stop_after_epochs=None, ckpt=None):
     ]
     logger = MemoryLogger()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
-    t = trainer(callbacks=[*callbacks, checkpoint], loggers=[logger], max_steps=-1,
-                max_epochs=stop_after_epochs or 2, enable_checkpointing=True, limit_train_batches=10)
+    t = trainer(
+        callbacks=[*callbacks, checkpoint],
+        loggers=[logger],
+        max_steps=-1,
+        max_epochs=stop_after_epochs or 2,
+        enable_checkpointing=True,
+        limit_train_batches=10,
+    )
     t.fit(Classifier(optimizer="adam", lr=1e-3), digits_loader(shuffle=False), ckpt_path=ckpt)
     return callbacks, logger
 
@@ -401,7 +407,9 @@ def test_a_compiled_submodule_gives_the_same_allocations_as_the_eager_one():
         nfa = NeuralFeatureAnsatz(every_n_steps=3, probe_size=256, images=False)
         torch.manual_seed(0)
         logger = MemoryLogger()
-        trainer(callbacks=[callback, nfa], loggers=[logger], max_steps=6).fit(_CompiledInside(compiled), digits_loader())
+        trainer(callbacks=[callback, nfa], loggers=[logger], max_steps=6).fit(
+            _CompiledInside(compiled), digits_loader()
+        )
         results.append(logger.series)
         nfa_metrics_at_end.append([nfa.last_record.metrics[name] for name in sorted(nfa.last_record.metrics)])
     eager, compiled = results
@@ -431,8 +439,11 @@ class _OpaqueModule(Classifier):
 
 def _opaque_loader():
     x, y = digits()
-    return DataLoader(list(zip(x, y)), batch_size=64, collate_fn=lambda items: _Opaque(
-        torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])))
+    return DataLoader(
+        list(zip(x, y)),
+        batch_size=64,
+        collate_fn=lambda items: _Opaque(torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])),
+    )
 
 
 def test_an_unreadable_batch_fails_before_training_naming_probe():
@@ -447,12 +458,13 @@ def test_an_empty_probe_dataloader_fails_before_training_naming_probe():
         trainer(callbacks=[LossChangeAllocation(probe=empty)], max_steps=3).fit(Classifier(), digits_loader())
 
 
-
 def test_a_training_step_returning_no_loss_names_loss_fn_at_the_first_measurement():
     class NoLoss(Classifier):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
-            return {"loss": loss} if self.trainer.training and batch_idx < 10**6 and getattr(self, "_real", True) else None
+            return (
+                {"loss": loss} if self.trainer.training and batch_idx < 10**6 and getattr(self, "_real", True) else None
+            )
 
     class Flip(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -505,9 +517,23 @@ def test_fsdp_sharded_allocations_equal_the_unsharded_value(tmp_path):
 
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # gloo crashed in init_process_group here without it
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", "29563", str(SCRIPTS / "lca_fsdp.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            "29563",
+            str(SCRIPTS / "lca_fsdp.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

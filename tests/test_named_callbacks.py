@@ -80,7 +80,10 @@ def test_checkpoint_keeps_both_and_resume_continues_each(tmp_path):
         model = Classifier(_net(), "sgd", lr=0.05, momentum=0.9)
         checkpoint = ModelCheckpoint(dirpath=directory, save_last=True, every_n_epochs=1)
         trainer(
-            callbacks=[*callbacks, checkpoint], max_steps=-1, max_epochs=epochs, enable_checkpointing=True,
+            callbacks=[*callbacks, checkpoint],
+            max_steps=-1,
+            max_epochs=epochs,
+            enable_checkpointing=True,
             limit_train_batches=3,
         ).fit(model, digits_loader(shuffle=False), ckpt_path=ckpt_path)
 

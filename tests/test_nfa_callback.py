@@ -34,8 +34,19 @@ from models import Classifier, MemoryLogger, assert_bitwise_equal, digits, digit
 HIDDEN = ("net.0", "net.2")
 READOUT = "net.4"
 ALL_METRICS = {
-    "pearson_a1", "cosine_a1", "pearson_a0.5", "cosine_a0.5", "null_a1", "null_a0.5", "excess_a1",
-    "excess_a0.5", "sphericity", "sphericity_range", "align_a0.5", "stable_rank", "weight_change",
+    "pearson_a1",
+    "cosine_a1",
+    "pearson_a0.5",
+    "cosine_a0.5",
+    "null_a1",
+    "null_a0.5",
+    "excess_a1",
+    "excess_a0.5",
+    "sphericity",
+    "sphericity_range",
+    "align_a0.5",
+    "stable_rank",
+    "weight_change",
     "cnfa_pearson_a1",
 }
 READOUT_METRICS = {"pearson_a0.5", "cosine_a0.5", "align_a0.5", "stable_rank", "weight_change"}
@@ -117,7 +128,6 @@ def test_readout_layer_logs_only_alpha_half_correlations_and_context(fitted):
         assert {tag.split("/")[2] for tag in series if tag.startswith(f"nfa/{name}/")} == ALL_METRICS
 
 
-
 class _Temperature(nn.Module):
     """logits / T after the network: the last Linear's output is not the prediction tensor."""
 
@@ -143,6 +153,7 @@ def test_a_readout_scaled_by_a_temperature_is_found_from_its_isotropic_gram():
     assert {t.split("/")[2] for t in logger.series if t.startswith(f"nfa/{readout}/")} == READOUT_METRICS
     for name in HIDDEN:  # the hidden layers' G are far from isotropic: all their metrics
         assert {t.split("/")[2] for t in logger.series if t.startswith(f"nfa/net.{name}/")} == ALL_METRICS
+
 
 def test_measures_at_fit_start_every_n_steps_and_fit_end(fitted):
     series = fitted["logger"].series
@@ -285,9 +296,7 @@ def test_event_files_hold_every_tag_histogram_and_image(tmp_path):
     trainer(callbacks=[callback], loggers=[logger], max_steps=12).fit(
         Classifier(optimizer="sgd", lr=0.05, momentum=0.9), digits_loader()
     )
-    events = EventAccumulator(
-        logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
-    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
     events.Reload()
     scalars, histograms, images = (set(events.Tags()[kind]) for kind in ("scalars", "histograms", "images"))
     expected = {"nfa/skipped", "nfa/probe_stochastic"}
@@ -374,8 +383,9 @@ def test_written_images_are_pixel_identical_to_the_images_the_callback_drew_befo
         expected = image_summary(name, _heatmap_panels_before_the_sink_drew_them(matrices), dataformats="CHW")
         written = events.Images(f"nfa/{name}/matrices")[-1]
         assert written.step == 12
-        expected_pixels, written_pixels = _pixels(expected.value[0].image.encoded_image_string), _pixels(
-            written.encoded_image_string
+        expected_pixels, written_pixels = (
+            _pixels(expected.value[0].image.encoded_image_string),
+            _pixels(written.encoded_image_string),
         )
         side = weight.shape[1] * math.ceil(128 / weight.shape[1])  # d×d panels enlarged to ≥ 128 pixels
         assert written_pixels.shape == expected_pixels.shape == (side, 3 * side + 2 * 4, 3)
@@ -504,8 +514,11 @@ def test_non_finite_initial_weights_leave_out_weight_change_and_the_run_goes_on(
 
 
 def test_state_key_separates_instances_with_different_flags():
-    keys = {NeuralFeatureAnsatz().state_key, NeuralFeatureAnsatz(alphas=[2.0]).state_key,
-            NeuralFeatureAnsatz(layers=["net.0"]).state_key}
+    keys = {
+        NeuralFeatureAnsatz().state_key,
+        NeuralFeatureAnsatz(alphas=[2.0]).state_key,
+        NeuralFeatureAnsatz(layers=["net.0"]).state_key,
+    }
     assert len(keys) == 3
 
 

@@ -109,9 +109,11 @@ def digits():
 
 def digits_mlp():
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(64, 48), nn.ReLU(inplace=True), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 10)
-    ).to(DTYPE).eval()
+    return (
+        nn.Sequential(nn.Linear(64, 48), nn.ReLU(inplace=True), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 10))
+        .to(DTYPE)
+        .eval()
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -138,11 +140,18 @@ def test_readout_gram_is_identity_for_raw_outputs(digits):
 
 def test_cnn_patch_agop_matches_jacrev_reference_with_stride_two(digits):
     torch.manual_seed(1)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
-    ).to(DTYPE).eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 4 * 4, 10),
+        )
+        .to(DTYPE)
+        .eval()
+    )
     images = digits[:96].reshape(-1, 1, 8, 8)
     grams = preactivation_grams(model, images, None)
     assert list(grams) == ["0", "2", "5"]
@@ -353,10 +362,19 @@ def reference_preactivation_gram(model, index, x):
 def test_wide_and_width_one_layers_match_jacrev_gram_over_several_chunks(digits):
     """k = 150 (> the block, not a multiple of it) and k = 1, fed in uneven chunks."""
     torch.manual_seed(10)
-    model = nn.Sequential(
-        nn.Linear(64, 150), nn.Tanh(), nn.Linear(150, 1), nn.Tanh(), nn.Linear(1, 70), nn.ReLU(),
-        nn.Linear(70, 10),
-    ).to(DTYPE).eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(64, 150),
+            nn.Tanh(),
+            nn.Linear(150, 1),
+            nn.Tanh(),
+            nn.Linear(1, 70),
+            nn.ReLU(),
+            nn.Linear(70, 10),
+        )
+        .to(DTYPE)
+        .eval()
+    )
     accumulator = PreactivationGramAccumulator(model, None, output_chunk=4)
     for chunk in digits.split(70):  # 70, 70, 70, 46
         accumulator.update(chunk)
@@ -452,13 +470,17 @@ def test_fallback_to_one_vjp_per_output_gives_the_batched_gram(digits, output_ch
 
 def test_hutchinson_with_16_independent_probes_per_sample_is_within_ten_percent():
     torch.manual_seed(5)
-    model = nn.Sequential(
-        nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 100)
-    ).to(DTYPE).eval()
+    model = (
+        nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 100)).to(DTYPE).eval()
+    )
     x = torch.randn(2000, 20, dtype=DTYPE)
     exact = preactivation_grams(model, x, None, output_chunk=50)
     estimate = preactivation_grams(
-        model, x, None, estimator="hutchinson", num_probes=16,
+        model,
+        x,
+        None,
+        estimator="hutchinson",
+        num_probes=16,
         generator=torch.Generator().manual_seed(0),
     )
     errors = {name: relative_error(estimate[name], exact[name]) for name in exact}
@@ -479,7 +501,12 @@ def test_hutchinson_on_token_sequences_is_unbiased_in_scale():
     tokens = torch.randn(32, 6, 6, dtype=DTYPE)
     exact = preactivation_grams(block, tokens, None)
     estimate = preactivation_grams(
-        block, tokens, None, estimator="hutchinson", num_probes=256, output_chunk=64,
+        block,
+        tokens,
+        None,
+        estimator="hutchinson",
+        num_probes=256,
+        output_chunk=64,
         generator=torch.Generator().manual_seed(0),
     )
     for name in exact:
@@ -491,9 +518,7 @@ def test_hutchinson_on_token_sequences_is_unbiased_in_scale():
 def test_auto_estimator_is_exact_up_to_64_outputs():
     x = torch.randn(4, 3, dtype=DTYPE)
     for classes, expected in ((64, "exact"), (65, "hutchinson")):
-        accumulator = PreactivationGramAccumulator(
-            nn.Linear(3, classes).to(DTYPE), None, estimator="auto"
-        )
+        accumulator = PreactivationGramAccumulator(nn.Linear(3, classes).to(DTYPE), None, estimator="auto")
         accumulator.update(x)
         assert accumulator.estimator == expected
         assert accumulator.is_estimate == (expected == "hutchinson")
@@ -517,9 +542,7 @@ def test_output_tuple_dict_logits_and_output_fn_are_read():
     x = torch.randn(5, 3)
     reference = preactivation_grams(DictOutput("logits"), x, None)["linear"]
     assert torch.allclose(reference, torch.eye(2, dtype=DTYPE))
-    grams = preactivation_grams(
-        DictOutput("prediction"), x, None, output_fn=lambda out: 3 * out["prediction"]
-    )
+    grams = preactivation_grams(DictOutput("prediction"), x, None, output_fn=lambda out: 3 * out["prediction"])
     assert torch.allclose(grams["linear"], 9 * torch.eye(2, dtype=DTYPE))
 
 
@@ -564,7 +587,10 @@ def assert_same(before, after):
 def bn_model(digits):
     torch.manual_seed(7)
     model = nn.Sequential(
-        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(64, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
         nn.Linear(32, 10),
     ).to(DTYPE)
     model(digits)  # populate the running statistics
@@ -637,7 +663,14 @@ def test_default_layers_are_ungrouped_linear_and_convs_in_module_order():
     with pytest.warns(UserWarning, match="groups=2"):
         layers = default_layers(Mixed())
     assert list(layers) == [
-        "features.0", "sequence", "volume", "attn.q", "attn.k", "attn.v", "attn.out_proj", "classifier"
+        "features.0",
+        "sequence",
+        "volume",
+        "attn.q",
+        "attn.k",
+        "attn.v",
+        "attn.out_proj",
+        "classifier",
     ]
 
 
@@ -678,9 +711,7 @@ def test_layer_never_called_is_left_out_with_a_warning():
 def reference_power(matrix, alpha):
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     # zero in exact arithmetic below 1e-10·λ_max (test matrices are well conditioned)
-    eigenvalues = torch.where(
-        eigenvalues > 1e-10 * eigenvalues.abs().max(), eigenvalues.clamp_min(0) ** alpha, 0.0
-    )
+    eigenvalues = torch.where(eigenvalues > 1e-10 * eigenvalues.abs().max(), eigenvalues.clamp_min(0) ** alpha, 0.0)
     return eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.mT
 
 
@@ -708,8 +739,7 @@ def reference_metrics(weight, gram, alphas, initial_weight, rotations):
         expected[f"pearson_{suffix}"] = reference_pearson(nfm, agop_power)
         expected[f"cosine_{suffix}"] = reference_cosine(nfm, agop_power)
         nulls = [
-            reference_pearson(nfm, reference_power(weight.mT @ q @ gram @ q.mT @ weight, alpha))
-            for q in rotations
+            reference_pearson(nfm, reference_power(weight.mT @ q @ gram @ q.mT @ weight, alpha)) for q in rotations
         ]
         expected[f"null_{suffix}"] = sum(nulls) / len(nulls)
         expected[f"excess_{suffix}"] = expected[f"pearson_{suffix}"] - expected[f"null_{suffix}"]
@@ -751,7 +781,11 @@ def test_metrics_match_explicit_dxd_reference(shape, rank):
     alphas = (1.0, 0.5, 0.25)
 
     metrics = nfa_metrics(
-        weight, gram, alphas=alphas, initial_weight=initial, null_draws=3,
+        weight,
+        gram,
+        alphas=alphas,
+        initial_weight=initial,
+        null_draws=3,
         generator=torch.Generator().manual_seed(9),
     )
     rotation_source = torch.Generator().manual_seed(9)
@@ -830,9 +864,20 @@ def test_default_metric_keys_are_exactly_the_brief_list():
     weight = torch.randn(6, 9, generator=generator, dtype=DTYPE)
     metrics = nfa_metrics(weight, random_gram(6, generator), initial_weight=torch.zeros(6, 9))
     assert set(metrics) == {
-        "pearson_a1", "cosine_a1", "pearson_a0.5", "cosine_a0.5", "null_a1", "null_a0.5",
-        "excess_a1", "excess_a0.5", "sphericity", "sphericity_range", "align_a0.5",
-        "stable_rank", "weight_change", "cnfa_pearson_a1",
+        "pearson_a1",
+        "cosine_a1",
+        "pearson_a0.5",
+        "cosine_a0.5",
+        "null_a1",
+        "null_a0.5",
+        "excess_a1",
+        "excess_a0.5",
+        "sphericity",
+        "sphericity_range",
+        "align_a0.5",
+        "stable_rank",
+        "weight_change",
+        "cnfa_pearson_a1",
     }
     without_null = nfa_metrics(weight, random_gram(6, generator), null_draws=0)
     assert not any(key.startswith(("null", "excess")) for key in without_null)
@@ -895,7 +940,13 @@ def test_haar_orthogonal_is_orthogonal_and_reproducible():
 
 @pytest.mark.parametrize(
     "shape, rank, readout",
-    [((5, 12), None, False), ((40, 9), None, False), ((30, 50), 4, False), ((10, 30), None, True), ((1, 7), None, False)],
+    [
+        ((5, 12), None, False),
+        ((40, 9), None, False),
+        ((30, 50), 4, False),
+        ((10, 30), None, True),
+        ((1, 7), None, False),
+    ],
     ids=["k<d", "k>d", "low-rank", "readout", "k=1"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, DTYPE])
@@ -914,7 +965,9 @@ def test_metrics_and_spectrum_from_one_svd_equal_the_separate_calls(shape, rank,
     assert torch.equal(separate_source.get_state(), shared_source.get_state())  # the same null draws
     assert shared.keys() == separate.keys()
     for key, value in separate.items():
-        assert shared[key] == pytest.approx(value, rel=1e-12, abs=1e-300) or (math.isnan(value) and math.isnan(shared[key])), key
+        assert shared[key] == pytest.approx(value, rel=1e-12, abs=1e-300) or (
+            math.isnan(value) and math.isnan(shared[key])
+        ), key
     assert torch.equal(spectrum, range_spectrum(weight, gram))
 
 

@@ -57,6 +57,7 @@ def local_agop(samples: int, layer_input: Callable[[int], torch.Tensor], output_
 
 def recorded_input(model_call: Callable[[], Any], module: nn.Module) -> torch.Tensor:
     record: dict[str, torch.Tensor] = {}
+
     # (not under no_grad: an eval-mode TransformerEncoderLayer would take its fused fast path)
     def hook(module, args, output):
         record.setdefault("h", args[0].detach())
@@ -74,7 +75,9 @@ def substituted(module: nn.Module, free: torch.Tensor):
     return module.register_forward_hook(lambda m, args, out: type(m).forward(m, free))
 
 
-def module_agop_errors(model_call: Callable[[int], Any], output_of: Callable[[Any], torch.Tensor], samples: int, grams, layers) -> dict[str, float]:
+def module_agop_errors(
+    model_call: Callable[[int], Any], output_of: Callable[[Any], torch.Tensor], samples: int, grams, layers
+) -> dict[str, float]:
     """Relative error of agop(W_flat, G) against the jacrev local AGOP, for whole-module maps."""
     errors = {}
     for name, layer in layers.items():
@@ -87,7 +90,9 @@ def module_agop_errors(model_call: Callable[[int], Any], output_of: Callable[[An
             finally:
                 handle.remove()
 
-        expected = local_agop(samples, lambda i, module=module: recorded_input(lambda: model_call(i), module), output_with)
+        expected = local_agop(
+            samples, lambda i, module=module: recorded_input(lambda: model_call(i), module), output_with
+        )
         errors[name] = relative_error(agop(layer.weight_flat().to(DTYPE), grams[name]), expected)
     return errors
 
@@ -108,7 +113,9 @@ def test_gpt2_conv1d_layers_are_measured_and_exact_against_jacrev():
     model = tiny_gpt2().to(DTYPE).eval()
     ids = torch.randint(0, 24, (3, 5))
     layers = default_layers(model)
-    blocks = [f"transformer.h.{b}.{m}" for b in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    blocks = [
+        f"transformer.h.{b}.{m}" for b in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     assert list(layers) == blocks + ["lm_head"]
     assert layers["transformer.h.0.attn.c_attn"].weight_flat().shape == (48, 16)  # k = weight.shape[1]
     grams = preactivation_grams(model, {"input_ids": ids}, layers, output_fn=lambda out: out.logits, estimator="exact")
@@ -157,7 +164,8 @@ def test_explicit_attention_matches_the_fast_path(monkeypatch, options):
 SLOW_CASES = {
     "seq-first causal": (dict(batch_first=False), dict(attn_mask="causal", is_causal=True, need_weights=False)),
     "bool mask padding per-head weights": (
-        dict(batch_first=True), dict(attn_mask="bool", key_padding_mask=True, average_attn_weights=False)
+        dict(batch_first=True),
+        dict(attn_mask="bool", key_padding_mask=True, average_attn_weights=False),
     ),
     "3-D mask": (dict(batch_first=True), dict(attn_mask="3d")),
     "cross-attention kdim vdim": (dict(batch_first=True, kdim=5, vdim=3), dict(key_padding_mask=True)),
@@ -183,7 +191,9 @@ def test_explicit_attention_matches_the_slow_path(case):
     mask = call_options.pop("attn_mask", None)
     if mask is not None:
         call_options["attn_mask"] = {
-            "causal": causal, "bool": causal < 0, "3d": torch.randn(n * mha.num_heads, length, source)
+            "causal": causal,
+            "bool": causal < 0,
+            "3d": torch.randn(n * mha.num_heads, length, source),
         }[mask]
     if call_options.pop("key_padding_mask", False):
         call_options["key_padding_mask"] = padding
@@ -225,11 +235,24 @@ def _reference_attention_agop(model: EncoderClassifier, part: str, call: Callabl
         if mha.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         out, _ = F.multi_head_attention_forward(
-            query, key, value, E, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0,
+            query,
+            key,
+            value,
+            E,
+            mha.num_heads,
+            mha.in_proj_weight,
+            mha.in_proj_bias,
+            None,
+            None,
+            False,
+            0.0,
             mha.out_proj.weight if out_weight is None else out_weight,
             mha.out_proj.bias if out_bias is None else out_bias,
-            training=False, key_padding_mask=kwargs.get("key_padding_mask"), need_weights=kwargs.get("need_weights", True),
-            attn_mask=kwargs.get("attn_mask"), is_causal=kwargs.get("is_causal", False),
+            training=False,
+            key_padding_mask=kwargs.get("key_padding_mask"),
+            need_weights=kwargs.get("need_weights", True),
+            attn_mask=kwargs.get("attn_mask"),
+            is_causal=kwargs.get("is_causal", False),
         )
         return out.transpose(0, 1) if mha.batch_first else out
 
@@ -240,7 +263,9 @@ def _reference_attention_agop(model: EncoderClassifier, part: str, call: Callabl
         if "free" not in state:  # recording: the map's input
             if part == "out_proj":
                 identity = torch.eye(E, dtype=query.dtype)
-                state["input"] = torch_attention(query, query, query, kwargs, identity, torch.zeros(E, dtype=query.dtype))
+                state["input"] = torch_attention(
+                    query, query, query, kwargs, identity, torch.zeros(E, dtype=query.dtype)
+                )
             else:
                 state["input"] = query
             return None
@@ -393,13 +418,22 @@ def test_bert_query_key_value_and_dense_are_exact_against_jacrev():
     prefix = "encoder.layer.0."
     assert list(layers) == [
         prefix + name
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense")
+        for name in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        )
     ]
 
     def output_of(out):
         return out.last_hidden_state
 
-    grams = preactivation_grams(model, {"input_ids": ids, "attention_mask": attention_mask}, layers, output_fn=output_of)
+    grams = preactivation_grams(
+        model, {"input_ids": ids, "attention_mask": attention_mask}, layers, output_fn=output_of
+    )
     errors = module_agop_errors(
         lambda i: model(input_ids=ids[i : i + 1], attention_mask=attention_mask[i : i + 1]), output_of, 3, grams, layers
     )
@@ -446,7 +480,9 @@ def test_patterns_matching_only_unmeasurable_modules_say_so_once_with_the_reason
         layers = select_layers(model, ["transformer.ln_f"])
     assert layers == {} and len(caught) == 1
     message = str(caught[0].message)
-    assert "match only modules that cannot be measured: transformer.ln_f (LayerNorm: no handler for LayerNorm)" in message
+    assert (
+        "match only modules that cannot be measured: transformer.ln_f (LayerNorm: no handler for LayerNorm)" in message
+    )
     assert "lm_head" in message  # the measurable names follow
     assert "selected no supported layer" not in message
 
@@ -468,7 +504,9 @@ def test_patterns_matching_nothing_list_the_measurable_names_truncated():
 
 def test_gpt2_blocks_by_pattern_measure_the_conv1d_layers():
     model = tiny_gpt2()
-    with pytest.warns(UserWarning, match="skipping matched modules that cannot be measured: transformer.h.0.ln_1") as record:
+    with pytest.warns(
+        UserWarning, match="skipping matched modules that cannot be measured: transformer.h.0.ln_1"
+    ) as record:
         layers = select_layers(model, ["transformer.h.*"])
     assert len(layers) == 8 and all(name.startswith("transformer.h.") for name in layers)
     assert not any("nothing" in str(w.message).lower() for w in record)
@@ -484,7 +522,9 @@ def test_default_input_fn_passes_as_many_batch_elements_as_forward_requires():
     assert default_input_fn((a, b, c), ["inputs", "target"]) == (a, b)
     assert default_input_fn((a, b), ["x"]) is a
     assert default_input_fn({"x": a, "target": b, "y": c}, ["x", "target"]) == {"x": a, "target": b}
-    with pytest.raises(ProbeError, match=r"forward\(inputs, target\).*\['target'\].*input_fn=lambda batch: \(batch\[0\], batch\[1\]\)"):
+    with pytest.raises(
+        ProbeError, match=r"forward\(inputs, target\).*\['target'\].*input_fn=lambda batch: \(batch\[0\], batch\[1\]\)"
+    ):
         default_input_fn(a, ["inputs", "target"])
     with pytest.raises(ProbeError, match=r"tuple of 1 elements.*\['target'\]"):
         default_input_fn((a,), ["inputs", "target"])
@@ -551,7 +591,11 @@ def test_callback_on_gpt2_measures_the_conv1d_layers_and_lm_head_and_training_is
     nfa = _nfa()
     measured, run, logger = _fit(GPT2Module, data, [nfa])
     assert_bitwise_equal(state_of(plain, plain_run.optimizers[0]), state_of(measured, run.optimizers[0]))
-    blocks = [f"model.transformer.h.{b}.{m}" for b in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    blocks = [
+        f"model.transformer.h.{b}.{m}"
+        for b in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     assert list(nfa.last_record.metrics) == blocks + ["model.lm_head"]
     assert nfa.readout == "model.lm_head"
     for name in blocks:
@@ -627,7 +671,11 @@ def test_callback_on_the_demo_transformer_passes_inputs_and_target_by_default():
     measured, run, logger = _fit(DemoTransformerModule, data, [nfa], steps=2)
     assert_bitwise_equal(state_of(plain, plain_run.optimizers[0]), state_of(measured, run.optimizers[0]))
     names = list(nfa.last_record.metrics)
-    for attention in ("transformer.encoder.layers.0.self_attn", "transformer.decoder.layers.0.self_attn", "transformer.decoder.layers.0.multihead_attn"):
+    for attention in (
+        "transformer.encoder.layers.0.self_attn",
+        "transformer.decoder.layers.0.self_attn",
+        "transformer.decoder.layers.0.multihead_attn",
+    ):
         for part in ("q", "k", "v", "out_proj"):
             assert f"model.{attention}.{part}" in names
             assert set(logger.series[f"nfa/model.{attention}.{part}/pearson_a0.5"]) == {0, 1, 2}
@@ -643,5 +691,7 @@ def test_a_batch_without_the_second_argument_fails_naming_the_input_fn_to_pass()
     tokens = TensorDataset(torch.randint(0, 30, (8, 6)))
     loader = DataLoader(tokens, batch_size=4, collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
     run = trainer(callbacks=[_nfa()], max_steps=1)
-    with pytest.raises(ProbeError, match=r"forward\(inputs, target\).*\['target'\].*input_fn=lambda batch: \(batch\[0\], batch\[1\]\)"):
+    with pytest.raises(
+        ProbeError, match=r"forward\(inputs, target\).*\['target'\].*input_fn=lambda batch: \(batch\[0\], batch\[1\]\)"
+    ):
         run.fit(_TwoArgumentsTensorBatch(), loader)

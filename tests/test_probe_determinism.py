@@ -145,8 +145,14 @@ def test_training_is_bitwise_unchanged_with_stochastic_layers():
 @pytest.mark.parametrize(
     "net, culprit",
     [
-        (lambda: nn.Sequential(nn.Linear(64, 64), AlwaysNoisy(), nn.ReLU(), nn.Linear(64, 10)), "'net.1' (AlwaysNoisy)"),
-        (lambda: nn.Sequential(nn.Linear(64, 64), FunctionalDropoutBlock(), nn.Linear(64, 10)), "'net.1' (FunctionalDropoutBlock)"),
+        (
+            lambda: nn.Sequential(nn.Linear(64, 64), AlwaysNoisy(), nn.ReLU(), nn.Linear(64, 10)),
+            "'net.1' (AlwaysNoisy)",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(64, 64), FunctionalDropoutBlock(), nn.Linear(64, 10)),
+            "'net.1' (FunctionalDropoutBlock)",
+        ),
     ],
     ids=["noisy_module", "functional_dropout_in_parent"],
 )

@@ -29,7 +29,9 @@ def _allocations(dtype=torch.float32, n=200_000, seed=0):
 def _direct(a: torch.Tensor):
     a64 = a.double()
     return (
-        int((a < 0).sum()), int((a > 0).sum()), int((a != 0).sum()),
+        int((a < 0).sum()),
+        int((a > 0).sum()),
+        int((a != 0).sum()),
         [float(a64.sum()), float((a64**2).sum()), float((a64**3).sum()), float((a64**4).sum())],
     )
 
@@ -144,10 +146,11 @@ def test_compiled_statistics_equal_the_eager_ones():
         eager_counts, eager_moments = product_stats(k, delta)
         assert stats.compiled, "compiling failed"
         assert counts == eager_counts
-        for got, expected in zip((moments.s1, moments.s2, moments.s3, moments.s4),
-                                 (eager_moments.s1, eager_moments.s2, eager_moments.s3, eager_moments.s4)):
+        for got, expected in zip(
+            (moments.s1, moments.s2, moments.s3, moments.s4),
+            (eager_moments.s1, eager_moments.s2, eager_moments.s3, eager_moments.s4),
+        ):
             assert got == pytest.approx(expected, rel=1e-9)
-
 
 
 @pytest.mark.skipif(not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler")
@@ -164,8 +167,16 @@ def test_compiled_counts_stay_exact_past_float32_integers():
     assert (counts.helped, counts.hurt, counts.nonzero, counts.total) == (5, n - 7, n - 2, n)
     assert moments.s1 == pytest.approx((n - 12) * float(torch.tensor(1e-4)), rel=1e-12)
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler"))])
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(not _have_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+        ),
+    ],
+)
 def test_statistics_between_two_points_equal_those_of_the_formed_delta(compiled):
     """Δ given as (θ_t, θ_{t+1}) is read in the statistics' own pass: the counts are exactly, and
     the moments bitwise (eager) or to rounding (compiled), those of Δ = step_delta(θ_t, θ_{t+1})."""
@@ -251,11 +262,14 @@ def test_callback_logs_the_same_values_with_compiled_statistics():
             elif tag.startswith(("lca/part/", "lca/part_cumulative/")):
                 # compiled Adam dots accumulate in float64, the eager ones in float32: equal to float32
                 # rounding of the parts' scale (the residual, their tiny difference, moves by that much)
-                scale = max(abs(v[step]) for t, v in series[False].items() if t.startswith(("lca/part/", "lca/part_cumulative/")) and step in v)
+                scale = max(
+                    abs(v[step])
+                    for t, v in series[False].items()
+                    if t.startswith(("lca/part/", "lca/part_cumulative/")) and step in v
+                )
                 assert series[True][tag][step] == pytest.approx(value, abs=1e-6 * scale), tag
             else:
                 assert series[True][tag][step] == pytest.approx(value, rel=1e-9, abs=1e-15), tag
-
 
 
 class _StopAfter(pl.Callback):

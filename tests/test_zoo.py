@@ -71,7 +71,9 @@ def _callback(name: str, kind: str) -> Any:
     if kind == "cheap":
         return LossChangeAllocation(preset="cheap")
     if kind == "nfa":
-        return NeuralFeatureAnsatz(every_n_steps=5, probe_size=32, null_draws=1, images=False, **zoo.load(name).NFA_OPTIONS)
+        return NeuralFeatureAnsatz(
+            every_n_steps=5, probe_size=32, null_draws=1, images=False, **zoo.load(name).NFA_OPTIONS
+        )
     assert kind == "none"
     return None
 
@@ -162,7 +164,8 @@ def test_resnet_rough_path_errors_are_the_documented_ones_and_capped_steps_are_f
     assert adaptive.callback.cumulative_relative_error < simpson.callback.cumulative_relative_error / 10
     # a step accepted at max_intervals above the tolerance is counted, never silent
     capped = [
-        step for step, error in adaptive.logger.series["lca/abs_error"].items()
+        step
+        for step, error in adaptive.logger.series["lca/abs_error"].items()
         if error > 1e-3 and adaptive.logger.series["lca/splits"][step] == 32
     ]
     assert capped and adaptive.callback.capped_steps == len(capped)

@@ -139,9 +139,7 @@ def probe_context(module: nn.Module, *, mode: str, device: torch.device | None =
     """Everything a probe pass needs: grad on, inference mode off, eager execution,
     forked RNG, probe module modes, and silenced logging."""
     stance = (
-        torch.compiler.set_stance("force_eager")
-        if hasattr(torch.compiler, "set_stance")
-        else contextlib.nullcontext()
+        torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
     )
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
@@ -245,7 +243,11 @@ class ProbeData(Sequence[ProbeChunk]):
 
     @classmethod
     def fixed(
-        cls, batches: Sequence[Any], *, batch_size_fn: Callable[[Any], int] | None = None, rank: int = 0,
+        cls,
+        batches: Sequence[Any],
+        *,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        rank: int = 0,
         world_size: int = 1,
     ) -> ProbeData:
         """A fixed probe set: each batch weighted by its share of the samples of the whole
@@ -299,7 +301,12 @@ def _subset_loader(loader: DataLoader, size: int | None, batch_size: int) -> Dat
 
 
 def collect_batches(
-    loader: Any, size: int | None, batch_size: int, *, subset: bool = True, batch_size_fn: Callable[[Any], int] | None = None
+    loader: Any,
+    size: int | None,
+    batch_size: int,
+    *,
+    subset: bool = True,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> list[Any]:
     """Take the probe batches from ``loader`` (a DataLoader or any iterable of batches).
 
@@ -345,7 +352,13 @@ def to_module_device(trainer: Any, batch: Any) -> Any:
 
 
 def build_probe_set(
-    trainer: Any, pl_module: nn.Module, probe: Any, size: int | None, batch_size: int, *, owner: str,
+    trainer: Any,
+    pl_module: nn.Module,
+    probe: Any,
+    size: int | None,
+    batch_size: int,
+    *,
+    owner: str,
     batch_size_fn: Callable[[Any], int] | None = None,
 ) -> ProbeData:
     """The fixed probe set of a ``probe`` flag: ``"train"``, ``"val"`` or a DataLoader.
@@ -373,7 +386,9 @@ def build_probe_set(
             raise ProbeError(f"{owner}: {what} yielded no batches; set probe to non-empty data")
         try:
             data = ProbeData.fixed(
-                raw, batch_size_fn=batch_size_fn, rank=getattr(trainer, "global_rank", 0),
+                raw,
+                batch_size_fn=batch_size_fn,
+                rank=getattr(trainer, "global_rank", 0),
                 world_size=getattr(trainer, "world_size", 1),
             )
         except ProbeError as err:
@@ -522,7 +537,10 @@ class ProbeObjective:
         device = inputs[0].device if inputs else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         named = {prefix + name: leaf for name, leaf in leaves.items()}
-        with probe_context(self.module, mode=self.mode, device=device), reparametrized(self.wrapper, named, tie_weights=True):
+        with (
+            probe_context(self.module, mode=self.mode, device=device),
+            reparametrized(self.wrapper, named, tie_weights=True),
+        ):
             for index, chunk in enumerate(self.chunks):
                 seed_random_streams(PROBE_SEED + index, device)
                 loss = self._chunk_loss(chunk)
@@ -602,7 +620,11 @@ class ProbeLosses:
             assert self.fixed is not None, "no fixed probe set was built"
             chunks = self.fixed
         return ProbeObjective(
-            self.module, chunks, loss_fn=self.loss_fn, mode=self.mode, step_context=self.step_context,
+            self.module,
+            chunks,
+            loss_fn=self.loss_fn,
+            mode=self.mode,
+            step_context=self.step_context,
             reduce=self.reduce,
         )
 
@@ -761,8 +783,11 @@ def first_divergence(a: Sequence[_TraceEvent], b: Sequence[_TraceEvent]) -> str 
     in the parent's forward): the caller is named. Identical traces: the root.
     """
     for x, y in zip(a, b):
-        same = x.kind == y.kind and x.module == y.module and len(x.digest) == len(y.digest) and all(
-            _close(p, q) for p, q in zip(x.digest, y.digest)
+        same = (
+            x.kind == y.kind
+            and x.module == y.module
+            and len(x.digest) == len(y.digest)
+            and all(_close(p, q) for p, q in zip(x.digest, y.digest))
         )
         if same:
             continue

@@ -73,8 +73,9 @@ class StreamingHistogram:
             if ordered.size == 0:
                 continue
             wide = ordered.astype(np.float64, copy=False)
-            positions = np.append(np.searchsorted(wide, _EDGES_ARRAY[:-1], "left"),
-                                  np.searchsorted(wide, _EDGES_ARRAY[-1], "right"))
+            positions = np.append(
+                np.searchsorted(wide, _EDGES_ARRAY[:-1], "left"), np.searchsorted(wide, _EDGES_ARRAY[-1], "right")
+            )
             counts = np.diff(positions)
             self.counts = counts if self.counts is None else self.counts + counts
             self.num += wide.size
@@ -103,12 +104,21 @@ class StreamingHistogram:
             return
         limits, counts = buckets
         writer.add_histogram_raw(
-            tag, min=self.min, max=self.max, num=self.num, sum=self.sum, sum_squares=self.sum_squares,
-            bucket_limits=limits, bucket_counts=counts, global_step=step,
+            tag,
+            min=self.min,
+            max=self.max,
+            num=self.num,
+            sum=self.sum,
+            sum_squares=self.sum_squares,
+            bucket_limits=limits,
+            bucket_counts=counts,
+            global_step=step,
         )
 
 
-def _from_sums(numel: int, net: float, nonzero: float, s1: float, s2: float, s3: float, s4: float) -> tuple[Counts, Moments]:
+def _from_sums(
+    numel: int, net: float, nonzero: float, s1: float, s2: float, s3: float, s4: float
+) -> tuple[Counts, Moments]:
     helped, hurt = round((nonzero - net) / 2), round((nonzero + net) / 2)
     return Counts(helped, hurt, helped + hurt, numel), Moments(numel, s1, s2, s3, s4)
 
@@ -149,15 +159,26 @@ def product_sums(k: Tensor, delta: Delta | None = None, histogram: StreamingHist
         sign = torch.sign(piece).float()  # exact counts also for bf16 / fp16 allocations
         p64 = piece.double()
         sq = p64 * p64
-        values.append(torch.stack([
-            sign.sum().double(), torch.dot(sign, sign).double(), p64.sum(), sq.sum(), torch.dot(sq, p64), torch.dot(sq, sq)
-        ]))
+        values.append(
+            torch.stack(
+                [
+                    sign.sum().double(),
+                    torch.dot(sign, sign).double(),
+                    p64.sum(),
+                    sq.sum(),
+                    torch.dot(sq, p64),
+                    torch.dot(sq, sq),
+                ]
+            )
+        )
     if not values:
         return torch.zeros(6, dtype=torch.float64, device=flat_k.device)
     return values[0] if len(values) == 1 else torch.stack(values).sum(0)
 
 
-def product_stats(k: Tensor, delta: Delta | None = None, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
+def product_stats(
+    k: Tensor, delta: Delta | None = None, histogram: StreamingHistogram | None = None
+) -> tuple[Counts, Moments]:
     """Counts and raw moments of ``a = k ⊙ delta`` (see ``product_sums``)."""
     return _from_sums(k.numel(), *product_sums(k, delta, histogram).tolist())
 
@@ -175,9 +196,9 @@ def _sums_row(a: Tensor) -> Tensor:
     sign = torch.sign(a).float()
     a64 = a.double()
     sq = a64 * a64
-    return torch.stack([
-        sign.sum().double(), (sign * sign).sum().double(), a64.sum(), sq.sum(), (sq * a64).sum(), (sq * sq).sum()
-    ])
+    return torch.stack(
+        [sign.sum().double(), (sign * sign).sum().double(), a64.sum(), sq.sum(), (sq * a64).sum(), (sq * sq).sum()]
+    )
 
 
 def _fused_sums(ks: list[Tensor], deltas: list[Tensor]) -> Tensor:

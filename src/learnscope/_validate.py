@@ -106,9 +106,7 @@ def check_alphas(name: str, value: Any) -> tuple[float, ...]:
     """The NFA exponents α of AGOP^α: a non-empty list (or tuple) of positive finite
     floats; returns the distinct ones, in the order given."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(
-            f"{name} must be a non-empty list of positive finite floats (e.g. [1.0, 0.5]), got {value!r}"
-        )
+        raise ValueError(f"{name} must be a non-empty list of positive finite floats (e.g. [1.0, 0.5]), got {value!r}")
     return tuple(dict.fromkeys(check_positive_float(f"each of {name}", alpha) for alpha in value))
 
 

@@ -109,7 +109,9 @@ PLACEHOLDERS: dict[str, Placeholder] = {
         Placeholder("data", "the loss: the minibatch (batch) or the fixed probe set (probe)", _FIELD, DATA),
         Placeholder("rule", "the quadrature rule", _FIELD, RULES),
         Placeholder("unit", "the index of an output unit (0, 1, ...)", r"\d+"),
-        Placeholder("alpha", "an exponent α of AGOP^α, as Python's :g writes it", r"\d+(?:\.\d+)?(?:e[-+]\d+)?", spec="g"),
+        Placeholder(
+            "alpha", "an exponent α of AGOP^α, as Python's :g writes it", r"\d+(?:\.\d+)?(?:e[-+]\d+)?", spec="g"
+        ),
     )
 }
 

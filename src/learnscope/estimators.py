@@ -205,9 +205,15 @@ class ProbePathIntegral(StepEstimator):
         start = {**live, **event.start}
         config = self.config
         allocation = allocate_step(
-            self.objective(event, start), start, live, rule=config.rule, tolerance=config.tolerance,
-            max_intervals=config.max_intervals, relative_tolerance=config.relative_tolerance,
-            start_evaluation=event.start_evaluation, compute_total=False,  # the summary sums A anyway
+            self.objective(event, start),
+            start,
+            live,
+            rule=config.rule,
+            tolerance=config.tolerance,
+            max_intervals=config.max_intervals,
+            relative_tolerance=config.relative_tolerance,
+            start_evaluation=event.start_evaluation,
+            compute_total=False,  # the summary sums A anyway
             start_is_workspace=not self.keep_start,
         )
         return Measurement(allocation)
@@ -272,14 +278,23 @@ class Ablation(StepEstimator):
         if config.rule != "first_order":
             other = "probe" if config.data == "batch" else "batch"
             integral = allocate_step(
-                self.losses.objective(other, event.minibatches), start, live, rule=config.rule,
-                tolerance=config.tolerance, max_intervals=config.max_intervals,
-                relative_tolerance=config.relative_tolerance, compute_total=False,
+                self.losses.objective(other, event.minibatches),
+                start,
+                live,
+                rule=config.rule,
+                tolerance=config.tolerance,
+                max_intervals=config.max_intervals,
+                relative_tolerance=config.relative_tolerance,
+                compute_total=False,
             )
             corners[corner_name(other, config.rule)] = self.corner(event, integral)
         if corner_name("probe", "first_order") not in corners:
             first = allocate_step(
-                self.losses.objective("probe"), start, live, rule="first_order", evaluate_end=False,
+                self.losses.objective("probe"),
+                start,
+                live,
+                rule="first_order",
+                evaluate_end=False,
                 compute_total=False,
             )
             corners[corner_name("probe", "first_order")] = self.corner(event, first)

@@ -182,8 +182,7 @@ class LinearHandler(LayerHandler):
         k = self.out_features(module)
         if output_grad.shape[-1] != k:
             raise ValueError(
-                f"gradient of shape {tuple(output_grad.shape)} does not end in the "
-                f"layer's {k} output features"
+                f"gradient of shape {tuple(output_grad.shape)} does not end in the layer's {k} output features"
             )
         return output_grad.reshape(-1, k)
 
@@ -436,7 +435,12 @@ def _tapped(taps: Mapping[str, Callable[[Tensor], Tensor]], part: str, z: Tensor
 
 
 def _batch_first(
-    module: nn.MultiheadAttention, batched: bool, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
+    module: nn.MultiheadAttention,
+    batched: bool,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The inputs as (N, L, E) tokens: an unbatched (L, E) input gets a batch of one,
     a sequence-first (L, N, E) one is transposed."""
@@ -450,7 +454,11 @@ def _batch_first(
 
 
 def _in_projections(
-    module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, taps: Mapping[str, Callable[[Tensor], Tensor]]
+    module: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    taps: Mapping[str, Callable[[Tensor], Tensor]],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q = W_q·query + b_q, k = W_k·key + b_k, v = W_v·value + b_v, each through its tap."""
     if module.in_proj_weight is not None:
@@ -534,9 +542,7 @@ def register_handler(module_type: type[nn.Module] | str, handler: LayerHandler) 
         _NAMED_HANDLERS[module_type] = handler
         return
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(
-            f"module_type must be an nn.Module subclass or its qualified name, got {module_type!r}"
-        )
+        raise TypeError(f"module_type must be an nn.Module subclass or its qualified name, got {module_type!r}")
     _HANDLERS[module_type] = handler
 
 
@@ -622,9 +628,7 @@ def _compose(first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tenso
 
 
 @contextlib.contextmanager
-def tapped(
-    layers: Mapping[str, LayerMap], make_tap: Callable[[str], Callable[[Tensor], Tensor]]
-) -> Iterator[None]:
+def tapped(layers: Mapping[str, LayerMap], make_tap: Callable[[str], Callable[[Tensor], Tensor]]) -> Iterator[None]:
     """Within the block, the output z of every map in ``layers`` goes through
     ``make_tap(name)`` (z ↦ z + p for the probes, or a recorder returning z) in every
     forward pass. One ``tap`` per module covers all its measured parts; a map listed
@@ -711,9 +715,7 @@ def measurable_names(model: nn.Module) -> list[str]:
     return [name for candidate in _candidates(model) for name in candidate.maps]
 
 
-def supported_only(
-    layers: Iterable[tuple[str, nn.Module | LayerMap]], *, stacklevel: int = 2
-) -> dict[str, LayerMap]:
+def supported_only(layers: Iterable[tuple[str, nn.Module | LayerMap]], *, stacklevel: int = 2) -> dict[str, LayerMap]:
     """The maps of the (name, module) pairs a handler can measure (a module holding
     several maps gives ``<name>.<part>`` for each); the rest skipped with one warning.
     ``LayerMap`` values are kept as they are."""

@@ -41,8 +41,14 @@ class StepSummariser:
     """
 
     def __init__(
-        self, tracked: Mapping[str, Tensor], owner: Mapping[str, str], reported: set[str], stats: ProductStats,
-        *, unit_allocations: bool, owner_label: str = "LossChangeAllocation",
+        self,
+        tracked: Mapping[str, Tensor],
+        owner: Mapping[str, str],
+        reported: set[str],
+        stats: ProductStats,
+        *,
+        unit_allocations: bool,
+        owner_label: str = "LossChangeAllocation",
     ) -> None:
         self.tracked, self.owner, self.reported, self.stats = tracked, owner, reported, stats
         self.unit_allocations = unit_allocations
@@ -50,7 +56,10 @@ class StepSummariser:
         self._stale_warned = False
 
     def statistics(
-        self, allocation: StepAllocation, names: Sequence[str], histograms: Sequence[StreamingHistogram | None] | None = None
+        self,
+        allocation: StepAllocation,
+        names: Sequence[str],
+        histograms: Sequence[StreamingHistogram | None] | None = None,
     ) -> list[tuple[Counts, Moments]]:
         """Counts and moments of A = k ⊙ Δ for each of ``names`` (histograms filled on the way)."""
         delta = allocation.delta
@@ -58,7 +67,10 @@ class StepSummariser:
         return self.stats.many([allocation.path_gradient[n] for n in names], operands, list(histograms or []) or None)
 
     def parts(
-        self, record: decompose.StepRecord | None, names: Sequence[str], allocation: StepAllocation,
+        self,
+        record: decompose.StepRecord | None,
+        names: Sequence[str],
+        allocation: StepAllocation,
         totals: Sequence[float] | None = None,
     ) -> list[dict[str, float]]:
         """The part allocations of each of ``names`` (a few fused dot products per tensor,
@@ -70,11 +82,16 @@ class StepSummariser:
         plans, planned = [], []
         for i, name in enumerate(names):
             try:
-                plans.append(decompose.plan_part_values(
-                    allocation.path_gradient[name], record, self.tracked[name], partial(allocation.delta.__getitem__, name),
-                    total=None if totals is None else totals[i],
-                    fused=self.stats.compiled,  # compile_statistics, unless compiling failed
-                ))
+                plans.append(
+                    decompose.plan_part_values(
+                        allocation.path_gradient[name],
+                        record,
+                        self.tracked[name],
+                        partial(allocation.delta.__getitem__, name),
+                        total=None if totals is None else totals[i],
+                        fused=self.stats.compiled,  # compile_statistics, unless compiling failed
+                    )
+                )
                 planned.append(i)
             except RuntimeError as err:  # the gradient or optimizer state changed before we could read it
                 if not self._stale_warned:
@@ -84,7 +101,9 @@ class StepSummariser:
             splits[i] = values
         return splits
 
-    def corner(self, names: Sequence[str], record: decompose.StepRecord | None, allocation: StepAllocation) -> CornerStats:
+    def corner(
+        self, names: Sequence[str], record: decompose.StepRecord | None, allocation: StepAllocation
+    ) -> CornerStats:
         """An ablation corner's helped fraction and parts."""
         stats = CornerStats()
         splits = self.parts(record, names, allocation)
@@ -95,8 +114,14 @@ class StepSummariser:
         return stats
 
     def summarise(
-        self, step: int, names: Sequence[str], record: decompose.StepRecord | None, allocation: StepAllocation,
-        *, histograms: bool, with_delta_loss: bool,
+        self,
+        step: int,
+        names: Sequence[str],
+        record: decompose.StepRecord | None,
+        allocation: StepAllocation,
+        *,
+        histograms: bool,
+        with_delta_loss: bool,
     ) -> LCAStepRecord:
         """The step's record; ``total`` is Σ A from the statistics (``allocation.total`` is not read).
         ``histograms``: fill one histogram per reported module (all its tensors)."""
@@ -106,8 +131,13 @@ class StepSummariser:
         statistics = self.statistics(allocation, names, hists)
         splits = self.parts(record, names, allocation, totals=[m.s1 for _, m in statistics])
         out = LCAStepRecord(
-            step=step, total=0.0, delta_loss=allocation.delta_loss if with_delta_loss else None,
-            splits=allocation.splits, counts=Counts(), moments=Moments(), histograms=by_module or None,
+            step=step,
+            total=0.0,
+            delta_loss=allocation.delta_loss if with_delta_loss else None,
+            splits=allocation.splits,
+            counts=Counts(),
+            moments=Moments(),
+            histograms=by_module or None,
         )
         for name, (counts, moments), split in zip(names, statistics, splits):
             out.total += moments.s1
@@ -116,7 +146,9 @@ class StepSummariser:
                 _add_units(out.units, self.owner[name], allocation, name)
         return out
 
-    def part_tensors(self, record: decompose.StepRecord | None, allocation: StepAllocation, name: str) -> dict[str, Tensor]:
+    def part_tensors(
+        self, record: decompose.StepRecord | None, allocation: StepAllocation, name: str
+    ) -> dict[str, Tensor]:
         """The per-part allocation tensors ``k ⊙ Δ_part`` of one parameter (empty without a record)."""
         if record is None:
             return {}

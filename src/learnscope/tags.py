@@ -105,7 +105,9 @@ def lca_capped(capped_steps: int, root: str = "lca") -> dict[str, float]:
     return {_F("lca_capped_steps").format(root): float(capped_steps)}
 
 
-def lca_skipped(skipped_steps: int, root: str = "lca", *, unmoved: bool = False, delta_loss: bool = True) -> dict[str, float]:
+def lca_skipped(
+    skipped_steps: int, root: str = "lca", *, unmoved: bool = False, delta_loss: bool = True
+) -> dict[str, float]:
     """``lca/skipped_steps``: how many steps so far were not measured (cumulative).
 
     Args:

@@ -84,9 +84,7 @@ NFA_METRICS: tuple[str, ...] = tuple(contract.nfa_metric_names((1.0, 0.5), null=
 
 
 def _chart(title: str, patterns: Sequence[str]) -> layout_pb2.Chart:
-    return layout_pb2.Chart(
-        title=title, multiline=layout_pb2.MultilineChartContent(tag=list(patterns))
-    )
+    return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(patterns)))
 
 
 def _pattern(family: str, root: str, **fixed: object) -> str:
@@ -122,7 +120,11 @@ _LCA_LAYER_CHARTS = (
 
 def _lca_categories(parts: Sequence[str], ablation: bool, root: str) -> list[layout_pb2.Category]:
     part_charts = _run_charts(
-        root, [("parts, all layers summed", ("lca_part",)), ("parts cumulative, all layers summed", ("lca_part_cumulative",))]
+        root,
+        [
+            ("parts, all layers summed", ("lca_part",)),
+            ("parts cumulative, all layers summed", ("lca_part_cumulative",)),
+        ],
     )
     for part in parts:
         part_charts.append(_chart(f"{part} part per layer", [_pattern("lca_layer_part", root, part=part)]))
@@ -157,8 +159,10 @@ def _nfa_category(metrics: Sequence[str], layers: Sequence[str] | None, root: st
             raise ValueError(f"layer name {layer!r} contains '/', which the nfa/<layer>/<metric> tags cannot hold")
         for alpha in (1.0, 0.5):
             fixed: dict[str, object] = {"alpha": alpha} if layer is None else {"alpha": alpha, "layer": layer}
-            title = f"pearson vs rotation null, α={alpha:g}, all layers" if layer is None else (
-                f"{layer}: pearson vs rotation null, α={alpha:g}"
+            title = (
+                f"pearson vs rotation null, α={alpha:g}, all layers"
+                if layer is None
+                else (f"{layer}: pearson vs rotation null, α={alpha:g}")
             )
             charts.append(_chart(title, [_pattern("nfa_pearson", root, **fixed), _pattern("nfa_null", root, **fixed)]))
     return layout_pb2.Category(title=CATEGORY_NFA, chart=charts)
@@ -316,6 +320,4 @@ def layout_patterns(layout: layout_pb2.Layout) -> Iterable[tuple[str, str, str]]
 def charts_matching(layout: layout_pb2.Layout, tag: str) -> list[tuple[str, str]]:
     """The ``(category, chart)`` pairs whose patterns match ``tag`` the way the
     custom-scalars plugin matches them (``re.match``)."""
-    return sorted(
-        {(category, chart) for category, chart, pattern in layout_patterns(layout) if re.match(pattern, tag)}
-    )
+    return sorted({(category, chart) for category, chart, pattern in layout_patterns(layout) if re.match(pattern, tag)})

@@ -40,9 +40,16 @@ def main(out: str, devices: int) -> None:
     callback = Totals(probe_size=600, probe_batch_size=128, rule="simpson")
     nfa = NeuralFeatureAnsatz(every_n_steps=3, probe_size=600, probe_batch_size=128, images=False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=6,
-        logger=TensorBoardLogger(out, name="tb"), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[callback, nfa], log_every_n_steps=1,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=6,
+        logger=TensorBoardLogger(out, name="tb"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, nfa],
+        log_every_n_steps=1,
     )
     trainer.fit(model, digits_loader(batch_size=64, shuffle=False))
     rank = trainer.global_rank

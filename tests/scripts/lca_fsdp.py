@@ -62,11 +62,19 @@ def main(out: str) -> None:
         full_end = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in _full(net, end).items()}
         if rank == 0:
             single = allocate_step(
-                gradient_evaluator(lambda p: nn.functional.cross_entropy(torch.func.functional_call(reference, p, (probe_x,)), probe_y)),
-                full_start, full_end, rule="simpson",
+                gradient_evaluator(
+                    lambda p: nn.functional.cross_entropy(torch.func.functional_call(reference, p, (probe_x,)), probe_y)
+                ),
+                full_start,
+                full_end,
+                rule="simpson",
             )
             record["unsharded"] = {
-                m: sum(float(a.sum(dtype=torch.float64)) for n, a in single.allocations.items() if n.rpartition(".")[0] == m)
+                m: sum(
+                    float(a.sum(dtype=torch.float64))
+                    for n, a in single.allocations.items()
+                    if n.rpartition(".")[0] == m
+                )
                 for m in sums
             }
             record["unsharded_delta_loss"] = single.delta_loss

@@ -20,8 +20,12 @@ NFA_LAYERS = tuple(
     f"model.bert.encoder.layer.{i}.{name}"
     for i in range(LAYERS)
     for name in (
-        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-        "intermediate.dense", "output.dense",
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
     )
 ) + ("model.bert.pooler.dense", "model.classifier")
 NFA_OPTIONS: dict = {}
@@ -33,8 +37,15 @@ def build(stochastic: bool = True, samples: int = 256, batch_size: int = 16) -> 
 
     rate = 0.1 if stochastic else 0.0
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
-        max_position_embeddings=LENGTH, hidden_dropout_prob=rate, attention_probs_dropout_prob=rate, num_labels=LABELS,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=LENGTH,
+        hidden_dropout_prob=rate,
+        attention_probs_dropout_prob=rate,
+        num_labels=LABELS,
     )
     torch.manual_seed(MODEL_SEED)
     module = HuggingFaceModule(BertForSequenceClassification(config))

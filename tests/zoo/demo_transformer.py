@@ -47,15 +47,21 @@ NFA_LAYERS = (
     tuple(
         name
         for i in range(LAYERS)
-        for name in (*_attention(f"model.transformer.encoder.layers.{i}.self_attn"),
-                     f"model.transformer.encoder.layers.{i}.linear1", f"model.transformer.encoder.layers.{i}.linear2")
+        for name in (
+            *_attention(f"model.transformer.encoder.layers.{i}.self_attn"),
+            f"model.transformer.encoder.layers.{i}.linear1",
+            f"model.transformer.encoder.layers.{i}.linear2",
+        )
     )
     + tuple(
         name
         for i in range(LAYERS)
-        for name in (*_attention(f"model.transformer.decoder.layers.{i}.self_attn"),
-                     *_attention(f"model.transformer.decoder.layers.{i}.multihead_attn"),
-                     f"model.transformer.decoder.layers.{i}.linear1", f"model.transformer.decoder.layers.{i}.linear2")
+        for name in (
+            *_attention(f"model.transformer.decoder.layers.{i}.self_attn"),
+            *_attention(f"model.transformer.decoder.layers.{i}.multihead_attn"),
+            f"model.transformer.decoder.layers.{i}.linear1",
+            f"model.transformer.decoder.layers.{i}.linear2",
+        )
     )
     + ("model.decoder",)
 )

@@ -29,8 +29,16 @@ def build(stochastic: bool = True, samples: int = 256, batch_size: int = 16) -> 
 
     rate = 0.1 if stochastic else 0.0
     config = GPT2Config(
-        n_layer=LAYERS, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=LENGTH,
-        attn_pdrop=rate, resid_pdrop=rate, embd_pdrop=rate, bos_token_id=0, eos_token_id=0,
+        n_layer=LAYERS,
+        n_embd=64,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=LENGTH,
+        attn_pdrop=rate,
+        resid_pdrop=rate,
+        embd_pdrop=rate,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     torch.manual_seed(MODEL_SEED)
     module = HuggingFaceModule(GPT2LMHeadModel(config))

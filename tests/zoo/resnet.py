@@ -35,8 +35,12 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(
-        self, layers: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3,
-        width: int = 64, stem_stride: int = 2,
+        self,
+        layers: tuple[int, ...] = (2, 2, 2, 2),
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        stem_stride: int = 2,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 7, stride=stem_stride, padding=3, bias=False)
@@ -75,12 +79,16 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64, stem_
 # --------------------------------------------------------------------------- the zoo entry
 
 #: Every convolution (the 1×1 downsampling ones included) and the fully connected head.
-NFA_LAYERS = ("net.conv1",) + tuple(
-    f"net.layer{stage}.{block}.{name}"
-    for stage in range(1, 5)
-    for block in range(2)
-    for name in ("conv1", "conv2") + (("downsample.0",) if stage > 1 and block == 0 else ())
-) + ("net.fc",)
+NFA_LAYERS = (
+    ("net.conv1",)
+    + tuple(
+        f"net.layer{stage}.{block}.{name}"
+        for stage in range(1, 5)
+        for block in range(2)
+        for name in ("conv1", "conv2") + (("downsample.0",) if stage > 1 and block == 0 else ())
+    )
+    + ("net.fc",)
+)
 NFA_OPTIONS: dict = {}
 
 

@@ -79,8 +79,16 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(
-        self, img_size: int = 8, patch_size: int = 2, in_chans: int = 1, num_classes: int = 10, embed_dim: int = 32,
-        depth: int = DEPTH, num_heads: int = 2, mlp_ratio: float = 2.0, attn_drop_rate: float = 0.1,
+        self,
+        img_size: int = 8,
+        patch_size: int = 2,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        embed_dim: int = 32,
+        depth: int = DEPTH,
+        num_heads: int = 2,
+        mlp_ratio: float = 2.0,
+        attn_drop_rate: float = 0.1,
         drop_path_rate: float = 0.1,
     ) -> None:
         super().__init__()
@@ -100,9 +108,11 @@ class VisionTransformer(nn.Module):
 
 
 #: Every Linear and the patch-embedding convolution.
-NFA_LAYERS = ("net.patch_embed",) + tuple(
-    f"net.blocks.{i}.{name}" for i in range(DEPTH) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-) + ("net.head",)
+NFA_LAYERS = (
+    ("net.patch_embed",)
+    + tuple(f"net.blocks.{i}.{name}" for i in range(DEPTH) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+    + ("net.head",)
+)
 NFA_OPTIONS: dict = {}
 
 

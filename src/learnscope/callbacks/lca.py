@@ -222,11 +222,24 @@ class LossChangeAllocation(Callback):
     ) -> None:
         super().__init__()
         self.config = LCAConfig.resolve(
-            name=name, preset=preset, every_n_steps=every_n_steps, probe=probe, probe_size=probe_size,
-            probe_batch_size=probe_batch_size, rule=rule, tolerance=tolerance, max_intervals=max_intervals,
-            relative_tolerance=relative_tolerance, loss_fn=loss_fn, batch_size_fn=batch_size_fn,
-            histograms=histograms, modules=modules, decompose=decompose, ablation=ablation,
-            unit_allocations=unit_allocations, compile_statistics=compile_statistics,
+            name=name,
+            preset=preset,
+            every_n_steps=every_n_steps,
+            probe=probe,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size,
+            rule=rule,
+            tolerance=tolerance,
+            max_intervals=max_intervals,
+            relative_tolerance=relative_tolerance,
+            loss_fn=loss_fn,
+            batch_size_fn=batch_size_fn,
+            histograms=histograms,
+            modules=modules,
+            decompose=decompose,
+            ablation=ablation,
+            unit_allocations=unit_allocations,
+            compile_statistics=compile_statistics,
         )
         self._log = _logging.DeferredLog(max_delay=check_seconds("flush_seconds", flush_seconds))
         self._stats = ProductStats(compiled=bool(compile_statistics))
@@ -311,10 +324,16 @@ class LossChangeAllocation(Callback):
         self._losses = self._probe_losses(trainer, pl_module)
         owner = {n: n.rpartition(".")[0] or "root" for n in self._tracked}
         self._summariser = summariser = StepSummariser(
-            self._tracked, owner, reported_modules(owner, self.modules), self._stats, unit_allocations=self.unit_allocations
+            self._tracked,
+            owner,
+            reported_modules(owner, self.modules),
+            self._stats,
+            unit_allocations=self.unit_allocations,
         )
         self._estimator = build_estimator(
-            self.config, self._losses, lambda event, allocation: summariser.corner(event.names, event.record, allocation)
+            self.config,
+            self._losses,
+            lambda event, allocation: summariser.corner(event.names, event.record, allocation),
         )
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
@@ -322,15 +341,28 @@ class LossChangeAllocation(Callback):
 
     def _probe_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeLosses:
         fixed = None
-        if self.config.needs_fixed_set:  # the ablation's probe corners need one even when the main probe is the minibatch
+        if (
+            self.config.needs_fixed_set
+        ):  # the ablation's probe corners need one even when the main probe is the minibatch
             fixed = build_probe_set(
-                trainer, pl_module, self.probe if self.probe != "batch" else "train", self.probe_size,
-                self.probe_batch_size, owner="LossChangeAllocation", batch_size_fn=self.batch_size_fn,
+                trainer,
+                pl_module,
+                self.probe if self.probe != "batch" else "train",
+                self.probe_size,
+                self.probe_batch_size,
+                owner="LossChangeAllocation",
+                batch_size_fn=self.batch_size_fn,
             )
             self.probe_samples = fixed.samples
         losses = ProbeLosses(
-            pl_module, fixed=fixed, loss_fn=self.loss_fn, step_context=lambda: precision_context(trainer), reduce=rank_sum(trainer),
-            world_size=trainer.world_size, owner="LossChangeAllocation", stochastic_tag=self._tag("probe_stochastic"),
+            pl_module,
+            fixed=fixed,
+            loss_fn=self.loss_fn,
+            step_context=lambda: precision_context(trainer),
+            reduce=rank_sum(trainer),
+            world_size=trainer.world_size,
+            owner="LossChangeAllocation",
+            stochastic_tag=self._tag("probe_stochastic"),
         )
         if self._losses is not None:  # a later fit keeps the first fit's self-check verdict and probe mode
             losses.mode, losses.stochastic = self._losses.mode, self._losses.stochastic
@@ -370,10 +402,14 @@ class LossChangeAllocation(Callback):
         try:
             self._log.flush(trainer)  # what was measured before the failure still reaches the logs
         except Exception as err:  # never mask the run's own exception with ours
-            rank_zero_warn(f"LossChangeAllocation: could not write the last steps' scalars ({type(err).__name__}: {err})")
+            rank_zero_warn(
+                f"LossChangeAllocation: could not write the last steps' scalars ({type(err).__name__}: {err})"
+            )
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._log.flush(trainer)  # the logs hold every step the checkpoint's cumulative state counts
 
     # ------------------------------------------------------------------ optimizer step hooks
@@ -414,7 +450,9 @@ class LossChangeAllocation(Callback):
     # ------------------------------------------------------------------ batches
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._estimator is not None and self._estimator.needs_minibatches:
             self._pending_batches.append((batch, batch_idx))
 
@@ -488,7 +526,11 @@ class LossChangeAllocation(Callback):
         assert self._summariser is not None and self._trainer is not None
         want_histograms = self.histograms and self._totals.histogram_due(event.step, _log_every_n_steps(self._trainer))
         record = self._summariser.summarise(
-            event.step, event.names, event.record, allocation, histograms=want_histograms,
+            event.step,
+            event.names,
+            event.record,
+            allocation,
+            histograms=want_histograms,
             with_delta_loss=not self.config.cheap,
         )
         if want_histograms:
@@ -540,9 +582,7 @@ class LossChangeAllocation(Callback):
         for step in sorted(self._records):
             record = self._records[step]
             self._totals.add(record)
-            scalars = tags.lca_scalars(
-                record, self._totals.cumulative, self.cumulative_relative_error, root=self.name
-            )
+            scalars = tags.lca_scalars(record, self._totals.cumulative, self.cumulative_relative_error, root=self.name)
             if step in self._capped_seen:
                 scalars.update(tags.lca_capped(self._totals.capped_steps, root=self.name))
             if record.parts:

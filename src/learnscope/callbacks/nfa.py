@@ -276,7 +276,11 @@ class NeuralFeatureAnsatz(Callback):
         self._capture_initial_weights()
         self._probe_set = self._build_probe_set(trainer, pl_module)
         _logging.write_layout(
-            trainer, lca=False, nfa=True, nfa_metrics=contract.nfa_metric_names(self.alphas, null=self.null_draws > 0), nfa_layers=list(self._layers),
+            trainer,
+            lca=False,
+            nfa=True,
+            nfa_metrics=contract.nfa_metric_names(self.alphas, null=self.null_draws > 0),
+            nfa_layers=list(self._layers),
             nfa_root=self.name,
         )
         if trainer.global_step != self._last_measured_step:
@@ -340,7 +344,12 @@ class NeuralFeatureAnsatz(Callback):
 
     def _build_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeData:
         return build_probe_set(
-            trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, owner="NeuralFeatureAnsatz",
+            trainer,
+            pl_module,
+            self.probe,
+            self.probe_size,
+            self.probe_batch_size,
+            owner="NeuralFeatureAnsatz",
             batch_size_fn=self.batch_size_fn,
         )
 
@@ -530,9 +539,7 @@ class NeuralFeatureAnsatz(Callback):
             if self._readout
             else ""
         )
-        rank_zero_info(
-            f"NeuralFeatureAnsatz: measuring {list(grams)} on {samples} probe samples, G {how}{readout}"
-        )
+        rank_zero_info(f"NeuralFeatureAnsatz: measuring {list(grams)} on {samples} probe samples, G {how}{readout}")
 
     def _summarise(
         self, step: int, weights: Mapping[str, Tensor], grams: Mapping[str, Tensor], estimator: str, draw: bool

@@ -500,8 +500,14 @@ def _fused_scaled_sums(k: Tensor, second: Tensor, eps: float, xs: list[Tensor]) 
     when compiling fails (one warning per process)."""
     flat = [t.detach().reshape(-1) for t in (k, second, *xs)]
     eps_tensor = torch.tensor(eps, dtype=k.dtype, device=k.device)
-    return call_compiled(_scaled_sums, flat[0], flat[1], eps_tensor, flat[2:],
-                         purpose="compile_statistics is on (the decomposition's fused dots)")
+    return call_compiled(
+        _scaled_sums,
+        flat[0],
+        flat[1],
+        eps_tensor,
+        flat[2:],
+        purpose="compile_statistics is on (the decomposition's fused dots)",
+    )
 
 
 class _Form:
@@ -514,7 +520,12 @@ class _Form:
     """
 
     def __init__(
-        self, k: Tensor, delta: Tensor | Callable[[], Tensor], before: Tensor | None, after: Tensor, working: Any,
+        self,
+        k: Tensor,
+        delta: Tensor | Callable[[], Tensor],
+        before: Tensor | None,
+        after: Tensor,
+        working: Any,
         fused: bool = False,
     ) -> None:
         self.k = k
@@ -577,9 +588,7 @@ class _Form:
         delta = {_TOTAL: 1.0} if x == "k" else self.dot(x, "Δ")
         return _rows((1.0, self.dot(x, "θ_t+1")), (-1.0, delta))
 
-    def rows(
-        self, update: _Update, tensors: dict[str, Tensor]
-    ) -> tuple[_Row | None, _Row | None, _Row | None]:
+    def rows(self, update: _Update, tensors: dict[str, Tensor]) -> tuple[_Row | None, _Row | None, _Row | None]:
         """The (gradient, momentum, weight_decay) allocations of ``update`` as rows (None:
         an exact zero part); ``tensors`` holds g and the state (not θ)."""
         self._update = update
@@ -587,7 +596,9 @@ class _Form:
         if update.scaled and "θ" not in update.scaled:  # q·θ needs q (or q·Δ): no fused pass
             self._fuse(update.scaled)
         terms = {(name, over_d): self.term("q" if over_d else "k", name) for name, over_d in update.terms}
-        rows = [_rows(*((c, terms[key]) for key, c in part.terms.items())) if part.terms else None for part in update.parts]
+        rows = [
+            _rows(*((c, terms[key]) for key, c in part.terms.items())) if part.terms else None for part in update.parts
+        ]
         # every dot that needs q or the state is queued: drop them (q is parameter-sized)
         self._update, self._tensors, self._q = None, {"k": self.k}, None
         return rows[0], rows[1], rows[2]
@@ -630,8 +641,7 @@ def capture_step(optimizer: torch.optim.Optimizer) -> StepRecord:
     rule = _RULES.get(type(optimizer))
     name = type(optimizer).__name__
     groups = [
-        {key: _snapshot(value) for key, value in group.items() if key != "params"}
-        for group in optimizer.param_groups
+        {key: _snapshot(value) for key, value in group.items() if key != "params"} for group in optimizer.param_groups
     ]
     record = StepRecord(
         optimizer=optimizer,

@@ -111,10 +111,7 @@ def gradient_evaluator(loss_fn: Callable[[dict[str, Tensor]], Tensor]) -> Evalua
         with torch.inference_mode(False), torch.enable_grad():
             loss = loss_fn(leaves)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        gradient = {
-            name: torch.zeros_like(leaf) if g is None else g
-            for (name, leaf), g in zip(leaves.items(), grads)
-        }
+        gradient = {name: torch.zeros_like(leaf) if g is None else g for (name, leaf), g in zip(leaves.items(), grads)}
         return Evaluation(float(loss.detach()), gradient)
 
     return evaluate
@@ -183,10 +180,7 @@ def step_delta(start: Params, end: Params, *, in_place: bool = False) -> dict[st
     bitwise end − start), except where start and end are the same tensor (Δ = 0)."""
     if not in_place:
         return {name: end[name] - start[name] for name in start}
-    return {
-        name: torch.zeros_like(s) if s is end[name] else s.neg_().add_(end[name])
-        for name, s in start.items()
-    }
+    return {name: torch.zeros_like(s) if s is end[name] else s.neg_().add_(end[name]) for name, s in start.items()}
 
 
 class LazyDelta(Mapping[str, Tensor]):
@@ -228,8 +222,10 @@ def _lerp(start: Params, delta: Params, s: float) -> dict[str, Tensor]:
 def check_max_intervals(max_intervals: object) -> int:
     """``max_intervals`` if it is a power of two >= 2, else a ValueError naming it."""
     if not (
-        isinstance(max_intervals, int) and not isinstance(max_intervals, bool)
-        and max_intervals >= 2 and max_intervals & (max_intervals - 1) == 0
+        isinstance(max_intervals, int)
+        and not isinstance(max_intervals, bool)
+        and max_intervals >= 2
+        and max_intervals & (max_intervals - 1) == 0
     ):
         raise ValueError(f"max_intervals must be a power of two >= 2 (2, 4, 8, 16, 32, ...), got {max_intervals!r}")
     return max_intervals
@@ -267,8 +263,13 @@ def first_order_step(
     path_gradient = {name: gradient[name] for name in delta}
     total = _dot(path_gradient, delta) if compute_total else math.nan
     return StepAllocation(
-        path_gradient=path_gradient, delta=delta,
-        loss_start=None, loss_end=None, splits=1, end=None, total=total,
+        path_gradient=path_gradient,
+        delta=delta,
+        loss_start=None,
+        loss_end=None,
+        splits=1,
+        end=None,
+        total=total,
     )
 
 
@@ -335,9 +336,16 @@ def allocate_step(
 
 
 def _quadrature(
-    evaluate: Evaluator, start: Params, end: Params, delta: dict[str, Tensor], first: Evaluation, rule: str,
+    evaluate: Evaluator,
+    start: Params,
+    end: Params,
+    delta: dict[str, Tensor],
+    first: Evaluation,
+    rule: str,
     tolerance: float,
-    relative_tolerance: float | None, max_intervals: int, compute_total: bool,
+    relative_tolerance: float | None,
+    max_intervals: int,
+    compute_total: bool,
 ) -> StepAllocation:
     """``trapezoid``, ``simpson`` and ``adaptive``, with k built in place in the start
     gradient's buffers: the trapezoid T_1 first, then Richardson's recurrence."""
@@ -349,26 +357,50 @@ def _quadrature(
         return _result(trapezoid, delta, first, last, 1, compute_total)
     target = accepted_error(tolerance, relative_tolerance, last.loss - first.loss) if rule == "adaptive" else math.nan
     path_gradient, splits, error = _simpson(
-        evaluate, start, delta, trapezoid, first.loss, last.loss,
-        adaptive=rule == "adaptive", target=target, max_intervals=max_intervals,
+        evaluate,
+        start,
+        delta,
+        trapezoid,
+        first.loss,
+        last.loss,
+        adaptive=rule == "adaptive",
+        target=target,
+        max_intervals=max_intervals,
     )
     capped = rule == "adaptive" and not error <= target  # NaN counts as above
     return _result(path_gradient, delta, first, last, splits, compute_total, capped=capped, accepted=target)
 
 
 def _result(
-    k: dict[str, Tensor], delta: dict[str, Tensor], first: Evaluation, last: Evaluation | None, splits: int,
-    compute_total: bool, *, capped: bool = False, accepted: float = math.nan,
+    k: dict[str, Tensor],
+    delta: dict[str, Tensor],
+    first: Evaluation,
+    last: Evaluation | None,
+    splits: int,
+    compute_total: bool,
+    *,
+    capped: bool = False,
+    accepted: float = math.nan,
 ) -> StepAllocation:
     return StepAllocation(
-        path_gradient=k, delta=delta, loss_start=first.loss, loss_end=None if last is None else last.loss,
-        splits=splits, end=last, total=_dot(k, delta) if compute_total else math.nan,
-        capped=capped, accepted_error=accepted,
+        path_gradient=k,
+        delta=delta,
+        loss_start=first.loss,
+        loss_end=None if last is None else last.loss,
+        splits=splits,
+        end=last,
+        total=_dot(k, delta) if compute_total else math.nan,
+        capped=capped,
+        accepted_error=accepted,
     )
 
 
 def _accumulated_simpson(
-    evaluate: AccumulatingEvaluator, start: Params, end: Params, first: Evaluation, start_is_workspace: bool,
+    evaluate: AccumulatingEvaluator,
+    start: Params,
+    end: Params,
+    first: Evaluation,
+    start_is_workspace: bool,
     compute_total: bool,
 ) -> StepAllocation:
     """``simpson`` with k = g0/6 + 4·g_½/6 + g1/6 built in g0's buffers, g_½ added chunk by

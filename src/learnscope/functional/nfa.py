@@ -169,9 +169,7 @@ def _modules_in_training_mode(model: nn.Module) -> list[str]:
 def _resolve_layers(
     model: nn.Module, layers: Mapping[str, nn.Module | LayerMap] | Sequence[str] | None
 ) -> dict[str, LayerMap]:
-    if layers is None or (
-        isinstance(layers, (str, Sequence)) and not isinstance(layers, Mapping)
-    ):
+    if layers is None or (isinstance(layers, (str, Sequence)) and not isinstance(layers, Mapping)):
         return select_layers(model, layers)
     if not isinstance(layers, Mapping):
         raise TypeError(
@@ -291,16 +289,15 @@ class PreactivationGramAccumulator:
         if offenders and "training" not in self._warned:
             self._warned.add("training")
             warnings.warn(
-                "learnscope NFA: modules in training mode (" + ", ".join(offenders[:5])
+                "learnscope NFA: modules in training mode ("
+                + ", ".join(offenders[:5])
                 + ("..." if len(offenders) > 5 else "")
                 + ") make samples interact or add noise, and train-mode BatchNorm "
                 "updates its running buffers; measure under learnscope.functional.nfa.eval_mode(model)",
                 stacklevel=2,
             )
         with contextlib.ExitStack() as stack:
-            stack.enter_context(
-                torch.random.fork_rng(devices=_cuda_devices(self.model, inputs))
-            )
+            stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(self.model, inputs)))
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             self._update(_clone_inference_tensors(inputs))
@@ -375,9 +372,7 @@ class PreactivationGramAccumulator:
         output = self._read_output(raw_output)
         if self.estimator is None:
             if self.requested_estimator == "auto":
-                self.estimator = (
-                    "exact" if output.shape[-1] <= AUTO_EXACT_MAX_OUTPUTS else "hutchinson"
-                )
+                self.estimator = "exact" if output.shape[-1] <= AUTO_EXACT_MAX_OUTPUTS else "hutchinson"
             else:
                 self.estimator = self.requested_estimator
         return output.reshape(output.shape[0], -1), leaves
@@ -389,8 +384,7 @@ class PreactivationGramAccumulator:
             output = self.output_fn(raw_output)
             if not isinstance(output, Tensor):
                 raise ValueError(
-                    f"output_fn must return a tensor of shape (n, c) or (n, T, c), "
-                    f"got {type(output).__name__}"
+                    f"output_fn must return a tensor of shape (n, c) or (n, T, c), got {type(output).__name__}"
                 )
         if not output.is_floating_point():
             raise ValueError(
@@ -424,10 +418,17 @@ class PreactivationGramAccumulator:
         for start in range(0, self.num_probes, self.output_chunk):
             count = min(self.output_chunk, self.num_probes - start)
             signs = torch.randint(
-                0, 2, (count, num_samples, num_outputs),
-                generator=self.generator, device=self.generator.device,
+                0,
+                2,
+                (count, num_samples, num_outputs),
+                generator=self.generator,
+                device=self.generator.device,
             )
-            yield (2 * signs - 1).to(dtype=dtype, device=device), 1.0 / self.num_probes, start + count == self.num_probes
+            yield (
+                (2 * signs - 1).to(dtype=dtype, device=device),
+                1.0 / self.num_probes,
+                start + count == self.num_probes,
+            )
 
     def _batched_vjp(
         self, output: Tensor, probes: list[Tensor], grad_outputs: Tensor, *, retain_graph: bool
@@ -438,8 +439,12 @@ class PreactivationGramAccumulator:
         if self._batched_vjp_works:
             try:
                 return torch.autograd.grad(
-                    output, probes, grad_outputs=grad_outputs, retain_graph=retain_graph,
-                    allow_unused=True, is_grads_batched=True,
+                    output,
+                    probes,
+                    grad_outputs=grad_outputs,
+                    retain_graph=retain_graph,
+                    allow_unused=True,
+                    is_grads_batched=True,
                 )
             except RuntimeError as error:
                 # Some ops have no vmap rule for their backward; fall back to a loop.
@@ -461,7 +466,10 @@ class PreactivationGramAccumulator:
         last_row = len(grad_outputs) - 1
         per_row = [
             torch.autograd.grad(
-                output, probes, grad_outputs=row, retain_graph=retain_graph or i < last_row,
+                output,
+                probes,
+                grad_outputs=row,
+                retain_graph=retain_graph or i < last_row,
                 allow_unused=True,
             )
             for i, row in enumerate(grad_outputs)
@@ -473,7 +481,12 @@ class PreactivationGramAccumulator:
                 stacked.append(None)
             else:
                 stacked.append(
-                    torch.stack([torch.zeros(probe.shape, dtype=probe.dtype, device=probe.device) if g is None else g for g in column])
+                    torch.stack(
+                        [
+                            torch.zeros(probe.shape, dtype=probe.dtype, device=probe.device) if g is None else g
+                            for g in column
+                        ]
+                    )
                 )
         return stacked
 
@@ -627,7 +640,10 @@ def haar_orthogonal(
     generator's device (CPU by default), then moved to ``device``.
     """
     gaussian = torch.randn(
-        k, k, generator=generator, dtype=torch.float64,
+        k,
+        k,
+        generator=generator,
+        dtype=torch.float64,
         device=generator.device if generator is not None else "cpu",
     )
     q, r = torch.linalg.qr(gaussian)
@@ -725,7 +741,10 @@ def _haar_transpose_times(frame: Tensor, generator: torch.Generator) -> Tensor:
     ``haar_orthogonal(k, generator=generator).mT @ frame``, in about half the time."""
     k = frame.shape[0]
     gaussian = torch.randn(
-        k, k, generator=generator, dtype=torch.float64,
+        k,
+        k,
+        generator=generator,
+        dtype=torch.float64,
         device=generator.device if generator is not None else "cpu",
     )
     reflectors, tau = torch.geqrf(gaussian)
@@ -742,9 +761,7 @@ def _psd_eigen_power(matrix: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     largest = eigenvalues.abs().max()
     cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * largest
-    powered = torch.where(
-        eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues)
-    )
+    powered = torch.where(eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues))
     return powered, eigenvectors
 
 
@@ -765,9 +782,7 @@ def _ratio(numerator: Tensor | float, denominator: Tensor | float) -> float:
     return numerator / denominator
 
 
-def _nfa_correlations(
-    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int
-) -> tuple[float, float]:
+def _nfa_correlations(s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int) -> tuple[float, float]:
     r"""Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S.
 
     Both are d×d matrices A = V X Vᵀ, B = V Y Vᵀ with Vᵀ V = I (r columns),
@@ -890,8 +905,15 @@ def nfa_metrics(
     Undefined values (W = 0, G = 0, ΔW = 0) are NaN. Returns Python floats.
     """
     return _nfa_metrics_and_spectrum(
-        weight_flat, gram, alphas=alphas, initial_weight=initial_weight, null_draws=null_draws,
-        generator=generator, readout=readout, rank_rtol=rank_rtol, with_spectrum=False,
+        weight_flat,
+        gram,
+        alphas=alphas,
+        initial_weight=initial_weight,
+        null_draws=null_draws,
+        generator=generator,
+        readout=readout,
+        rank_rtol=rank_rtol,
+        with_spectrum=False,
     )[0]
 
 
@@ -913,8 +935,16 @@ def nfa_metrics_and_spectrum(weight_flat: Tensor, gram: Tensor, **options: Any) 
 
 
 def _nfa_metrics_and_spectrum(
-    weight_flat: Tensor, gram: Tensor, *, alphas: Sequence[float], initial_weight: Tensor | None, null_draws: int,
-    generator: torch.Generator | None, readout: bool, rank_rtol: float | None, with_spectrum: bool,
+    weight_flat: Tensor,
+    gram: Tensor,
+    *,
+    alphas: Sequence[float],
+    initial_weight: Tensor | None,
+    null_draws: int,
+    generator: torch.Generator | None,
+    readout: bool,
+    rank_rtol: float | None,
+    with_spectrum: bool,
 ) -> tuple[dict[str, float], Tensor | None]:
     alphas = _check_metric_arguments(weight_flat, gram, alphas, initial_weight, null_draws)
     if rank_rtol is None:
@@ -942,9 +972,7 @@ def _check_metric_arguments(
         raise ValueError(f"gram must be {k}×{k} for a weight of shape {(k, d)}, got {tuple(gram.shape)}")
     if initial_weight is not None:
         if initial_weight.shape != weight_flat.shape:
-            raise ValueError(
-                f"initial_weight must have the weight's shape {(k, d)}, got {tuple(initial_weight.shape)}"
-            )
+            raise ValueError(f"initial_weight must have the weight's shape {(k, d)}, got {tuple(initial_weight.shape)}")
         _require_finite("initial_weight", initial_weight)
     checked = check_alphas("alphas", alphas)
     if not isinstance(null_draws, int) or null_draws < 0:

@@ -37,7 +37,9 @@ def local_shards(module: nn.Module) -> dict[str, Tensor]:
     return {n: _local(p.detach()).clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def sharded_evaluator(module: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> Callable[[Mapping[str, Tensor]], Evaluation]:
+def sharded_evaluator(
+    module: nn.Module, loss_fn: Callable[[nn.Module], Tensor]
+) -> Callable[[Mapping[str, Tensor]], Evaluation]:
     """An evaluator over local shards: ``evaluate({name: local shard}) -> Evaluation``.
 
     ``loss_fn(module)`` computes the probe loss with the module's normal forward; it

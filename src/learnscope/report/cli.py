@@ -31,49 +31,65 @@ PROGRAM = "learnscope"
 FIGURE_EXPLANATIONS: dict[str, tuple[str, str]] = {
     "cumulative_lca": (
         "Cumulative LCA per layer",
-        ("Each layer's loss change allocation summed over the measured steps. Negative means the layer's "
-        "parameter updates lowered the loss (helped); a rising curve means the layer was hurting at that time."),
+        (
+            "Each layer's loss change allocation summed over the measured steps. Negative means the layer's "
+            "parameter updates lowered the loss (helped); a rising curve means the layer was hurting at that time."
+        ),
     ),
     "lca_per_layer": (
         "Total LCA per layer",
-        ("The final cumulative LCA of each layer: green bars helped (negative), red bars hurt (positive). "
-        "The bars sum to the total loss change explained by the allocation."),
+        (
+            "The final cumulative LCA of each layer: green bars helped (negative), red bars hurt (positive). "
+            "The bars sum to the total loss change explained by the allocation."
+        ),
     ),
     "helped_fraction": (
         "Helped fraction",
-        ("Fraction of parameters whose allocation was negative on each step (left), and the distribution of "
-        "that fraction over the steps (right). The paper finds it barely above 0.5."),
+        (
+            "Fraction of parameters whose allocation was negative on each step (left), and the distribution of "
+            "that fraction over the steps (right). The paper finds it barely above 0.5."
+        ),
     ),
     "lca_parts": (
         "LCA split by optimizer part",
-        ("Each layer's cumulative LCA split into the parts of the update (gradient, momentum, weight decay, "
-        "residual). Parts sum exactly to the layer total (black marker); momentum and weight decay are where "
-        "hurting parameters can come from under plain SGD on the same loss."),
+        (
+            "Each layer's cumulative LCA split into the parts of the update (gradient, momentum, weight decay, "
+            "residual). Parts sum exactly to the layer total (black marker); momentum and weight decay are where "
+            "hurting parameters can come from under plain SGD on the same loss."
+        ),
     ),
     "nfa_alignment": (
         "NFA alignment against the rotation null",
-        ("Pearson correlation between the neural feature matrix WᵀW and AGOP^α (α = 1 blue, α = ½ orange) over "
-        "training. The dashed line and shaded band are the same correlation with the pre-activation gradient "
-        "Gram matrix randomly rotated: only the excess above it is evidence for the ansatz. Readout layers "
-        "omit α = 1, which is identically 1 there."),
+        (
+            "Pearson correlation between the neural feature matrix WᵀW and AGOP^α (α = 1 blue, α = ½ orange) over "
+            "training. The dashed line and shaded band are the same correlation with the pre-activation gradient "
+            "Gram matrix randomly rotated: only the excess above it is evidence for the ansatz. Readout layers "
+            "omit α = 1, which is identically 1 there."
+        ),
     ),
     "nfa_metrics": (
         "Other NFA metrics",
-        ("Excess alignment (correlation − null), cosine versions, sphericity of the gradient Gram matrix "
-        "(1 = isotropic), the α = ½ alignment, stable rank, relative weight change and the centred NFA, "
-        "one panel per metric with every layer."),
+        (
+            "Excess alignment (correlation − null), cosine versions, sphericity of the gradient Gram matrix "
+            "(1 = isotropic), the α = ½ alignment, stable rank, relative weight change and the centred NFA, "
+            "one panel per metric with every layer."
+        ),
     ),
     "synchronisation": (
         "Synchronisation of learning across layers",
-        ("Our own operationalisation of the paper's claim (its test is not public): local minima of each layer's "
-        "LCA series (▼), counted as coincident when two layers have a minimum on the same step (within the "
-        "tolerance), compared with a null where each layer's minima are shifted circularly by an independent "
-        "random offset. The p-value is one-sided with the +1 correction."),
+        (
+            "Our own operationalisation of the paper's claim (its test is not public): local minima of each layer's "
+            "LCA series (▼), counted as coincident when two layers have a minimum on the same step (within the "
+            "tolerance), compared with a null where each layer's minima are shifted circularly by an independent "
+            "random offset. The p-value is one-sided with the +1 correction."
+        ),
     ),
     "unit_lca": (
         "Per-neuron LCA",
-        ("LCA of each output unit of the small layers over the measured steps (green = helped, red = hurt, "
-        "colour scale centred at 0)."),
+        (
+            "LCA of each output unit of the small layers over the measured steps (green = helped, red = hurt, "
+            "colour scale centred at 0)."
+        ),
     ),
 }
 
@@ -204,11 +220,15 @@ def _overlay_sections(figures, runs: dict[str, RunRecords], out: Path) -> list[s
             continue
         roots = ", ".join(f"`{run.roots[0]}`" for run in group if run.lca is not None and run.roots)
         lines = [
-            f"## LCA of each probe set: `{name}`", "",
-            f"![LCA of each probe set]({written.relative_to(out).as_posix()})", "",
-            (f"The run's LCA callbacks ({roots}) side by side: cumulative Σ LCA (solid) and the cumulative actual "
-            "loss change on the same probe set (dashed). A held-out probe set that helps less than the training "
-            "one shows where learning stops generalising."),
+            f"## LCA of each probe set: `{name}`",
+            "",
+            f"![LCA of each probe set]({written.relative_to(out).as_posix()})",
+            "",
+            (
+                f"The run's LCA callbacks ({roots}) side by side: cumulative Σ LCA (solid) and the cumulative actual "
+                "loss change on the same probe set (dashed). A held-out probe set that helps less than the training "
+                "one shows where learning stops generalising."
+            ),
         ]
         sections.append("\n".join(lines))
     return sections
@@ -251,8 +271,15 @@ def _markdown_section(run: RunRecords, summary: RunSummary, written: dict[str, P
     lines = [f"## Run `{run.name}`" if several or run.name != "." else "## Run", ""]
     lines += [f"- {line}" for line in format_headline(summary)]
     if summary.layers:
-        lines += ["", ("Per layer (cumulative LCA: negative = helped; share: of the summed layer LCA; "
-                  "helped frac.: mean over steps; NFA: last measured value):"), "", format_table(summary, markdown=True)]
+        lines += [
+            "",
+            (
+                "Per layer (cumulative LCA: negative = helped; share: of the summed layer LCA; "
+                "helped frac.: mean over steps; NFA: last measured value):"
+            ),
+            "",
+            format_table(summary, markdown=True),
+        ]
     for name, path in written.items():
         title, explanation = FIGURE_EXPLANATIONS[name]
         link = path.relative_to(out).as_posix()
@@ -269,9 +296,11 @@ def _markdown(logdir: Path, sections: list[str]) -> str:
         "",
         f"Log directory: `{logdir}`",
         "",
-        ("LCA (loss change allocation, Lan et al. 2019): each parameter's share of the loss change on a step; "
-        "negative = helped. NFA (neural feature ansatz): does each layer's WᵀW line up with the average "
-        "gradient outer product?"),
+        (
+            "LCA (loss change allocation, Lan et al. 2019): each parameter's share of the loss change on a step; "
+            "negative = helped. NFA (neural feature ansatz): does each layer's WᵀW line up with the average "
+            "gradient outer product?"
+        ),
     ]
     return "\n".join(header + [""] + ["\n\n".join(sections)]) + "\n"
 

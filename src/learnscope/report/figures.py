@@ -86,6 +86,7 @@ def _run_title(run: RunRecords) -> str:
     """A run's name for titles: the folder's own name when LOGDIR is the run itself."""
     return run.name if run.name not in ("", ".") else Path(run.path).name
 
+
 def _layer_colour(index: int) -> tuple[float, float, float, float]:  # RGBA
     return colormaps["tab10"](index % 10)
 
@@ -187,9 +188,7 @@ def plot_helped_fraction(run: RunRecords, path: str | Path) -> Path | None:
         over_time.plot(overall.steps, overall.values, color="black", linewidth=1.6, label="all parameters")
     nonzero = run.lca.helped_fraction_nonzero
     if nonzero is not None and len(nonzero):
-        over_time.plot(
-            nonzero.steps, nonzero.values, color="black", linestyle="--", linewidth=1.2, label="A ≠ 0 only"
-        )
+        over_time.plot(nonzero.steps, nonzero.values, color="black", linestyle="--", linewidth=1.2, label="A ≠ 0 only")
     over_time.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
     over_time.set_xlabel("step")
     over_time.set_ylabel("fraction of parameters with A < 0")
@@ -229,7 +228,11 @@ def plot_lca_overlay(sections: Sequence[RunRecords], path: str | Path) -> Path |
         axes.plot(total.steps, np.cumsum(total.values), color=colour, linewidth=1.6, label=f"{root}: Σ LCA")
         if delta_loss is not None and len(delta_loss):
             axes.plot(
-                delta_loss.steps, np.cumsum(delta_loss.values), color=colour, linestyle="--", linewidth=1.0,
+                delta_loss.steps,
+                np.cumsum(delta_loss.values),
+                color=colour,
+                linestyle="--",
+                linewidth=1.0,
                 label=f"{root}: Σ actual ΔL",
             )
     axes.axhline(0.0, color="grey", linewidth=0.8)

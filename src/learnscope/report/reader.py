@@ -532,7 +532,9 @@ _FILE_BY_FAMILY: dict[str, _Filer] = {
     **{f.name: _file_nfa_layer for f in contract.families("nfa") if "layer" in f.fields},
 }
 if set(_FILE_BY_FAMILY) != {f.name for f in contract.FAMILIES}:  # pragma: no cover - a new family needs a place
-    raise RuntimeError(f"report.reader files no records for {sorted({f.name for f in contract.FAMILIES} - set(_FILE_BY_FAMILY))}")
+    raise RuntimeError(
+        f"report.reader files no records for {sorted({f.name for f in contract.FAMILIES} - set(_FILE_BY_FAMILY))}"
+    )
 
 
 def _group(

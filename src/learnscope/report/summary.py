@@ -364,9 +364,7 @@ _HEADLINE: tuple[tuple[str, Callable[[Any], str], Callable[[Any], bool]], ...] =
 
 def format_headline(summary: RunSummary) -> list[str]:
     """Run-level lines: LCA totals, the cumulative relative error, sync."""
-    lines = [
-        line(getattr(summary, name)) for name, line, shown in _HEADLINE if shown(getattr(summary, name))
-    ]
+    lines = [line(getattr(summary, name)) for name, line, shown in _HEADLINE if shown(getattr(summary, name))]
     if summary.sync is not None:
         sync = summary.sync
         lines.append(
