@@ -900,9 +900,7 @@ def nfa_metrics(
     = I exactly (∇_z f_j = e_j): every α = 1 correlation is then identically 1 by
     construction (WᵀW vs WᵀW), so ``pearson_a1``, ``cosine_a1``, ``null_a1``,
     ``excess_a1`` and ``cnfa_pearson_a1`` are left out instead of reported as
-    evidence. α = ½ stays informative.
-
-    Undefined values (W = 0, G = 0, ΔW = 0) are NaN. Returns Python floats.
+    evidence. α = ½ stays informative. Undefined values (W = 0, G = 0, ΔW = 0) are NaN.
     """
     return _nfa_metrics_and_spectrum(
         weight_flat,
