@@ -33,8 +33,9 @@ def lca_scalars(
         out[layer_cumulative] = cumulative[module]
         out[helped] = counts.helped_fraction
         out[hurt] = counts.hurt_fraction
+    part_tags = _part_tags(root)
     for part, value in record.parts.items():
-        out[_F("lca_part").format(root, part=part)] = value
+        out[part_tags[part]] = value
     for module, parts in record.layer_parts.items():
         tags = _module_part_tags(root, module)
         for part, value in parts.items():
@@ -89,7 +90,20 @@ def _lca_run_scalars(record: LCAStepRecord, cumulative_relative_error: float, ro
         values["lca_delta_loss"] = record.delta_loss
         values["lca_abs_error"] = abs(record.delta_loss - record.total)
         values["lca_cumulative_relative_error"] = _finite(cumulative_relative_error)
-    return {_F(name).format(root): value for name, value in values.items() if value is not None}
+    tags = _run_tags(root)
+    return {tags[name]: value for name, value in values.items() if value is not None}
+
+
+@functools.lru_cache(maxsize=256)
+def _run_tags(root: str) -> dict[str, str]:
+    """Every run-level LCA family's tag under ``root`` (``lca_total`` → ``lca/total``)."""
+    return {f.name: f.format(root) for f in contract.families(writer="lca") if not f.fields}
+
+
+@functools.lru_cache(maxsize=256)
+def _part_tags(root: str) -> dict[str, str]:
+    """``lca/part/<part>`` of every part."""
+    return {part: _F("lca_part").format(root, part=part) for part in contract.PARTS}
 
 
 def _finite(value: float) -> float | None:
@@ -136,14 +150,15 @@ def lca_ablation_corner(data: str, rule: str) -> str:
 def lca_part_cumulative(cumulative_parts: Mapping[str, float], root: str = "lca") -> dict[str, float]:
     """``lca/part_cumulative/<part>`` and ``lca/part_cumulative/<part>/<module>`` from a
     flat mapping keyed ``<part>`` or ``<part>/<module>``."""
-    out = {}
-    for key, value in cumulative_parts.items():
-        part, _, module = key.partition("/")
-        if module:
-            out[_F("lca_layer_part_cumulative").format(root, part=part, module=module)] = value
-        else:
-            out[_F("lca_part_cumulative").format(root, part=part)] = value
-    return out
+    return {_cumulative_part_tag(root, key): value for key, value in cumulative_parts.items()}
+
+
+@functools.lru_cache(maxsize=4096)
+def _cumulative_part_tag(root: str, key: str) -> str:
+    part, _, module = key.partition("/")
+    if module:
+        return _F("lca_layer_part_cumulative").format(root, part=part, module=module)
+    return _F("lca_part_cumulative").format(root, part=part)
 
 
 def lca_histograms(values: Mapping[str, Any], root: str = "lca") -> dict[str, Any]:
