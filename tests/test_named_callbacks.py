@@ -127,3 +127,18 @@ def test_report_shows_each_callback_as_its_own_section(tmp_path):
     assert text.count("measured steps: 4") == 2
     assert "## LCA of each probe set: `run/version_0`" in text
     assert (out / "lca_overlay_run_version_0.png").stat().st_size > 10_000
+
+
+def test_checkpoint_identities_are_those_of_checkpoints_already_written():
+    # Lightning files each callback's state under its state_key: a changed key would
+    # orphan the cumulative state of every checkpoint written before (resume restarts at 0).
+    lca = LossChangeAllocation(probe="val", rule="adaptive", name="lca_val")
+    assert lca.state_key == (
+        "LossChangeAllocation{'every_n_steps': 1, 'probe': 'val', 'rule': 'adaptive', 'probe_size': 1024, "
+        "'decompose': True, 'ablation': False, 'name': 'lca_val'}"
+    )
+    nfa = NeuralFeatureAnsatz(every_n_steps=5, alphas=[0.5])
+    assert nfa.state_key == (
+        "NeuralFeatureAnsatz{'every_n_steps': 5, 'probe': 'train', 'probe_size': 1024, 'layers': None, "
+        "'alphas': [0.5], 'name': 'nfa'}"
+    )

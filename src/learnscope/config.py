@@ -92,6 +92,17 @@ class LCAConfig:
             object.__setattr__(self, flag, check(getattr(self, flag)))
 
     @property
+    def quadrature(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~learnscope.functional.lca.allocate_step` that
+        choose and tune the rule: ``rule``, ``tolerance``, ``max_intervals``, ``relative_tolerance``."""
+        return {
+            "rule": self.rule,
+            "tolerance": self.tolerance,
+            "max_intervals": self.max_intervals,
+            "relative_tolerance": self.relative_tolerance,
+        }
+
+    @property
     def cheap(self) -> bool:
         """The first-order estimate from the gradient the optimizer applied: no probe pass."""
         return self.probe == "batch" and self.rule == "first_order"

@@ -208,10 +208,7 @@ class ProbePathIntegral(StepEstimator):
             self.objective(event, start),
             start,
             live,
-            rule=config.rule,
-            tolerance=config.tolerance,
-            max_intervals=config.max_intervals,
-            relative_tolerance=config.relative_tolerance,
+            **config.quadrature,
             start_evaluation=event.start_evaluation,
             compute_total=False,  # the summary sums A anyway
             start_is_workspace=not self.keep_start,
@@ -278,14 +275,7 @@ class Ablation(StepEstimator):
         if config.rule != "first_order":
             other = "probe" if config.data == "batch" else "batch"
             integral = allocate_step(
-                self.losses.objective(other, event.minibatches),
-                start,
-                live,
-                rule=config.rule,
-                tolerance=config.tolerance,
-                max_intervals=config.max_intervals,
-                relative_tolerance=config.relative_tolerance,
-                compute_total=False,
+                self.losses.objective(other, event.minibatches), start, live, **config.quadrature, compute_total=False
             )
             corners[corner_name(other, config.rule)] = self.corner(event, integral)
         if corner_name("probe", "first_order") not in corners:

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -30,6 +29,7 @@ from learnscope._probe import (
 )
 from learnscope._stats import ProductStats
 from learnscope._validate import check_seconds, check_unique_tag_roots
+from learnscope.callbacks._base import ProbeCallback
 from learnscope.config import DEFAULTS, PRESETS, PROBES, LCAConfig
 from learnscope.estimators import StepEstimator, StepEvent, build_estimator
 from learnscope.functional import decompose
@@ -56,7 +56,7 @@ class _Flag:
         return self if instance is None else getattr(instance.config, self.name)
 
 
-class LossChangeAllocation(Callback):
+class LossChangeAllocation(ProbeCallback):
     r"""Loss Change Allocation (Lan et al., 2019), online, for every measured step.
 
     For an optimizer step θ_t → θ_{t+1} with Δ = θ_{t+1} − θ_t, each parameter's
@@ -271,19 +271,13 @@ class LossChangeAllocation(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            probe=self.probe if isinstance(self.probe, str) else "dataloader",
+            **self._probe_identity(),
             rule=self.rule,
             probe_size=self.probe_size,
             decompose=self.decompose,
             ablation=self.ablation,
             name=self.name,
         )
-
-    @property
-    def tag_root(self) -> str:
-        """The first field of every tag this callback writes (``name``)."""
-        return self.name
 
     def _tag(self, field: str) -> str:
         return f"{self.name}/{field}"

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -32,6 +31,7 @@ from learnscope._probe import (
     stochastic_forward,
     to_module_device,
 )
+from learnscope.callbacks._base import ProbeCallback
 from learnscope.functional.nfa import (
     ESTIMATORS,
     PreactivationGramAccumulator,
@@ -52,7 +52,7 @@ PROBES = ("train", "val")
 IMAGE_MAX_INPUT_DIM = 256
 
 
-class NeuralFeatureAnsatz(Callback):
+class NeuralFeatureAnsatz(ProbeCallback):
     r"""The Neural Feature Ansatz (Radhakrishnan et al., 2022/2024), measured during training.
 
     For every measured layer with weight W (k×d, convolutions flattened to
@@ -210,18 +210,12 @@ class NeuralFeatureAnsatz(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            probe=self.probe if isinstance(self.probe, str) else "dataloader",
+            **self._probe_identity(),
             probe_size=self.probe_size,
             layers=self.layers,
             alphas=list(self.alphas),
             name=self.name,
         )
-
-    @property
-    def tag_root(self) -> str:
-        """The first field of every tag this callback writes (``name``)."""
-        return self.name
 
     @override
     def state_dict(self) -> dict[str, Any]:
