@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from learnscope.report import sync
 from learnscope.report.sync import (
     SyncError,
     align_on_common_steps,
@@ -162,3 +163,135 @@ def test_align_on_common_steps_keeps_shared_steps_only():
 def test_invalid_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         synchronisation_test(independent_series(0), **kwargs)
+
+
+# --- fine p-values and the shared driver (issue #18) -------------------------------------------
+
+
+def planted_in_subsets(seed: int, layers: int = 5, length: int = 400, dips: int = 60, hit: int = 3):
+    """Independent noise; on each of ``dips`` steps, a deep dip in a random ``hit`` of the layers
+    (synchronised minima that are not one driver common to every layer)."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((layers, length))
+    for step in rng.choice(np.arange(10, length - 10), size=dips, replace=False):
+        values[rng.choice(layers, size=hit, replace=False), step] -= 6.0
+    return {f"net.{k}": values[k] for k in range(layers)}
+
+
+def shared_driver_series(seed: int, layers: int = 5, length: int = 200, noise: float = 0.1):
+    """Every layer = one driver + small independent noise (the FC net of the issue)."""
+    rng = np.random.default_rng(seed)
+    driver = rng.standard_normal(length)
+    return {f"net.{k}": driver + noise * rng.standard_normal(length) for k in range(layers)}
+
+
+def brute_force_shift_tail(minima: np.ndarray, tolerance: int, observed: float) -> float:
+    """P(S_null ≥ S) by shifting the indicators themselves over every joint offset (layer 0 fixed)."""
+    layers, length = minima.shape
+    hits = total = 0
+    for offsets in np.ndindex(*([length] * (layers - 1))):
+        shifted = [minima[0]] + [np.roll(minima[k + 1], offsets[k]) for k in range(layers - 1)]
+        positions = [np.flatnonzero(row) for row in shifted]
+        count = sum(
+            int(min(abs(a - b), length - abs(a - b)) <= tolerance)
+            for i in range(layers)
+            for j in range(i + 1, layers)
+            for a in positions[i]
+            for b in positions[j]
+        )
+        hits += count >= observed
+        total += 1
+    return hits / total
+
+
+@pytest.mark.parametrize("tolerance", [0, 1])
+def test_exact_p_value_equals_a_brute_force_enumeration_of_shifts(tolerance):
+    series = planted_series(4, layers=3, length=24, dips=4)
+    result = synchronisation_test(series, tolerance=tolerance, window=1, n_draws=10)
+    assert result.fine_method == sync.EXACT
+    minima = local_minima(result.smoothed, 1).astype(int)
+    assert result.fine_p_value == pytest.approx(brute_force_shift_tail(minima, tolerance, result.observed), abs=1e-12)
+
+
+def test_convolution_p_value_has_the_exact_mean_and_is_close_to_the_exact_tail():
+    series = independent_series(2, layers=4, length=40)
+    exact = synchronisation_test(series, n_draws=10, tolerance=1)
+    approx = synchronisation_test(series, n_draws=10, tolerance=1, max_enumeration=10)
+    assert exact.fine_method == sync.EXACT and approx.fine_method == sync.CONVOLUTION
+    assert approx.fine_p_value == pytest.approx(exact.fine_p_value, rel=0.15, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("layers", "remove_driver", "method"),
+    [(3, False, "EXACT"), (5, False, "CONVOLUTION"), (3, True, "EXACT"), (5, True, "NORMAL")],
+)
+def test_fine_p_value_agrees_with_monte_carlo_where_both_resolve(layers, remove_driver, method):
+    draws = 20000 if not remove_driver else 4000
+    length = 200 if not remove_driver else 40
+    for seed in range(3):
+        series = independent_series(seed, layers=layers, length=length)
+        result = synchronisation_test(series, n_draws=draws, seed=seed, tolerance=1, remove_driver=remove_driver)
+        assert result.fine_method == getattr(sync, method)
+        error = np.sqrt(result.p_value * (1 - result.p_value) / draws)
+        slack = 0.0 if method == "EXACT" else 0.15 * result.p_value  # the approximations' own error
+        assert abs(result.fine_p_value - result.p_value) <= 4 * error + slack + 1 / draws
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_minima_give_a_tiny_fine_p_in_both_versions(seed):
+    series = planted_in_subsets(seed)
+    raw = synchronisation_test(series, n_draws=499, seed=seed)
+    removed = synchronisation_test(series, n_draws=499, seed=seed, remove_driver=True)
+    assert raw.fine_p_value < 1e-6 and removed.fine_p_value < 1e-6
+    assert raw.p_value == removed.p_value == 1 / 500  # the Monte-Carlo p sits at its floor
+
+
+def test_independent_series_give_uniform_fine_p_values_in_both_versions():
+    raw = np.array([synchronisation_test(independent_series(s), n_draws=1, seed=s).fine_p_value for s in range(200)])
+    removed = np.array(
+        [
+            synchronisation_test(independent_series(s, layers=4, length=100), n_draws=199, seed=s, remove_driver=True)
+            for s in range(200)
+        ]
+    )
+    removed_p = np.array([r.fine_p_value for r in removed])
+    for p_values in (raw, removed_p):
+        assert 0.02 <= np.mean(p_values < 0.05) <= 0.10
+        assert 0.35 < np.median(p_values) < 0.65
+
+
+def test_a_shared_driver_is_significant_raw_and_not_once_removed():
+    raw, removed = [], []
+    for seed in range(10):
+        series = shared_driver_series(seed)
+        raw.append(synchronisation_test(series, n_draws=199, seed=seed).fine_p_value)
+        removed.append(synchronisation_test(series, n_draws=199, seed=seed, remove_driver=True).fine_p_value)
+    assert max(raw) < 1e-6
+    assert np.mean(np.array(removed) > 0.05) >= 0.8
+
+
+def test_remove_shared_driver_cancels_a_common_driver_and_sums_to_zero():
+    rng = np.random.default_rng(0)
+    driver, noise = rng.standard_normal(50), rng.standard_normal((3, 50))
+    values = np.array([2.0, -1.0, 0.5])[:, None] * driver + np.array([1.0, 3.0, -2.0])[:, None]
+    np.testing.assert_allclose(sync.remove_shared_driver(values[[0, 2]]), 0.0, atol=1e-12)  # same sign: cancels
+    removed = sync.remove_shared_driver(values + noise)
+    np.testing.assert_allclose(removed.sum(axis=0), 0.0, atol=1e-12)
+    z = (noise[0] - noise[0].mean()) / noise[0].std()
+    flat = sync.remove_shared_driver(np.stack([noise[0], np.ones(50), np.ones(50)]))
+    np.testing.assert_allclose(flat[0], z - z / 3, atol=1e-12)
+
+
+def test_removing_the_driver_needs_three_layers():
+    with pytest.raises(SyncError, match="at least 3 layer series, got 2"):
+        synchronisation_test(independent_series(0, layers=2), remove_driver=True)
+
+
+def test_p_value_text_names_the_method_and_floors_at_1e_12():
+    driven = synchronisation_test(shared_driver_series(0), n_draws=99)
+    assert driven.fine_p_value < 1e-12
+    assert sync.format_p_value(driven).startswith("p < 1e-12 (pairwise-independent convolution, approx.)")
+    assert sync.format_p_value(driven).endswith("; Monte Carlo p = 0.01 (99 draws)")
+    three = synchronisation_test(planted_series(0), n_draws=99)
+    text = sync.format_p_value(three)
+    assert text.startswith(f"p = {1 / LENGTH**2:.2g} (exact over shifts, the smallest p")

@@ -81,7 +81,10 @@ FIGURE_EXPLANATIONS: dict[str, tuple[str, str]] = {
             "Our own operationalisation of the paper's claim (its test is not public): local minima of each layer's "
             "LCA series (▼), counted as coincident when two layers have a minimum on the same step (within the "
             "tolerance), compared with a null where each layer's minima are shifted circularly by an independent "
-            "random offset. The p-value is one-sided with the +1 correction."
+            "random offset. The p-value is one-sided: exact over all joint shifts where feasible, else an "
+            "approximation named beside it, and a Monte-Carlo p with the +1 correction. The summary also gives the "
+            "test with the shared driver removed (each layer's deviation from the layers' mean of the standardised "
+            "series): layers that only follow a common driver are not synchronised there."
         ),
     ),
     "unit_lca": (

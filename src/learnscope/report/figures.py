@@ -31,7 +31,7 @@ from learnscope.report.summary import (
     cumulative_layer_series,
     layer_part_totals,
 )
-from learnscope.report.sync import SyncResult, align_on_common_steps
+from learnscope.report.sync import SyncResult, align_on_common_steps, format_p_value
 
 __all__ = [
     "DPI",
@@ -402,7 +402,7 @@ def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str =
     null_axes.axvline(sync.observed, color=HURT_COLOUR, linewidth=2, label=f"observed {sync.observed:g}")
     null_axes.set_xlabel("coincident minima pairs")
     null_axes.set_ylabel("draws")
-    null_axes.set_title(f"p = {sync.p_value:.3g} (null {sync.null_mean:.1f} ± {sync.null_std:.1f})")
+    null_axes.set_title(f"{format_p_value(sync)}; null {sync.null_mean:.1f} ± {sync.null_std:.1f}", fontsize="small")
     null_axes.legend(fontsize="small")
     return _save(figure, path)
 

@@ -26,6 +26,8 @@ from learnscope.report.sync import (
     SyncError,
     SyncResult,
     align_on_common_steps,
+    describe_test,
+    format_p_value,
     synchronisation_test,
 )
 
@@ -37,6 +39,7 @@ __all__ = [
     "cumulative_layer_lca",
     "cumulative_layer_series",
     "format_headline",
+    "format_sync_lines",
     "format_table",
     "layer_part_totals",
     "run_synchronisation",
@@ -94,6 +97,8 @@ class RunSummary:
     capped_steps: float | None = None  # adaptive steps accepted at max_intervals above their error target
     sync: SyncResult | None = None
     sync_message: str | None = None  # why there is no sync result
+    sync_driver_removed: SyncResult | None = None  # the same test with the shared driver removed
+    sync_driver_removed_message: str | None = None
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -141,9 +146,13 @@ def layer_part_totals(layer: LcaLayer) -> dict[str, float]:
     return totals
 
 
-def run_synchronisation(run: RunRecords, settings: SyncSettings = SyncSettings()) -> SyncResult:
+def run_synchronisation(
+    run: RunRecords, settings: SyncSettings = SyncSettings(), remove_driver: bool = False
+) -> SyncResult:
     """The synchronisation test on the run's ``lca/layer/<m>`` series, on the
-    steps every layer logged. Raises SyncError when it cannot be run."""
+    steps every layer logged (``remove_driver``: on each layer's deviation from
+    the layers' mean, see :func:`learnscope.report.sync.remove_shared_driver`).
+    Raises SyncError when it cannot be run."""
     if run.lca is None:
         raise SyncError("the run has no LCA data")
     series = {
@@ -160,6 +169,7 @@ def run_synchronisation(run: RunRecords, settings: SyncSettings = SyncSettings()
         tolerance=settings.tolerance,
         n_draws=settings.n_draws,
         seed=settings.seed,
+        remove_driver=remove_driver,
     )
 
 
@@ -259,15 +269,24 @@ def summarise_run(run: RunRecords, sync_settings: SyncSettings | None = SyncSett
         return summary
     summary = _with_lca_fields(summary, run.lca, sum(cumulative.values()) if cumulative else None)
     sync, sync_message = _sync_or_message(run, sync_settings)
-    return replace(summary, sync=sync, sync_message=sync_message)
+    removed, removed_message = _sync_or_message(run, sync_settings, remove_driver=True)
+    return replace(
+        summary,
+        sync=sync,
+        sync_message=sync_message,
+        sync_driver_removed=removed,
+        sync_driver_removed_message=removed_message,
+    )
 
 
-def _sync_or_message(run: RunRecords, settings: SyncSettings | None) -> tuple[SyncResult | None, str | None]:
+def _sync_or_message(
+    run: RunRecords, settings: SyncSettings | None, remove_driver: bool = False
+) -> tuple[SyncResult | None, str | None]:
     """The synchronisation test's result, or why there is none (None, None: not run)."""
     if settings is None:
         return None, None
     try:
-        return run_synchronisation(run, settings), None
+        return run_synchronisation(run, settings, remove_driver), None
     except SyncError as error:
         return None, str(error)
 
@@ -365,14 +384,28 @@ _HEADLINE: tuple[tuple[str, Callable[[Any], str], Callable[[Any], bool]], ...] =
 def format_headline(summary: RunSummary) -> list[str]:
     """Run-level lines: LCA totals, the cumulative relative error, sync."""
     lines = [line(getattr(summary, name)) for name, line, shown in _HEADLINE if shown(getattr(summary, name))]
-    if summary.sync is not None:
-        sync = summary.sync
-        lines.append(
-            f"synchronisation: {sync.observed:g} coincident minima pairs "
-            f"vs {sync.null_mean:.1f} ± {sync.null_std:.1f} by chance, p = {sync.p_value:.3g} "
-            f"({len(sync.layers)} layers, {len(sync.steps)} steps, "
-            f"window {sync.window}, tolerance {sync.tolerance}, smooth {sync.smooth})"
-        )
-    elif summary.sync_message:
-        lines.append(f"synchronisation: not tested ({summary.sync_message})")
+    lines += format_sync_lines(summary)
+    return lines
+
+
+def _sync_line(label: str, sync: SyncResult | None, message: str | None) -> list[str]:
+    if sync is None:
+        return [f"{label}: not tested ({message})"] if message else []
+    return [
+        f"{label}: {sync.observed:g} coincident minima pairs vs {sync.null_mean:.1f} ± {sync.null_std:.1f} by chance, "
+        f"{format_p_value(sync)} ({len(sync.layers)} layers, {len(sync.steps)} steps, "
+        f"window {sync.window}, tolerance {sync.tolerance}, smooth {sync.smooth})"
+    ]
+
+
+def format_sync_lines(summary: RunSummary) -> list[str]:
+    """The synchronisation test on the raw layer LCA, with the shared driver
+    removed, and the test's definition (one line each)."""
+    lines = _sync_line("synchronisation", summary.sync, summary.sync_message)
+    lines += _sync_line(
+        "synchronisation, shared driver removed", summary.sync_driver_removed, summary.sync_driver_removed_message
+    )
+    shown = summary.sync or summary.sync_driver_removed
+    if shown is not None:
+        lines.append(f"synchronisation test: {describe_test(shown)}")
     return lines
