@@ -7,6 +7,7 @@ offline report and any other consumer read them. Nothing here knows about tags.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,10 @@ class Counts:
 
 @dataclass
 class Moments:
-    """Raw power sums of the allocations, enough for mean, variance and kurtosis."""
+    """Raw power sums ``n, s_p = Σ aᵖ`` (p = 1..4) of the allocations, enough for the
+    mean, variance, skewness and kurtosis. Central moments come from them in float64:
+    μ = s₁/n, m₂ = s₂/n − μ², m₃ = s₃/n − 3μ s₂/n + 2μ³,
+    m₄ = s₄/n − 4μ s₃/n + 6μ² s₂/n − 3μ⁴."""
 
     n: int = 0
     s1: float = 0.0
@@ -62,17 +66,40 @@ class Moments:
         values: zeros add nothing to any power sum, so only the count changes."""
         return Moments(n, self.s1, self.s2, self.s3, self.s4)
 
-    @property
-    def excess_kurtosis(self) -> float:
-        """``n Σ(a−μ)⁴ / (Σ(a−μ)²)² − 3`` (0 for a normal distribution)."""
+    def _central(self) -> tuple[float, float, float] | None:
+        """(m₂, m₃, m₄), the population central moments; None when undefined (n < 2, m₂ ≤ 0)."""
         if self.n < 2:
-            return math.nan
+            return None
         n, mean = self.n, self.s1 / self.n
         m2 = self.s2 / n - mean**2
-        m4 = self.s4 / n - 4 * mean * self.s3 / n + 6 * mean**2 * self.s2 / n - 3 * mean**4
         if m2 <= 0:
-            return math.nan
-        return m4 / m2**2 - 3.0
+            return None
+        m3 = self.s3 / n - 3 * mean * self.s2 / n + 2 * mean**3
+        m4 = self.s4 / n - 4 * mean * self.s3 / n + 6 * mean**2 * self.s2 / n - 3 * mean**4
+        return m2, m3, m4
+
+    @property
+    def excess_kurtosis(self) -> float:
+        """``m₄ / m₂² − 3 = n Σ(a−μ)⁴ / (Σ(a−μ)²)² − 3`` (0 for a normal distribution; NaN when undefined)."""
+        central = self._central()
+        return math.nan if central is None else central[2] / central[0] ** 2 - 3.0
+
+    @property
+    def skewness(self) -> float:
+        """``m₃ / m₂^{3/2} = √n Σ(a−μ)³ / (Σ(a−μ)²)^{3/2}`` (the population skewness g₁;
+        0 for a symmetric distribution, negative when the long tail is on the helping side;
+        NaN when undefined)."""
+        central = self._central()
+        return math.nan if central is None else central[1] / central[0] ** 1.5
+
+    def as_list(self) -> list[float]:
+        """``[n, s₁, s₂, s₃, s₄]`` (for checkpoints)."""
+        return [float(self.n), self.s1, self.s2, self.s3, self.s4]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> Moments:
+        n, s1, s2, s3, s4 = values
+        return cls(int(n), float(s1), float(s2), float(s3), float(s4))
 
 
 @dataclass
@@ -105,6 +132,7 @@ class LCAStepRecord:
     moments: Moments
     layers: dict[str, float] = field(default_factory=dict)
     layer_counts: dict[str, Counts] = field(default_factory=dict)
+    layer_moments: dict[str, Moments] = field(default_factory=dict)
     parts: dict[str, float] = field(default_factory=dict)
     layer_parts: dict[str, dict[str, float]] = field(default_factory=dict)
     units: dict[str, Tensor] = field(default_factory=dict)
@@ -130,6 +158,8 @@ class LCAStepRecord:
             self.layers[name] = self.layers.get(name, 0.0) + value
         for name, counts in other.layer_counts.items():
             self.layer_counts.setdefault(name, Counts()).add(counts)
+        for name, moments in other.layer_moments.items():
+            self.layer_moments.setdefault(name, Moments()).add(moments)
         for part, value in other.parts.items():
             self.parts[part] = self.parts.get(part, 0.0) + value
         for name, parts in other.layer_parts.items():

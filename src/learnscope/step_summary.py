@@ -167,6 +167,7 @@ class StepSummariser:
             return
         out.layers[module] = out.layers.get(module, 0.0) + moments.s1
         out.layer_counts.setdefault(module, Counts()).add(counts)
+        out.layer_moments.setdefault(module, Moments()).add(moments)
         if split:
             _add_into(out.layer_parts.setdefault(module, {}), split)
 
@@ -212,6 +213,9 @@ class RunTotals:
         sum_total_with_loss: Σ_t Σ_i A over those same steps.
         measured_steps, skipped_steps, capped_steps: step counts.
         last_histogram_step: the step of the last histograms (their cadence resumes too).
+        moments: the raw power sums n, Σa, Σa², Σa³, Σa⁴ of every allocation of every
+            measured step (all parameters pooled), for ``lca/skewness_pooled`` and
+            ``lca/excess_kurtosis_pooled``.
     """
 
     cumulative: dict[str, float] = field(default_factory=dict)
@@ -223,6 +227,7 @@ class RunTotals:
     skipped_steps: int = 0
     capped_steps: int = 0
     last_histogram_step: int | None = None
+    moments: Moments = field(default_factory=Moments)
 
     def add(self, record: LCAStepRecord) -> None:
         """Count one measured step."""
@@ -232,6 +237,7 @@ class RunTotals:
             self.sum_delta_loss += record.delta_loss
             self.sum_total_with_loss += record.total
         _add_into(self.cumulative, record.layers)
+        self.moments.add(record.moments)
         _add_into(self.cumulative_parts, record.parts)
         for module, parts in record.layer_parts.items():
             _add_into(self.cumulative_parts, {f"{part}/{module}": value for part, value in parts.items()})
@@ -259,11 +265,12 @@ class RunTotals:
             "measured_steps": self.measured_steps,
             "cumulative_parts": dict(self.cumulative_parts),
             "last_histogram_step": self.last_histogram_step,
+            "moments": self.moments.as_list(),
         }
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RunTotals:
-        last = state.get("last_histogram_step")
+        last, moments = state.get("last_histogram_step"), state.get("moments")
         return cls(
             cumulative=dict(state.get("cumulative", {})),
             cumulative_parts=dict(state.get("cumulative_parts", {})),
@@ -274,4 +281,6 @@ class RunTotals:
             skipped_steps=int(state.get("skipped_steps", 0)),
             capped_steps=int(state.get("capped_steps", 0)),
             last_histogram_step=None if last is None else int(last),
+            # checkpoints written before the pooled moments existed start them afresh
+            moments=Moments() if moments is None else Moments.from_list(moments),
         )

@@ -163,6 +163,13 @@ class LossChangeAllocation(ProbeCallback):
     library), reduced by a larger probe set, a smaller learning rate or a larger
     ``max_intervals``; see docs/accuracy.md. ``lca/abs_error`` shows it per step.
 
+    The allocations' shape is logged two ways. Per step, over the parameters i of that
+    step: ``lca/skewness`` = m₃/m₂^{3/2} and ``lca/excess_kurtosis`` = m₄/m₂² − 3 with
+    m_p = (1/n) Σᵢ (A_i − Ā)^p (per module ``lca/skewness/<module>``); the report averages
+    them over steps. Pooled, over every (t, i) of the measured steps so far:
+    ``lca/skewness_pooled`` and ``lca/excess_kurtosis_pooled``, the same formulas on the
+    run's cumulative power sums Σ_t Σ_i A_{t,i}^p (p = 0..4, float64, checkpointed).
+
     The cheap mode ``probe="batch", rule="first_order"`` uses the gradient the
     optimizer applied (no extra pass): with plain SGD every allocation is then
     −lr·g² ≤ 0. It does not evaluate the loss after the step, so ``lca/delta_loss``,
@@ -579,6 +586,7 @@ class LossChangeAllocation(ProbeCallback):
             scalars = tags.lca_scalars(record, self._totals.cumulative, self.cumulative_relative_error, root=self.name)
             if step in self._capped_seen:
                 scalars.update(tags.lca_capped(self._totals.capped_steps, root=self.name))
+            scalars.update(tags.lca_pooled(self._totals.moments, root=self.name))
             if record.parts:
                 scalars.update(tags.lca_part_cumulative(self._totals.cumulative_parts, root=self.name))
             histograms = tags.lca_histograms(record.histograms, root=self.name) if record.histograms else None
