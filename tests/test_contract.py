@@ -219,7 +219,8 @@ def written(tmp_path_factory):
         logdir, "full", Classifier(_net(), "sgd", lr=0.05, momentum=0.9, weight_decay=1e-3),
         [
             LossChangeAllocation(
-                probe_size=128, decompose=True, ablation=True, unit_allocations=True, histograms=True
+                probe_size=128, decompose=True, ablation=True, unit_allocations=True, histograms=True,
+                parameter_counts=True,
             ),
             NeuralFeatureAnsatz(every_n_steps=2, probe_size=128, images=True),
         ],

@@ -257,6 +257,7 @@ def _nfa(name: str, template: str, unit: str, meaning: str, kind: Kind = "scalar
 
 LOSS = "loss"
 FRACTION = "fraction of parameters"
+FRACTION_OF_STEPS = "fraction of measured steps"
 COUNT = "count"
 FLAG = "0 or 1"
 RATIO = "ratio"
@@ -310,6 +311,12 @@ FAMILIES: tuple[TagFamily, ...] = (
          "histogram"),
     _lca("lca_layer_skewness", "{root}/skewness/{module}", RATIO,
          "Skewness m₃/m₂^{3/2} of the module's allocations on the step."),
+    # LCA, per parameter over training (parameter_counts=True), at the histogram cadence
+    _lca("lca_param_helped", "{root}/param_helped_fraction", FRACTION_OF_STEPS,
+         "Histogram over every parameter of the fraction of the measured steps so far on which it helped (A < 0).",
+         "histogram"),
+    _lca("lca_layer_param_helped", "{root}/param_helped_fraction/{module}", FRACTION_OF_STEPS,
+         "The same over the module's parameters.", "histogram"),
     # LCA, optimizer parts (decompose=True)
     _lca("lca_part", "{root}/part/{part}", LOSS, "The step's allocation due to one part of the update, all modules."),
     _lca("lca_layer_part", "{root}/part/{part}/{module}", LOSS, "The same for one module."),
@@ -357,7 +364,9 @@ if len(_BY_NAME) != len(FAMILIES):  # pragma: no cover - a declaration error
     raise RuntimeError("two tag families share a name")
 
 #: the run-level LCA scalars (``lca/<metric>``), in LcaRecords' order
-LCA_RUN_METRICS: tuple[str, ...] = tuple(f.run_metric for f in FAMILIES if f.writer == "lca" and f.run_metric)
+LCA_RUN_METRICS: tuple[str, ...] = tuple(
+    f.run_metric for f in FAMILIES if f.writer == "lca" and f.run_metric and f.kind == "scalar"
+)
 #: the run-level NFA scalars (``nfa/<metric>``)
 NFA_RUN_METRICS: tuple[str, ...] = tuple(f.run_metric for f in FAMILIES if f.writer == "nfa" and f.run_metric)
 

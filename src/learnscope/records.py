@@ -137,6 +137,10 @@ class LCAStepRecord:
     layer_parts: dict[str, dict[str, float]] = field(default_factory=dict)
     units: dict[str, Tensor] = field(default_factory=dict)
     histograms: dict[str, Any] | None = None  # module → StreamingHistogram
+    #: parameter_counts=True, on histogram steps: the per-parameter helped fractions over
+    #: training, of every parameter and per module (StreamingHistograms)
+    param_helped: Any | None = None
+    layer_param_helped: dict[str, Any] = field(default_factory=dict)
     ablation: dict[str, CornerStats] = field(default_factory=dict)
     #: The determinism self-check's verdict, on the first measured step only (None elsewhere).
     probe_stochastic: bool | None = None
@@ -144,6 +148,15 @@ class LCAStepRecord:
     @property
     def abs_error(self) -> float | None:
         return None if self.delta_loss is None else abs(self.delta_loss - self.total)
+
+    def _merge_layers(self, other: LCAStepRecord) -> None:
+        """Add the per-module sums, counts and power sums of ``other``."""
+        for name, value in other.layers.items():
+            self.layers[name] = self.layers.get(name, 0.0) + value
+        for name, counts in other.layer_counts.items():
+            self.layer_counts.setdefault(name, Counts()).add(counts)
+        for name, moments in other.layer_moments.items():
+            self.layer_moments.setdefault(name, Moments()).add(moments)
 
     def merge(self, other: LCAStepRecord) -> None:
         self.total += other.total
@@ -154,12 +167,7 @@ class LCAStepRecord:
         self.splits = max(self.splits, other.splits)
         self.counts.add(other.counts)
         self.moments.add(other.moments)
-        for name, value in other.layers.items():
-            self.layers[name] = self.layers.get(name, 0.0) + value
-        for name, counts in other.layer_counts.items():
-            self.layer_counts.setdefault(name, Counts()).add(counts)
-        for name, moments in other.layer_moments.items():
-            self.layer_moments.setdefault(name, Moments()).add(moments)
+        self._merge_layers(other)
         for part, value in other.parts.items():
             self.parts[part] = self.parts.get(part, 0.0) + value
         for name, parts in other.layer_parts.items():
@@ -170,6 +178,8 @@ class LCAStepRecord:
             self.units[name] = self.units[name] + values if name in self.units else values
         if other.histograms:
             self.histograms = {**(self.histograms or {}), **other.histograms}
+        if other.param_helped is not None:  # made after this record's: counts every tensor so far
+            self.param_helped, self.layer_param_helped = other.param_helped, other.layer_param_helped
         if other.probe_stochastic is not None:
             self.probe_stochastic = bool(self.probe_stochastic) or other.probe_stochastic
         for corner, stats in other.ablation.items():

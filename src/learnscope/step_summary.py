@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from learnscope._probe import warn
@@ -22,7 +23,7 @@ from learnscope.functional import decompose
 from learnscope.functional.lca import LazyDelta, StepAllocation
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
 
-__all__ = ["RunTotals", "StepSummariser"]
+__all__ = ["ParameterCounts", "RunTotals", "StepSummariser"]
 
 #: Modules with at most this many output units get per-unit allocations (``unit_allocations``).
 MAX_UNITS = 512
@@ -199,6 +200,82 @@ def _add_units(units: dict[str, Tensor], module: str, allocation: StepAllocation
         units[module] = per_unit
     elif units[module].shape == per_unit.shape:
         units[module] = units[module] + per_unit
+
+
+class ParameterCounts:
+    """Per parameter, the measured steps on which it helped (A < 0) and hurt (A > 0).
+
+    Two int32 tensors per trainable parameter tensor, of its shape and on its device
+    (8 bytes per parameter), and each tensor's count of measured steps T, so that a
+    parameter's helped fraction over training is ``helped / T`` (Lan et al.'s per-parameter
+    histogram). Updated from k and Δ slice by slice: ``A = k ⊙ Δ`` in the allocation's own
+    dtype (bitwise ``StepAllocation.allocation``), with no parameter-sized temporary.
+    """
+
+    def __init__(self) -> None:
+        self.helped: dict[str, Tensor] = {}
+        self.hurt: dict[str, Tensor] = {}
+        self.steps: dict[str, int] = {}
+
+    def update(self, allocation: StepAllocation, names: Sequence[str]) -> None:
+        """Count one measured step of the tensors ``names`` (Δ read as ``(start, end)`` when not formed)."""
+        delta = allocation.delta
+        for name in names:
+            k = allocation.path_gradient[name]
+            if name not in self.helped:
+                self.helped[name] = torch.zeros(k.shape, dtype=torch.int32, device=k.device)
+                self.hurt[name] = torch.zeros(k.shape, dtype=torch.int32, device=k.device)
+            elif self.helped[name].device != k.device:  # restored from a checkpoint (saved on CPU)
+                self.helped[name], self.hurt[name] = self.helped[name].to(k.device), self.hurt[name].to(k.device)
+            d = delta.operands(name) if isinstance(delta, LazyDelta) else delta[name]
+            _count_signs(k, d, self.helped[name], self.hurt[name])
+            self.steps[name] = self.steps.get(name, 0) + 1
+
+    def helped_fractions(
+        self, owner: Mapping[str, str], reported: set[str]
+    ) -> tuple[StreamingHistogram, dict[str, StreamingHistogram]]:
+        """Histograms of helped / T over every counted parameter, and per reported module."""
+        overall, modules = StreamingHistogram(), dict[str, StreamingHistogram]()
+        for name, helped in self.helped.items():
+            fraction = helped.double() / max(1, self.steps[name])
+            overall.add(fraction)
+            if owner.get(name) in reported:
+                modules.setdefault(owner[name], StreamingHistogram()).add(fraction)
+        return overall, modules
+
+    def copies(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {name: (self.helped[name].clone(), self.hurt[name].clone()) for name in self.helped}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "helped": {name: t.cpu() for name, t in self.helped.items()},
+            "hurt": {name: t.cpu() for name, t in self.hurt.items()},
+            "steps": dict(self.steps),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore (the tensors move to their parameter's device at the next update)."""
+        self.helped = {n: t.to(dtype=torch.int32) for n, t in state.get("helped", {}).items()}
+        self.hurt = {n: t.to(dtype=torch.int32) for n, t in state.get("hurt", {}).items()}
+        self.steps = {n: int(v) for n, v in state.get("steps", {}).items()}
+
+
+def _count_signs(k: Tensor, delta: Tensor | tuple[Tensor, Tensor], helped: Tensor, hurt: Tensor) -> None:
+    """``helped += (k ⊙ Δ < 0)``, ``hurt += (k ⊙ Δ > 0)`` in slices (Δ = end − start when a pair)."""
+    flat_k, flat_h, flat_u = k.detach().reshape(-1), helped.view(-1), hurt.view(-1)
+    pair = isinstance(delta, tuple)
+    flat_s, flat_e = (delta[0].detach().reshape(-1), delta[1].detach().reshape(-1)) if pair else (None, None)
+    flat_d = None if pair else delta.detach().reshape(-1)  # type: ignore[union-attr]
+    size = 1 << 15 if flat_k.device.type == "cpu" else 1 << 20
+    for start in range(0, flat_k.numel(), size):
+        stop = start + size
+        if flat_d is not None:
+            a = flat_k[start:stop] * flat_d[start:stop]
+        else:
+            assert flat_s is not None and flat_e is not None
+            a = flat_k[start:stop] * (flat_e[start:stop] - flat_s[start:stop])
+        flat_h[start:stop] += a < 0
+        flat_u[start:stop] += a > 0
 
 
 @dataclass

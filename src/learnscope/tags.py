@@ -183,6 +183,17 @@ def lca_histograms(values: Mapping[str, Any], root: str = "lca") -> dict[str, An
     return {_F("lca_hist").format(root, module=module): tensor for module, tensor in values.items()}
 
 
+def lca_param_helped(record: LCAStepRecord, root: str = "lca") -> dict[str, Any]:
+    """``lca/param_helped_fraction`` and ``lca/param_helped_fraction/<module>``: histograms of
+    each parameter's helped fraction over the measured steps so far (``parameter_counts=True``)."""
+    if record.param_helped is None:
+        return {}
+    out = {_F("lca_param_helped").format(root): record.param_helped}
+    for module, histogram in record.layer_param_helped.items():
+        out[_F("lca_layer_param_helped").format(root, module=module)] = histogram
+    return out
+
+
 # --------------------------------------------------------------------------- NFA
 
 

@@ -158,6 +158,7 @@ class LcaLayer:
     parts_cumulative: dict[str, ScalarSeries] = field(default_factory=dict)
     histogram: HistogramSeries | None = None  # lca/hist/<m>
     skewness: ScalarSeries | None = None  # lca/skewness/<m>
+    param_helped_fraction: HistogramSeries | None = None  # lca/param_helped_fraction/<m>
     units: dict[int, ScalarSeries] = field(default_factory=dict)  # lca/unit/<m>/<i>
 
 
@@ -188,6 +189,8 @@ class LcaRecords:
     skewness: ScalarSeries | None = None  # per step, over every parameter
     excess_kurtosis_pooled: ScalarSeries | None = None  # every allocation of the measured steps so far
     skewness_pooled: ScalarSeries | None = None  # the same
+    #: per-parameter helped fraction over training (parameter_counts=True), all parameters
+    param_helped_fraction: HistogramSeries | None = None
     cumulative_relative_error: ScalarSeries | None = None
     skipped_steps: ScalarSeries | None = None
     probe_stochastic: ScalarSeries | None = None  # the determinism self-check (first measured step)
@@ -486,6 +489,7 @@ _LCA_LAYER_ATTRIBUTES = {
     "lca_layer_hurt": "hurt_fraction",
     "lca_hist": "histogram",
     "lca_layer_skewness": "skewness",
+    "lca_layer_param_helped": "param_helped_fraction",
 }
 
 
