@@ -127,7 +127,7 @@ def test_run_level_metric_lists_derive_from_the_families():
     assert LCA_RUN_METRICS == contract.LCA_RUN_METRICS
     assert set(LCA_RUN_METRICS) < set(vars(LcaRecords()))  # every run-level LCA scalar is a field
     assert set(contract.NFA_RUN_METRICS) < set(vars(NfaRecords()))
-    assert len(LCA_RUN_METRICS) == 13 and contract.NFA_RUN_METRICS == ("skipped", "probe_stochastic")
+    assert len(LCA_RUN_METRICS) == 16 and contract.NFA_RUN_METRICS == ("skipped", "probe_stochastic")
 
 
 @pytest.mark.parametrize("readout", [False, True])
@@ -219,7 +219,8 @@ def written(tmp_path_factory):
         logdir, "full", Classifier(_net(), "sgd", lr=0.05, momentum=0.9, weight_decay=1e-3),
         [
             LossChangeAllocation(
-                probe_size=128, decompose=True, ablation=True, unit_allocations=True, histograms=True
+                probe_size=128, decompose=True, ablation=True, unit_allocations=True, histograms=True,
+                parameter_counts=True,
             ),
             NeuralFeatureAnsatz(every_n_steps=2, probe_size=128, images=True),
         ],

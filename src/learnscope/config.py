@@ -65,6 +65,7 @@ class LCAConfig:
     preset: str | None = None
     compile_statistics: bool | None = None
     name: str = "lca"
+    parameter_counts: bool = False
 
     @classmethod
     def resolve(cls, **flags: Any) -> LCAConfig:
@@ -143,4 +144,5 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "ablation": lambda v: check_bool("ablation", v),
     "unit_allocations": lambda v: check_bool("unit_allocations", v),
     "compile_statistics": _optional_bool,
+    "parameter_counts": lambda v: check_bool("parameter_counts", v),
 }

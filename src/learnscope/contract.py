@@ -257,6 +257,7 @@ def _nfa(name: str, template: str, unit: str, meaning: str, kind: Kind = "scalar
 
 LOSS = "loss"
 FRACTION = "fraction of parameters"
+FRACTION_OF_STEPS = "fraction of measured steps"
 COUNT = "count"
 FLAG = "0 or 1"
 RATIO = "ratio"
@@ -278,9 +279,18 @@ FAMILIES: tuple[TagFamily, ...] = (
     _lca("lca_helped_fraction_nonzero", "{root}/helped_fraction_nonzero", FRACTION,
          "Fraction of the parameters with A ≠ 0 that helped (A < 0)."),
     _lca("lca_excess_kurtosis", "{root}/excess_kurtosis", RATIO,
-         "Excess kurtosis of the allocations over every parameter (0 for a normal distribution)."),
+         "Excess kurtosis m₄/m₂² − 3 of the step's allocations over every parameter (per step; the report averages "
+         "it over steps; 0 for a normal distribution)."),
     _lca("lca_excess_kurtosis_nonzero", "{root}/excess_kurtosis_nonzero", RATIO,
          "Excess kurtosis of the allocations over the parameters with A ≠ 0."),
+    _lca("lca_skewness", "{root}/skewness", RATIO,
+         "Skewness m₃/m₂^{3/2} of the step's allocations over every parameter (per step; negative: a long tail of "
+         "parameters that helped)."),
+    _lca("lca_excess_kurtosis_pooled", "{root}/excess_kurtosis_pooled", RATIO,
+         "Excess kurtosis m₄/m₂² − 3 of every allocation of every measured step so far, pooled (run level, "
+         "cumulative)."),
+    _lca("lca_skewness_pooled", "{root}/skewness_pooled", RATIO,
+         "Skewness m₃/m₂^{3/2} of every allocation of every measured step so far, pooled (run level, cumulative)."),
     _lca("lca_cumulative_relative_error", "{root}/cumulative_relative_error", RATIO,
          "|Σ_t Σᵢ Aᵢ − Σ_t ΔL| / |Σ_t ΔL| over the measured steps so far (not written by the cheap mode)."),
     _lca("lca_skipped_steps", "{root}/skipped_steps", COUNT,
@@ -299,6 +309,14 @@ FAMILIES: tuple[TagFamily, ...] = (
          "Fraction of the module's parameters with A > 0 (hurt)."),
     _lca("lca_hist", "{root}/hist/{module}", LOSS, "Histogram of the module's per-parameter allocations Aᵢ.",
          "histogram"),
+    _lca("lca_layer_skewness", "{root}/skewness/{module}", RATIO,
+         "Skewness m₃/m₂^{3/2} of the module's allocations on the step."),
+    # LCA, per parameter over training (parameter_counts=True), at the histogram cadence
+    _lca("lca_param_helped", "{root}/param_helped_fraction", FRACTION_OF_STEPS,
+         "Histogram over every parameter of the fraction of the measured steps so far on which it helped (A < 0).",
+         "histogram"),
+    _lca("lca_layer_param_helped", "{root}/param_helped_fraction/{module}", FRACTION_OF_STEPS,
+         "The same over the module's parameters.", "histogram"),
     # LCA, optimizer parts (decompose=True)
     _lca("lca_part", "{root}/part/{part}", LOSS, "The step's allocation due to one part of the update, all modules."),
     _lca("lca_layer_part", "{root}/part/{part}/{module}", LOSS, "The same for one module."),
@@ -346,7 +364,9 @@ if len(_BY_NAME) != len(FAMILIES):  # pragma: no cover - a declaration error
     raise RuntimeError("two tag families share a name")
 
 #: the run-level LCA scalars (``lca/<metric>``), in LcaRecords' order
-LCA_RUN_METRICS: tuple[str, ...] = tuple(f.run_metric for f in FAMILIES if f.writer == "lca" and f.run_metric)
+LCA_RUN_METRICS: tuple[str, ...] = tuple(
+    f.run_metric for f in FAMILIES if f.writer == "lca" and f.run_metric and f.kind == "scalar"
+)
 #: the run-level NFA scalars (``nfa/<metric>``)
 NFA_RUN_METRICS: tuple[str, ...] = tuple(f.run_metric for f in FAMILIES if f.writer == "nfa" and f.run_metric)
 

@@ -7,6 +7,7 @@ offline report and any other consumer read them. Nothing here knows about tags.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,10 @@ class Counts:
 
 @dataclass
 class Moments:
-    """Raw power sums of the allocations, enough for mean, variance and kurtosis."""
+    """Raw power sums ``n, s_p = Σ aᵖ`` (p = 1..4) of the allocations, enough for the
+    mean, variance, skewness and kurtosis. Central moments come from them in float64:
+    μ = s₁/n, m₂ = s₂/n − μ², m₃ = s₃/n − 3μ s₂/n + 2μ³,
+    m₄ = s₄/n − 4μ s₃/n + 6μ² s₂/n − 3μ⁴."""
 
     n: int = 0
     s1: float = 0.0
@@ -62,17 +66,40 @@ class Moments:
         values: zeros add nothing to any power sum, so only the count changes."""
         return Moments(n, self.s1, self.s2, self.s3, self.s4)
 
-    @property
-    def excess_kurtosis(self) -> float:
-        """``n Σ(a−μ)⁴ / (Σ(a−μ)²)² − 3`` (0 for a normal distribution)."""
+    def _central(self) -> tuple[float, float, float] | None:
+        """(m₂, m₃, m₄), the population central moments; None when undefined (n < 2, m₂ ≤ 0)."""
         if self.n < 2:
-            return math.nan
+            return None
         n, mean = self.n, self.s1 / self.n
         m2 = self.s2 / n - mean**2
-        m4 = self.s4 / n - 4 * mean * self.s3 / n + 6 * mean**2 * self.s2 / n - 3 * mean**4
         if m2 <= 0:
-            return math.nan
-        return m4 / m2**2 - 3.0
+            return None
+        m3 = self.s3 / n - 3 * mean * self.s2 / n + 2 * mean**3
+        m4 = self.s4 / n - 4 * mean * self.s3 / n + 6 * mean**2 * self.s2 / n - 3 * mean**4
+        return m2, m3, m4
+
+    @property
+    def excess_kurtosis(self) -> float:
+        """``m₄ / m₂² − 3 = n Σ(a−μ)⁴ / (Σ(a−μ)²)² − 3`` (0 for a normal distribution; NaN when undefined)."""
+        central = self._central()
+        return math.nan if central is None else central[2] / central[0] ** 2 - 3.0
+
+    @property
+    def skewness(self) -> float:
+        """``m₃ / m₂^{3/2} = √n Σ(a−μ)³ / (Σ(a−μ)²)^{3/2}`` (the population skewness g₁;
+        0 for a symmetric distribution, negative when the long tail is on the helping side;
+        NaN when undefined)."""
+        central = self._central()
+        return math.nan if central is None else central[1] / central[0] ** 1.5
+
+    def as_list(self) -> list[float]:
+        """``[n, s₁, s₂, s₃, s₄]`` (for checkpoints)."""
+        return [float(self.n), self.s1, self.s2, self.s3, self.s4]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> Moments:
+        n, s1, s2, s3, s4 = values
+        return cls(int(n), float(s1), float(s2), float(s3), float(s4))
 
 
 @dataclass
@@ -105,10 +132,15 @@ class LCAStepRecord:
     moments: Moments
     layers: dict[str, float] = field(default_factory=dict)
     layer_counts: dict[str, Counts] = field(default_factory=dict)
+    layer_moments: dict[str, Moments] = field(default_factory=dict)
     parts: dict[str, float] = field(default_factory=dict)
     layer_parts: dict[str, dict[str, float]] = field(default_factory=dict)
     units: dict[str, Tensor] = field(default_factory=dict)
     histograms: dict[str, Any] | None = None  # module → StreamingHistogram
+    #: parameter_counts=True, on histogram steps: the per-parameter helped fractions over
+    #: training, of every parameter and per module (StreamingHistograms)
+    param_helped: Any | None = None
+    layer_param_helped: dict[str, Any] = field(default_factory=dict)
     ablation: dict[str, CornerStats] = field(default_factory=dict)
     #: The determinism self-check's verdict, on the first measured step only (None elsewhere).
     probe_stochastic: bool | None = None
@@ -116,6 +148,15 @@ class LCAStepRecord:
     @property
     def abs_error(self) -> float | None:
         return None if self.delta_loss is None else abs(self.delta_loss - self.total)
+
+    def _merge_layers(self, other: LCAStepRecord) -> None:
+        """Add the per-module sums, counts and power sums of ``other``."""
+        for name, value in other.layers.items():
+            self.layers[name] = self.layers.get(name, 0.0) + value
+        for name, counts in other.layer_counts.items():
+            self.layer_counts.setdefault(name, Counts()).add(counts)
+        for name, moments in other.layer_moments.items():
+            self.layer_moments.setdefault(name, Moments()).add(moments)
 
     def merge(self, other: LCAStepRecord) -> None:
         self.total += other.total
@@ -126,10 +167,7 @@ class LCAStepRecord:
         self.splits = max(self.splits, other.splits)
         self.counts.add(other.counts)
         self.moments.add(other.moments)
-        for name, value in other.layers.items():
-            self.layers[name] = self.layers.get(name, 0.0) + value
-        for name, counts in other.layer_counts.items():
-            self.layer_counts.setdefault(name, Counts()).add(counts)
+        self._merge_layers(other)
         for part, value in other.parts.items():
             self.parts[part] = self.parts.get(part, 0.0) + value
         for name, parts in other.layer_parts.items():
@@ -140,6 +178,8 @@ class LCAStepRecord:
             self.units[name] = self.units[name] + values if name in self.units else values
         if other.histograms:
             self.histograms = {**(self.histograms or {}), **other.histograms}
+        if other.param_helped is not None:  # made after this record's: counts every tensor so far
+            self.param_helped, self.layer_param_helped = other.param_helped, other.layer_param_helped
         if other.probe_stochastic is not None:
             self.probe_stochastic = bool(self.probe_stochastic) or other.probe_stochastic
         for corner, stats in other.ablation.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from learnscope._probe import warn
@@ -22,7 +23,7 @@ from learnscope.functional import decompose
 from learnscope.functional.lca import LazyDelta, StepAllocation
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
 
-__all__ = ["RunTotals", "StepSummariser"]
+__all__ = ["ParameterCounts", "RunTotals", "StepSummariser"]
 
 #: Modules with at most this many output units get per-unit allocations (``unit_allocations``).
 MAX_UNITS = 512
@@ -167,6 +168,7 @@ class StepSummariser:
             return
         out.layers[module] = out.layers.get(module, 0.0) + moments.s1
         out.layer_counts.setdefault(module, Counts()).add(counts)
+        out.layer_moments.setdefault(module, Moments()).add(moments)
         if split:
             _add_into(out.layer_parts.setdefault(module, {}), split)
 
@@ -200,6 +202,82 @@ def _add_units(units: dict[str, Tensor], module: str, allocation: StepAllocation
         units[module] = units[module] + per_unit
 
 
+class ParameterCounts:
+    """Per parameter, the measured steps on which it helped (A < 0) and hurt (A > 0).
+
+    Two int32 tensors per trainable parameter tensor, of its shape and on its device
+    (8 bytes per parameter), and each tensor's count of measured steps T, so that a
+    parameter's helped fraction over training is ``helped / T`` (Lan et al.'s per-parameter
+    histogram). Updated from k and Δ slice by slice: ``A = k ⊙ Δ`` in the allocation's own
+    dtype (bitwise ``StepAllocation.allocation``), with no parameter-sized temporary.
+    """
+
+    def __init__(self) -> None:
+        self.helped: dict[str, Tensor] = {}
+        self.hurt: dict[str, Tensor] = {}
+        self.steps: dict[str, int] = {}
+
+    def update(self, allocation: StepAllocation, names: Sequence[str]) -> None:
+        """Count one measured step of the tensors ``names`` (Δ read as ``(start, end)`` when not formed)."""
+        delta = allocation.delta
+        for name in names:
+            k = allocation.path_gradient[name]
+            if name not in self.helped:
+                self.helped[name] = torch.zeros(k.shape, dtype=torch.int32, device=k.device)
+                self.hurt[name] = torch.zeros(k.shape, dtype=torch.int32, device=k.device)
+            elif self.helped[name].device != k.device:  # restored from a checkpoint (saved on CPU)
+                self.helped[name], self.hurt[name] = self.helped[name].to(k.device), self.hurt[name].to(k.device)
+            d = delta.operands(name) if isinstance(delta, LazyDelta) else delta[name]
+            _count_signs(k, d, self.helped[name], self.hurt[name])
+            self.steps[name] = self.steps.get(name, 0) + 1
+
+    def helped_fractions(
+        self, owner: Mapping[str, str], reported: set[str]
+    ) -> tuple[StreamingHistogram, dict[str, StreamingHistogram]]:
+        """Histograms of helped / T over every counted parameter, and per reported module."""
+        overall, modules = StreamingHistogram(), dict[str, StreamingHistogram]()
+        for name, helped in self.helped.items():
+            fraction = helped.double() / max(1, self.steps[name])
+            overall.add(fraction)
+            if owner.get(name) in reported:
+                modules.setdefault(owner[name], StreamingHistogram()).add(fraction)
+        return overall, modules
+
+    def copies(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {name: (self.helped[name].clone(), self.hurt[name].clone()) for name in self.helped}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "helped": {name: t.cpu() for name, t in self.helped.items()},
+            "hurt": {name: t.cpu() for name, t in self.hurt.items()},
+            "steps": dict(self.steps),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore (the tensors move to their parameter's device at the next update)."""
+        self.helped = {n: t.to(dtype=torch.int32) for n, t in state.get("helped", {}).items()}
+        self.hurt = {n: t.to(dtype=torch.int32) for n, t in state.get("hurt", {}).items()}
+        self.steps = {n: int(v) for n, v in state.get("steps", {}).items()}
+
+
+def _count_signs(k: Tensor, delta: Tensor | tuple[Tensor, Tensor], helped: Tensor, hurt: Tensor) -> None:
+    """``helped += (k ⊙ Δ < 0)``, ``hurt += (k ⊙ Δ > 0)`` in slices (Δ = end − start when a pair)."""
+    flat_k, flat_h, flat_u = k.detach().reshape(-1), helped.view(-1), hurt.view(-1)
+    pair = isinstance(delta, tuple)
+    flat_s, flat_e = (delta[0].detach().reshape(-1), delta[1].detach().reshape(-1)) if pair else (None, None)
+    flat_d = None if pair else delta.detach().reshape(-1)  # type: ignore[union-attr]
+    size = 1 << 15 if flat_k.device.type == "cpu" else 1 << 20
+    for start in range(0, flat_k.numel(), size):
+        stop = start + size
+        if flat_d is not None:
+            a = flat_k[start:stop] * flat_d[start:stop]
+        else:
+            assert flat_s is not None and flat_e is not None
+            a = flat_k[start:stop] * (flat_e[start:stop] - flat_s[start:stop])
+        flat_h[start:stop] += a < 0
+        flat_u[start:stop] += a > 0
+
+
 @dataclass
 class RunTotals:
     """The run's cumulative LCA state, saved in checkpoints (``state_dict``).
@@ -212,6 +290,9 @@ class RunTotals:
         sum_total_with_loss: Σ_t Σ_i A over those same steps.
         measured_steps, skipped_steps, capped_steps: step counts.
         last_histogram_step: the step of the last histograms (their cadence resumes too).
+        moments: the raw power sums n, Σa, Σa², Σa³, Σa⁴ of every allocation of every
+            measured step (all parameters pooled), for ``lca/skewness_pooled`` and
+            ``lca/excess_kurtosis_pooled``.
     """
 
     cumulative: dict[str, float] = field(default_factory=dict)
@@ -223,6 +304,7 @@ class RunTotals:
     skipped_steps: int = 0
     capped_steps: int = 0
     last_histogram_step: int | None = None
+    moments: Moments = field(default_factory=Moments)
 
     def add(self, record: LCAStepRecord) -> None:
         """Count one measured step."""
@@ -232,6 +314,7 @@ class RunTotals:
             self.sum_delta_loss += record.delta_loss
             self.sum_total_with_loss += record.total
         _add_into(self.cumulative, record.layers)
+        self.moments.add(record.moments)
         _add_into(self.cumulative_parts, record.parts)
         for module, parts in record.layer_parts.items():
             _add_into(self.cumulative_parts, {f"{part}/{module}": value for part, value in parts.items()})
@@ -259,11 +342,12 @@ class RunTotals:
             "measured_steps": self.measured_steps,
             "cumulative_parts": dict(self.cumulative_parts),
             "last_histogram_step": self.last_histogram_step,
+            "moments": self.moments.as_list(),
         }
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RunTotals:
-        last = state.get("last_histogram_step")
+        last, moments = state.get("last_histogram_step"), state.get("moments")
         return cls(
             cumulative=dict(state.get("cumulative", {})),
             cumulative_parts=dict(state.get("cumulative_parts", {})),
@@ -274,4 +358,6 @@ class RunTotals:
             skipped_steps=int(state.get("skipped_steps", 0)),
             capped_steps=int(state.get("capped_steps", 0)),
             last_histogram_step=None if last is None else int(last),
+            # checkpoints written before the pooled moments existed start them afresh
+            moments=Moments() if moments is None else Moments.from_list(moments),
         )

@@ -16,7 +16,7 @@ from learnscope import contract
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from learnscope.records import LCAStepRecord, NFARecord
+    from learnscope.records import LCAStepRecord, Moments, NFARecord
 
 _F = contract.family
 
@@ -33,6 +33,9 @@ def lca_scalars(
         out[layer_cumulative] = cumulative[module]
         out[helped] = counts.helped_fraction
         out[hurt] = counts.hurt_fraction
+        skewness = record.layer_moments[module].skewness if module in record.layer_moments else math.nan
+        if math.isfinite(skewness):
+            out[_layer_skewness_tag(root, module)] = skewness
     part_tags = _part_tags(root)
     for part, value in record.parts.items():
         out[part_tags[part]] = value
@@ -62,6 +65,11 @@ def _module_tags(root: str, module: str) -> tuple[str, str, str, str]:
 
 
 @functools.lru_cache(maxsize=4096)
+def _layer_skewness_tag(root: str, module: str) -> str:
+    return _F("lca_layer_skewness").format(root, module=module)
+
+
+@functools.lru_cache(maxsize=4096)
 def _module_part_tags(root: str, module: str) -> dict[str, str]:
     """``lca/part/<part>/<module>`` of every part."""
     return {part: _F("lca_layer_part").format(root, part=part, module=module) for part in contract.PARTS}
@@ -84,6 +92,7 @@ def _lca_run_scalars(record: LCAStepRecord, cumulative_relative_error: float, ro
         "lca_excess_kurtosis": _finite(record.moments.excess_kurtosis),
         # frozen or never-reached parameters (A = 0 exactly) pile up at 0 and inflate the all-parameter kurtosis
         "lca_excess_kurtosis_nonzero": _finite(record.moments.over(record.counts.nonzero).excess_kurtosis),
+        "lca_skewness": _finite(record.moments.skewness),
         "lca_probe_stochastic": None if record.probe_stochastic is None else float(record.probe_stochastic),
     }
     if record.delta_loss is not None:
@@ -108,6 +117,14 @@ def _part_tags(root: str) -> dict[str, str]:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def lca_pooled(moments: Moments, root: str = "lca") -> dict[str, float]:
+    """``lca/skewness_pooled`` and ``lca/excess_kurtosis_pooled`` of the run's pooled power
+    sums (every allocation of every measured step so far); the undefined ones left out."""
+    values = {"lca_skewness_pooled": moments.skewness, "lca_excess_kurtosis_pooled": moments.excess_kurtosis}
+    tags = _run_tags(root)
+    return {tags[name]: value for name, value in values.items() if math.isfinite(value)}
 
 
 LCA_CAPPED_STEPS = contract.family("lca_capped_steps").run_metric
@@ -164,6 +181,17 @@ def _cumulative_part_tag(root: str, key: str) -> str:
 def lca_histograms(values: Mapping[str, Any], root: str = "lca") -> dict[str, Any]:
     """``lca/hist/<module>``: each module's allocations (a tensor or a StreamingHistogram)."""
     return {_F("lca_hist").format(root, module=module): tensor for module, tensor in values.items()}
+
+
+def lca_param_helped(record: LCAStepRecord, root: str = "lca") -> dict[str, Any]:
+    """``lca/param_helped_fraction`` and ``lca/param_helped_fraction/<module>``: histograms of
+    each parameter's helped fraction over the measured steps so far (``parameter_counts=True``)."""
+    if record.param_helped is None:
+        return {}
+    out = {_F("lca_param_helped").format(root): record.param_helped}
+    for module, histogram in record.layer_param_helped.items():
+        out[_F("lca_layer_param_helped").format(root, module=module)] = histogram
+    return out
 
 
 # --------------------------------------------------------------------------- NFA

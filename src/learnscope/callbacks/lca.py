@@ -35,7 +35,7 @@ from learnscope.estimators import StepEstimator, StepEvent, build_estimator
 from learnscope.functional import decompose
 from learnscope.functional.lca import StepAllocation
 from learnscope.records import LCAStepRecord
-from learnscope.step_summary import RunTotals, StepSummariser, reported_modules
+from learnscope.step_summary import ParameterCounts, RunTotals, StepSummariser, reported_modules
 
 __all__ = ["AUTO_COMPILE_PARAMETER_STEPS", "PROBES", "LossChangeAllocation"]
 
@@ -152,6 +152,13 @@ class LossChangeAllocation(ProbeCallback):
         flush_seconds: the longest measured scalars wait in memory before they are written
             (default 2.0; they are also written every ``trainer.log_every_n_steps``
             steps, at checkpoints and at the end). ``math.inf``: by steps only.
+        parameter_counts: per trainable parameter, count the measured steps on which it
+            helped (A < 0) and hurt (A > 0): two int32 tensors of each parameter tensor's
+            shape on its device, **8 bytes per parameter**, checkpointed. Logged every
+            ``trainer.log_every_n_steps`` steps as histograms of each parameter's helped
+            fraction helped / (measured steps), ``lca/param_helped_fraction`` and per module
+            ``lca/param_helped_fraction/<module>``; the tensors are
+            :attr:`per_parameter_counts` (default False).
 
     Accuracy depends on the model as well as the rule. On the digits MLP of the README
     (ReLU, no normalisation, SGD-momentum) ``"simpson"``'s cumulative relative error
@@ -162,6 +169,13 @@ class LossChangeAllocation(ProbeCallback):
     32 intervals). That is quadrature error (a 257-point reference agrees with the
     library), reduced by a larger probe set, a smaller learning rate or a larger
     ``max_intervals``; see docs/accuracy.md. ``lca/abs_error`` shows it per step.
+
+    The allocations' shape is logged two ways. Per step, over the parameters i of that
+    step: ``lca/skewness`` = m₃/m₂^{3/2} and ``lca/excess_kurtosis`` = m₄/m₂² − 3 with
+    m_p = (1/n) Σᵢ (A_i − Ā)^p (per module ``lca/skewness/<module>``); the report averages
+    them over steps. Pooled, over every (t, i) of the measured steps so far:
+    ``lca/skewness_pooled`` and ``lca/excess_kurtosis_pooled``, the same formulas on the
+    run's cumulative power sums Σ_t Σ_i A_{t,i}^p (p = 0..4, float64, checkpointed).
 
     The cheap mode ``probe="batch", rule="first_order"`` uses the gradient the
     optimizer applied (no extra pass): with plain SGD every allocation is then
@@ -197,6 +211,7 @@ class LossChangeAllocation(ProbeCallback):
     preset = _Flag()
     compile_statistics = _Flag()
     name = _Flag()
+    parameter_counts = _Flag()
 
     def __init__(
         self,
@@ -219,6 +234,7 @@ class LossChangeAllocation(ProbeCallback):
         relative_tolerance: float | None = None,
         name: str = "lca",
         flush_seconds: float = 2.0,
+        parameter_counts: bool = False,
     ) -> None:
         super().__init__()
         self.config = LCAConfig.resolve(
@@ -240,10 +256,12 @@ class LossChangeAllocation(ProbeCallback):
             ablation=ablation,
             unit_allocations=unit_allocations,
             compile_statistics=compile_statistics,
+            parameter_counts=parameter_counts,
         )
         self._log = _logging.DeferredLog(max_delay=check_seconds("flush_seconds", flush_seconds))
         self._stats = ProductStats(compiled=bool(compile_statistics))
         self._totals = RunTotals()
+        self._parameter_counts = ParameterCounts()
         self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
         self._losses: ProbeLosses | None = None  # kept past the fit: its self-check verdict
         self._warned: set[str] = set()  # one-off messages (optimizer classes; "capped": once per fit)
@@ -284,11 +302,17 @@ class LossChangeAllocation(ProbeCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self._totals.state_dict()
+        state = self._totals.state_dict()
+        if self.parameter_counts:
+            state["parameter_counts"] = self._parameter_counts.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._totals = RunTotals.from_state_dict(state_dict)
+        self._parameter_counts = ParameterCounts()
+        if "parameter_counts" in state_dict:
+            self._parameter_counts.load_state_dict(state_dict["parameter_counts"])
 
     # ------------------------------------------------------------------ set-up and tear-down
 
@@ -504,6 +528,8 @@ class LossChangeAllocation(ProbeCallback):
         if not math.isfinite(record.total):
             self._skip(event.step, "non-finite allocation")
             return None
+        if self.parameter_counts:
+            self._count_parameters(event, allocation, record)
         estimator.accept(measurement, self._tracked)
         if self.rule == "adaptive" and not self.config.cheap:
             self._count_capped(event.step, allocation, record)
@@ -518,7 +544,8 @@ class LossChangeAllocation(ProbeCallback):
 
     def _summarise(self, event: StepEvent, allocation: StepAllocation) -> LCAStepRecord:
         assert self._summariser is not None and self._trainer is not None
-        want_histograms = self.histograms and self._totals.histogram_due(event.step, _log_every_n_steps(self._trainer))
+        due = self._totals.histogram_due(event.step, _log_every_n_steps(self._trainer))
+        want_histograms = self.histograms and due
         record = self._summariser.summarise(
             event.step,
             event.names,
@@ -527,9 +554,20 @@ class LossChangeAllocation(ProbeCallback):
             histograms=want_histograms,
             with_delta_loss=not self.config.cheap,
         )
-        if want_histograms:
+        if due and (self.histograms or self.parameter_counts):
             self._totals.last_histogram_step = event.step
         return record
+
+    def _count_parameters(self, event: StepEvent, allocation: StepAllocation, record: LCAStepRecord) -> None:
+        """``parameter_counts``: count the step per parameter; on histogram steps (``_summarise``
+        marked this one) attach the helped-fraction histograms to the record."""
+        assert self._summariser is not None
+        self._parameter_counts.update(allocation, event.names)
+        if self._totals.last_histogram_step == event.step:
+            summariser = self._summariser
+            record.param_helped, record.layer_param_helped = self._parameter_counts.helped_fractions(
+                summariser.owner, summariser.reported
+            )
 
     @property
     def probe_is_stochastic(self) -> bool | None:
@@ -579,10 +617,12 @@ class LossChangeAllocation(ProbeCallback):
             scalars = tags.lca_scalars(record, self._totals.cumulative, self.cumulative_relative_error, root=self.name)
             if step in self._capped_seen:
                 scalars.update(tags.lca_capped(self._totals.capped_steps, root=self.name))
+            scalars.update(tags.lca_pooled(self._totals.moments, root=self.name))
             if record.parts:
                 scalars.update(tags.lca_part_cumulative(self._totals.cumulative_parts, root=self.name))
-            histograms = tags.lca_histograms(record.histograms, root=self.name) if record.histograms else None
-            self._log.add(trainer, step, scalars, histograms)
+            histograms = tags.lca_histograms(record.histograms, root=self.name) if record.histograms else {}
+            histograms.update(tags.lca_param_helped(record, root=self.name))
+            self._log.add(trainer, step, scalars, histograms or None)
         self._records.clear()
         self._capped_seen.clear()
 
@@ -593,6 +633,19 @@ class LossChangeAllocation(ProbeCallback):
         """The run's cumulative state so far (a copy): sums, per-module cumulative
         allocations, measured / skipped / capped step counts."""
         return RunTotals.from_state_dict(self._totals.state_dict())
+
+    @property
+    def per_parameter_counts(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``parameter_counts=True``: per trainable parameter tensor, ``(helped, hurt)``, int32
+        tensors of its shape counting the measured steps with A < 0 and A > 0 (copies; empty
+        when the flag is off or before the first measured step). Resumed runs continue them."""
+        return self._parameter_counts.copies()
+
+    @property
+    def per_parameter_steps(self) -> dict[str, int]:
+        """The measured steps counted in :attr:`per_parameter_counts`, per tensor (a parameter's
+        helped fraction over training is ``helped / steps``)."""
+        return dict(self._parameter_counts.steps)
 
     @property
     def cumulative_relative_error(self) -> float:

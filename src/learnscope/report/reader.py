@@ -157,6 +157,8 @@ class LcaLayer:
     parts: dict[str, ScalarSeries] = field(default_factory=dict)
     parts_cumulative: dict[str, ScalarSeries] = field(default_factory=dict)
     histogram: HistogramSeries | None = None  # lca/hist/<m>
+    skewness: ScalarSeries | None = None  # lca/skewness/<m>
+    param_helped_fraction: HistogramSeries | None = None  # lca/param_helped_fraction/<m>
     units: dict[int, ScalarSeries] = field(default_factory=dict)  # lca/unit/<m>/<i>
 
 
@@ -184,6 +186,11 @@ class LcaRecords:
     helped_fraction_nonzero: ScalarSeries | None = None  # over parameters with A != 0
     excess_kurtosis: ScalarSeries | None = None
     excess_kurtosis_nonzero: ScalarSeries | None = None  # over parameters with A != 0
+    skewness: ScalarSeries | None = None  # per step, over every parameter
+    excess_kurtosis_pooled: ScalarSeries | None = None  # every allocation of the measured steps so far
+    skewness_pooled: ScalarSeries | None = None  # the same
+    #: per-parameter helped fraction over training (parameter_counts=True), all parameters
+    param_helped_fraction: HistogramSeries | None = None
     cumulative_relative_error: ScalarSeries | None = None
     skipped_steps: ScalarSeries | None = None
     probe_stochastic: ScalarSeries | None = None  # the determinism self-check (first measured step)
@@ -481,6 +488,8 @@ _LCA_LAYER_ATTRIBUTES = {
     "lca_layer_helped": "helped_fraction",
     "lca_layer_hurt": "hurt_fraction",
     "lca_hist": "histogram",
+    "lca_layer_skewness": "skewness",
+    "lca_layer_param_helped": "param_helped_fraction",
 }
 
 

@@ -92,6 +92,9 @@ class RunSummary:
     mean_helped_fraction_nonzero: float | None = None
     mean_excess_kurtosis: float | None = None
     mean_excess_kurtosis_nonzero: float | None = None
+    mean_skewness: float | None = None  # lca/skewness averaged over steps
+    pooled_excess_kurtosis: float | None = None  # lca/excess_kurtosis_pooled at the last step
+    pooled_skewness: float | None = None  # lca/skewness_pooled at the last step
     skipped_steps: float | None = None
     probe_stochastic: bool | None = None  # the LCA self-check found the probe loss random
     capped_steps: float | None = None  # adaptive steps accepted at max_intervals above their error target
@@ -244,6 +247,9 @@ def _with_lca_fields(summary: RunSummary, lca: LcaRecords, layers_sum: float | N
         mean_helped_fraction_nonzero=_mean(lca.helped_fraction_nonzero),
         mean_excess_kurtosis=_mean(lca.excess_kurtosis),
         mean_excess_kurtosis_nonzero=_mean(lca.excess_kurtosis_nonzero),
+        mean_skewness=_mean(lca.skewness),
+        pooled_excess_kurtosis=_last(lca.excess_kurtosis_pooled),
+        pooled_skewness=_last(lca.skewness_pooled),
         skipped_steps=_last(lca.skipped_steps),
         probe_stochastic=None if probe_stochastic is None else bool(probe_stochastic.values.max() > 0),
         capped_steps=_last(lca.capped_steps),
@@ -362,6 +368,9 @@ _HEADLINE: tuple[tuple[str, Callable[[Any], str], Callable[[Any], bool]], ...] =
         "mean excess kurtosis of the allocations (parameters with A != 0): {:.3g}".format,
         _is_set,
     ),
+    ("pooled_excess_kurtosis", "excess kurtosis of all steps' allocations pooled: {:.3g}".format, _is_set),
+    ("mean_skewness", "mean skewness of the allocations: {:.3g}".format, _is_set),
+    ("pooled_skewness", "skewness of all steps' allocations pooled: {:.3g}".format, _is_set),
     ("skipped_steps", "skipped steps: {:g}".format, bool),
     (
         "probe_stochastic",
