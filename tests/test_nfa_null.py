@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,28 @@ def test_rotation_null_checks_its_arguments():
         rotation_null(weight, gram, draws=-1)
     with pytest.raises(ValueError, match="draws must be an int >= 1"):
         haar_orthogonal_batch(0, 3)
+
+
+def test_nfa_figure_draws_the_null_with_its_196_se_bars():
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+
+    from learnscope.report.figures import _draw_against_null
+    from learnscope.report.reader import ScalarSeries
+
+    def series(tag, steps, values):
+        return ScalarSeries(tag, np.asarray(steps, dtype=np.int64), np.asarray(values, float), np.zeros(len(steps)))
+
+    metrics = {
+        "pearson_a1": series("nfa/l/pearson_a1", [0, 10, 20], [0.5, 0.7, 0.8]),
+        "null_a1": series("nfa/l/null_a1", [0, 10, 20], [0.4, 0.45, 0.5]),
+        "null_se_a1": series("nfa/l/null_se_a1", [10, 20], [0.01, 0.02]),  # not at step 0
+    }
+    axes = Figure().subplots()
+    assert _draw_against_null(axes, metrics, 1.0, "#1f77b4")
+    bars = [c for c in axes.collections if isinstance(c, LineCollection)]
+    assert len(bars) == 1
+    segments = [np.asarray(s) for s in bars[0].get_segments()]
+    drawn = np.array([(s[0, 0], s[0, 1], s[1, 1]) for s in segments])
+    expected = np.array([(10, 0.45 - 1.96 * 0.01, 0.45 + 1.96 * 0.01), (20, 0.5 - 1.96 * 0.02, 0.5 + 1.96 * 0.02)])
+    assert np.allclose(drawn, expected, rtol=0, atol=1e-12)
