@@ -923,10 +923,8 @@ def nfa_metrics(
     * ``null_a{α}``: mean of ``pearson_a{α}`` with G replaced by Q G Qᵀ over
       ``null_draws`` Haar-random orthogonal Q (k×k): what the correlation is for
       a G with the same spectrum but no relation to W (high when W has low
-      stable rank); ``null_se_a{α}``: its standard error, the sample standard
-      deviation of the per-draw values / √null_draws (NaN for one draw; also the
-      standard error of the excess, pearson being exact; the draws are
-      :func:`rotation_null`'s); ``excess_a{α}`` = pearson − null. Omitted when null_draws=0;
+      stable rank); ``null_se_a{α}``: its (and the excess's) standard error, std of the :func:`rotation_null`
+      draws / √null_draws (NaN for one draw); ``excess_a{α}`` = pearson − null. Omitted when null_draws=0;
     * ``align_a{α}`` for α ≠ 1: cosine of UᵀGU with S^{2(1/α−1)} (the NFA-α
       condition G ∝ (WWᵀ)^{1/α−1} on range(W); for α = ½, G ∝ WWᵀ). For α = 1 it
       would be √``sphericity_range`` and is not repeated.
@@ -943,8 +941,8 @@ def nfa_metrics(
 
     ``readout=True`` marks a layer whose output is the raw model output, where G
     = I exactly (∇_z f_j = e_j): every α = 1 correlation is then identically 1 by
-    construction (WᵀW vs WᵀW), so ``pearson_a1``, ``cosine_a1``, ``null_a1``, ``null_se_a1``,
-    ``excess_a1`` and ``cnfa_pearson_a1`` are left out instead of reported as
+    construction (WᵀW vs WᵀW), so ``pearson``, ``cosine``, ``null``, ``null_se``, ``excess``
+    (``_a1``) and ``cnfa_pearson_a1`` are left out instead of reported as
     evidence. α = ½ stays informative. Undefined values (W = 0, G = 0, ΔW = 0) are NaN.
     """
     return _nfa_metrics_and_spectrum(
