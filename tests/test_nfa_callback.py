@@ -40,6 +40,8 @@ ALL_METRICS = {
     "cosine_a0.5",
     "null_a1",
     "null_a0.5",
+    "null_se_a1",
+    "null_se_a0.5",
     "excess_a1",
     "excess_a0.5",
     "sphericity",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import warnings
 
 import pytest
@@ -742,6 +743,7 @@ def reference_metrics(weight, gram, alphas, initial_weight, rotations):
             reference_pearson(nfm, reference_power(weight.mT @ q @ gram @ q.mT @ weight, alpha)) for q in rotations
         ]
         expected[f"null_{suffix}"] = sum(nulls) / len(nulls)
+        expected[f"null_se_{suffix}"] = statistics.stdev(nulls) / len(nulls) ** 0.5
         expected[f"excess_{suffix}"] = expected[f"pearson_{suffix}"] - expected[f"null_{suffix}"]
         if alpha != 1:
             expected[f"align_{suffix}"] = reference_cosine(
@@ -870,6 +872,8 @@ def test_default_metric_keys_are_exactly_the_brief_list():
         "cosine_a0.5",
         "null_a1",
         "null_a0.5",
+        "null_se_a1",
+        "null_se_a0.5",
         "excess_a1",
         "excess_a0.5",
         "sphericity",
@@ -891,7 +895,7 @@ def test_readout_omits_alpha_one_keys():
     # the reason: with G = I the α = 1 correlation is identically 1
     assert nfa_metrics(weight, identity)["pearson_a1"] == pytest.approx(1.0, abs=1e-12)
     metrics = nfa_metrics(weight, identity, readout=True, initial_weight=torch.zeros(10, 16))
-    assert not {"pearson_a1", "cosine_a1", "null_a1", "excess_a1", "cnfa_pearson_a1"} & set(metrics)
+    assert not {"pearson_a1", "cosine_a1", "null_a1", "null_se_a1", "excess_a1", "cnfa_pearson_a1"} & set(metrics)
     assert {"pearson_a0.5", "cosine_a0.5", "null_a0.5", "excess_a0.5", "align_a0.5"} <= set(metrics)
 
 

@@ -343,6 +343,9 @@ FAMILIES: tuple[TagFamily, ...] = (
     _nfa("nfa_null", "{root}/{layer}/null_a{alpha}", CORRELATION,
          "pearson_a<alpha> with G randomly rotated (mean over null_draws): the alignment a G with the same spectrum "
          "gets for free."),
+    _nfa("nfa_null_se", "{root}/{layer}/null_se_a{alpha}", CORRELATION,
+         "Standard error of null (and of excess): the draws' sample standard deviation / √null_draws "
+         "(null_draws ≥ 2)."),
     _nfa("nfa_excess", "{root}/{layer}/excess_a{alpha}", CORRELATION,
          "pearson − null: the alignment beyond chance, the number to read."),
     _nfa("nfa_sphericity", "{root}/{layer}/sphericity", RATIO, "ψ(G) = tr(G)²/(k·tr(G²)) ∈ [1/k, 1]; 1 when G ∝ I."),
@@ -457,10 +460,11 @@ def nfa_metric_names(alphas: Iterable[float] = (1.0, 0.5), null: bool = True) ->
 
     Args:
         alphas: the callback's ``alphas``.
-        null: whether the rotation null is on (``null_draws > 0``): ``null_*`` and ``excess_*``.
+        null: whether the rotation null is on (``null_draws > 0``): ``null_*``, ``null_se_*``
+            (written when ``null_draws`` ≥ 2) and ``excess_*``.
     """
     alphas = tuple(alphas)
-    per_alpha = ["nfa_pearson", "nfa_cosine"] + (["nfa_null", "nfa_excess"] if null else [])
+    per_alpha = ["nfa_pearson", "nfa_cosine"] + (["nfa_null", "nfa_null_se", "nfa_excess"] if null else [])
     names = [_BY_NAME[name].leaf(alpha=alpha) for name in per_alpha for alpha in alphas]
     names += [_BY_NAME["nfa_sphericity"].leaf(), _BY_NAME["nfa_sphericity_range"].leaf()]
     # align_a1 would be √sphericity_range: not written

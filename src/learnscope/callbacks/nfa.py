@@ -34,6 +34,7 @@ from learnscope._probe import (
 from learnscope.callbacks._base import ProbeCallback
 from learnscope.functional.nfa import (
     ESTIMATORS,
+    NULL_DRAWS,
     PreactivationGramAccumulator,
     call_model,
     default_output_fn,
@@ -81,7 +82,8 @@ class NeuralFeatureAnsatz(ProbeCallback):
     Tags (``nfa/<layer>/<metric>``, at step ``global_step``): ``pearson_a1``,
     ``cosine_a1``, ``pearson_a0.5``, ``cosine_a0.5`` (NFM vs AGOP^α; Pearson is the
     headline), ``null_a*`` (the same Pearson with G rotated by random orthogonal
-    matrices) and ``excess_a*`` = pearson − null, ``sphericity`` and
+    matrices), ``null_se_a*`` (its standard error over the draws) and
+    ``excess_a*`` = pearson − null, ``sphericity`` and
     ``sphericity_range`` (isotropy of G, overall and on range(W)), ``align_a0.5``
     (G vs WWᵀ on range(W)), ``stable_rank``, ``weight_change`` = ‖W−W₀‖/‖W‖ and
     ``cnfa_pearson_a1`` (W − W₀ in place of W). Other α get the same families with
@@ -117,7 +119,8 @@ class NeuralFeatureAnsatz(ProbeCallback):
             name selects all four). Linear maps on sequences are measured per token;
             convolutions per patch, G summed over positions.
         alphas: the exponents α of AGOP^α (positive).
-        null_draws: random rotations for the null baseline (0: no null, no excess).
+        null_draws: random rotations for the null baseline (0: no null, no excess;
+            the null's standard error ``null_se_a*`` needs ≥ 2).
         input_fn: ``batch -> model input``; default :func:`default_input_fn` (a
             forward with several required positional parameters, ``forward(inputs,
             target)``, gets that many leading elements of a tuple batch).
@@ -153,7 +156,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
         probe_batch_size: int = 256,
         layers: list[str] | None = None,
         alphas: list[float] = [1.0, 0.5],  # noqa: B006  (never mutated: copied to a tuple)
-        null_draws: int = 4,
+        null_draws: int = NULL_DRAWS,
         input_fn: Callable[[Any], Any] | None = None,
         output_fn: Callable[[Any], Any] | None = None,
         estimator: Literal["exact", "hutchinson", "auto"] = "auto",

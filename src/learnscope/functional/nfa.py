@@ -45,6 +45,7 @@ from learnscope.layers import (
 __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
     "ESTIMATORS",
+    "NULL_DRAWS",
     "PreactivationGramAccumulator",
     "agop",
     "alpha_suffix",
@@ -53,12 +54,14 @@ __all__ = [
     "eval_mode",
     "feature_matrices",
     "haar_orthogonal",
+    "haar_orthogonal_batch",
     "nfa_metrics",
     "nfa_metrics_and_spectrum",
     "preactivation_grams",
     "range_spectrum",
     "readout_from_grams",
     "readout_from_outputs",
+    "rotation_null",
 ]
 
 Estimator = Literal["exact", "hutchinson", "auto"]
@@ -71,6 +74,9 @@ AUTO_EXACT_MAX_OUTPUTS = 64
 # Seed of the private generator used when no generator is passed: results are
 # reproducible and the global RNG streams are never read or advanced.
 _DEFAULT_SEED = 0
+
+#: Default number of Haar rotations of the NFA rotation null (``null_draws``).
+NULL_DRAWS = 16
 
 
 # --------------------------------------------------------------------------- #
@@ -735,32 +741,55 @@ def _range_frame(
 
 def _haar_transpose_times(frame: Tensor, generator: torch.Generator) -> Tensor:
     """Qᵀ·frame for the Haar-random Q that ``haar_orthogonal(k, generator=generator)`` would
-    return (the same draw), without forming Q: the Householder QR of the same Gaussian
-    matrix, its reflectors applied to ``frame`` (k×r) and the sign correction
-    Q → Q·diag(sign R_ii) applied to the rows. Round-off aside, equal to
-    ``haar_orthogonal(k, generator=generator).mT @ frame``, in about half the time."""
+    return (the same draw): ``_haar_transposes_times(frame, generator, 1)[0]``."""
+    return _haar_transposes_times(frame, generator, 1)[0]
+
+
+def _haar_transposes_times(frame: Tensor, generator: torch.Generator, draws: int) -> Tensor:
+    """Q_iᵀ·frame (draws×k×r) for ``draws`` Haar-random Q_i, the draws that ``draws`` successive
+    ``haar_orthogonal(k, generator=generator)`` calls would return, without forming Q: one
+    batched Householder QR of the draws' Gaussian matrices, its reflectors applied to
+    ``frame`` (k×r) and the sign correction Q → Q·diag(sign R_ii) applied to the rows.
+    Round-off aside, equal to ``haar_orthogonal(k, generator=generator).mT @ frame`` per
+    draw, in about half the time. The Gaussians are drawn one k×k matrix at a time, so the
+    generator's stream is consumed as by the unbatched draws."""
     k = frame.shape[0]
-    gaussian = torch.randn(
-        k,
-        k,
-        generator=generator,
-        dtype=torch.float64,
-        device=generator.device if generator is not None else "cpu",
+    device = generator.device if generator is not None else "cpu"
+    gaussians = torch.stack(
+        [torch.randn(k, k, generator=generator, dtype=torch.float64, device=device) for _ in range(draws)]
     )
-    reflectors, tau = torch.geqrf(gaussian)
-    signs = torch.sign(torch.diagonal(reflectors))
+    reflectors, tau = torch.geqrf(gaussians)
+    signs = torch.sign(torch.diagonal(reflectors, dim1=-2, dim2=-1))
     signs[signs == 0] = 1.0
-    frame_here = frame.to(device=reflectors.device)
-    rotated = torch.ormqr(reflectors, tau, frame_here, left=True, transpose=True) * signs[:, None]
+    frame_here = frame.to(device=reflectors.device).expand(draws, *frame.shape)
+    rotated = torch.ormqr(reflectors, tau, frame_here, left=True, transpose=True) * signs[..., None]
     return rotated.to(device=frame.device)
 
 
+def haar_orthogonal_batch(
+    draws: int,
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``draws`` Haar-distributed random orthogonal k×k matrices (draws×k×k), by the batched
+    QR the rotation null uses: equal, round-off aside, to ``draws`` successive
+    ``haar_orthogonal(k, generator=generator)`` calls."""
+    check_int("draws", draws, minimum=1)
+    if generator is None:
+        generator = torch.Generator().manual_seed(_DEFAULT_SEED)
+    identity = torch.eye(k, dtype=torch.float64, device=generator.device)
+    return _haar_transposes_times(identity, generator, draws).mT.to(dtype=dtype, device=device)
+
+
 def _psd_eigen_power(matrix: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """(p, E) with M^α = E diag(p) Eᵀ for symmetric PSD M (eigh); round-off (negative or
-    ≤ r·ε·λ_max) eigenvalues → 0."""
+    """(p, E) with M^α = E diag(p) Eᵀ for symmetric PSD M (eigh; batched over leading
+    dimensions); round-off (negative or ≤ r·ε·λ_max of its matrix) eigenvalues → 0."""
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    largest = eigenvalues.abs().max()
-    cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * largest
+    largest = eigenvalues.abs().amax(dim=-1, keepdim=True)
+    cutoff = matrix.shape[-1] * torch.finfo(matrix.dtype).eps * largest
     powered = torch.where(eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues))
     return powered, eigenvectors
 
@@ -783,45 +812,58 @@ def _ratio(numerator: Tensor | float, denominator: Tensor | float) -> float:
 
 
 def _nfa_correlations(s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, d: int) -> tuple[float, float]:
-    r"""Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S.
+    """Cosine and Pearson of NFM = WᵀW = V S² Vᵀ with AGOP^α = V M^α Vᵀ, M = S UᵀGU S
+    (the sums of ``_correlation_terms``)."""
+    if s.numel() == 0:
+        return float("nan"), float("nan")
+    inner, norm_x2, norm_y2, sum_x, sum_y = _correlation_terms(s, v, compressed_gram, alpha)
+    cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
+    return cosine, float(_centred_pearson_tensor(inner, norm_x2, norm_y2, sum_x, sum_y, d))
+
+
+def _correlation_terms(
+    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""(⟨A, B⟩, ‖A‖², ‖B‖², Σ A_ij, Σ B_ij) for NFM A = WᵀW = V S² Vᵀ and AGOP^α B = V M^α Vᵀ,
+    M = S UᵀGU S; ``compressed_gram`` (UᵀGU) may carry leading batch dimensions, and so then
+    do the terms of B.
 
     Both are d×d matrices A = V X Vᵀ, B = V Y Vᵀ with Vᵀ V = I (r columns),
     X = S² diagonal and Y = M^α (r×r symmetric), so with u = Vᵀ1:
         ⟨A, B⟩ = tr(XY) = Σ_i s_i² Y_ii,  ‖A‖² = Σ_i s_i⁴,  ‖B‖² = ‖Y‖_F²,
-        mean entries a = uᵀXu/d² = Σ_i s_i² u_i²/d²,  b = uᵀYu/d²,
-        ⟨A − a𝟙, B − b𝟙⟩ = ⟨A, B⟩ − d²ab,  ‖A − a𝟙‖² = ‖A‖² − d²a²,
-    and Pearson is the cosine of the centred matrices. For α ≠ 1, Y = E diag(p) Eᵀ
-    (eigh of M) is not formed: Y_ii = Σ_j E_ij² p_j, ‖Y‖_F² = Σ_j p_j² and
-    uᵀYu = Σ_j p_j (Eᵀu)_j².
+        Σ A_ij = uᵀXu = Σ_i s_i² u_i²,  Σ B_ij = uᵀYu,
+    and Pearson is the cosine of the centred matrices (``_centred_pearson_tensor``). For
+    α ≠ 1, Y = E diag(p) Eᵀ (eigh of M) is not formed: Y_ii = Σ_j E_ij² p_j,
+    ‖Y‖_F² = Σ_j p_j² and uᵀYu = Σ_j p_j (Eᵀu)_j².
     """
-    if s.numel() == 0:
-        return float("nan"), float("nan")
     x = s**2
     u = v.sum(dim=0)
     m = s[:, None] * compressed_gram * s[None, :]
     if alpha == 1:
-        diagonal_y = torch.diagonal(m)
-        norm_y2 = (m * m).sum()
-        u_y_u = u @ m @ u
+        diagonal_y = torch.diagonal(m, dim1=-2, dim2=-1)
+        norm_y2 = (m * m).sum(dim=(-2, -1))
+        u_y_u = ((m @ u) * u).sum(dim=-1)
     else:
         powered, eigenvectors = _psd_eigen_power(m, alpha)
-        diagonal_y = (eigenvectors * eigenvectors) @ powered
-        norm_y2 = (powered * powered).sum()
-        u_y_u = (powered * (eigenvectors.mT @ u) ** 2).sum()
-    inner = (x * diagonal_y).sum()
-    norm_x2 = (x * x).sum()
-    cosine = _ratio(inner, torch.sqrt(norm_x2 * norm_y2))
-    return cosine, _centred_pearson(inner, norm_x2, norm_y2, (x * u * u).sum(), u_y_u, d)
+        diagonal_y = (eigenvectors * eigenvectors * powered[..., None, :]).sum(dim=-1)
+        norm_y2 = (powered * powered).sum(dim=-1)
+        u_y_u = (powered * (eigenvectors.mT @ u) ** 2).sum(dim=-1)
+    inner = (x * diagonal_y).sum(dim=-1)
+    return inner, (x * x).sum(), norm_y2, (x * u * u).sum(), u_y_u
 
 
-def _centred_pearson(inner: Tensor, norm_a2: Tensor, norm_b2: Tensor, sum_a: Tensor, sum_b: Tensor, d: int) -> float:
+def _centred_pearson_tensor(
+    inner: Tensor, norm_a2: Tensor, norm_b2: Tensor, sum_a: Tensor, sum_b: Tensor, d: int
+) -> Tensor:
     """Pearson of two d×d matrices A, B from ⟨A, B⟩, ‖A‖², ‖B‖² and their entry sums:
-    the cosine after subtracting each mean entry, ⟨A − a𝟙, B − b𝟙⟩ = ⟨A, B⟩ − d²ab."""
+    the cosine after subtracting each mean entry, ⟨A − a𝟙, B − b𝟙⟩ = ⟨A, B⟩ − d²ab
+    (elementwise over batched terms; NaN where a variance is 0)."""
     mean_a, mean_b = sum_a / d**2, sum_b / d**2
     covariance = inner - d**2 * mean_a * mean_b
     variance_a = (norm_a2 - d**2 * mean_a**2).clamp_min(0)
     variance_b = (norm_b2 - d**2 * mean_b**2).clamp_min(0)
-    return _ratio(covariance, torch.sqrt(variance_a * variance_b))
+    scale = torch.sqrt(variance_a * variance_b)
+    return torch.where((scale > 0) & torch.isfinite(scale), covariance / scale, torch.nan)
 
 
 def _product_pearson(weight: Tensor, gram: Tensor) -> float:
@@ -829,7 +871,7 @@ def _product_pearson(weight: Tensor, gram: Tensor) -> float:
     forming them when k ≤ d: with P = WWᵀ (k×k) and w = W𝟙,
         ⟨A, B⟩ = tr(PGP) = ⟨P, GP⟩,  ‖A‖² = ‖P‖²,  ‖B‖² = tr(GPGP),
         Σ A_ij = ‖w‖²,  Σ B_ij = wᵀGw,
-    then ``_centred_pearson``. For k > d, A and B are formed (d×d is smaller).
+    then ``_centred_pearson_tensor``. For k > d, A and B are formed (d×d is smaller).
     Unlike the range-restricted metrics it keeps W's round-off directions, which weigh
     in at (singular value / s_max)² ≤ rank_rtol² there."""
     k, d = weight.shape
@@ -843,7 +885,7 @@ def _product_pearson(weight: Tensor, gram: Tensor) -> float:
         a, b = weight.mT @ weight, weight.mT @ gram @ weight
         inner, norm_a2, norm_b2 = (a * b).sum(), (a * a).sum(), (b * b).sum()
         sum_a, sum_b = a.sum(), b.sum()
-    return _centred_pearson(inner, norm_a2, norm_b2, sum_a, sum_b, d)
+    return float(_centred_pearson_tensor(inner, norm_a2, norm_b2, sum_a, sum_b, d))
 
 
 def _sphericity(gram: Tensor) -> float:
@@ -860,7 +902,7 @@ def nfa_metrics(
     *,
     alphas: Sequence[float] = (1.0, 0.5),
     initial_weight: Tensor | None = None,
-    null_draws: int = 4,
+    null_draws: int = NULL_DRAWS,
     generator: torch.Generator | None = None,
     readout: bool = False,
     rank_rtol: float | None = None,
@@ -881,7 +923,8 @@ def nfa_metrics(
     * ``null_a{α}``: mean of ``pearson_a{α}`` with G replaced by Q G Qᵀ over
       ``null_draws`` Haar-random orthogonal Q (k×k): what the correlation is for
       a G with the same spectrum but no relation to W (high when W has low
-      stable rank); ``excess_a{α}`` = pearson − null. Omitted when null_draws=0;
+      stable rank); ``null_se_a{α}``: its (and the excess's) standard error, std of the :func:`rotation_null`
+      draws / √null_draws (NaN for one draw); ``excess_a{α}`` = pearson − null. Omitted when null_draws=0;
     * ``align_a{α}`` for α ≠ 1: cosine of UᵀGU with S^{2(1/α−1)} (the NFA-α
       condition G ∝ (WWᵀ)^{1/α−1} on range(W); for α = ½, G ∝ WWᵀ). For α = 1 it
       would be √``sphericity_range`` and is not repeated.
@@ -898,8 +941,8 @@ def nfa_metrics(
 
     ``readout=True`` marks a layer whose output is the raw model output, where G
     = I exactly (∇_z f_j = e_j): every α = 1 correlation is then identically 1 by
-    construction (WᵀW vs WᵀW), so ``pearson_a1``, ``cosine_a1``, ``null_a1``,
-    ``excess_a1`` and ``cnfa_pearson_a1`` are left out instead of reported as
+    construction (WᵀW vs WᵀW), so ``pearson``, ``cosine``, ``null``, ``null_se``, ``excess``
+    (``_a1``) and ``cnfa_pearson_a1`` are left out instead of reported as
     evidence. α = ½ stays informative. Undefined values (W = 0, G = 0, ΔW = 0) are NaN.
     """
     return _nfa_metrics_and_spectrum(
@@ -1001,23 +1044,80 @@ def _rotation_nulls(
     generator: torch.Generator | None,
 ) -> dict[str, float]:
     """``null_a{α}``: the mean Pearson with G replaced by Q G Qᵀ over ``null_draws`` Haar-random
-    orthogonal Q, and ``excess_a{α}`` = ``pearson_a{α}`` (from ``metrics``) − null."""
+    orthogonal Q; ``null_se_a{α}``: its standard error, the per-draw sample standard deviation
+    / √draws (NaN for one draw); ``excess_a{α}`` = ``pearson_a{α}`` (from ``metrics``) − null."""
     if generator is None:
         generator = torch.Generator().manual_seed(_DEFAULT_SEED)
-    u, s, v = frame
-    null_sums = {alpha: 0.0 for alpha in alphas}
-    for _ in range(null_draws):
-        rotated_frame = _haar_transpose_times(u, generator)  # Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU)
-        rotated = rotated_frame.mT @ gram @ rotated_frame
-        for alpha in alphas:
-            null_sums[alpha] += _nfa_correlations(s, v, rotated, alpha, d)[1]
+    per_draw = _null_pearsons(frame, gram, alphas, d, null_draws, generator)
+    means = per_draw.mean(dim=0)
+    errors = per_draw.std(dim=0) / math.sqrt(null_draws) if null_draws > 1 else torch.full_like(means, torch.nan)
     nulls: dict[str, float] = {}
-    for alpha in alphas:
+    for alpha, null, error in zip(alphas, means.tolist(), errors.tolist()):
         suffix = alpha_suffix(alpha)
-        null = null_sums[alpha] / null_draws
         nulls[f"null_{suffix}"] = null
+        nulls[f"null_se_{suffix}"] = error
         nulls[f"excess_{suffix}"] = metrics[f"pearson_{suffix}"] - null
     return nulls
+
+
+# Draws per batch of the rotation null: at most this many float64 entries in the draws' k×k
+# Gaussians (128 MiB; 64 draws of a 512-wide layer at once).
+_NULL_BATCH_ENTRIES = 2**24
+
+
+def _null_pearsons(
+    frame: tuple[Tensor, Tensor, Tensor],
+    gram: Tensor,
+    alphas: Sequence[float],
+    d: int,
+    draws: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Pearson of NFM with AGOP^α for G → Q_i G Q_iᵀ, draws × len(alphas): in range(W),
+    Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU), batched over the draws."""
+    u, s, v = frame
+    k = u.shape[0]
+    batch = max(1, _NULL_BATCH_ENTRIES // max(k * k, 1))
+    blocks = []
+    for start in range(0, draws, batch):
+        rotated_frames = _haar_transposes_times(u, generator, min(batch, draws - start))
+        rotated = rotated_frames.mT @ gram @ rotated_frames
+        blocks.append(torch.stack([_batched_pearson(s, v, rotated, alpha, d) for alpha in alphas], dim=-1))
+    return torch.cat(blocks)
+
+
+def _batched_pearson(s: Tensor, v: Tensor, compressed_grams: Tensor, alpha: float, d: int) -> Tensor:
+    """``_nfa_correlations``' Pearson for each of a batch (b×r×r) of UᵀGU: b values."""
+    if s.numel() == 0:
+        return compressed_grams.new_full(compressed_grams.shape[:1], torch.nan)
+    return _centred_pearson_tensor(*_correlation_terms(s, v, compressed_grams, alpha), d)
+
+
+def rotation_null(
+    weight_flat: Tensor,
+    gram: Tensor,
+    *,
+    alphas: Sequence[float] = (1.0, 0.5),
+    draws: int = NULL_DRAWS,
+    generator: torch.Generator | None = None,
+    rank_rtol: float | None = None,
+) -> Tensor:
+    r"""The rotation null's draws: ``pearson_a{α}`` of W (k×d) with G replaced by Q_i G Q_iᵀ
+    for ``draws`` Haar-random orthogonal Q_i (k×k), a draws × len(alphas) float64 tensor
+    (columns in the order of the distinct ``alphas``).
+
+    ``nfa_metrics(weight_flat, gram, null_draws=draws, generator=g)`` reports their column
+    means as ``null_a{α}`` and their standard errors std/√draws as ``null_se_a{α}``; with an
+    equally seeded generator these are the same draws.
+    """
+    check_int("draws", draws, minimum=0)
+    alphas = _check_metric_arguments(weight_flat, gram, alphas, None, draws)
+    if rank_rtol is None:
+        rank_rtol = _default_rank_rtol(weight_flat)
+    if generator is None:
+        generator = torch.Generator().manual_seed(_DEFAULT_SEED)
+    gram, weight, frame, _ = _range_frame(weight_flat, gram, rank_rtol)
+    return _null_pearsons(frame, gram, alphas, weight.shape[1], draws, generator)
 
 
 def _geometry(gram: Tensor, compressed: Tensor, s: Tensor, alphas: Sequence[float]) -> dict[str, float]:

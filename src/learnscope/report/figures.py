@@ -53,7 +53,7 @@ HELPED_COLOUR = "#2ca02c"
 HURT_COLOUR = "#d62728"
 PART_COLOURS = dict(zip(contract.PARTS, ("#1f77b4", "#9467bd", "#8c564b", "#7f7f7f")))
 _OTHER_PART_COLOURS = ("#17becf", "#bcbd22", "#e377c2", "#ff7f0e")
-_PEARSON, _NULL = contract.family("nfa_pearson"), contract.family("nfa_null")
+_PEARSON, _NULL, _NULL_SE = contract.family("nfa_pearson"), contract.family("nfa_null"), contract.family("nfa_null_se")
 # The α of the NFA alignment figure (the callback's default alphas), one colour each.
 _ALIGNMENT_ALPHAS = ((1.0, "#1f77b4"), (0.5, "#ff7f0e"))
 # Families of the second NFA figure, in display order (pearson/null have their own).
@@ -298,13 +298,25 @@ def _draw_against_null(axes, metrics: dict[str, ScalarSeries], alpha: float, col
         )
         # The band a random rotation of G already reaches: alignment below it is not evidence.
         axes.fill_between(null.steps, 0, null.values, color=colour, alpha=0.12, linewidth=0)
+        _draw_null_error(axes, null, metrics.get(_NULL_SE.leaf(alpha=alpha)), colour)
     return True
+
+
+def _draw_null_error(axes, null: ScalarSeries, error: ScalarSeries | None, colour: str) -> None:
+    """null ± 1.96·SE (the null's standard error over its draws) at the steps that have both."""
+    if error is None or not len(error):
+        return
+    steps, in_null, in_error = np.intersect1d(null.steps, error.steps, return_indices=True)
+    if not len(steps):
+        return
+    centre, half = null.values[in_null], 1.96 * error.values[in_error]
+    axes.errorbar(steps, centre, yerr=half, fmt="none", ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.7)
 
 
 def plot_nfa_alignment(run: RunRecords, path: str | Path) -> Path | None:
     """Per layer: the NFA Pearson correlation (α = 1 and α = ½) over the steps,
-    with the rotation null drawn as a dashed line over a shaded band
-    (panels of 4 × 3.6 in, at most 3 per row)."""
+    with the rotation null drawn as a dashed line over a shaded band, with
+    ±1.96·SE error bars where ``null_se`` was logged (panels of 4 × 3.6 in, at most 3 per row)."""
     if run.nfa is None:
         return None
     layers = {
