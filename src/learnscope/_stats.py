@@ -15,7 +15,7 @@ slices, so histogram steps do not need the concatenated allocations either.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,6 +135,25 @@ def _slice_size(tensor: Tensor) -> int:
     return _SLICE if tensor.device.type == "cpu" else _DEVICE_SLICE
 
 
+def product_slices(k: Tensor, delta: Delta | None = None) -> Iterator[tuple[slice, Tensor]]:
+    """``a = k ⊙ delta`` (or ``k`` itself when ``delta`` is None) over the flattened
+    tensors, one slice at a time: ``(the slice, a[slice])``, so that no parameter-sized
+    temporary is alive. ``delta`` may be ``(start, end)``: each slice of Δ is then
+    end − start (bitwise what ``step_delta`` writes)."""
+    flat_k = _flat(k)
+    flat_d = _flat(delta) if isinstance(delta, Tensor) else None
+    flat_s, flat_e = (_flat(delta[0]), _flat(delta[1])) if isinstance(delta, tuple) else (None, None)
+    size = _slice_size(flat_k)
+    for start in range(0, flat_k.numel(), size):
+        where = slice(start, start + size)
+        piece = flat_k[where]
+        if flat_d is not None:
+            piece = piece * flat_d[where]
+        elif flat_s is not None and flat_e is not None:
+            piece = piece * (flat_e[where] - flat_s[where])
+        yield where, piece
+
+
 def product_sums(k: Tensor, delta: Delta | None = None, histogram: StreamingHistogram | None = None) -> Tensor:
     """[Σsign, Σsign², Σa, Σa², Σa³, Σa⁴] of ``a = k ⊙ delta`` (or of ``k`` itself when
     ``delta`` is None): float64, on k's device, without a device sync. Slice by slice:
@@ -142,18 +161,8 @@ def product_sums(k: Tensor, delta: Delta | None = None, histogram: StreamingHist
     give the moments. ``delta`` may be ``(start, end)``: each slice of Δ is then
     end − start (bitwise what ``step_delta`` writes). ``histogram`` also receives every
     slice of a."""
-    flat_k = _flat(k)
-    flat_d = _flat(delta) if isinstance(delta, Tensor) else None
-    flat_s, flat_e = (_flat(delta[0]), _flat(delta[1])) if isinstance(delta, tuple) else (None, None)
-    size = _slice_size(flat_k)
     values = []
-    for start in range(0, flat_k.numel(), size):
-        stop = start + size
-        piece = flat_k[start:stop]
-        if flat_d is not None:
-            piece = piece * flat_d[start:stop]
-        elif flat_s is not None and flat_e is not None:
-            piece = piece * (flat_e[start:stop] - flat_s[start:stop])
+    for _, piece in product_slices(k, delta):
         if histogram is not None:
             histogram.add(piece)
         sign = torch.sign(piece).float()  # exact counts also for bf16 / fp16 allocations
@@ -172,7 +181,7 @@ def product_sums(k: Tensor, delta: Delta | None = None, histogram: StreamingHist
             )
         )
     if not values:
-        return torch.zeros(6, dtype=torch.float64, device=flat_k.device)
+        return torch.zeros(6, dtype=torch.float64, device=k.device)
     return values[0] if len(values) == 1 else torch.stack(values).sum(0)
 
 

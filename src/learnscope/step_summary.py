@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from learnscope._probe import warn
-from learnscope._stats import ProductStats, StreamingHistogram
+from learnscope._stats import Delta, ProductStats, StreamingHistogram, product_slices
 from learnscope.functional import decompose
 from learnscope.functional.lca import LazyDelta, StepAllocation
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
@@ -260,22 +260,12 @@ class ParameterCounts:
         self.steps = {n: int(v) for n, v in state.get("steps", {}).items()}
 
 
-def _count_signs(k: Tensor, delta: Tensor | tuple[Tensor, Tensor], helped: Tensor, hurt: Tensor) -> None:
-    """``helped += (k ⊙ Δ < 0)``, ``hurt += (k ⊙ Δ > 0)`` in slices (Δ = end − start when a pair)."""
-    flat_k, flat_h, flat_u = k.detach().reshape(-1), helped.view(-1), hurt.view(-1)
-    pair = isinstance(delta, tuple)
-    flat_s, flat_e = (delta[0].detach().reshape(-1), delta[1].detach().reshape(-1)) if pair else (None, None)
-    flat_d = None if pair else delta.detach().reshape(-1)  # type: ignore[union-attr]
-    size = 1 << 15 if flat_k.device.type == "cpu" else 1 << 20
-    for start in range(0, flat_k.numel(), size):
-        stop = start + size
-        if flat_d is not None:
-            a = flat_k[start:stop] * flat_d[start:stop]
-        else:
-            assert flat_s is not None and flat_e is not None
-            a = flat_k[start:stop] * (flat_e[start:stop] - flat_s[start:stop])
-        flat_h[start:stop] += a < 0
-        flat_u[start:stop] += a > 0
+def _count_signs(k: Tensor, delta: Delta, helped: Tensor, hurt: Tensor) -> None:
+    """``helped += (k ⊙ Δ < 0)``, ``hurt += (k ⊙ Δ > 0)``, slice by slice (:func:`product_slices`)."""
+    flat_helped, flat_hurt = helped.view(-1), hurt.view(-1)
+    for where, a in product_slices(k, delta):
+        flat_helped[where] += a < 0
+        flat_hurt[where] += a > 0
 
 
 @dataclass
