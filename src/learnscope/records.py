@@ -7,11 +7,17 @@ offline report and any other consumer read them. Nothing here knows about tags.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+
+
+def add_into(target: dict[str, float], values: Mapping[str, float]) -> None:
+    """``target[key] += value`` for every entry of ``values`` (missing keys start at 0)."""
+    for key, value in values.items():
+        target[key] = target.get(key, 0.0) + value
 
 
 def _add_fields(into: Any, other: Any) -> None:
@@ -111,8 +117,7 @@ class CornerStats:
 
     def add(self, other: CornerStats) -> None:
         self.counts.add(other.counts)
-        for part, value in other.parts.items():
-            self.parts[part] = self.parts.get(part, 0.0) + value
+        add_into(self.parts, other.parts)
 
 
 @dataclass
@@ -151,8 +156,7 @@ class LCAStepRecord:
 
     def _merge_layers(self, other: LCAStepRecord) -> None:
         """Add the per-module sums, counts and power sums of ``other``."""
-        for name, value in other.layers.items():
-            self.layers[name] = self.layers.get(name, 0.0) + value
+        add_into(self.layers, other.layers)
         for name, counts in other.layer_counts.items():
             self.layer_counts.setdefault(name, Counts()).add(counts)
         for name, moments in other.layer_moments.items():
@@ -168,12 +172,9 @@ class LCAStepRecord:
         self.counts.add(other.counts)
         self.moments.add(other.moments)
         self._merge_layers(other)
-        for part, value in other.parts.items():
-            self.parts[part] = self.parts.get(part, 0.0) + value
+        add_into(self.parts, other.parts)
         for name, parts in other.layer_parts.items():
-            mine = self.layer_parts.setdefault(name, {})
-            for part, value in parts.items():
-                mine[part] = mine.get(part, 0.0) + value
+            add_into(self.layer_parts.setdefault(name, {}), parts)
         for name, values in other.units.items():
             self.units[name] = self.units[name] + values if name in self.units else values
         if other.histograms:

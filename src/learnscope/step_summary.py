@@ -21,7 +21,7 @@ from learnscope._probe import warn
 from learnscope._stats import Delta, ProductStats, StreamingHistogram, product_slices
 from learnscope.functional import decompose
 from learnscope.functional.lca import LazyDelta, StepAllocation
-from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments
+from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments, add_into
 
 __all__ = ["ParameterCounts", "RunTotals", "StepSummariser"]
 
@@ -110,8 +110,7 @@ class StepSummariser:
         splits = self.parts(record, names, allocation)
         for (counts, _), split in zip(self.statistics(allocation, names), splits):
             stats.counts.add(counts)
-            for part, value in split.items():
-                stats.parts[part] = stats.parts.get(part, 0.0) + value
+            add_into(stats.parts, split)
         return stats
 
     def summarise(
@@ -162,7 +161,7 @@ class StepSummariser:
         """Add one parameter tensor's statistics and parts to the run-level and module sums."""
         out.counts.add(counts)
         out.moments.add(moments)
-        _add_into(out.parts, split)
+        add_into(out.parts, split)
         module = self.owner[name]
         if module not in self.reported:
             return
@@ -170,7 +169,7 @@ class StepSummariser:
         out.layer_counts.setdefault(module, Counts()).add(counts)
         out.layer_moments.setdefault(module, Moments()).add(moments)
         if split:
-            _add_into(out.layer_parts.setdefault(module, {}), split)
+            add_into(out.layer_parts.setdefault(module, {}), split)
 
 
 def reported_modules(owner: Mapping[str, str], patterns: Sequence[str] | None) -> set[str]:
@@ -182,11 +181,6 @@ def reported_modules(owner: Mapping[str, str], patterns: Sequence[str] | None) -
         if not modules:
             warn(f"LossChangeAllocation: no trainable module matches modules={list(patterns)}")
     return set(modules)
-
-
-def _add_into(target: dict[str, float], values: Mapping[str, float]) -> None:
-    for key, value in values.items():
-        target[key] = target.get(key, 0.0) + value
 
 
 def _add_units(units: dict[str, Tensor], module: str, allocation: StepAllocation, name: str) -> None:
@@ -303,11 +297,11 @@ class RunTotals:
         if record.delta_loss is not None:
             self.sum_delta_loss += record.delta_loss
             self.sum_total_with_loss += record.total
-        _add_into(self.cumulative, record.layers)
+        add_into(self.cumulative, record.layers)
         self.moments.add(record.moments)
-        _add_into(self.cumulative_parts, record.parts)
+        add_into(self.cumulative_parts, record.parts)
         for module, parts in record.layer_parts.items():
-            _add_into(self.cumulative_parts, {f"{part}/{module}": value for part, value in parts.items()})
+            add_into(self.cumulative_parts, {f"{part}/{module}": value for part, value in parts.items()})
 
     def histogram_due(self, step: int, every: int) -> bool:
         """Histograms at most every ``every`` steps (``trainer.log_every_n_steps``)."""
