@@ -3,13 +3,17 @@ probes on, TensorBoard logs, a printed summary and the offline report.
 
     python examples/digits.py [--logdir runs/digits] [--epochs 12]
 
-Then: ``tensorboard --logdir runs/digits`` and open the report's ``report.md``.
+It prints a line per epoch while it trains, then the commands to open the results
+(TensorBoard's learnscope tab, and ``LOGDIR/learnscope_report/report.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +39,39 @@ def digits_loaders(batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
     )
 
 
+class EpochProgress(pl.Callback):
+    """One line per epoch: what a user waits for, without a progress bar in a log."""
+
+    def __init__(self, lca: learnscope.LossChangeAllocation) -> None:
+        self.lca = lca
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        val = trainer.callback_metrics.get("val/acc")
+        parts = [
+            f"epoch {trainer.current_epoch + 1:2d}/{trainer.max_epochs}",
+            f"step {trainer.global_step:4d}",
+            f"train loss {float(loss):.3f}" if loss is not None else "",
+            f"val acc {float(val):.3f}" if val is not None else "",
+            f"LCA so far {sum(self.lca.cumulative.values()):+.3f}",
+            f"{time.perf_counter() - self.started:5.1f} s",
+        ]
+        print("  ".join(p for p in parts if p), flush=True)
+
+
+def executable(name: str) -> str:
+    """``name`` as a user can type it: the copy beside this interpreter (a venv's bin/)
+    when it exists, relative to the working directory where possible."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        return name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logdir", default="runs/digits")
@@ -49,13 +86,14 @@ def main() -> None:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         logger=logger,
-        callbacks=[lca, nfa],
+        callbacks=[lca, nfa, EpochProgress(lca)],
         log_every_n_steps=10,
         accelerator="cpu",
         devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    print(f"Training an MLP on 1797 digits for {args.epochs} epochs with LCA (every step) and NFA (every 50 steps)")
     started = time.perf_counter()
     trainer.fit(DigitsClassifier(), train, val)
     seconds = time.perf_counter() - started
@@ -66,8 +104,12 @@ def main() -> None:
     for module, value in sorted(lca.cumulative.items()):
         print(f"  {module:8s} {value:+.4f}")
     print()
-    report_main(["report", logger.log_dir, "--out", f"{logger.log_dir}/report", "--no-progress"])
-    print(f"\nTensorBoard: tensorboard --logdir {args.logdir}   (custom scalars: 'learnscope' charts)")
+    # the report covers every run under LOGDIR and lands where `learnscope report LOGDIR` writes it
+    report_main(["report", args.logdir, "--no-progress"])
+    logdir = shlex.quote(args.logdir)
+    print("\nNext:")
+    print(f"  {executable('tensorboard')} --logdir {logdir}    # then open http://localhost:6006/#learnscope")
+    print(f"  {executable('learnscope')} report {logdir}         # rewrites {Path(args.logdir) / 'learnscope_report'}")
 
 
 if __name__ == "__main__":
