@@ -744,6 +744,7 @@ def reference_metrics(weight, gram, alphas, initial_weight, rotations):
         ]
         expected[f"null_{suffix}"] = sum(nulls) / len(nulls)
         expected[f"null_se_{suffix}"] = statistics.stdev(nulls) / len(nulls) ** 0.5
+        expected["null_draws"] = len(nulls)
         expected[f"excess_{suffix}"] = expected[f"pearson_{suffix}"] - expected[f"null_{suffix}"]
         if alpha != 1:
             expected[f"align_{suffix}"] = reference_cosine(
@@ -874,6 +875,7 @@ def test_default_metric_keys_are_exactly_the_brief_list():
         "null_a0.5",
         "null_se_a1",
         "null_se_a0.5",
+        "null_draws",
         "excess_a1",
         "excess_a0.5",
         "sphericity",

@@ -11,6 +11,9 @@ import torch
 
 from learnscope.functional.nfa import (
     NULL_DRAWS,
+    NULL_MAX_DRAWS,
+    NULL_MIN_DRAWS,
+    NULL_SE_TARGET,
     haar_orthogonal,
     haar_orthogonal_batch,
     nfa_metrics,
@@ -88,21 +91,58 @@ def test_batched_draws_are_haar():
 
 def test_default_draw_null_agrees_with_a_many_draw_reference_within_three_standard_errors():
     weight, gram = layer(k=20, d=15, seed=6)
-    metrics = nfa_metrics(weight, gram)  # NULL_DRAWS draws
+    metrics = nfa_metrics(weight, gram)  # NULL_DRAWS ("auto") draws
+    draws = metrics["null_draws"]
     many = rotation_null(weight, gram, draws=2000, generator=torch.Generator().manual_seed(7))
     reference_mean = many.mean(dim=0)
     reference_se = many.std(dim=0) / math.sqrt(2000)
     for j, suffix in enumerate(("a1", "a0.5")):
         se = metrics[f"null_se_{suffix}"]
-        # the default-draw SE estimates the per-draw spread / √NULL_DRAWS
-        assert se == pytest.approx(float(reference_se[j]) * math.sqrt(2000 / NULL_DRAWS), rel=0.6)
+        # the logged SE estimates the per-draw spread / √(draws used)
+        assert se == pytest.approx(float(reference_se[j]) * math.sqrt(2000 / draws), rel=0.6)
         assert abs(metrics[f"null_{suffix}"] - float(reference_mean[j])) < 3 * math.hypot(se, float(reference_se[j]))
+
+
+@pytest.mark.parametrize(("k", "d", "seed"), [(20, 15, 6), (50, 50, 5), (24, 8, 7)])
+def test_auto_draws_until_the_true_standard_error_is_below_target(k, d, seed):
+    """ "auto" takes the generator's next n draws (a prefix of a fixed-count run), with n
+    between the bounds; the TRUE standard error at n (the per-draw std of 2000 draws / √n)
+    is ≤ 0.01 unless the cap was hit, in which case the logged SE says so; and it does not
+    draw far more than the true spread needs."""
+    assert NULL_DRAWS == "auto"
+    weight, gram = layer(k=k, d=d, seed=seed)
+    true_std = float(rotation_null(weight, gram, draws=2000, generator=torch.Generator().manual_seed(99)).std(0).max())
+    metrics = nfa_metrics(weight, gram, generator=torch.Generator().manual_seed(5))
+    n = int(metrics["null_draws"])
+    assert NULL_MIN_DRAWS <= n <= NULL_MAX_DRAWS
+    fixed = rotation_null(weight, gram, draws=n, generator=torch.Generator().manual_seed(5))
+    assert metrics["null_a1"] == pytest.approx(float(fixed[:, 0].mean()), abs=1e-12)
+    auto = rotation_null(weight, gram, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(auto, fixed, rtol=0, atol=1e-12)  # the same draws, batched differently
+    if n < NULL_MAX_DRAWS:
+        assert true_std / math.sqrt(n) <= NULL_SE_TARGET
+        assert n <= max(NULL_MIN_DRAWS, 4 * (true_std / NULL_SE_TARGET) ** 2)
+    else:
+        assert max(metrics["null_se_a1"], metrics["null_se_a0.5"]) > 0.8 * NULL_SE_TARGET
+
+
+def test_auto_stops_at_the_minimum_when_the_spread_is_small():
+    weight, gram = layer(k=50, d=50, seed=5)  # per-draw std ≈ 0.010: 8 draws give SE ≈ 0.004
+    assert nfa_metrics(weight, gram)["null_draws"] == NULL_MIN_DRAWS
+
+
+def test_an_int_null_draws_is_exact_and_logged():
+    weight, gram = layer()
+    assert nfa_metrics(weight, gram, null_draws=3)["null_draws"] == 3
+    assert "null_draws" not in nfa_metrics(weight, gram, null_draws=0)
 
 
 def test_rotation_null_checks_its_arguments():
     weight, gram = layer()
-    with pytest.raises(ValueError, match="draws must be an int >= 0"):
+    with pytest.raises(ValueError, match='draws must be an int >= 0 or "auto"'):
         rotation_null(weight, gram, draws=-1)
+    with pytest.raises(ValueError, match='null_draws must be an int >= 0 or "auto"'):
+        nfa_metrics(weight, gram, null_draws="many")
     with pytest.raises(ValueError, match="draws must be an int >= 1"):
         haar_orthogonal_batch(0, 3)
 

@@ -341,11 +341,14 @@ FAMILIES: tuple[TagFamily, ...] = (
          "Pearson correlation of the flattened WᵀW and AGOP^α: the headline alignment."),
     _nfa("nfa_cosine", "{root}/{layer}/cosine_a{alpha}", CORRELATION, "Cosine similarity of WᵀW and AGOP^α."),
     _nfa("nfa_null", "{root}/{layer}/null_a{alpha}", CORRELATION,
-         "pearson_a<alpha> with G randomly rotated (mean over null_draws): the alignment a G with the same spectrum "
+         "pearson_a<alpha> with G randomly rotated (mean over the null's draws): the alignment a G with the same spectrum "
          "gets for free."),
     _nfa("nfa_null_se", "{root}/{layer}/null_se_a{alpha}", CORRELATION,
-         "Standard error of null (and of excess): the draws' sample standard deviation / √null_draws "
-         "(null_draws ≥ 2)."),
+         "Standard error of null (and of excess): the draws' sample standard deviation / √(number of draws) "
+         "(≥ 2 draws)."),
+    _nfa("nfa_null_draws", "{root}/{layer}/null_draws", COUNT,
+         "Haar draws the null used: null_draws, or with null_draws=\"auto\" the draws (8 to 64) taken until "
+         "every null_se, with the 90 % upper bound of the draws' std, is ≤ 0.01."),
     _nfa("nfa_excess", "{root}/{layer}/excess_a{alpha}", CORRELATION,
          "pearson − null: the alignment beyond chance, the number to read."),
     _nfa("nfa_sphericity", "{root}/{layer}/sphericity", RATIO, "ψ(G) = tr(G)²/(k·tr(G²)) ∈ [1/k, 1]; 1 when G ∝ I."),
@@ -460,12 +463,13 @@ def nfa_metric_names(alphas: Iterable[float] = (1.0, 0.5), null: bool = True) ->
 
     Args:
         alphas: the callback's ``alphas``.
-        null: whether the rotation null is on (``null_draws > 0``): ``null_*``, ``null_se_*``
-            (written when ``null_draws`` ≥ 2) and ``excess_*``.
+        null: whether the rotation null is on (``null_draws != 0``): ``null_*``, ``null_se_*``
+            (written with ≥ 2 draws), ``excess_*`` and ``null_draws``.
     """
     alphas = tuple(alphas)
     per_alpha = ["nfa_pearson", "nfa_cosine"] + (["nfa_null", "nfa_null_se", "nfa_excess"] if null else [])
     names = [_BY_NAME[name].leaf(alpha=alpha) for name in per_alpha for alpha in alphas]
+    names += [_BY_NAME["nfa_null_draws"].leaf()] if null else []
     names += [_BY_NAME["nfa_sphericity"].leaf(), _BY_NAME["nfa_sphericity_range"].leaf()]
     # align_a1 would be √sphericity_range: not written
     names += [_BY_NAME["nfa_align"].leaf(alpha=alpha) for alpha in alphas if alpha != 1.0]

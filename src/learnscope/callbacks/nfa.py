@@ -35,8 +35,10 @@ from learnscope.callbacks._base import ProbeCallback
 from learnscope.functional.nfa import (
     ESTIMATORS,
     NULL_DRAWS,
+    NullDraws,
     PreactivationGramAccumulator,
     call_model,
+    check_null_draws,
     default_output_fn,
     feature_matrices,
     nfa_metrics_and_spectrum,
@@ -119,8 +121,10 @@ class NeuralFeatureAnsatz(ProbeCallback):
             name selects all four). Linear maps on sequences are measured per token;
             convolutions per patch, G summed over positions.
         alphas: the exponents α of AGOP^α (positive).
-        null_draws: random rotations for the null baseline (0: no null, no excess;
-            the null's standard error ``null_se_a*`` needs ≥ 2).
+        null_draws: random rotations for the null baseline: ``"auto"`` (draws until the
+            null's standard error ``null_se_a*`` is ≤ 0.01 for every α, 8 to 64 draws;
+            ``null_draws`` logs how many), an int for exactly that many (the standard
+            error needs ≥ 2), 0 for no null and no excess.
         input_fn: ``batch -> model input``; default :func:`default_input_fn` (a
             forward with several required positional parameters, ``forward(inputs,
             target)``, gets that many leading elements of a tuple batch).
@@ -156,7 +160,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
         probe_batch_size: int = 256,
         layers: list[str] | None = None,
         alphas: list[float] = [1.0, 0.5],  # noqa: B006  (never mutated: copied to a tuple)
-        null_draws: int = NULL_DRAWS,
+        null_draws: NullDraws = NULL_DRAWS,
         input_fn: Callable[[Any], Any] | None = None,
         output_fn: Callable[[Any], Any] | None = None,
         estimator: Literal["exact", "hutchinson", "auto"] = "auto",
@@ -174,7 +178,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
         )
         self.layers = _validate.check_patterns("layers", layers)
         self.alphas = _validate.check_alphas("alphas", alphas)
-        self.null_draws = _validate.check_int("null_draws", null_draws, minimum=0)
+        self.null_draws = check_null_draws("null_draws", null_draws)
         self.input_fn = _validate.check_callable("input_fn", input_fn, "callable")
         self.output_fn = _validate.check_callable("output_fn", output_fn, "callable")
         self.batch_size_fn = _validate.check_callable(
@@ -276,7 +280,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
             trainer,
             lca=False,
             nfa=True,
-            nfa_metrics=contract.nfa_metric_names(self.alphas, null=self.null_draws > 0),
+            nfa_metrics=contract.nfa_metric_names(self.alphas, null=self.null_draws != 0),
             nfa_layers=list(self._layers),
             nfa_root=self.name,
         )

@@ -46,10 +46,15 @@ __all__ = [
     "AUTO_EXACT_MAX_OUTPUTS",
     "ESTIMATORS",
     "NULL_DRAWS",
+    "NULL_MAX_DRAWS",
+    "NULL_MIN_DRAWS",
+    "NULL_SE_TARGET",
+    "NullDraws",
     "PreactivationGramAccumulator",
     "agop",
     "alpha_suffix",
     "call_model",
+    "check_null_draws",
     "default_output_fn",
     "eval_mode",
     "feature_matrices",
@@ -75,8 +80,27 @@ AUTO_EXACT_MAX_OUTPUTS = 64
 # reproducible and the global RNG streams are never read or advanced.
 _DEFAULT_SEED = 0
 
-#: Default number of Haar rotations of the NFA rotation null (``null_draws``).
-NULL_DRAWS = 16
+#: ``null_draws``: a number of Haar rotations of the NFA rotation null, or ``"auto"``.
+NullDraws = int | Literal["auto"]
+#: The default ``null_draws``: ``"auto"`` draws until the null's standard error is at most
+#: :data:`NULL_SE_TARGET` for every α, taking at least :data:`NULL_MIN_DRAWS` and at most
+#: :data:`NULL_MAX_DRAWS` draws.
+NULL_DRAWS: NullDraws = "auto"
+#: The standard error ``null_draws="auto"`` aims for (absolute, in units of Pearson correlation).
+NULL_SE_TARGET = 0.01
+#: The fewest draws ``"auto"`` takes (its first standard error needs a few to mean anything).
+NULL_MIN_DRAWS = 8
+#: The most draws ``"auto"`` takes; a layer that stops here logs its larger ``null_se``.
+NULL_MAX_DRAWS = 64
+
+
+def check_null_draws(name: str, value: Any) -> NullDraws:
+    """``value`` as a ``null_draws``: an int ≥ 0 or ``"auto"``; ValueError naming ``name`` otherwise."""
+    if value == "auto" and isinstance(value, str):
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'{name} must be an int >= 0 or "auto", got {value!r}')
+    return value
 
 
 # --------------------------------------------------------------------------- #
@@ -902,7 +926,7 @@ def nfa_metrics(
     *,
     alphas: Sequence[float] = (1.0, 0.5),
     initial_weight: Tensor | None = None,
-    null_draws: int = NULL_DRAWS,
+    null_draws: NullDraws = NULL_DRAWS,
     generator: torch.Generator | None = None,
     readout: bool = False,
     rank_rtol: float | None = None,
@@ -920,11 +944,16 @@ def nfa_metrics(
     * ``pearson_a{α}``: Pearson correlation of the flattened NFM and AGOP^α (the
       cosine after subtracting each matrix's mean entry); the headline number;
     * ``cosine_a{α}``: their cosine similarity ⟨A, B⟩/(‖A‖_F‖B‖_F);
-    * ``null_a{α}``: mean of ``pearson_a{α}`` with G replaced by Q G Qᵀ over
-      ``null_draws`` Haar-random orthogonal Q (k×k): what the correlation is for
-      a G with the same spectrum but no relation to W (high when W has low
-      stable rank); ``null_se_a{α}``: its (and the excess's) standard error, std of the :func:`rotation_null`
-      draws / √null_draws (NaN for one draw); ``excess_a{α}`` = pearson − null. Omitted when null_draws=0;
+    * ``null_a{α}``: mean of ``pearson_a{α}`` with G replaced by Q G Qᵀ over n
+      Haar-random orthogonal Q (k×k): what the correlation is for a G with the same
+      spectrum but no relation to W (high when W has low stable rank);
+      ``null_se_a{α}``: its (and the excess's) standard error, std of the
+      :func:`rotation_null` draws / √n (NaN for one draw); ``excess_a{α}`` = pearson
+      − null; ``null_draws``: n, which is ``null_draws`` when that is an int, and for
+      ``"auto"`` the draws (from :data:`NULL_MIN_DRAWS` to :data:`NULL_MAX_DRAWS`) it
+      takes until the standard error of every α, computed with the 90 % upper
+      confidence bound of the draws' std, is ≤ :data:`NULL_SE_TARGET`. Omitted when
+      null_draws=0;
     * ``align_a{α}`` for α ≠ 1: cosine of UᵀGU with S^{2(1/α−1)} (the NFA-α
       condition G ∝ (WWᵀ)^{1/α−1} on range(W); for α = ½, G ∝ WWᵀ). For α = 1 it
       would be √``sphericity_range`` and is not repeated.
@@ -981,7 +1010,7 @@ def _nfa_metrics_and_spectrum(
     *,
     alphas: Sequence[float],
     initial_weight: Tensor | None,
-    null_draws: int,
+    null_draws: NullDraws,
     generator: torch.Generator | None,
     readout: bool,
     rank_rtol: float | None,
@@ -993,7 +1022,7 @@ def _nfa_metrics_and_spectrum(
     gram, weight, frame, compressed = _range_frame(weight_flat, gram, rank_rtol)
     reported = [alpha for alpha in alphas if not (readout and alpha == 1.0)]
     metrics = _correlations(frame, compressed, reported, weight.shape[1])
-    if null_draws > 0 and reported:
+    if null_draws != 0 and reported:
         metrics.update(_rotation_nulls(frame, gram, metrics, reported, weight.shape[1], null_draws, generator))
     metrics.update(_geometry(gram, compressed, frame[1], alphas))
     if initial_weight is not None:
@@ -1003,7 +1032,7 @@ def _nfa_metrics_and_spectrum(
 
 
 def _check_metric_arguments(
-    weight_flat: Tensor, gram: Tensor, alphas: Sequence[float], initial_weight: Tensor | None, null_draws: int
+    weight_flat: Tensor, gram: Tensor, alphas: Sequence[float], initial_weight: Tensor | None, null_draws: NullDraws
 ) -> tuple[float, ...]:
     """The shapes of W (k×d), G (k×k) and W₀ (k×d, finite), ``null_draws``; returns the distinct α."""
     if weight_flat.dim() != 2:
@@ -1016,8 +1045,7 @@ def _check_metric_arguments(
             raise ValueError(f"initial_weight must have the weight's shape {(k, d)}, got {tuple(initial_weight.shape)}")
         _require_finite("initial_weight", initial_weight)
     checked = check_alphas("alphas", alphas)
-    if not isinstance(null_draws, int) or null_draws < 0:
-        raise ValueError(f"null_draws must be a non-negative int, got {null_draws!r}")
+    check_null_draws("null_draws", null_draws)
     return checked
 
 
@@ -1040,18 +1068,18 @@ def _rotation_nulls(
     metrics: Mapping[str, float],
     alphas: Sequence[float],
     d: int,
-    null_draws: int,
+    null_draws: NullDraws,
     generator: torch.Generator | None,
 ) -> dict[str, float]:
-    """``null_a{α}``: the mean Pearson with G replaced by Q G Qᵀ over ``null_draws`` Haar-random
-    orthogonal Q; ``null_se_a{α}``: its standard error, the per-draw sample standard deviation
-    / √draws (NaN for one draw); ``excess_a{α}`` = ``pearson_a{α}`` (from ``metrics``) − null."""
+    """``null_a{α}``: the mean Pearson with G replaced by Q G Qᵀ over n Haar-random orthogonal
+    Q (n = ``null_draws``, or chosen by ``"auto"``); ``null_se_a{α}``: its standard error, the
+    per-draw sample standard deviation / √n (NaN for one draw); ``excess_a{α}`` =
+    ``pearson_a{α}`` (from ``metrics``) − null; ``null_draws``: n."""
     if generator is None:
         generator = torch.Generator().manual_seed(_DEFAULT_SEED)
     per_draw = _null_pearsons(frame, gram, alphas, d, null_draws, generator)
-    means = per_draw.mean(dim=0)
-    errors = per_draw.std(dim=0) / math.sqrt(null_draws) if null_draws > 1 else torch.full_like(means, torch.nan)
-    nulls: dict[str, float] = {}
+    means, errors = per_draw.mean(dim=0), _standard_errors(per_draw)
+    nulls: dict[str, float] = {"null_draws": float(per_draw.shape[0])}
     for alpha, null, error in zip(alphas, means.tolist(), errors.tolist()):
         suffix = alpha_suffix(alpha)
         nulls[f"null_{suffix}"] = null
@@ -1060,8 +1088,15 @@ def _rotation_nulls(
     return nulls
 
 
-# Draws per batch of the rotation null: at most this many float64 entries in the draws' k×k
-# Gaussians (128 MiB; 64 draws of a 512-wide layer at once).
+def _standard_errors(per_draw: Tensor) -> Tensor:
+    """std/√n of each column of the n × len(alphas) draws (NaN for n < 2)."""
+    n = per_draw.shape[0]
+    if n < 2:
+        return per_draw.new_full(per_draw.shape[1:], torch.nan)
+    return per_draw.std(dim=0) / math.sqrt(n)
+
+
+# The most matrix entries one batch of null draws holds (draws × k × k float64 ≈ 128 MiB).
 _NULL_BATCH_ENTRIES = 2**24
 
 
@@ -1070,20 +1105,52 @@ def _null_pearsons(
     gram: Tensor,
     alphas: Sequence[float],
     d: int,
-    draws: int,
+    draws: NullDraws,
     generator: torch.Generator,
 ) -> Tensor:
-    """Pearson of NFM with AGOP^α for G → Q_i G Q_iᵀ, draws × len(alphas): in range(W),
-    Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU), batched over the draws."""
+    """Pearson of NFM with AGOP^α for G → Q_i G Q_iᵀ, n × len(alphas): in range(W),
+    Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU), batched over the draws. n = ``draws``, or for ``"auto"``
+    the first count from NULL_MIN_DRAWS on (up to NULL_MAX_DRAWS) whose standard error is
+    ≤ NULL_SE_TARGET for every α; each further block is sized from the spread seen so far,
+    n ≈ (std / target)². The draws are the generator's next n in order either way."""
     u, s, v = frame
-    k = u.shape[0]
-    batch = max(1, _NULL_BATCH_ENTRIES // max(k * k, 1))
-    blocks = []
-    for start in range(0, draws, batch):
-        rotated_frames = _haar_transposes_times(u, generator, min(batch, draws - start))
+    batch = max(1, _NULL_BATCH_ENTRIES // max(u.shape[0] ** 2, 1))
+    limit = NULL_MAX_DRAWS if draws == "auto" else draws
+    blocks: list[Tensor] = []
+    taken = 0
+    while taken < limit:
+        wanted = limit - taken if draws != "auto" else _more_draws_wanted(blocks, taken)
+        if wanted == 0:
+            break
+        size = min(batch, limit - taken, wanted)
+        rotated_frames = _haar_transposes_times(u, generator, size)
         rotated = rotated_frames.mT @ gram @ rotated_frames
         blocks.append(torch.stack([_batched_pearson(s, v, rotated, alpha, d) for alpha in alphas], dim=-1))
-    return torch.cat(blocks)
+        taken += size
+    return torch.cat(blocks) if blocks else gram.new_empty(0, len(alphas))
+
+
+def _more_draws_wanted(blocks: list[Tensor], taken: int) -> int:
+    """How many more draws ``"auto"`` wants after ``taken``: NULL_MIN_DRAWS to start; 0 once
+    every α's standard error, computed with the one-sided 90 % upper confidence bound of
+    the std (:func:`_std_upper_bound`; so that a std that came out low by chance does not
+    stop the draws early), is ≤ NULL_SE_TARGET, or is undefined (a NaN correlation); else
+    the shortfall of the draws that bound needs, at least 2."""
+    if taken == 0:
+        return NULL_MIN_DRAWS
+    spread = _std_upper_bound(float(torch.cat(blocks).std(dim=0).max()), taken)
+    if not math.isfinite(spread) or spread / math.sqrt(taken) <= NULL_SE_TARGET:
+        return 0
+    return max(math.ceil((spread / NULL_SE_TARGET) ** 2) - taken, 2)
+
+
+def _std_upper_bound(std: float, n: int, z: float = 1.2815515655446004) -> float:
+    """The upper bound s·√((n−1)/χ²_q) of a normal sample's std s at confidence Φ(z) (q = 1 − Φ(z),
+    default 90 %), with χ²_q on n − 1 degrees of freedom from the Wilson–Hilferty cube
+    approximation k(1 − 2/(9k) − z√(2/(9k)))³ (within 2 % of the exact quantile for k ≥ 3)."""
+    k = n - 1
+    quantile = k * (1 - 2 / (9 * k) - z * math.sqrt(2 / (9 * k))) ** 3
+    return std * math.sqrt(k / quantile) if quantile > 0 else math.inf
 
 
 def _batched_pearson(s: Tensor, v: Tensor, compressed_grams: Tensor, alpha: float, d: int) -> Tensor:
@@ -1098,19 +1165,20 @@ def rotation_null(
     gram: Tensor,
     *,
     alphas: Sequence[float] = (1.0, 0.5),
-    draws: int = NULL_DRAWS,
+    draws: NullDraws = NULL_DRAWS,
     generator: torch.Generator | None = None,
     rank_rtol: float | None = None,
 ) -> Tensor:
     r"""The rotation null's draws: ``pearson_a{α}`` of W (k×d) with G replaced by Q_i G Q_iᵀ
-    for ``draws`` Haar-random orthogonal Q_i (k×k), a draws × len(alphas) float64 tensor
-    (columns in the order of the distinct ``alphas``).
+    for n Haar-random orthogonal Q_i (k×k), an n × len(alphas) float64 tensor (columns in
+    the order of the distinct ``alphas``); n = ``draws``, or for ``"auto"`` as
+    :func:`nfa_metrics` chooses it.
 
     ``nfa_metrics(weight_flat, gram, null_draws=draws, generator=g)`` reports their column
-    means as ``null_a{α}`` and their standard errors std/√draws as ``null_se_a{α}``; with an
-    equally seeded generator these are the same draws.
+    means as ``null_a{α}``, their standard errors std/√n as ``null_se_a{α}`` and n as
+    ``null_draws``; with an equally seeded generator these are the same draws.
     """
-    check_int("draws", draws, minimum=0)
+    check_null_draws("draws", draws)
     alphas = _check_metric_arguments(weight_flat, gram, alphas, None, draws)
     if rank_rtol is None:
         rank_rtol = _default_rank_rtol(weight_flat)
