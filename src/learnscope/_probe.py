@@ -338,6 +338,40 @@ def require_validation_data(trainer: Any, *, owner: str) -> None:
         )
 
 
+#: Lightning strategies that shard parameters or optimizer state across ranks. The probes
+#: evaluate the module at other θ with ``torch.func.functional_call`` on whole parameters
+#: and reduce plain tensors; under these a parameter is a shard (a ``DTensor`` or a flat
+#: buffer), so they are refused at ``setup`` instead of failing in the middle of training.
+SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+SUPPORTED_STRATEGIES = "a single device or DDP (strategy='ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook')"
+
+
+def require_supported_strategy(trainer: Any, *, owner: str) -> None:
+    """Fail in ``setup`` under a strategy that shards parameters (docs/fsdp.md)."""
+    strategy = getattr(trainer, "strategy", None)
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    refused = next((name for name in SHARDING_STRATEGIES if name in names), None)
+    if refused is not None:
+        kind = "" if refused == type(strategy).__name__ else f", a {refused}"
+        raise ProbeError(
+            f"{owner} does not support {type(strategy).__name__}{kind} (it shards parameters or optimizer "
+            f"state across ranks). Supported: {SUPPORTED_STRATEGIES}. Remove the callback for this "
+            "run, or train with DDP; see docs/fsdp.md."
+        )
+
+
+def require_unsharded_parameters(module: nn.Module, *, owner: str) -> None:
+    """Fail before the first step when a parameter is a sharded ``DTensor`` (e.g. ``fully_shard``
+    applied by hand under another strategy)."""
+    sharded = next((n for n, p in module.named_parameters() if hasattr(p, "device_mesh")), None)
+    if sharded is not None:
+        raise ProbeError(
+            f"{owner} does not support sharded parameters: {sharded!r} is a "
+            f"{type(module.get_parameter(sharded)).__name__} (FSDP2 fully_shard or tensor parallelism). "
+            f"Supported: {SUPPORTED_STRATEGIES} with plain tensor parameters; see docs/fsdp.md."
+        )
+
+
 def _validation_loader(trainer: Any) -> Any:
     loader = trainer.val_dataloaders
     if loader is None:

@@ -25,6 +25,8 @@ from learnscope._probe import (
     build_probe_set,
     precision_context,
     rank_sum,
+    require_supported_strategy,
+    require_unsharded_parameters,
     require_validation_data,
 )
 from learnscope._stats import ProductStats
@@ -321,6 +323,7 @@ class LossChangeAllocation(ProbeCallback):
         check_unique_tag_roots(trainer, self)
         if stage != "fit":
             return
+        require_supported_strategy(trainer, owner="LossChangeAllocation")
         if not pl_module.automatic_optimization and self.loss_fn is None and not self.config.cheap:
             raise ProbeError(
                 "LossChangeAllocation: the module uses manual optimization, so its training_step cannot be "
@@ -336,6 +339,7 @@ class LossChangeAllocation(ProbeCallback):
         self._reset_run_state()
         self._warned.discard("capped")  # one capped-step warning per fit
         self._trainer, self._pl_module = trainer, pl_module
+        require_unsharded_parameters(pl_module, owner="LossChangeAllocation")
         self._tracked = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         if self.compile_statistics is None:
             self._stats.compiled = _long_run_on_cpu(trainer, self._tracked, self.every_n_steps)
