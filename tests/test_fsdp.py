@@ -17,9 +17,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch import nn
 
 from learnscope._probe import ProbeError, require_supported_strategy
+from learnscope.functional import allocate_step, gradient_evaluator
+from models import digits, mlp
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
@@ -61,16 +65,24 @@ def test_sharding_strategies_are_refused_by_name(strategy, refused):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "owner"), [("lca", "LossChangeAllocation"), ("nfa", "NeuralFeatureAnsatz")])
-def test_model_parallel_fit_is_refused_at_setup_on_every_rank(tmp_path, mode, owner):
-    """Before the check, LossChangeAllocation crashed the run at its first measured step
-    (``NotImplementedError: Operator c10d.allreduce_.default does not have a sharding
-    strategy registered``) and NeuralFeatureAnsatz in its first probe forward."""
-    for rank in _run(tmp_path, mode, ranks=2):
+def test_nfa_under_model_parallel_is_refused_at_setup_on_every_rank(tmp_path):
+    """Before the check, NeuralFeatureAnsatz crashed the run in its first probe forward (and
+    LossChangeAllocation at its first measured step: ``NotImplementedError: Operator
+    c10d.allreduce_.default does not have a sharding strategy registered``)."""
+    for rank in _run(tmp_path, "refuse_nfa", ranks=2):
         assert rank["steps"] == 0  # refused before the first optimizer step
         assert rank["error"]["type"] == "ProbeError"
-        assert rank["error"]["message"].startswith(f"{owner} does not support ModelParallelStrategy ")
+        assert rank["error"]["message"].startswith("NeuralFeatureAnsatz does not support ModelParallelStrategy ")
         assert REFUSAL in rank["error"]["message"]
+
+
+@pytest.mark.slow
+def test_lca_flags_it_cannot_shard_are_refused_at_setup(tmp_path):
+    for rank in _run(tmp_path, "bad_config", ranks=2):
+        assert rank["steps"] == 0
+        assert rank["error"]["message"].startswith(
+            "LossChangeAllocation under ModelParallelStrategy (FSDP2) does not support rule='adaptive'"
+        )
 
 
 @pytest.mark.slow
@@ -80,3 +92,91 @@ def test_hand_sharded_parameters_are_refused_before_the_first_step(tmp_path):
     assert rank["error"]["message"].startswith(
         "LossChangeAllocation does not support sharded parameters: 'net.0.weight' is a DTensor"
     )
+
+
+# -- LCA under ModelParallelStrategy (FSDP2) ----------------------------------------------------
+
+LR, PROBE = 0.05, 256
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    """Three 2-process fits of the sharded digits MLP (tests/scripts/fsdp_run.py): without
+    callbacks, with LCA on every step, with LCA every 3rd step on the minibatch."""
+    out = tmp_path_factory.mktemp("fsdp_fit")
+    for rank in _run(out, "fit", ranks=2):
+        assert rank["error"] is None and rank["steps"] == 6
+    return torch.load(out / "fit.pt", weights_only=False)
+
+
+def _probe_evaluator():
+    """The probe loss in one process: Σ_c ½ CE(net(x_c), y_c) over the two 128-sample chunks (summed in
+    float64, as the probe sums its chunks)."""
+    x, y = digits()
+    net = mlp()
+    chunks = [(x[i : i + 128], y[i : i + 128]) for i in range(0, PROBE, 128)]
+
+    def loss(params):
+        params = {n.removeprefix("net."): p for n, p in params.items()}
+        return sum(
+            nn.functional.cross_entropy(torch.func.functional_call(net, params, (cx,)), cy).double() * 0.5
+            for cx, cy in chunks
+        )
+
+    return gradient_evaluator(loss)
+
+
+def _module_sums(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for name, t in tensors.items():
+        module = name.rpartition(".")[0]
+        sums[module] = sums.get(module, 0.0) + float(t.double().sum())
+    return sums
+
+
+@pytest.mark.slow
+def test_sharded_training_is_bitwise_unchanged_by_lca(fits):
+    plain = fits["plain"]
+    assert len(plain) == 12  # 6 parameters and their momentum buffers, gathered
+    for run in ("every", "third"):
+        for key, value in plain.items():
+            assert torch.equal(value, fits[run]["state"][key]), f"{run}: {key} differs"
+
+
+@pytest.mark.slow
+def test_sharded_lca_equals_the_unsharded_run_on_the_same_probe_set(fits):
+    """Per-module totals, ΔL, the SGD-momentum parts and the helped fraction of every step equal
+    one process's values at the same θ_t, θ_{t+1} (gathered), recomputed here from scratch."""
+    series, steps = fits["every"]["series"], fits["every"]["steps"]
+    assert sorted(steps) == [0, 1, 2, 3, 4, 5]
+    evaluate = _probe_evaluator()
+    for step, recorded in steps.items():
+        end, delta, grad = recorded["end"], recorded["delta"], recorded["grad"]
+        single = allocate_step(evaluate, {n: end[n] - delta[n] for n in end}, end, rule="simpson")
+        k = single.path_gradient
+        for module, value in _module_sums(single.allocations).items():
+            assert series[f"lca/layer/{module}"][step] == pytest.approx(value, rel=1e-5)
+        assert series["lca/total"][step] == pytest.approx(sum(_module_sums(single.allocations).values()), rel=1e-5)
+        assert series["lca/delta_loss"][step] == pytest.approx(single.delta_loss, rel=1e-5)
+        # SGD with momentum: Δ = −lr·g − lr·μ·buf_{t−1}, so the gradient part is k·(−lr·g), the momentum part the rest
+        gradient_part = _module_sums({n: k[n] * (-LR * grad[n]) for n in end})
+        momentum_part = _module_sums({n: k[n] * (delta[n] + LR * grad[n]) for n in end})
+        for module in gradient_part:
+            assert series[f"lca/part/gradient/{module}"][step] == pytest.approx(gradient_part[module], rel=1e-5)
+            assert series[f"lca/part/momentum/{module}"][step] == pytest.approx(
+                momentum_part[module],
+                rel=1e-5,
+                abs=1e-9 if step == 0 else 0.0,  # no momentum before the first step
+            )
+        helped = sum(int((a < 0).sum()) for a in single.allocations.values())
+        assert series["lca/helped_fraction"][step] == helped / sum(t.numel() for t in end.values())
+
+
+@pytest.mark.slow
+def test_sharded_lca_every_third_step_on_the_minibatch(fits):
+    """every_n_steps=3, probe='batch' (each rank its own micro-batch: the ranks' losses summed):
+    steps 0 and 3 are measured, no rank hangs, and the allocations sum to ΔL up to the trapezoid's error."""
+    series = fits["third"]["series"]
+    assert sorted(series["lca/total"]) == [0, 3]
+    for step in (0, 3):
+        assert series["lca/abs_error"][step] < 0.01 * abs(series["lca/delta_loss"][step])

@@ -1,10 +1,18 @@
 """Run by tests/test_fsdp.py: the callbacks under Lightning's ModelParallelStrategy (FSDP2).
 
-``python fsdp_run.py OUT MODE``: MODE ``lca`` / ``nfa`` fits the digits MLP with every
-Linear ``fully_shard``-ed in ``configure_model`` (2 CPU processes, gloo) with that
-callback; ``dtensor`` fits it in one process with ``fully_shard`` applied by hand under
-the single-device strategy. Writes OUT/rank{r}.json: the error the fit raised (its
-type and message) and the optimizer steps taken before it.
+``python fsdp_run.py OUT MODE``, Lightning launching the second process itself:
+
+* ``refuse_nfa``: NeuralFeatureAnsatz under ModelParallelStrategy (refused at setup);
+* ``dtensor``: LossChangeAllocation in one process on a model ``fully_shard``-ed by hand
+  under the single-device strategy (refused before the first step);
+* ``bad_config``: LossChangeAllocation(rule="adaptive") under ModelParallelStrategy;
+* ``fit``: three fits of the digits MLP with every Linear and the net ``fully_shard``-ed
+  in ``configure_model`` (2 CPU processes, gloo): without callbacks, with LCA on every
+  step (simpson, decompose, histograms) and with LCA every 3rd step on the minibatch.
+
+Writes OUT/rank{r}.json (the error a fit raised, if any, and the steps taken) and, from
+rank 0, OUT/fit.pt: each fit's final parameters and momentum buffers (gathered), the
+logged scalars and, per measured step, θ_{t+1}, Δ and the applied gradient (gathered).
 """
 
 import json
@@ -20,10 +28,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
-from models import Classifier, digits_loader, mlp
+from models import Classifier, MemoryLogger, digits, digits_loader, mlp
+
+LR, MOMENTUM, STEPS, PROBE = 0.05, 0.9, 6, 256
 
 
 class Sharded(Classifier):
@@ -37,35 +49,107 @@ class Sharded(Classifier):
         fully_shard(self.net, mesh=mesh)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
 
-def main(out: str, mode: str) -> None:
+class Recorder(LossChangeAllocation):
+    """Keeps θ_{t+1}, Δ and the applied gradient of every measured step, gathered (every rank
+    takes part in the gathers; rank 0 keeps them)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = {}
+
+    def observe(self, step, names, allocation, parts):
+        live = dict(self._pl_module.named_parameters())
+        self.steps[step] = {
+            "end": {n: live[n].full_tensor() for n in names},
+            "delta": {n: _full(live[n], allocation.delta[n]) for n in names},
+            "grad": {n: live[n].grad.full_tensor() for n in names},
+        }
+
+
+def _full(param, local):
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    ).full_tensor()
+
+
+def probe_loader() -> DataLoader:
+    x, y = digits()
+    return DataLoader(TensorDataset(x[:PROBE], y[:PROBE]), batch_size=128)
+
+
+def fit(callbacks, strategy=None, devices=2, loggers=False):
     pl.seed_everything(0, verbose=False)
-    if mode == "dtensor":
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-        strategy, devices, callback = "auto", 1, LossChangeAllocation(probe_size=128)
-    else:
-        strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
-        callback = LossChangeAllocation(probe_size=128) if mode == "lca" else NeuralFeatureAnsatz(probe_size=128)
+    model = Sharded(net=mlp())
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=strategy,
-        max_steps=3,
-        logger=False,
+        strategy=strategy or ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=STEPS,
+        logger=loggers,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     error = None
     try:
-        trainer.fit(Sharded(net=mlp()), digits_loader(batch_size=64, shuffle=False))
-    except Exception as err:  # the refusal under test
+        trainer.fit(model, digits_loader(batch_size=32, shuffle=False))
+    except Exception as err:  # the refusals under test
         error = {"type": type(err).__name__, "message": str(err)}
-    result = {"error": error, "steps": trainer.global_step}
-    Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    return trainer, model, error
+
+
+def final_state(trainer, model) -> dict:
+    """Parameters and momentum buffers, gathered from the shards."""
+    optimizer = trainer.optimizers[0]
+    state = {f"param/{n}": p.full_tensor() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        for key, value in optimizer.state[p].items():
+            state[f"optim/{n}/{key}"] = value.full_tensor() if isinstance(value, DTensor) else value
+    return state
+
+
+def run_fits(out: str) -> None:
+    results = {}
+    trainer, model, _ = fit([])
+    results["plain"] = final_state(trainer, model)
+    every = Recorder(probe=probe_loader(), rule="simpson", decompose=True, histograms=True)
+    logger = MemoryLogger()
+    trainer, model, error = fit([every], loggers=[logger])
+    assert error is None, error
+    results["every"] = {"state": final_state(trainer, model), "series": dict(logger.series), "steps": every.steps}
+    third = LossChangeAllocation(every_n_steps=3, probe="batch", rule="trapezoid", decompose=True)
+    logger = MemoryLogger()
+    trainer, model, error = fit([third], loggers=[logger])
+    assert error is None, error
+    results["third"] = {"state": final_state(trainer, model), "series": dict(logger.series)}
+    if trainer.global_rank == 0:
+        torch.save(results, Path(out, "fit.pt"))
+    write(out, trainer, None)
+
+
+def write(out, trainer, error) -> None:
+    Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps({"error": error, "steps": trainer.global_step}))
+
+
+def main(out: str, mode: str) -> None:
+    if mode == "fit":
+        run_fits(out)
+    elif mode == "dtensor":
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        trainer, _, error = fit([LossChangeAllocation(probe_size=128)], strategy="auto", devices=1)
+        write(out, trainer, error)
+    else:
+        callback = {
+            "refuse_nfa": NeuralFeatureAnsatz(probe_size=128),
+            "bad_config": LossChangeAllocation(probe_size=128, rule="adaptive"),
+        }[mode]
+        trainer, _, error = fit([callback])
+        write(out, trainer, error)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # torch 2.13's gloo teardown sometimes aborts after the work is done (see lca_fsdp.py)

@@ -24,10 +24,10 @@ from learnscope._probe import (
     ProbeError,
     ProbeNoise,
     build_probe_set,
+    check_sharded_parameters,
     probe_context,
     rank_sum,
     require_supported_strategy,
-    require_unsharded_parameters,
     require_validation_data,
     seed_random_streams,
     stochastic_forward,
@@ -274,7 +274,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._layers:
             return
-        require_unsharded_parameters(pl_module, owner="NeuralFeatureAnsatz")
+        check_sharded_parameters(pl_module, owner="NeuralFeatureAnsatz")
         self._capture_initial_weights()
         self._probe_set = self._build_probe_set(trainer, pl_module)
         _logging.write_layout(
