@@ -697,7 +697,7 @@ class ShardedObjective:
                         loss = self.wrapper(chunk.batch, chunk.batch_idx)
                     (loss * chunk.weight).backward()
                     loss_sum = loss_sum + loss.detach().to(torch.float64) * chunk.weight
-            gradient = {n: local_gradient(p, self.scale) for n, p in self.params.items()}
+            gradient = {n: local_gradient(p, self.scale, owned=True) for n, p in self.params.items()}
         loss_sum = torch.as_tensor(loss_sum, dtype=torch.float64)
         if not self.replicated and self.reduce is not None:
             loss_sum = self.reduce(loss_sum)

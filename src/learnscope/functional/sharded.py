@@ -54,11 +54,17 @@ def local_shards(module: nn.Module) -> dict[str, Tensor]:
     return {n: local(p.detach()).clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def local_gradient(param: Tensor, scale: float = 1.0) -> Tensor:
-    """``scale ·`` this rank's shard of ``param.grad`` (zeros when there is none), a fresh tensor."""
-    if param.grad is None:
+def local_gradient(param: Tensor, scale: float = 1.0, *, owned: bool = False) -> Tensor:
+    """``scale ·`` this rank's shard of ``param.grad`` (zeros when there is none). A fresh tensor,
+    unless ``owned``: the gradient is one nobody else holds (FSDP assigned it during a probe pass
+    and the old reference is put back), so its shard is used, scaled in place, without a copy."""
+    grad = param.grad
+    if grad is None:
         return torch.zeros_like(local(param.detach()))
-    return local(param.grad.detach()) * scale
+    shard = local(grad.detach())
+    if not owned:
+        return shard * scale
+    return shard.mul_(scale) if scale != 1.0 else shard
 
 
 def fsdp2_layout(params: Mapping[str, Tensor]) -> str | None:
@@ -79,22 +85,31 @@ def written_into(params: Mapping[str, Tensor], point: Mapping[str, Tensor], modu
     """Write ``point`` (local shards) into ``params``' local shards and clear their ``.grad``;
     on exit restore the shards and the module's buffers bitwise and each ``.grad`` reference
     (FSDP2 assigns a new gradient tensor, so the saved reference is exactly the old one)."""
-    saved_values = {n: local(p.detach()).clone() for n, p in params.items()}
+    # a point that is the live shard itself (the end point θ_{t+1}) is neither copied nor saved
+    moved = {n: p for n, p in params.items() if not _same_tensor(point[n], local(p.detach()))}
+    saved_values = {n: local(p.detach()).clone() for n, p in moved.items()}
     saved_grads = {n: p.grad for n, p in params.items()}
     saved_buffers = {n: b.clone() for n, b in module.named_buffers()}  # a train-mode BatchNorm writes them
     try:
         with torch.no_grad():
             for n, p in params.items():
-                local(p.detach()).copy_(point[n])
+                if n in moved:
+                    local(p.detach()).copy_(point[n])
                 p.grad = None
         yield
     finally:
         with torch.no_grad():
             for n, p in params.items():
-                local(p.detach()).copy_(saved_values[n])
+                if n in moved:
+                    local(p.detach()).copy_(saved_values[n])
                 p.grad = saved_grads[n]
             for n, b in module.named_buffers():
                 b.copy_(saved_buffers[n])
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same memory (a view of one another with the same layout)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def sharded_evaluator(
@@ -113,7 +128,7 @@ def sharded_evaluator(
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 loss = loss_fn(module)
                 loss.backward()
-            gradient = {n: local_gradient(p) for n, p in params.items()}
+            gradient = {n: local_gradient(p, owned=True) for n, p in params.items()}
             value = float(loss.detach())
         return Evaluation(value, gradient)
 
