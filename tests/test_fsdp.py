@@ -101,8 +101,8 @@ LR, PROBE = 0.05, 256
 
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory):
-    """Three 2-process fits of the sharded digits MLP (tests/scripts/fsdp_run.py): without
-    callbacks, with LCA on every step, with LCA every 3rd step on the minibatch."""
+    """2-process fits of the sharded digits MLP (tests/scripts/fsdp_run.py): without callbacks,
+    with LCA on every step, every 3rd step on the minibatch, the cheap preset, and resumed."""
     out = tmp_path_factory.mktemp("fsdp_fit")
     for rank in _run(out, "fit", ranks=2):
         assert rank["error"] is None and rank["steps"] == 6
@@ -138,7 +138,7 @@ def _module_sums(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
 def test_sharded_training_is_bitwise_unchanged_by_lca(fits):
     plain = fits["plain"]
     assert len(plain) == 12  # 6 parameters and their momentum buffers, gathered
-    for run in ("every", "third"):
+    for run in ("every", "third", "cheap"):
         for key, value in plain.items():
             assert torch.equal(value, fits[run]["state"][key]), f"{run}: {key} differs"
 
@@ -180,3 +180,27 @@ def test_sharded_lca_every_third_step_on_the_minibatch(fits):
     assert sorted(series["lca/total"]) == [0, 3]
     for step in (0, 3):
         assert series["lca/abs_error"][step] < 0.01 * abs(series["lca/delta_loss"][step])
+
+
+@pytest.mark.slow
+def test_sharded_cheap_mode_is_the_applied_gradient_times_the_step(fits):
+    """preset='cheap': A = g ⊙ Δ with the gradient the optimizer applied, on the shards."""
+    series, steps = fits["cheap"]["series"], fits["cheap"]["steps"]
+    assert sorted(steps) == [0, 1, 2, 3, 4, 5] and "lca/delta_loss" not in series
+    for step, recorded in steps.items():
+        allocations = {n: recorded["grad"][n] * recorded["delta"][n] for n in recorded["end"]}
+        for module, value in _module_sums(allocations).items():
+            assert series[f"lca/layer/{module}"][step] == pytest.approx(value, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_from_a_sharded_checkpoint_continues_the_cumulative_values(fits):
+    """Stopped after 3 steps (a torch.distributed.checkpoint directory) and resumed to 6: the
+    cumulative tags go on from the first part's values, and the measured-step count too."""
+    first, resumed = fits["resumed"]["first"], fits["resumed"]["series"]
+    assert fits["resumed"]["measured_steps"] == 6
+    assert sorted(resumed["lca/total"]) == [3, 4, 5]
+    for tag in ("layer_cumulative/net.0", "layer_cumulative/net.4", "part_cumulative/gradient"):
+        per_step = tag.replace("layer_cumulative", "layer").replace("part_cumulative", "part")
+        expected = first[f"lca/{tag}"][2] + sum(resumed[f"lca/{per_step}"][s] for s in (3, 4, 5))
+        assert resumed[f"lca/{tag}"][5] == pytest.approx(expected, rel=1e-9)

@@ -8,7 +8,8 @@
 * ``bad_config``: LossChangeAllocation(rule="adaptive") under ModelParallelStrategy;
 * ``fit``: three fits of the digits MLP with every Linear and the net ``fully_shard``-ed
   in ``configure_model`` (2 CPU processes, gloo): without callbacks, with LCA on every
-  step (simpson, decompose, histograms) and with LCA every 3rd step on the minibatch.
+  step (simpson, decompose, histograms), with LCA every 3rd step on the minibatch, with
+  the cheap preset, and with LCA stopped after 3 steps and resumed from the sharded checkpoint.
 
 Writes OUT/rank{r}.json (the error a fit raised, if any, and the steps taken) and, from
 rank 0, OUT/fit.pt: each fit's final parameters and momentum buffers (gathered), the
@@ -80,14 +81,14 @@ def probe_loader() -> DataLoader:
     return DataLoader(TensorDataset(x[:PROBE], y[:PROBE]), batch_size=128)
 
 
-def fit(callbacks, strategy=None, devices=2, loggers=False):
+def fit(callbacks, strategy=None, devices=2, loggers=False, max_steps=STEPS, ckpt_path=None):
     pl.seed_everything(0, verbose=False)
     model = Sharded(net=mlp())
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy or ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=STEPS,
+        max_steps=max_steps,
         logger=loggers,
         log_every_n_steps=1,
         enable_checkpointing=False,
@@ -97,10 +98,23 @@ def fit(callbacks, strategy=None, devices=2, loggers=False):
     )
     error = None
     try:
-        trainer.fit(model, digits_loader(batch_size=32, shuffle=False))
+        trainer.fit(model, digits_loader(batch_size=32, shuffle=False), ckpt_path=ckpt_path)
     except Exception as err:  # the refusals under test
         error = {"type": type(err).__name__, "message": str(err)}
     return trainer, model, error
+
+
+def resumed(out: str) -> dict:
+    """LCA on every step, stopped after 3 steps with a sharded checkpoint and resumed to 6."""
+    first = MemoryLogger()
+    trainer, _, error = fit([Recorder(probe=probe_loader())], loggers=[first], max_steps=3)
+    assert error is None, error
+    path = Path(out, "sharded.ckpt")
+    trainer.save_checkpoint(path)  # a directory of per-rank shards (torch.distributed.checkpoint)
+    callback, logger = Recorder(probe=probe_loader()), MemoryLogger()
+    trainer, _, error = fit([callback], loggers=[logger], ckpt_path=path)
+    assert error is None, error
+    return {"first": dict(first.series), "series": dict(logger.series), "measured_steps": callback.measured_steps}
 
 
 def final_state(trainer, model) -> dict:
@@ -127,6 +141,11 @@ def run_fits(out: str) -> None:
     trainer, model, error = fit([third], loggers=[logger])
     assert error is None, error
     results["third"] = {"state": final_state(trainer, model), "series": dict(logger.series)}
+    cheap, logger = Recorder(preset="cheap"), MemoryLogger()
+    trainer, model, error = fit([cheap], loggers=[logger])
+    assert error is None, error
+    results["cheap"] = {"state": final_state(trainer, model), "series": dict(logger.series), "steps": cheap.steps}
+    results["resumed"] = resumed(out)
     if trainer.global_rank == 0:
         torch.save(results, Path(out, "fit.pt"))
     write(out, trainer, None)
