@@ -30,13 +30,13 @@ ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
 REFUSAL = "Supported: a single device or DDP"
 
 
-def _run(tmp_path: Path, mode: str, ranks: int) -> list[dict]:
+def _run(tmp_path: Path, mode: str, ranks: int, accelerator: str = "cpu") -> list[dict]:
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "fsdp_run.py"), str(tmp_path), mode],
         capture_output=True,
         text=True,
         timeout=240,
-        env=ENV,
+        env={**ENV, "LEARNSCOPE_FSDP_ACCELERATOR": accelerator},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
@@ -204,3 +204,27 @@ def test_resume_from_a_sharded_checkpoint_continues_the_cumulative_values(fits):
         per_step = tag.replace("layer_cumulative", "layer").replace("part_cumulative", "part")
         expected = first[f"lca/{tag}"][2] + sum(resumed[f"lca/{per_step}"][s] for s in (3, 4, 5))
         assert resumed[f"lca/{tag}"][5] == pytest.approx(expected, rel=1e-9)
+
+
+# -- GPUs (NCCL): skipped without two CUDA devices -------------------------------------------------
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="cuda: needs 2 GPUs (NCCL)")
+
+
+@two_gpus
+def test_cuda_fsdp1_strategy_is_refused_at_setup(tmp_path):
+    """Lightning's FSDPStrategy (FSDP1, flat parameters) runs only on GPUs: refused before the first step."""
+    for rank in _run(tmp_path, "fsdp1", ranks=2, accelerator="cuda"):
+        assert rank["steps"] == 0
+        assert rank["error"]["message"].startswith("LossChangeAllocation does not support FSDPStrategy ")
+
+
+@two_gpus
+def test_cuda_model_parallel_lca_equals_the_unsharded_run(tmp_path):
+    """The CPU tests' fits on 2 GPUs with NCCL: bitwise training and the unsharded values."""
+    for rank in _run(tmp_path, "fit", ranks=2, accelerator="cuda"):
+        assert rank["error"] is None and rank["steps"] == 6
+    fits = torch.load(tmp_path / "fit.pt", weights_only=False)
+    test_sharded_training_is_bitwise_unchanged_by_lca(fits)
+    test_sharded_lca_equals_the_unsharded_run_on_the_same_probe_set(fits)
+    test_sharded_cheap_mode_is_the_applied_gradient_times_the_step(fits)

@@ -1,4 +1,5 @@
 """Run by tests/test_fsdp.py: the callbacks under Lightning's ModelParallelStrategy (FSDP2).
+On CPU with gloo, or on 2 GPUs with NCCL when LEARNSCOPE_FSDP_ACCELERATOR=cuda.
 
 ``python fsdp_run.py OUT MODE``, Lightning launching the second process itself:
 
@@ -6,6 +7,7 @@
 * ``dtensor``: LossChangeAllocation in one process on a model ``fully_shard``-ed by hand
   under the single-device strategy (refused before the first step);
 * ``bad_config``: LossChangeAllocation(rule="adaptive") under ModelParallelStrategy;
+* ``fsdp1``: LossChangeAllocation under Lightning's FSDPStrategy (GPUs only; refused at setup);
 * ``fit``: three fits of the digits MLP with every Linear and the net ``fully_shard``-ed
   in ``configure_model`` (2 CPU processes, gloo): without callbacks, with LCA on every
   step (simpson, decompose, histograms), with LCA every 3rd step on the minibatch, with
@@ -37,13 +39,17 @@ from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 from models import Classifier, MemoryLogger, digits, digits_loader, mlp
 
 LR, MOMENTUM, STEPS, PROBE = 0.05, 0.9, 6, 256
+#: "cuda" for the GPU tests (NCCL); the CPU tests use gloo
+ACCELERATOR = os.environ.get("LEARNSCOPE_FSDP_ACCELERATOR", "cpu")
 
 
 class Sharded(Classifier):
     """The digits MLP with each Linear (and the whole net) sharded by FSDP2."""
 
     def configure_model(self) -> None:
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else init_device_mesh("cpu", (1,))
+        mesh = (
+            self.device_mesh["data_parallel"] if self.device_mesh is not None else init_device_mesh(ACCELERATOR, (1,))
+        )
         for layer in self.net:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
@@ -64,9 +70,9 @@ class Recorder(LossChangeAllocation):
     def observe(self, step, names, allocation, parts):
         live = dict(self._pl_module.named_parameters())
         self.steps[step] = {
-            "end": {n: live[n].full_tensor() for n in names},
-            "delta": {n: _full(live[n], allocation.delta[n]) for n in names},
-            "grad": {n: live[n].grad.full_tensor() for n in names},
+            "end": {n: live[n].full_tensor().cpu() for n in names},
+            "delta": {n: _full(live[n], allocation.delta[n]).cpu() for n in names},
+            "grad": {n: live[n].grad.full_tensor().cpu() for n in names},
         }
 
 
@@ -85,7 +91,7 @@ def fit(callbacks, strategy=None, devices=2, loggers=False, max_steps=STEPS, ckp
     pl.seed_everything(0, verbose=False)
     model = Sharded(net=mlp())
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=ACCELERATOR,
         devices=devices,
         strategy=strategy or ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=max_steps,
@@ -120,10 +126,10 @@ def resumed(out: str) -> dict:
 def final_state(trainer, model) -> dict:
     """Parameters and momentum buffers, gathered from the shards."""
     optimizer = trainer.optimizers[0]
-    state = {f"param/{n}": p.full_tensor() for n, p in model.named_parameters()}
+    state = {f"param/{n}": p.full_tensor().cpu() for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         for key, value in optimizer.state[p].items():
-            state[f"optim/{n}/{key}"] = value.full_tensor() if isinstance(value, DTensor) else value
+            state[f"optim/{n}/{key}"] = (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
     return state
 
 
@@ -166,8 +172,9 @@ def main(out: str, mode: str) -> None:
         callback = {
             "refuse_nfa": NeuralFeatureAnsatz(probe_size=128),
             "bad_config": LossChangeAllocation(probe_size=128, rule="adaptive"),
+            "fsdp1": LossChangeAllocation(probe_size=128),
         }[mode]
-        trainer, _, error = fit([callback])
+        trainer, _, error = fit([callback], strategy="fsdp" if mode == "fsdp1" else None)
         write(out, trainer, error)
     sys.stdout.flush()
     sys.stderr.flush()
