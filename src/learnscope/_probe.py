@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from learnscope._compat import reparametrized, validation_data_source
 from learnscope.functional.lca import Evaluation
+from learnscope.functional.sharded import fsdp2_layout, local_gradient, written_into
 
 PROBE_SEED = 20191003  # fixed: the probe subset never depends on the run's seed or RNG state
 
@@ -338,6 +339,68 @@ def require_validation_data(trainer: Any, *, owner: str) -> None:
         )
 
 
+#: Lightning strategies that shard parameters or optimizer state across ranks. The probes
+#: evaluate the module at other θ with ``torch.func.functional_call`` on whole parameters
+#: and reduce plain tensors; under these a parameter is a shard (a ``DTensor`` or a flat
+#: buffer), so they are refused at ``setup`` instead of failing in the middle of training.
+SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+SUPPORTED_STRATEGIES = "a single device or DDP (strategy='ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook')"
+
+
+def shards_parameters(trainer: Any) -> bool:
+    """Whether the trainer runs Lightning's ``ModelParallelStrategy`` (FSDP2 ``fully_shard``,
+    the one sharding strategy LossChangeAllocation supports). Every rank then evaluates the
+    whole fixed probe set: FSDP's all-gathers need the same forwards on every rank."""
+    return "ModelParallelStrategy" in {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
+
+
+def require_supported_strategy(trainer: Any, *, owner: str, model_parallel: bool = False) -> bool:
+    """Fail in ``setup`` under a strategy that shards parameters (docs/fsdp.md), except
+    ``ModelParallelStrategy`` when ``model_parallel``; return whether it is that one."""
+    strategy = getattr(trainer, "strategy", None)
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    refused = next((name for name in SHARDING_STRATEGIES if name in names), None)
+    if refused == "ModelParallelStrategy" and model_parallel:
+        return True
+    if refused is not None:
+        kind = "" if refused == type(strategy).__name__ else f", a {refused}"
+        also = " or ModelParallelStrategy with FSDP2 fully_shard" if model_parallel else ""
+        raise ProbeError(
+            f"{owner} does not support {type(strategy).__name__}{kind} (it shards parameters or optimizer "
+            f"state across ranks). Supported: {SUPPORTED_STRATEGIES}{also}. Remove the callback for this "
+            "run, or train with DDP; see docs/fsdp.md."
+        )
+    return False
+
+
+def check_sharded_parameters(module: nn.Module, *, owner: str, model_parallel: bool = False) -> bool:
+    """Before the first step: whether the trainable parameters are FSDP2 shards the callback
+    handles (``model_parallel``: the trainer runs ``ModelParallelStrategy`` and the owner
+    supports it). Fails on sharded ``DTensor`` parameters anywhere else (e.g. ``fully_shard``
+    applied by hand), on other layouts (tensor parallelism, HSDP), and under
+    ``ModelParallelStrategy`` on parameters left unsharded."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    sharded = [n for n, p in params.items() if hasattr(p, "device_mesh")]
+    if model_parallel:
+        problem = fsdp2_layout(params)
+        plain = next((n for n in params if n not in sharded), None)
+        if plain is not None:
+            problem = f"{plain!r} is not sharded (apply fully_shard to every module with trainable parameters)"
+        if problem is None:
+            return True
+        raise ProbeError(
+            f"{owner} supports ModelParallelStrategy only with FSDP2 (fully_shard on a 1-D data-parallel mesh, "
+            f"tensor_parallel_size=1) over every trainable parameter: {problem}; see docs/fsdp.md."
+        )
+    if sharded:
+        raise ProbeError(
+            f"{owner} does not support sharded parameters: {sharded[0]!r} is a "
+            f"{type(params[sharded[0]]).__name__} (FSDP2 fully_shard or tensor parallelism). "
+            f"Supported: {SUPPORTED_STRATEGIES} with plain tensor parameters; see docs/fsdp.md."
+        )
+    return False
+
+
 def _validation_loader(trainer: Any) -> Any:
     loader = trainer.val_dataloaders
     if loader is None:
@@ -385,11 +448,12 @@ def build_probe_set(
         if not raw:
             raise ProbeError(f"{owner}: {what} yielded no batches; set probe to non-empty data")
         try:
+            whole = shards_parameters(trainer)  # FSDP's collectives need the same forwards on every rank
             data = ProbeData.fixed(
                 raw,
                 batch_size_fn=batch_size_fn,
-                rank=getattr(trainer, "global_rank", 0),
-                world_size=getattr(trainer, "world_size", 1),
+                rank=0 if whole else getattr(trainer, "global_rank", 0),
+                world_size=1 if whole else getattr(trainer, "world_size", 1),
             )
         except ProbeError as err:
             raise ProbeError(f"{owner}: {err}") from None
@@ -415,6 +479,17 @@ def rank_sum(trainer: Any) -> Callable[[Tensor], Tensor] | None:
 
     def reduce(tensor: Tensor) -> Tensor:
         return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    return reduce
+
+
+def rank_reduce(trainer: Any) -> Callable[[Tensor, str], Tensor]:
+    """``reduce(tensor, op)``: ``op`` (``"sum"``, ``"min"``) of a small plain tensor over ranks,
+    returned on the CPU (sent from the strategy's device: NCCL reduces only CUDA tensors)."""
+
+    def reduce(tensor: Tensor, op: str) -> Tensor:
+        device = getattr(trainer.strategy, "root_device", tensor.device)
+        return trainer.strategy.reduce(tensor.to(device), reduce_op=op).cpu()
 
     return reduce
 
@@ -584,6 +659,67 @@ class ProbeObjective:
             return stochastic_forward(self.module, lambda: self._chunk_loss(chunk), device)
 
 
+class ShardedObjective:
+    """``L(θ) = Σ_c w_c ℓ_c(θ)`` on FSDP2-sharded parameters (docs/fsdp.md): evaluated at a
+    point of *local shards*, with the gradient's local shard.
+
+    The point is written into the live shards and each chunk runs the module's own
+    forward and backward, so FSDP all-gathers the parameters and reduce-scatters the
+    gradient into ``.grad``; shards, ``.grad`` and buffers are restored bitwise after
+    (:func:`learnscope.functional.sharded.written_into`). FSDP averages the ranks'
+    gradients. ``replicated``: every rank holds the whole probe set (each rank's weights
+    sum to 1), so the average is the gradient and the loss needs no collective. Otherwise
+    (a step's micro-batches, different on each rank, weights summing to 1 over ranks) the
+    local gradient is multiplied by the world size and the loss summed over ranks with
+    ``reduce``. Every rank runs one forward and backward per chunk, the same number on
+    every rank, so FSDP's collectives match.
+    """
+
+    def __init__(
+        self, like: ProbeObjective, params: Mapping[str, Tensor], *, world_size: int, replicated: bool
+    ) -> None:
+        """The loss of ``like`` (its module, chunks, loss, mode, precision and ``reduce``) on the
+        sharded ``params``."""
+        self.module, self.params, self.chunks, self.wrapper = like.module, params, like.chunks, like.wrapper
+        self.mode, self.step_context, self.reduce = like.mode, like.step_context, like.reduce
+        self.scale = 1.0 if replicated else float(world_size)
+        self.replicated = replicated
+        self.evaluations = 0
+
+    def __call__(self, point: Mapping[str, Tensor], /) -> Evaluation:
+        """The probe loss and the local shard of its gradient at ``point`` (local shards)."""
+        with written_into(self.params, point, self.module):
+            with probe_context(self.module, mode=self.mode):
+                loss_sum: Tensor | float = 0.0
+                for index, chunk in enumerate(self.chunks):
+                    seed_random_streams(PROBE_SEED + index)
+                    with self.step_context():
+                        loss = self.wrapper(chunk.batch, chunk.batch_idx)
+                    (loss * chunk.weight).backward()
+                    loss_sum = loss_sum + loss.detach().to(torch.float64) * chunk.weight
+            gradient = {n: local_gradient(p, self.scale, owned=True) for n, p in self.params.items()}
+        loss_sum = torch.as_tensor(loss_sum, dtype=torch.float64)
+        if not self.replicated and self.reduce is not None:
+            loss_sum = self.reduce(loss_sum)
+        self.evaluations += 1
+        if not torch.isfinite(loss_sum):  # the same on every rank: every rank skips the step
+            raise NonFiniteProbe(f"the probe loss is {float(loss_sum)}")
+        return Evaluation(float(loss_sum), gradient)
+
+    def check_determinism(self, point: Mapping[str, Tensor]) -> ProbeNoise | None:
+        """The self-check of :meth:`ProbeObjective.check_determinism`, on the live sharded module."""
+        if not self.chunks:
+            return None
+        chunk = self.chunks[0]
+        with (
+            written_into(self.params, point, self.module),
+            probe_context(self.module, mode=self.mode),
+            torch.no_grad(),
+            self.step_context(),
+        ):
+            return stochastic_forward(self.module, lambda: self.wrapper(chunk.batch, chunk.batch_idx), None)
+
+
 class ProbeLosses:
     """The probe losses one callback evaluates, all in one probe mode: ``"probe"``, its
     fixed probe set, and ``"batch"``, one optimizer step's micro-batches.
@@ -611,15 +747,17 @@ class ProbeLosses:
         self.owner, self.stochastic_tag = owner, stochastic_tag
         self.mode = "deterministic"
         self.stochastic: bool | None = None  # the self-check's verdict (None: not checked yet)
+        #: FSDP2: the sharded trainable parameters (then objectives are :class:`ShardedObjective`)
+        self.sharded: Mapping[str, Tensor] | None = None
 
-    def objective(self, data: str, minibatches: Sequence[tuple[Any, int]] = ()) -> ProbeObjective:
+    def objective(self, data: str, minibatches: Sequence[tuple[Any, int]] = ()) -> ProbeObjective | ShardedObjective:
         """The loss on ``data``: ``"probe"`` (the fixed set) or ``"batch"`` (``minibatches``)."""
         if data == "batch":
             chunks = ProbeData.minibatches(minibatches, world_size=self.world_size)
         else:
             assert self.fixed is not None, "no fixed probe set was built"
             chunks = self.fixed
-        return ProbeObjective(
+        objective = ProbeObjective(
             self.module,
             chunks,
             loss_fn=self.loss_fn,
@@ -627,8 +765,11 @@ class ProbeLosses:
             step_context=self.step_context,
             reduce=self.reduce,
         )
+        if self.sharded is None:
+            return objective
+        return ShardedObjective(objective, self.sharded, world_size=self.world_size, replicated=data != "batch")
 
-    def check_once(self, objective: ProbeObjective, params: Mapping[str, Tensor]) -> None:
+    def check_once(self, objective: ProbeObjective | ShardedObjective, params: Mapping[str, Tensor]) -> None:
         """The self-check at ``params``, the first time only (see the class docstring)."""
         if self.stochastic is not None:
             return

@@ -17,17 +17,19 @@ for a measured step, :meth:`~StepEstimator.begin` in the optimizer's pre-step ho
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from learnscope import _compat, tags
-from learnscope._probe import ProbeLosses, ProbeObjective
+from learnscope._probe import ProbeError, ProbeLosses, ProbeObjective, ShardedObjective
 from learnscope.config import LCAConfig
-from learnscope.functional import decompose
+from learnscope.functional import decompose, sharded
 from learnscope.functional.lca import (
     Evaluation,
     LazyDelta,
@@ -36,16 +38,18 @@ from learnscope.functional.lca import (
     first_order_step,
     step_delta,
 )
-from learnscope.records import CornerStats
+from learnscope.records import CornerStats, LCAStepRecord
 
 __all__ = [
     "Ablation",
     "AppliedGradientFirstOrder",
     "Measurement",
     "ProbePathIntegral",
+    "ShardedSteps",
     "StepEstimator",
     "StepEvent",
     "build_estimator",
+    "check_sharded_config",
     "corner_name",
 ]
 
@@ -126,6 +130,9 @@ class StepEstimator:
     def discard(self) -> None:
         """A step was skipped: drop anything carried to the next step."""
 
+    def reduce_record(self, record: LCAStepRecord) -> None:
+        """Complete the step's record over ranks (sharded parameters only; see :class:`ShardedSteps`)."""
+
     def reset(self) -> None:
         """The fit ended: free every buffer."""
 
@@ -188,14 +195,20 @@ class ProbePathIntegral(StepEstimator):
 
     def before_update(self, params: Params) -> None:
         cache, self._cache = self._cache, None  # any step moves θ: the cache is used now or never
-        fresh = cache is not None and self._cache_versions == _versions(params)
+        fresh = self.agree(cache is not None and self._cache_versions == _versions(params))
         self._reusable = cache if fresh else None
+
+    @staticmethod
+    def agree(fresh: bool) -> bool:
+        """Whether every rank may reuse its cached end point (sharded: a collective, see
+        :class:`ShardedSteps`; FSDP needs every rank to run the same forwards)."""
+        return fresh
 
     def begin(self, event: StepEvent, params: Params) -> None:
         super().begin(event, params)
         event.start_evaluation, self._reusable = self._reusable, None
 
-    def objective(self, event: StepEvent, start: Params) -> ProbeObjective:
+    def objective(self, event: StepEvent, start: Params) -> ProbeObjective | ShardedObjective:
         """The step's probe loss, after the once-per-run determinism self-check at θ_t."""
         objective = self.losses.objective(self.data, event.minibatches)
         self.losses.check_once(objective, start)
@@ -302,13 +315,149 @@ class Ablation(StepEstimator):
         self.main.reset()
 
 
-def build_estimator(config: LCAConfig, losses: ProbeLosses, corner: CornerFn) -> StepEstimator:
+class ShardedSteps(StepEstimator):
+    """``inner`` on this rank's local shards of FSDP2-sharded parameters (docs/fsdp.md).
+
+    θ_t, Δ, k and the applied gradient are local shards (``DTensor.to_local()``): memory
+    scales with the shard, not the model. Probe losses are evaluated through the sharded
+    module (:class:`learnscope._probe.ShardedObjective`), so every rank runs the same
+    forwards. The step's record, computed from the local shards, is summed over ranks in
+    one all-reduce of a small float64 vector (:meth:`reduce_record`); histograms stay
+    this rank's sample. The reuse of the end point is agreed by all ranks (one all-reduce
+    of one integer per optimizer step), so no rank skips an evaluation the others run."""
+
+    def __init__(
+        self, inner: StepEstimator, local: dict[str, Tensor], all_reduce: Callable[[Tensor, str], Tensor]
+    ) -> None:
+        self.inner, self.all_reduce = inner, all_reduce
+        self.local = local  # name → the view of this rank's shard, shared with the summariser
+        self.needs_applied_gradient = inner.needs_applied_gradient
+        self.needs_minibatches = inner.needs_minibatches
+        self.evaluates_loss = inner.evaluates_loss
+        if isinstance(inner, ProbePathIntegral):
+            inner.agree = self._agree  # type: ignore[method-assign]
+
+    def _agree(self, fresh: bool) -> bool:
+        return bool(self.all_reduce(torch.tensor([int(fresh)], dtype=torch.float64), "min")[0])
+
+    def before_update(self, params: Params) -> None:
+        # in place: the summariser holds this dict; FSDP may re-pad a shard (``reset_sharded_param``)
+        self.local.update(sharded.local_views(params))
+        self.inner.before_update(self.local)
+
+    def begin(self, event: StepEvent, params: Params) -> None:
+        self.inner.begin(event, self.local)
+
+    def after_update(self, event: StepEvent, params: Params) -> None:
+        if self.needs_applied_gradient:
+            event.applied_gradient = {n: sharded.local_gradient(params[n]) for n in event.names}
+        if event.record is not None:
+            _localise(event.record, {params[n]: self.local[n] for n in self.local})
+
+    def finish(self, event: StepEvent, live: Params) -> Measurement:
+        return self.inner.finish(event, self.local)
+
+    def release(self, event: StepEvent) -> None:
+        self.inner.release(event)
+
+    def accept(self, measurement: Measurement, params: Params) -> None:
+        self.inner.accept(measurement, self.local)
+
+    def discard(self) -> None:
+        self.inner.discard()
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def reduce_record(self, record: LCAStepRecord) -> None:
+        """Sum the record's additive fields over ranks in place (ΔL is already global)."""
+        fields = _additive_fields(record)
+        total = self.all_reduce(torch.tensor([v for _, v in fields], dtype=torch.float64), "sum")
+        for (setter, _), value in zip(fields, total.tolist()):
+            setter(value)
+
+
+def _localise(record: decompose.StepRecord, views: Mapping[Tensor, Tensor]) -> None:
+    """Re-key a captured optimizer step from the sharded parameters to the views of their local
+    shards, with each gradient and state tensor's local shard: the decomposition is elementwise,
+    so it then runs unchanged on this rank's shard. (Reads ``StepRecord``'s fields; a public
+    ``StepRecord.mapped`` in :mod:`learnscope.functional.decompose` would replace this.)"""
+    record._group_of = {views.get(p, p): g for p, g in record._group_of.items()}
+    record._first_step = {views.get(p, p): f for p, f in record._first_step.items()}
+    entries = {}
+    for param, entry in record._params.items():
+        if entry.grad is not None:
+            grad, state = sharded.local(entry.grad), {k: sharded.local(v) for k, v in entry.state.items()}
+            versions = (_compat.tensor_version(grad), *(_compat.tensor_version(t) for t in state.values()))
+            entry = dataclasses.replace(entry, grad=grad, state=state, versions=versions)
+        entries[views.get(param, param)] = entry
+    record._params = entries
+
+
+def _additive_fields(record: LCAStepRecord) -> list[tuple[Callable[[float], None], float]]:
+    """Every additive number of a step record, with a setter, in an order every rank shares
+    (sorted module and part names; the same parameters and parts on every rank)."""
+    out: list[tuple[Callable[[float], None], float]] = [(partial(setattr, record, "total"), record.total)]
+    out += _dataclass_fields(record.counts) + _dataclass_fields(record.moments)
+    for module in sorted(record.layers):
+        out.append((partial(record.layers.__setitem__, module), record.layers[module]))
+        out += _dataclass_fields(record.layer_counts[module]) + _dataclass_fields(record.layer_moments[module])
+    for parts in [record.parts, *(record.layer_parts[m] for m in sorted(record.layer_parts))]:
+        out += [(partial(parts.__setitem__, key), parts[key]) for key in sorted(parts)]
+    return out
+
+
+def _dataclass_fields(obj: Any) -> list[tuple[Callable[[float], None], float]]:
+    """(setter, value) of each numeric field of a Counts or Moments (ints stay ints)."""
+
+    def setter(name: str, kind: type, value: float) -> None:
+        setattr(obj, name, kind(round(value)) if kind is int else value)
+
+    return [
+        (partial(setter, name, type(getattr(obj, name))), float(getattr(obj, name)))
+        for name in obj.__dataclass_fields__
+    ]
+
+
+def check_sharded_config(config: LCAConfig) -> None:
+    """Fail in ``setup`` on the flags :class:`ShardedSteps` does not support (docs/fsdp.md)."""
+    unsupported = {
+        "rule='adaptive'": config.rule == "adaptive" and not config.cheap,  # per-rank error sums would disagree
+        "ablation=True": config.ablation,
+        "unit_allocations=True": config.unit_allocations,  # a unit's weights lie on one rank's shard
+        "parameter_counts=True": config.parameter_counts,  # per-parameter tensors live on the shards
+    }
+    refused = [flag for flag, on in unsupported.items() if on]
+    if refused:
+        raise ProbeError(
+            f"LossChangeAllocation under ModelParallelStrategy (FSDP2) does not support {', '.join(refused)}; "
+            "supported there: rule 'first_order', 'trapezoid' or 'simpson', probe 'train', 'val', a DataLoader "
+            "or 'batch', decompose, histograms (from rank 0's shard); see docs/fsdp.md."
+        )
+
+
+def build_estimator(
+    config: LCAConfig,
+    losses: ProbeLosses,
+    corner: CornerFn,
+    *,
+    sharded: Params | None = None,
+    local: dict[str, Tensor] | None = None,
+    all_reduce: Callable[[Tensor, str], Tensor] | None = None,
+) -> StepEstimator:
     """The estimator of a config: the cheap first order, or a probe path integral, and
-    the ablation around either (which keeps θ_t: its corners need it after the main one)."""
+    the ablation around either (which keeps θ_t: its corners need it after the main one).
+    ``sharded``: the FSDP2-sharded trainable parameters and ``local`` the views of their
+    local shards (:func:`learnscope.functional.sharded.local_views`); the estimator then works
+    on those (:class:`ShardedSteps`), reducing with ``all_reduce(tensor, op)``."""
     keep_start = config.ablation
     main: StepEstimator
     if config.cheap:
         main = AppliedGradientFirstOrder(keep_start=keep_start)
     else:
         main = ProbePathIntegral(losses, config, data=config.data, keep_start=keep_start)
+    if sharded is not None:
+        assert all_reduce is not None and local is not None
+        losses.sharded = sharded
+        return ShardedSteps(main, local, all_reduce)
     return Ablation(main, losses, config, corner) if config.ablation else main

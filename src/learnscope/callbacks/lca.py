@@ -23,17 +23,22 @@ from learnscope._probe import (
     ProbeError,
     ProbeLosses,
     build_probe_set,
+    check_sharded_parameters,
     precision_context,
+    rank_reduce,
     rank_sum,
+    require_supported_strategy,
     require_validation_data,
+    shards_parameters,
 )
 from learnscope._stats import ProductStats
 from learnscope._validate import check_seconds, check_unique_tag_roots
 from learnscope.callbacks._base import ProbeCallback
 from learnscope.config import DEFAULTS, PRESETS, PROBES, LCAConfig
-from learnscope.estimators import StepEstimator, StepEvent, build_estimator
+from learnscope.estimators import StepEstimator, StepEvent, build_estimator, check_sharded_config
 from learnscope.functional import decompose
 from learnscope.functional.lca import StepAllocation
+from learnscope.functional.sharded import local_views
 from learnscope.records import LCAStepRecord
 from learnscope.step_summary import ParameterCounts, RunTotals, StepSummariser, reported_modules
 
@@ -321,6 +326,8 @@ class LossChangeAllocation(ProbeCallback):
         check_unique_tag_roots(trainer, self)
         if stage != "fit":
             return
+        if require_supported_strategy(trainer, owner="LossChangeAllocation", model_parallel=True):
+            check_sharded_config(self.config)  # FSDP2: refuse what ShardedSteps does not do, before training
         if not pl_module.automatic_optimization and self.loss_fn is None and not self.config.cheap:
             raise ProbeError(
                 "LossChangeAllocation: the module uses manual optimization, so its training_step cannot be "
@@ -336,13 +343,16 @@ class LossChangeAllocation(ProbeCallback):
         self._reset_run_state()
         self._warned.discard("capped")  # one capped-step warning per fit
         self._trainer, self._pl_module = trainer, pl_module
+        model_parallel = shards_parameters(trainer)
+        sharded = check_sharded_parameters(pl_module, owner="LossChangeAllocation", model_parallel=model_parallel)
         self._tracked = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        local = local_views(self._tracked) if sharded else None  # FSDP2: this rank's shards (docs/fsdp.md)
         if self.compile_statistics is None:
             self._stats.compiled = _long_run_on_cpu(trainer, self._tracked, self.every_n_steps)
         self._losses = self._probe_losses(trainer, pl_module)
         owner = {n: n.rpartition(".")[0] or "root" for n in self._tracked}
         self._summariser = summariser = StepSummariser(
-            self._tracked,
+            local if local is not None else self._tracked,
             owner,
             reported_modules(owner, self.modules),
             self._stats,
@@ -352,6 +362,9 @@ class LossChangeAllocation(ProbeCallback):
             self.config,
             self._losses,
             lambda event, allocation: summariser.corner(event.names, event.record, allocation),
+            sharded=self._tracked if sharded else None,
+            local=local,
+            all_reduce=rank_reduce(trainer),
         )
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
@@ -525,6 +538,7 @@ class LossChangeAllocation(ProbeCallback):
             return None
         allocation = measurement.allocation
         record = self._summarise(event, allocation)
+        estimator.reduce_record(record)  # sharded parameters: sum the shards' statistics over ranks
         if not math.isfinite(record.total):
             self._skip(event.step, "non-finite allocation")
             return None

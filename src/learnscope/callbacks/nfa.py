@@ -24,8 +24,10 @@ from learnscope._probe import (
     ProbeError,
     ProbeNoise,
     build_probe_set,
+    check_sharded_parameters,
     probe_context,
     rank_sum,
+    require_supported_strategy,
     require_validation_data,
     seed_random_streams,
     stochastic_forward,
@@ -265,6 +267,8 @@ class NeuralFeatureAnsatz(ProbeCallback):
                 f"NeuralFeatureAnsatz runs the model as pl_module(inputs), but {type(pl_module).__name__} "
                 "does not define forward(); add a forward method that returns the model output"
             )
+        if stage == "fit":
+            require_supported_strategy(trainer, owner="NeuralFeatureAnsatz")
         if stage == "fit" and self.probe == "val":
             require_validation_data(trainer, owner="NeuralFeatureAnsatz")
         self._forward_arguments = required_positional(pl_module)
@@ -274,6 +278,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._layers:
             return
+        check_sharded_parameters(pl_module, owner="NeuralFeatureAnsatz")
         self._capture_initial_weights()
         self._probe_set = self._build_probe_set(trainer, pl_module)
         _logging.write_layout(

@@ -7,34 +7,109 @@ shards and the per-module sums are added over ranks (docs/fsdp.md):
 
 :func:`sharded_evaluator` gives :func:`learnscope.functional.allocate_step` the loss and
 the *local* gradient shards at any point, by running the module's own FSDP forward and
-backward (all-gather, reduce-scatter) with θ written into the shards; the live shards
-and their ``.grad`` are restored bitwise afterwards. Every rank must evaluate the same
-probe data (FSDP's collectives must match), so the reduce-scattered gradient, FSDP's
-mean over ranks, is the gradient of the probe loss.
+backward (all-gather, reduce-scatter) with θ written into the shards (:func:`written_into`);
+the live shards, their ``.grad`` and the module's buffers are restored bitwise afterwards.
+FSDP's reduce-scatter averages the ranks' gradients, so when every rank evaluates the
+same probe data the local gradient shard is that of the probe loss.
 
-The LossChangeAllocation callback does not use this yet (see docs/fsdp.md): it is
-the functional building block, usable in a hand-written FSDP2 loop.
+The LossChangeAllocation callback uses these through
+:class:`learnscope._probe.ShardedObjective` and :class:`learnscope.estimators.ShardedSteps`
+under Lightning's ``ModelParallelStrategy``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from learnscope.functional.lca import Evaluation
 
-__all__ = ["local_shards", "module_sums", "sharded_evaluator"]
+__all__ = [
+    "fsdp2_layout",
+    "local",
+    "local_gradient",
+    "local_shards",
+    "local_views",
+    "module_sums",
+    "sharded_evaluator",
+    "written_into",
+]
 
 
-def _local(tensor: Tensor) -> Tensor:
+def local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (a view of its storage); any other tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def local_views(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached views of this rank's shard of each of ``params`` (they see every in-place update)."""
+    return {n: local(p.detach()) for n, p in params.items()}
 
 
 def local_shards(module: nn.Module) -> dict[str, Tensor]:
     """Detached clones of this rank's shard of every trainable parameter."""
-    return {n: _local(p.detach()).clone() for n, p in module.named_parameters() if p.requires_grad}
+    return {n: local(p.detach()).clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def local_gradient(param: Tensor, scale: float = 1.0, *, owned: bool = False) -> Tensor:
+    """``scale ·`` this rank's shard of ``param.grad`` (zeros when there is none). A fresh tensor,
+    unless ``owned``: the gradient is one nobody else holds (FSDP assigned it during a probe pass
+    and the old reference is put back), so its shard is used, scaled in place, without a copy."""
+    grad = param.grad
+    if grad is None:
+        return torch.zeros_like(local(param.detach()))
+    shard = local(grad.detach())
+    if not owned:
+        return shard * scale
+    return shard.mul_(scale) if scale != 1.0 else shard
+
+
+def fsdp2_layout(params: Mapping[str, Tensor]) -> str | None:
+    """None when every ``DTensor`` among ``params`` is FSDP2's layout (a 1-D mesh, ``Shard(0)``,
+    the data-parallel layout this module supports), else a sentence saying which is not."""
+    for name, p in params.items():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is None:
+            continue
+        placements = [type(x).__name__ + str(getattr(x, "dim", "")) for x in getattr(p, "placements", ())]
+        if mesh.ndim != 1 or placements != ["Shard0"]:
+            return f"{name!r} is a DTensor on a {mesh.ndim}-D mesh with placements {placements}"
+    return None
+
+
+@contextlib.contextmanager
+def written_into(params: Mapping[str, Tensor], point: Mapping[str, Tensor], module: nn.Module) -> Iterator[None]:
+    """Write ``point`` (local shards) into ``params``' local shards and clear their ``.grad``;
+    on exit restore the shards and the module's buffers bitwise and each ``.grad`` reference
+    (FSDP2 assigns a new gradient tensor, so the saved reference is exactly the old one)."""
+    # a point that is the live shard itself (the end point θ_{t+1}) is neither copied nor saved
+    moved = {n: p for n, p in params.items() if not _same_tensor(point[n], local(p.detach()))}
+    saved_values = {n: local(p.detach()).clone() for n, p in moved.items()}
+    saved_grads = {n: p.grad for n, p in params.items()}
+    saved_buffers = {n: b.clone() for n, b in module.named_buffers()}  # a train-mode BatchNorm writes them
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                if n in moved:
+                    local(p.detach()).copy_(point[n])
+                p.grad = None
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                if n in moved:
+                    local(p.detach()).copy_(saved_values[n])
+                p.grad = saved_grads[n]
+            for n, b in module.named_buffers():
+                b.copy_(saved_buffers[n])
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same memory (a view of one another with the same layout)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def sharded_evaluator(
@@ -49,26 +124,12 @@ def sharded_evaluator(
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
 
     def evaluate(point: Mapping[str, Tensor]) -> Evaluation:
-        saved_values = {n: _local(p.detach()).clone() for n, p in params.items()}
-        saved_grads = {n: p.grad for n, p in params.items()}
-        try:
-            with torch.no_grad():
-                for n, p in params.items():
-                    _local(p.detach()).copy_(point[n])
-                    p.grad = None
+        with written_into(params, point, module):
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 loss = loss_fn(module)
                 loss.backward()
-            gradient = {
-                n: torch.zeros_like(point[n]) if p.grad is None else _local(p.grad).detach().clone()
-                for n, p in params.items()
-            }
+            gradient = {n: local_gradient(p, owned=True) for n, p in params.items()}
             value = float(loss.detach())
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    _local(p.detach()).copy_(saved_values[n])
-                    p.grad = saved_grads[n]
         return Evaluation(value, gradient)
 
     return evaluate
@@ -77,9 +138,9 @@ def sharded_evaluator(
 def module_sums(allocations: Mapping[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
     """Per-module sums of local allocations, added over ranks in one collective."""
     modules = sorted({name.rpartition(".")[0] or "root" for name in allocations})
-    local = torch.zeros(len(modules), dtype=torch.float64)
+    local_sums = torch.zeros(len(modules), dtype=torch.float64)
     index = {m: i for i, m in enumerate(modules)}
     for name, a in allocations.items():
-        local[index[name.rpartition(".")[0] or "root"]] += float(a.sum(dtype=torch.float64))
-    total = reduce(local)
+        local_sums[index[name.rpartition(".")[0] or "root"]] += float(a.sum(dtype=torch.float64))
+    total = reduce(local_sums)
     return {m: float(total[i]) for m, i in index.items()}
