@@ -1,0 +1,88 @@
+"""Server-side downsampling: a run's steps grouped into at most ``limit`` columns.
+
+A long run has more steps than a chart has pixels. The steps that carry data are
+grouped into at most :data:`MAX_COLUMNS` runs of consecutive steps (equal counts of
+steps, so no column is empty), and each series is reduced per column in the way that
+keeps its meaning:
+
+* ``sum``: allocations (the column's value is the allocation of all its steps,
+  ``Σ_{s ∈ column} LCA_s``: additive, so the heatmap's row still sums to the total);
+* ``last``: cumulative series and NFA measurements (the value at the column's last step);
+* ``mean``: fractions (helped fraction).
+
+This module imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["MAX_COLUMNS", "Columns", "Reduction", "finite"]
+
+#: the most columns (points) a series of the tab ever has
+MAX_COLUMNS = 500
+Reduction = Literal["sum", "last", "mean"]
+
+
+def finite(value: float) -> float | None:
+    """``value``, or None (JSON null) when it is NaN or infinite."""
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Consecutive groups of steps: column ``i`` holds the steps ``first[i] … last[i]``."""
+
+    first: tuple[int, ...]
+    last: tuple[int, ...]
+
+    @classmethod
+    def over(cls, steps: Iterable[int], limit: int = MAX_COLUMNS) -> Columns:
+        """Columns over the distinct ``steps``: one per step when there are at most
+        ``limit``, else ``limit`` groups of ⌈n/limit⌉ or ⌊n/limit⌋ consecutive steps."""
+        distinct = sorted(set(steps))
+        n = len(distinct)
+        if n <= limit:
+            return cls(tuple(distinct), tuple(distinct))
+        bounds = [(i * n) // limit for i in range(limit + 1)]
+        first = tuple(distinct[bounds[i]] for i in range(limit))
+        last = tuple(distinct[bounds[i + 1] - 1] for i in range(limit))
+        return cls(first, last)
+
+    @property
+    def downsampled(self) -> bool:
+        """Whether any column holds more than one step."""
+        return self.first != self.last
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def index(self, step: int) -> int | None:
+        """The column holding ``step``, or None when it is outside every column."""
+        i = bisect.bisect_right(self.first, step) - 1
+        return i if i >= 0 and step <= self.last[i] else None
+
+    def reduce(self, steps: Sequence[int], values: Sequence[float], how: Reduction) -> list[float | None]:
+        """One value per column (None where a column has no finite value of the series)."""
+        sums = [0.0] * len(self)
+        counts = [0] * len(self)
+        lasts: list[float | None] = [None] * len(self)
+        for step, value in zip(steps, values):
+            i = self.index(step)
+            if i is None or not math.isfinite(value):
+                continue
+            sums[i] += value
+            counts[i] += 1
+            lasts[i] = value
+        if how == "last":
+            return lasts
+        if how == "sum":
+            return [s if c else None for s, c in zip(sums, counts)]
+        return [s / c if c else None for s, c in zip(sums, counts)]
+
+    def as_json(self) -> dict[str, object]:
+        return {"first": list(self.first), "last": list(self.last), "downsampled": self.downsampled}

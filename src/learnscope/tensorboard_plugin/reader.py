@@ -1,0 +1,161 @@
+"""The tab's data, read only through TensorBoard's data provider.
+
+Every method takes names the caller has already checked against the provider's own
+listing (:meth:`Reader.index`): nothing here opens a file or evaluates input, so the
+same code serves local and remote log directories.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tensorboard.data import provider as tb_provider
+
+from learnscope.tensorboard_plugin.columns import Columns, finite
+from learnscope.tensorboard_plugin.health import health
+from learnscope.tensorboard_plugin.tags import RunIndex, index_tags
+
+__all__ = ["MAX_UNITS", "Reader"]
+
+#: read every point TensorBoard kept (its own reservoir, ``--samples_per_plugin``, still applies)
+_READ_ALL = 1_000_000_000
+#: the most unit rows of the unit heatmap; wider layers are drawn in groups of adjacent units
+MAX_UNITS = 512
+# tensor plugins that are certainly not learnscope's per-unit allocations
+_NOT_UNITS = frozenset({"scalars", "images", "histograms", "distributions", "audio", "text", "pr_curves", "hparams"})
+_NOT_UNITS |= {"custom_scalars", "graphs", "mesh", "projector", "debugger-v2"}
+
+Series = tuple[list[int], list[float]]
+
+
+class Reader:
+    """One request's view of an experiment (``experiment_id`` from the request)."""
+
+    def __init__(self, provider: Any, ctx: Any, experiment_id: str) -> None:
+        self._provider = provider
+        self._ctx = ctx
+        self._eid = experiment_id
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return getattr(self._provider, method)(self._ctx, experiment_id=self._eid, **kwargs)
+
+    def indices(self, runs: Sequence[str] | None = None) -> dict[str, RunIndex]:
+        """Every run's (or the named runs') learnscope tags, runs without any left out."""
+        where = tb_provider.RunTagFilter(runs=runs)
+        scalars = self._call("list_scalars", plugin_name="scalars", run_tag_filter=where)
+        images = self._call("list_blob_sequences", plugin_name="images", run_tag_filter=where)
+        tensors: dict[str, list[tuple[str, str]]] = {}
+        for plugin in set(self._call("list_plugins") or ()) - _NOT_UNITS:
+            for run, tags in self._call("list_tensors", plugin_name=plugin, run_tag_filter=where).items():
+                tensors.setdefault(run, []).extend((plugin, tag) for tag in tags)
+        indices = {}
+        for run in sorted(set(scalars) | set(images) | set(tensors)):
+            index = index_tags(scalars.get(run, {}), images.get(run, {}), tensors.get(run, ()))
+            if not index.empty:
+                indices[run] = index
+        return indices
+
+    def scalars(self, run: str, tags: Sequence[str]) -> dict[str, Series]:
+        """``{tag: (steps, values)}`` of the run's scalar ``tags``, by step."""
+        if not tags:
+            return {}
+        where = tb_provider.RunTagFilter(runs=[run], tags=tags)
+        found = self._call("read_scalars", plugin_name="scalars", downsample=_READ_ALL, run_tag_filter=where)
+        out = {}
+        for tag, data in found.get(run, {}).items():
+            data = sorted(data, key=lambda d: d.step)
+            out[tag] = ([d.step for d in data], [float(d.value) for d in data])
+        return out
+
+    def lca(self, run: str, index: RunIndex) -> dict[str, object]:
+        """The LCA view: per module its total, per-step and cumulative columns, helped
+        fraction and parts; the columns; and the health banner."""
+        tags = [tag for series in index.lca.values() for tag in series.values()]
+        tags += [tag for parts in index.parts.values() for tag in parts.values()] + list(index.health.values())
+        data = self.scalars(run, tags)
+        steps = [s for series in index.lca.values() for tag in series.values() for s in data.get(tag, ([], []))[0]]
+        columns = Columns.over(steps)
+        layers = [_lca_layer(module, index, data, columns) for module in index.lca_modules]
+        last = {metric: data[tag][1][-1] for metric, tag in index.health.items() if data.get(tag, ([], []))[1]}
+        sampled = [layer["name"] for layer in layers if not layer["complete"]]
+        return {
+            "run": run,
+            "columns": columns.as_json(),
+            "layers": layers,
+            "health": health(last, sampled),
+            "parts": sorted({part for parts in index.parts.values() for part in parts}),
+        }
+
+    def nfa(self, run: str, index: RunIndex) -> dict[str, object]:
+        """The NFA view: per layer its Pearson, null, null SE and excess series, and the
+        steps of its matrices images."""
+        data = self.scalars(run, [tag for metrics in index.nfa.values() for tag in metrics.values()])
+        images = {}
+        if index.images:
+            where = tb_provider.RunTagFilter(runs=[run], tags=list(index.images.values()))
+            listing = self._call(
+                "read_blob_sequences", plugin_name="images", downsample=_READ_ALL, run_tag_filter=where
+            )
+            images = {tag: sorted({d.step for d in seq}) for tag, seq in listing.get(run, {}).items()}
+        layers = []
+        for layer in index.nfa_layers:
+            metrics = index.nfa.get(layer, {})
+            series = {}
+            for metric, tag in metrics.items():
+                steps, values = data.get(tag, ([], []))
+                columns = Columns.over(steps)
+                series[metric] = {"steps": list(columns.last), "values": columns.reduce(steps, values, "last")}
+            layers.append({"name": layer, "series": series, "image_steps": images.get(index.images.get(layer), [])})
+        return {"run": run, "layers": layers}
+
+    def units(self, run: str, plugin: str, tag: str) -> dict[str, object]:
+        """A module's per-unit allocations: a units × columns matrix of column sums."""
+        where = tb_provider.RunTagFilter(runs=[run], tags=[tag])
+        found = self._call("read_tensors", plugin_name=plugin, downsample=_READ_ALL, run_tag_filter=where)
+        data = sorted(found.get(run, {}).get(tag, []), key=lambda d: d.step)
+        rows = [[float(v) for v in d.numpy.reshape(-1)] for d in data]
+        width = max((len(row) for row in rows), default=0)
+        group = max(1, math.ceil(width / MAX_UNITS))
+        columns = Columns.over(d.step for d in data)
+        steps = [d.step for d in data]
+        matrix = []
+        for start in range(0, width, group):
+            values = [sum(row[start : start + group]) if len(row) > start else math.nan for row in rows]
+            matrix.append(columns.reduce(steps, values, "sum"))
+        return {"run": run, "units": width, "units_per_row": group, "columns": columns.as_json(), "values": matrix}
+
+    def image(self, run: str, tag: str, step: int) -> bytes | None:
+        """The PNG of the matrices image at ``step`` (None when there is none)."""
+        where = tb_provider.RunTagFilter(runs=[run], tags=[tag])
+        found = self._call("read_blob_sequences", plugin_name="images", downsample=_READ_ALL, run_tag_filter=where)
+        for datum in found.get(run, {}).get(tag, []):
+            if datum.step == step and len(datum.values) > 2:  # [width, height, image, ...]
+                blob: bytes = self._provider.read_blob(self._ctx, blob_key=datum.values[2].blob_key)
+                return blob
+        return None
+
+
+def _lca_layer(module: str, index: RunIndex, data: Mapping[str, Series], columns: Columns) -> dict[str, Any]:
+    """One module's row: total, per-step sums, cumulative and helped columns, parts."""
+    per_step = data.get(index.lca.get("per_step", {}).get(module, ""), ([], []))
+    cumulative = data.get(index.lca.get("cumulative", {}).get(module, ""), ([], []))
+    helped = data.get(index.lca.get("helped", {}).get(module, ""), ([], []))
+    step_sum = math.fsum(v for v in per_step[1] if math.isfinite(v))
+    total = cumulative[1][-1] if cumulative[1] else step_sum
+    scale = math.fsum(abs(v) for v in per_step[1] if math.isfinite(v))
+    parts = {part: data[tag][1][-1] for part, tag in index.parts.get(module, {}).items() if data.get(tag, ([], []))[1]}
+    return {
+        "name": module,
+        "total": finite(total),
+        "per_step": columns.reduce(*per_step, "sum"),
+        "cumulative": columns.reduce(*cumulative, "last"),
+        "helped": columns.reduce(*helped, "mean"),
+        "helped_mean": finite(math.fsum(helped[1]) / len(helped[1])) if helped[1] else None,
+        "parts": {part: finite(value) for part, value in parts.items()},
+        "points": len(per_step[0]),
+        # every step's value read: the per-step series sums to the cumulative total
+        # (float32 values: a relative tolerance of 1e-4 of the summed magnitudes)
+        "complete": not (per_step[1] and cumulative[1]) or abs(step_sum - total) <= 1e-4 * scale + 1e-12,
+    }
