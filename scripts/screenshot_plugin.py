@@ -106,9 +106,21 @@ def _wait_for_tab(url: str, server: subprocess.Popen[bytes], timeout: float) -> 
             with urllib.request.urlopen(f"{url}/data/plugins_listing", timeout=5) as response:
                 listing = json.load(response)
             if listing.get("learnscope", {}).get("enabled"):
-                return
+                return _wait_until_loaded(url, deadline)
         time.sleep(0.5)
     raise TimeoutError(f"the learnscope tab was not enabled at {url} within {timeout:.0f} s")
+
+
+def _wait_until_loaded(url: str, deadline: float, settle: int = 3) -> None:
+    """Wait until TensorBoard's loading has caught up: every run's last step unchanged
+    over ``settle`` polls 2 s apart (TensorBoard reads event files in the background)."""
+    seen, stable = None, 0
+    while time.monotonic() < deadline and stable < settle:
+        with urllib.request.urlopen(f"{url}/data/plugin/learnscope/runs", timeout=60) as response:
+            steps = {run["name"]: run["max_step"] for run in json.load(response)["runs"]}
+        stable = stable + 1 if steps == seen and steps else 0
+        seen = steps
+        time.sleep(2)
 
 
 @contextlib.contextmanager
@@ -146,6 +158,18 @@ def screenshot(page: Any, frame: Any, out: str | Path) -> None:
     page.screenshot(path=str(out), full_page=True)
 
 
+def route_timings(frame: Any) -> list[str]:
+    """The tab's requests as the browser saw them: route, bytes on the wire and decoded, ms."""
+    entries = frame.evaluate(
+        "performance.getEntriesByType('resource').filter(e => e.name.includes('/plugin/learnscope/'))"
+        ".map(e => [e.name.split('/plugin/learnscope/')[1], e.transferSize, e.decodedBodySize, e.duration])"
+    )
+    return [
+        f"{name[:60]}: {wire / 1e6:.3f} MB on the wire, {body / 1e6:.3f} MB JSON, {ms:.0f} ms"
+        for name, wire, body, ms in entries
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rundir")
@@ -153,16 +177,21 @@ def main() -> None:
     parser.add_argument("--filter", default=None, help="type this into the tab's filter box first")
     parser.add_argument("--width", type=int, default=1500)
     parser.add_argument("--chromium", default=None)
+    parser.add_argument(
+        "--keep-all", action="store_true", help="start TensorBoard with --samples_per_plugin keeping every point"
+    )
     args = parser.parse_args()
     chromium = find_chromium(args.chromium)
     if chromium is None:
         sys.exit("no Chromium found: apt-get install -y chromium, or pass --chromium PATH")
-    with tensorboard_server(args.rundir) as url, chromium_page(chromium, args.width) as page:
+    extra = ["--samples_per_plugin", "scalars=0,images=0,learnscope=0"] if args.keep_all else []
+    with tensorboard_server(args.rundir, *extra, timeout=600) as url, chromium_page(chromium, args.width) as page:
         frame = open_learnscope_tab(page, url)
         if args.filter:
             frame.fill("#ls-filter", args.filter)
             frame.wait_for_timeout(300)
         screenshot(page, frame, args.out)
+        print("\n".join(route_timings(frame)))
     print(f"wrote {args.out}")
 
 

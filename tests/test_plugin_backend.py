@@ -96,6 +96,7 @@ def test_runs_lists_each_run_with_its_layers(client):
     assert sorted(runs["good"]["lca"]) == sorted(names)
     assert sorted(runs["good"]["nfa"]) == sorted(names)
     assert runs["good"]["units"] == sorted(names[:2])
+    assert runs["good"]["max_step"] == STEPS - 1 and runs["long"]["max_step"] == 1233
 
 
 def test_lca_totals_and_per_step_values_equal_the_event_file(client, logdir):

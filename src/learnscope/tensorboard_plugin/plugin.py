@@ -92,7 +92,13 @@ class LearnscopePlugin(base_plugin.TBPlugin):
 
     def _runs(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
         runs = [
-            {"name": run, "lca": index.lca_modules, "nfa": index.nfa_layers, "units": sorted(index.units)}
+            {
+                "name": run,
+                "lca": index.lca_modules,
+                "nfa": index.nfa_layers,
+                "units": sorted(index.units),
+                "max_step": index.max_step,
+            }
             for run, index in reader.indices().items()
         ]
         return {"runs": runs}

@@ -53,6 +53,10 @@ class Reader:
         indices = {}
         for run in sorted(set(scalars) | set(images) | set(tensors)):
             index = index_tags(scalars.get(run, {}), images.get(run, {}), tensors.get(run, ()))
+            tags = {
+                tag for series in (*index.lca.values(), index.health, *index.nfa.values()) for tag in series.values()
+            }
+            index.max_step = max((scalars[run][tag].max_step for tag in tags), default=-1)
             if not index.empty:
                 indices[run] = index
         return indices

@@ -44,6 +44,7 @@ class RunIndex:
     nfa: dict[str, dict[str, str]] = field(default_factory=dict)  #: layer → metric → tag
     images: dict[str, str] = field(default_factory=dict)  #: layer → matrices tag
     units: dict[str, tuple[str, str]] = field(default_factory=dict)  #: module → (plugin, tensor tag)
+    max_step: int = -1  #: the last step of any learnscope scalar TensorBoard has loaded
 
     @property
     def lca_modules(self) -> list[str]:

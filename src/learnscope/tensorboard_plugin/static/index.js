@@ -193,15 +193,18 @@ function drawRun(run, view) {
 
 // ---------- LCA ----------
 
-function banner(health) {
+function banner(health, layers) {
   const titles = { ok: "LCA numbers check out", bad: "Do not trust these LCA numbers", unchecked: "LCA not checked" };
   const box = el("div", { class: `banner ${health.status}`, "data-status": health.status }, el("strong", {}, titles[health.status]));
   const v = health.values;
   const facts = [];
-  if (v.cumulative_relative_error !== undefined) facts.push(`cumulative relative error ${percent(v.cumulative_relative_error)} (≤ 1 % expected)`);
+  if (v.cumulative_relative_error !== undefined) {
+    const error = v.cumulative_relative_error;
+    facts.push(`cumulative relative error ${error === null ? "–" : fmt(100 * error, 2)} % (≤ 1 % expected)`);
+  }
   if (v.capped_steps !== undefined) facts.push(`capped steps ${fmt(v.capped_steps)}`);
   if (v.skipped_steps !== undefined) facts.push(`skipped steps ${fmt(v.skipped_steps)}`);
-  if (v.total !== undefined) facts.push(`Σ LCA ${fmt(v.total)}`);
+  facts.push(`cumulative LCA of all ${layers.length} layers ${fmt(layers.reduce((sum, l) => sum + (l.total ?? 0), 0))}`);
   box.append(": " + facts.join(" · "));
   const items = [...health.reasons, ...health.notes];
   if (items.length) box.append(el("ul", {}, ...items.map((text) => el("li", {}, text))));
@@ -230,7 +233,7 @@ function drawLca(view) {
   const axis = el("div", { class: "axis" }, el("span", {}, `step ${columns.first[0] ?? ""}`),
     el("span", {}, `step ${columns.last[n - 1] ?? ""}`));
   const out = [
-    banner(data.health),
+    banner(data.health, data.layers),
     el("h3", {}, `Loss Change Allocation: ${layers.length} of ${data.layers.length} layers`),
     el("p", { class: "note" }, note),
     scaleLegend(scale, "per-step LCA (loss): blue = helped (lowered the loss), red = hurt; colours clipped at the 99th percentile ±"),
