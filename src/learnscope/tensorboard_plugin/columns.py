@@ -10,16 +10,17 @@ keeps its meaning:
 * ``last``: cumulative series and NFA measurements (the value at the column's last step);
 * ``mean``: fractions (helped fraction).
 
-This module imports the standard library only.
+This module imports the standard library and NumPy (a TensorBoard dependency) only.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 __all__ = ["MAX_COLUMNS", "Columns", "Reduction", "finite"]
 
@@ -61,28 +62,28 @@ class Columns:
     def __len__(self) -> int:
         return len(self.first)
 
-    def index(self, step: int) -> int | None:
-        """The column holding ``step``, or None when it is outside every column."""
-        i = bisect.bisect_right(self.first, step) - 1
-        return i if i >= 0 and step <= self.last[i] else None
-
     def reduce(self, steps: Sequence[int], values: Sequence[float], how: Reduction) -> list[float | None]:
-        """One value per column (None where a column has no finite value of the series)."""
-        sums = [0.0] * len(self)
-        counts = [0] * len(self)
-        lasts: list[float | None] = [None] * len(self)
-        for step, value in zip(steps, values):
-            i = self.index(step)
-            if i is None or not math.isfinite(value):
-                continue
-            sums[i] += value
-            counts[i] += 1
-            lasts[i] = value
-        if how == "last":
-            return lasts
-        if how == "sum":
-            return [s if c else None for s, c in zip(sums, counts)]
-        return [s / c if c else None for s, c in zip(sums, counts)]
+        """One value per column (None where a column has no finite value of the series);
+        ``steps`` ascending."""
+        if not len(self):
+            return []
+        step = np.asarray(steps, dtype=np.int64)
+        value = np.asarray(values, dtype=np.float64)
+        column = np.searchsorted(np.asarray(self.first), step, side="right") - 1
+        keep = (column >= 0) & np.isfinite(value)
+        keep &= step <= np.asarray(self.last, dtype=np.int64)[column.clip(0)]
+        column, value = column[keep], value[keep]
+        counts = np.bincount(column, minlength=len(self))
+        out: np.ndarray
+        if how == "last":  # the value at the highest step of each column (steps ascending)
+            ends = np.flatnonzero(np.r_[column[1:] != column[:-1], True]) if len(column) else column
+            out = np.zeros(len(self))
+            out[column[ends]] = value[ends]
+        else:
+            out = np.bincount(column, weights=value, minlength=len(self))
+            if how == "mean":
+                out = out / np.maximum(counts, 1)
+        return [x if c else None for x, c in zip(out.tolist(), counts.tolist())]
 
     def as_json(self) -> dict[str, object]:
         return {"first": list(self.first), "last": list(self.last), "downsampled": self.downsampled}

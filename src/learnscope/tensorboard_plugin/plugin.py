@@ -17,6 +17,8 @@ experiment, ``step`` a decimal integer of at most 12 digits. Anything else gets 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from importlib import resources
 from typing import Any
@@ -35,6 +37,7 @@ PLUGIN_NAME = "learnscope"
 #: the frontend's files: route → (file in static/, content type); nothing else is served
 _STATIC = {"/index.js": ("index.js", "text/javascript"), "/style.css": ("style.css", "text/css")}
 _MAX_ARG = 1024  # characters: longer than any run or layer name TensorBoard would list
+_CACHED_VIEWS = 16  # LCA/NFA views kept, each valid until TensorBoard loads a later step
 
 
 class BadRequest(ValueError):
@@ -48,6 +51,8 @@ class LearnscopePlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._provider = context.data_provider
+        self._views: OrderedDict[tuple[object, ...], dict[str, object]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
         apps: dict[str, Callable[..., Any]] = {route: _static_app(*spec) for route, spec in _STATIC.items()}
@@ -105,11 +110,25 @@ class LearnscopePlugin(base_plugin.TBPlugin):
 
     def _lca(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
         run, index = _run(reader, request)
-        return reader.lca(run, index)
+        return self._view(("lca", reader.experiment_id, run, index.max_step), lambda: reader.lca(run, index))
 
     def _nfa(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
         run, index = _run(reader, request)
-        return reader.nfa(run, index)
+        return self._view(("nfa", reader.experiment_id, run, index.max_step), lambda: reader.nfa(run, index))
+
+    def _view(self, key: tuple[object, ...], compute: Callable[[], dict[str, object]]) -> dict[str, object]:
+        """A view computed once per run and last loaded step (a large run's LCA view
+        reads every point of hundreds of series)."""
+        with self._lock:
+            if key in self._views:
+                self._views.move_to_end(key)
+                return self._views[key]
+        view = compute()
+        with self._lock:
+            self._views[key] = view
+            while len(self._views) > _CACHED_VIEWS:
+                self._views.popitem(last=False)
+        return view
 
     def _units(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
         run, index = _run(reader, request)

@@ -38,6 +38,10 @@ class Reader:
         self._ctx = ctx
         self._eid = experiment_id
 
+    @property
+    def experiment_id(self) -> str:
+        return self._eid
+
     def _call(self, method: str, **kwargs: Any) -> Any:
         return getattr(self._provider, method)(self._ctx, experiment_id=self._eid, **kwargs)
 
@@ -73,16 +77,27 @@ class Reader:
             out[tag] = ([d.step for d in data], [float(d.value) for d in data])
         return out
 
+    def last_values(self, run: str, tags: Sequence[str]) -> dict[str, float]:
+        """``{tag: value}`` at the last step of each of the run's scalar ``tags`` (for
+        cumulative series and run totals: one point read instead of the series)."""
+        if not tags:
+            return {}
+        where = tb_provider.RunTagFilter(runs=[run], tags=tags)
+        # downsampling to one point keeps the most recent one (DataProvider.read_scalars)
+        found = self._call("read_scalars", plugin_name="scalars", downsample=1, run_tag_filter=where)
+        return {tag: float(data[-1].value) for tag, data in found.get(run, {}).items() if data}
+
     def lca(self, run: str, index: RunIndex) -> dict[str, object]:
         """The LCA view: per module its total, per-step and cumulative columns, helped
         fraction and parts; the columns; and the health banner."""
-        tags = [tag for series in index.lca.values() for tag in series.values()]
-        tags += [tag for parts in index.parts.values() for tag in parts.values()] + list(index.health.values())
-        data = self.scalars(run, tags)
+        data = self.scalars(run, [tag for series in index.lca.values() for tag in series.values()])
+        lasts = self.last_values(
+            run, [tag for parts in index.parts.values() for tag in parts.values()] + list(index.health.values())
+        )
         steps = [s for series in index.lca.values() for tag in series.values() for s in data.get(tag, ([], []))[0]]
         columns = Columns.over(steps)
-        layers = [_lca_layer(module, index, data, columns) for module in index.lca_modules]
-        last = {metric: data[tag][1][-1] for metric, tag in index.health.items() if data.get(tag, ([], []))[1]}
+        layers = [_lca_layer(module, index, data, lasts, columns) for module in index.lca_modules]
+        last = {metric: lasts[tag] for metric, tag in index.health.items() if tag in lasts}
         sampled = [layer["name"] for layer in layers if not layer["complete"]]
         return {
             "run": run,
@@ -141,7 +156,9 @@ class Reader:
         return None
 
 
-def _lca_layer(module: str, index: RunIndex, data: Mapping[str, Series], columns: Columns) -> dict[str, Any]:
+def _lca_layer(
+    module: str, index: RunIndex, data: Mapping[str, Series], lasts: Mapping[str, float], columns: Columns
+) -> dict[str, Any]:
     """One module's row: total, per-step sums, cumulative and helped columns, parts."""
     per_step = data.get(index.lca.get("per_step", {}).get(module, ""), ([], []))
     cumulative = data.get(index.lca.get("cumulative", {}).get(module, ""), ([], []))
@@ -149,7 +166,7 @@ def _lca_layer(module: str, index: RunIndex, data: Mapping[str, Series], columns
     step_sum = math.fsum(v for v in per_step[1] if math.isfinite(v))
     total = cumulative[1][-1] if cumulative[1] else step_sum
     scale = math.fsum(abs(v) for v in per_step[1] if math.isfinite(v))
-    parts = {part: data[tag][1][-1] for part, tag in index.parts.get(module, {}).items() if data.get(tag, ([], []))[1]}
+    parts = {part: lasts[tag] for part, tag in index.parts.get(module, {}).items() if tag in lasts}
     return {
         "name": module,
         "total": finite(total),
