@@ -5,6 +5,7 @@ server-side downsampling, the health banner, and a hostile-input sweep of every 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import subprocess
@@ -44,16 +45,22 @@ def logdir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def client(logdir):
+def serve(logdir: Path, scalars_kept: int = 0):
+    """The plugin on ``logdir`` behind TensorBoard's WSGI app; TensorBoard keeps a
+    reservoir sample of ``scalars_kept`` points per scalar series (0: all)."""
     multiplexer = plugin_event_multiplexer.EventMultiplexer(
-        tensor_size_guidance={"scalars": 0, "images": 0, synthetic.UNIT_PLUGIN: 0}
+        tensor_size_guidance={"scalars": scalars_kept, "images": 0, synthetic.UNIT_PLUGIN: 0}
     )
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
     provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
     plugin = LearnscopePlugin(base_plugin.TBContext(logdir=str(logdir), data_provider=provider))
     return werkzeug_test.Client(application.TensorBoardWSGI([plugin]), wrappers.Response)
+
+
+@pytest.fixture(scope="module")
+def client(logdir):
+    return serve(logdir)
 
 
 def events(path: Path) -> EventAccumulator:
@@ -133,9 +140,24 @@ def test_long_runs_are_downsampled_to_column_sums(client, logdir):
         _, cumulative = scalar_series(accumulator, f"lca/layer_cumulative/{layer['name']}")
         by_step = dict(zip(steps, values))
         for i, (a, b) in enumerate(zip(columns["first"], columns["last"])):
-            assert layer["per_step"][i] == pytest.approx(math.fsum(by_step[s] for s in range(a, b + 1)), rel=1e-9)
-            assert layer["cumulative"][i] == cumulative[b]  # the value at the column's last step
+            assert layer["per_step"][i] == pytest.approx(math.fsum(by_step[s] for s in range(a, b + 1)), rel=1e-6)
+            assert layer["cumulative"][i] == pytest.approx(cumulative[b], rel=1e-6)  # at the column's last step
         assert math.fsum(layer["per_step"]) == pytest.approx(layer["total"], rel=1e-5)
+
+
+def test_when_tensorboard_keeps_a_sample_columns_are_increases_of_the_cumulative(logdir):
+    data = get_json(serve(logdir, scalars_kept=100), "lca", run="long")
+    accumulator = events(logdir / "long")
+    assert any("kept a sample" in note for note in data["health"]["notes"])
+    for layer in data["layers"]:
+        assert not layer["complete"] and layer["points"] == 100
+        _, cumulative = scalar_series(accumulator, f"lca/layer_cumulative/{layer['name']}")
+        assert layer["total"] == cumulative[-1]  # the last point is always kept
+        filled = [(i, v) for i, v in enumerate(layer["cumulative"]) if v is not None]
+        rounding = 2e-7 * max(abs(v) for _, v in filled)  # both ends are sent with 7 significant digits
+        for (_, before), (j, after) in itertools.pairwise(filled):
+            assert layer["per_step"][j] == pytest.approx(after - before, abs=rounding)
+        assert math.fsum(v for v in layer["per_step"] if v is not None) == pytest.approx(layer["total"], rel=1e-5)
 
 
 def test_the_health_banner_turns_red_with_the_reason(client):

@@ -45,9 +45,9 @@ def health(last: Mapping[str, float], sampled: Sequence[str] = ()) -> dict[str, 
         notes.append("no quadrature error measured (first-order mode): Σ A is not checked against ΔL")
     if sampled:
         notes.append(
-            f"TensorBoard kept only some steps of {len(sampled)} per-step series "
-            "(start it with --samples_per_plugin scalars=0 to keep all): the heatmap misses the dropped "
-            "steps; cumulative totals are exact"
+            f"TensorBoard kept a sample of the steps of {len(sampled)} per-step series (start it with "
+            "--samples_per_plugin scalars=0 to keep all): their heatmap columns are the increase of the "
+            "cumulative series over each column; totals are exact"
         )
     status = "bad" if reasons else ("unchecked" if error is None else "ok")
     return {

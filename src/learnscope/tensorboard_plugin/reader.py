@@ -98,7 +98,7 @@ class Reader:
         columns = Columns.over(steps)
         layers = [_lca_layer(module, index, data, lasts, columns) for module in index.lca_modules]
         last = {metric: lasts[tag] for metric, tag in index.health.items() if tag in lasts}
-        sampled = [layer["name"] for layer in layers if not layer["complete"]]
+        sampled = [str(layer["name"]) for layer in layers if not layer["complete"]]
         return {
             "run": run,
             "columns": columns.as_json(),
@@ -159,24 +159,46 @@ class Reader:
 def _lca_layer(
     module: str, index: RunIndex, data: Mapping[str, Series], lasts: Mapping[str, float], columns: Columns
 ) -> dict[str, Any]:
-    """One module's row: total, per-step sums, cumulative and helped columns, parts."""
+    """One module's row: total, per-step sums, cumulative and helped columns, parts.
+
+    When TensorBoard kept only a sample of the per-step series (it no longer sums to the
+    cumulative total), a column's allocation is the increase of the cumulative series
+    over the column instead: exact for the steps between its kept points, and the row
+    still sums to the total."""
     per_step = data.get(index.lca.get("per_step", {}).get(module, ""), ([], []))
     cumulative = data.get(index.lca.get("cumulative", {}).get(module, ""), ([], []))
     helped = data.get(index.lca.get("helped", {}).get(module, ""), ([], []))
     step_sum = math.fsum(v for v in per_step[1] if math.isfinite(v))
     total = cumulative[1][-1] if cumulative[1] else step_sum
     scale = math.fsum(abs(v) for v in per_step[1] if math.isfinite(v))
+    # every step's value read: the per-step series sums to the cumulative total
+    # (float32 values: a relative tolerance of 1e-4 of the summed magnitudes)
+    complete = not (per_step[1] and cumulative[1]) or abs(step_sum - total) <= 1e-4 * scale + 1e-12
+    cumulative_columns = columns.reduce(*cumulative, "last")
     parts = {part: lasts[tag] for part, tag in index.parts.get(module, {}).items() if tag in lasts}
     return {
         "name": module,
         "total": finite(total),
-        "per_step": columns.reduce(*per_step, "sum"),
-        "cumulative": columns.reduce(*cumulative, "last"),
-        "helped": columns.reduce(*helped, "mean"),
+        "per_step": _rounded(columns.reduce(*per_step, "sum") if complete else _increments(cumulative_columns)),
+        "cumulative": _rounded(cumulative_columns),
+        "helped": _rounded(columns.reduce(*helped, "mean")),
         "helped_mean": finite(math.fsum(helped[1]) / len(helped[1])) if helped[1] else None,
         "parts": {part: finite(value) for part, value in parts.items()},
         "points": len(per_step[0]),
-        # every step's value read: the per-step series sums to the cumulative total
-        # (float32 values: a relative tolerance of 1e-4 of the summed magnitudes)
-        "complete": not (per_step[1] and cumulative[1]) or abs(step_sum - total) <= 1e-4 * scale + 1e-12,
+        "complete": complete,
     }
+
+
+def _increments(cumulative: Sequence[float | None]) -> list[float | None]:
+    """Each column's increase of a cumulative series (from 0 before the first step)."""
+    out: list[float | None] = []
+    previous = 0.0
+    for value in cumulative:
+        out.append(None if value is None else value - previous)
+        previous = previous if value is None else value
+    return out
+
+
+def _rounded(values: Sequence[float | None]) -> list[float | None]:
+    """Seven significant digits (TensorBoard stores scalars as float32): half the JSON."""
+    return [None if v is None else float(f"{v:.7g}") for v in values]

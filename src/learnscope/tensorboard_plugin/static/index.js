@@ -279,8 +279,10 @@ function partsBar(parts, scale) {
   let neg = width / 2;
   let pos = width / 2;
   const lines = [];
-  for (const [part, value] of Object.entries(parts)) {
-    if (value === null) continue;
+  const order = [...Object.keys(PART_COLOURS), ...Object.keys(parts).filter((p) => !(p in PART_COLOURS))];
+  for (const part of order) {
+    const value = parts[part];
+    if (value === null || value === undefined) continue;
     const w = Math.abs(value) / scale * (width / 2);
     const x = value < 0 ? (neg -= w) : pos;
     if (value >= 0) pos += w;
