@@ -5,7 +5,6 @@ server-side downsampling, the health banner, and a hostile-input sweep of every 
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import math
 import subprocess
@@ -18,6 +17,7 @@ from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins import base_plugin
+from tensorboard.util import tensor_util
 from werkzeug import test as werkzeug_test
 from werkzeug import wrappers
 
@@ -55,12 +55,12 @@ def serve(logdir: Path, scalars_kept: int = 0):
     multiplexer.Reload()
     provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
     plugin = LearnscopePlugin(base_plugin.TBContext(logdir=str(logdir), data_provider=provider))
-    return werkzeug_test.Client(application.TensorBoardWSGI([plugin]), wrappers.Response)
+    return werkzeug_test.Client(application.TensorBoardWSGI([plugin]), wrappers.Response), multiplexer
 
 
 @pytest.fixture(scope="module")
 def client(logdir):
-    return serve(logdir)
+    return serve(logdir)[0]
 
 
 def events(path: Path) -> EventAccumulator:
@@ -146,18 +146,25 @@ def test_long_runs_are_downsampled_to_column_sums(client, logdir):
 
 
 def test_when_tensorboard_keeps_a_sample_columns_are_increases_of_the_cumulative(logdir):
-    data = get_json(serve(logdir, scalars_kept=100), "lca", run="long")
-    accumulator = events(logdir / "long")
+    client, multiplexer = serve(logdir, scalars_kept=100)
+    data = get_json(client, "lca", run="long")
     assert any("kept a sample" in note for note in data["health"]["notes"])
+    last_steps = data["columns"]["last"]
     for layer in data["layers"]:
         assert not layer["complete"] and layer["points"] == 100
-        _, cumulative = scalar_series(accumulator, f"lca/layer_cumulative/{layer['name']}")
-        assert layer["total"] == cumulative[-1]  # the last point is always kept
-        filled = [(i, v) for i, v in enumerate(layer["cumulative"]) if v is not None]
-        rounding = 2e-7 * max(abs(v) for _, v in filled)  # both ends are sent with 7 significant digits
-        for (_, before), (j, after) in itertools.pairwise(filled):
-            assert layer["per_step"][j] == pytest.approx(after - before, abs=rounding)
-        assert math.fsum(v for v in layer["per_step"] if v is not None) == pytest.approx(layer["total"], rel=1e-5)
+        kept = {
+            e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+            for e in multiplexer.Tensors("long", f"lca/layer_cumulative/{layer['name']}")
+        }
+        assert layer["total"] == kept[max(kept)]  # the last point is always kept
+        assert all(v is not None for v in layer["per_step"])
+        prefix = np.cumsum(layer["per_step"])  # the cumulative series at each column's last step
+        scale = max(abs(v) for v in kept.values())
+        for j, step in enumerate(last_steps):
+            if step in kept:
+                assert prefix[j] == pytest.approx(kept[step], abs=1e-6 * scale)
+        assert sum(step in kept for step in last_steps) > 10
+        assert prefix[-1] == pytest.approx(layer["total"], rel=1e-5)
 
 
 def test_the_health_banner_turns_red_with_the_reason(client):

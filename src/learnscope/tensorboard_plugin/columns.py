@@ -85,5 +85,19 @@ class Columns:
                 out = out / np.maximum(counts, 1)
         return [x if c else None for x, c in zip(out.tolist(), counts.tolist())]
 
+    def increments(self, steps: Sequence[int], cumulative: Sequence[float]) -> list[float | None]:
+        """Each column's increase of a cumulative series of which only some steps were kept:
+        the series at each column's last step, linear between kept points (0 before the
+        first column), differenced. Exact between kept points; the columns sum to the last
+        kept value."""
+        step = np.asarray(steps, dtype=np.float64)
+        value = np.asarray(cumulative, dtype=np.float64)
+        keep = np.isfinite(value)
+        if not len(self) or not keep.any():
+            return [None] * len(self)
+        xp = np.r_[self.first[0] - 1, step[keep]]
+        at_ends = np.interp(np.asarray(self.last, dtype=np.float64), xp, np.r_[0.0, value[keep]])
+        return np.diff(at_ends, prepend=0.0).tolist()
+
     def as_json(self) -> dict[str, object]:
         return {"first": list(self.first), "last": list(self.last), "downsampled": self.downsampled}

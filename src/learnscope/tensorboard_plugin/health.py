@@ -47,7 +47,7 @@ def health(last: Mapping[str, float], sampled: Sequence[str] = ()) -> dict[str, 
         notes.append(
             f"TensorBoard kept a sample of the steps of {len(sampled)} per-step series (start it with "
             "--samples_per_plugin scalars=0 to keep all): their heatmap columns are the increase of the "
-            "cumulative series over each column; totals are exact"
+            "cumulative series over each column (linear between its kept steps); totals are exact"
         )
     status = "bad" if reasons else ("unchecked" if error is None else "ok")
     return {

@@ -143,7 +143,14 @@ class Reader:
         for start in range(0, width, group):
             values = [sum(row[start : start + group]) if len(row) > start else math.nan for row in rows]
             matrix.append(columns.reduce(steps, values, "sum"))
-        return {"run": run, "units": width, "units_per_row": group, "columns": columns.as_json(), "values": matrix}
+        return {
+            "run": run,
+            "units": width,
+            "units_per_row": group,
+            "steps_read": len(steps),
+            "columns": columns.as_json(),
+            "values": [_rounded(row) for row in matrix],
+        }
 
     def image(self, run: str, tag: str, step: int) -> bytes | None:
         """The PNG of the matrices image at ``step`` (None when there is none)."""
@@ -163,8 +170,8 @@ def _lca_layer(
 
     When TensorBoard kept only a sample of the per-step series (it no longer sums to the
     cumulative total), a column's allocation is the increase of the cumulative series
-    over the column instead: exact for the steps between its kept points, and the row
-    still sums to the total."""
+    over the column instead (:meth:`Columns.increments`): exact between kept points,
+    and the row still sums to the total."""
     per_step = data.get(index.lca.get("per_step", {}).get(module, ""), ([], []))
     cumulative = data.get(index.lca.get("cumulative", {}).get(module, ""), ([], []))
     helped = data.get(index.lca.get("helped", {}).get(module, ""), ([], []))
@@ -179,7 +186,7 @@ def _lca_layer(
     return {
         "name": module,
         "total": finite(total),
-        "per_step": _rounded(columns.reduce(*per_step, "sum") if complete else _increments(cumulative_columns)),
+        "per_step": _rounded(columns.reduce(*per_step, "sum") if complete else columns.increments(*cumulative)),
         "cumulative": _rounded(cumulative_columns),
         "helped": _rounded(columns.reduce(*helped, "mean")),
         "helped_mean": finite(math.fsum(helped[1]) / len(helped[1])) if helped[1] else None,
@@ -187,16 +194,6 @@ def _lca_layer(
         "points": len(per_step[0]),
         "complete": complete,
     }
-
-
-def _increments(cumulative: Sequence[float | None]) -> list[float | None]:
-    """Each column's increase of a cumulative series (from 0 before the first step)."""
-    out: list[float | None] = []
-    previous = 0.0
-    for value in cumulative:
-        out.append(None if value is None else value - previous)
-        previous = previous if value is None else value
-    return out
 
 
 def _rounded(values: Sequence[float | None]) -> list[float | None]:

@@ -418,7 +418,8 @@ function unitHeatmap(data) {
   const what = data.units_per_row > 1 ? `${rows.length} rows of ${data.units_per_row} adjacent units (summed)` : `${data.units} units (rows, unit 0 on top)`;
   return [
     el("p", { class: "note" }, `${what} × ${n} columns${data.columns.downsampled ? " (each the sum of its steps)" : ""}; ` +
-      "TensorBoard keeps 10 steps of a tensor series unless started with --samples_per_plugin learnscope=0."),
+      `${data.steps_read} steps read: TensorBoard keeps a sample of a tensor series' steps unless started with ` +
+      "--samples_per_plugin learnscope=0."),
     scaleLegend(scale, "per-unit LCA (loss), clipped at ±"),
     canvas,
     el("div", { class: "axis" }, el("span", {}, `step ${data.columns.first[0] ?? ""}`), el("span", {}, `step ${data.columns.last[n - 1] ?? ""}`)),
@@ -474,7 +475,7 @@ function nfaChart(series, alpha) {
   const se = series[`null_se_a${alpha}`];
   const width = 230;
   const height = 92;
-  const pad = { left: 40, right: 8, top: 6, bottom: 30 };
+  const pad = { left: 40, right: 18, top: 6, bottom: 30 };
   const band = (nul?.values ?? []).map((v, i) => [v, 1.96 * (se?.values[i] ?? 0)]);
   const all = [...pearson.values, ...band.flatMap(([v, h]) => (v === null ? [] : [v - h, v + h]))].filter((v) => v !== null);
   let [lo, hi] = [Math.min(...all), Math.max(...all)];
