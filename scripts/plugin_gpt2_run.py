@@ -1,11 +1,11 @@
 """A ~150-module run for the learnscope tab: the model-zoo GPT-2 (tests/zoo), 24 blocks deep.
 
-    python scripts/plugin_gpt2_run.py LOGDIR [--blocks 24] [--steps 60]
+    python scripts/plugin_gpt2_run.py LOGDIR [--blocks 24] [--steps 30]
 
 A random-init Hugging Face GPT-2 (width 32, 24 blocks: 147 modules with parameters)
 learns sequences of a fixed random Markov chain with AdamW, with LossChangeAllocation
 (Simpson on a 64-sequence probe set, optimizer parts) and NeuralFeatureAnsatz (every
-20 steps) logging to ``LOGDIR/gpt2``. CPU, about a minute.
+10 steps) logging to ``LOGDIR/gpt2``. CPU: minutes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logdir")
     parser.add_argument("--blocks", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     sys.path.insert(0, str(TESTS))
     import lightning.pytorch as pl
@@ -40,7 +40,7 @@ def main() -> None:
     tokens = markov_sequences(512, length, vocab)
     loader = shuffled_loader(DictDataset(input_ids=tokens, labels=tokens), 32)
     lca = learnscope.LossChangeAllocation(probe_size=64, probe_batch_size=64, decompose=True, loss_fn=eval_mode_probe_loss)
-    nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=20, probe_size=64, null_draws=4)
+    nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=10, probe_size=64, null_draws=4)
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(args.logdir, name="gpt2"),
                          callbacks=[lca, nfa], enable_checkpointing=False, log_every_n_steps=1,
                          enable_model_summary=False)  # fmt: skip

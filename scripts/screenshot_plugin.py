@@ -148,13 +148,20 @@ def open_learnscope_tab(page: Any, url: str, timeout_ms: float = 120_000) -> Any
 
 
 def screenshot(page: Any, frame: Any, out: str | Path) -> None:
-    """Make the window as tall as the tab's content (nothing scrolled away), then save it."""
-    content = frame.evaluate("document.documentElement.scrollHeight")
-    iframe_box = page.locator("iframe").bounding_box()
+    """Make the window as tall as the tab's content (nothing scrolled away), wait until
+    every image has loaded and the height is stable, then save it."""
     viewport = page.viewport_size
-    chrome = iframe_box["y"] if iframe_box else 0  # TensorBoard's own bar above the tab
-    page.set_viewport_size({"width": viewport["width"], "height": int(chrome + content + 16)})
-    page.wait_for_timeout(500)  # the iframe grows with the window; let it lay out
+    height = -1
+    for _ in range(5):
+        frame.wait_for_function("[...document.images].every(i => i.complete)", timeout=60_000)
+        content = frame.evaluate("document.documentElement.scrollHeight")
+        iframe_box = page.locator("iframe").bounding_box()
+        chrome = iframe_box["y"] if iframe_box else 0  # TensorBoard's own bar above the tab
+        if int(chrome + content + 16) == height:
+            break
+        height = int(chrome + content + 16)
+        page.set_viewport_size({"width": viewport["width"], "height": height})
+        page.wait_for_timeout(700)  # the iframe grows with the window; lazy images start loading
     page.screenshot(path=str(out), full_page=True)
 
 

@@ -520,7 +520,7 @@ function imagePicker(run, layer) {
   const caption = el("figcaption");
   const show = () => {
     img.src = query("image", { run, layer: layer.name, step: select.value });
-    caption.textContent = `nfa/${layer.name}/matrices at step ${select.value}: WᵀW beside AGOP^α (as logged)`;
+    caption.textContent = `nfa/${layer.name}/matrices at step ${select.value}: WᵀW, then AGOP^α for each α (panels as logged)`;
   };
   select.addEventListener("change", show);
   show();
