@@ -42,10 +42,11 @@ class Columns:
     last: tuple[int, ...]
 
     @classmethod
-    def over(cls, steps: Iterable[int], limit: int = MAX_COLUMNS) -> Columns:
+    def over(cls, steps: Iterable[int] | np.ndarray, limit: int = MAX_COLUMNS) -> Columns:
         """Columns over the distinct ``steps``: one per step when there are at most
         ``limit``, else ``limit`` groups of ⌈n/limit⌉ or ⌊n/limit⌋ consecutive steps."""
-        distinct = sorted(set(steps))
+        array = steps if isinstance(steps, np.ndarray) else np.fromiter(steps, dtype=np.int64)
+        distinct = np.unique(array).tolist()
         n = len(distinct)
         if n <= limit:
             return cls(tuple(distinct), tuple(distinct))
@@ -62,7 +63,9 @@ class Columns:
     def __len__(self) -> int:
         return len(self.first)
 
-    def reduce(self, steps: Sequence[int], values: Sequence[float], how: Reduction) -> list[float | None]:
+    def reduce(
+        self, steps: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray, how: Reduction
+    ) -> list[float | None]:
         """One value per column (None where a column has no finite value of the series);
         ``steps`` ascending."""
         if not len(self):
@@ -85,7 +88,9 @@ class Columns:
                 out = out / np.maximum(counts, 1)
         return [x if c else None for x, c in zip(out.tolist(), counts.tolist())]
 
-    def increments(self, steps: Sequence[int], cumulative: Sequence[float]) -> list[float | None]:
+    def increments(
+        self, steps: Sequence[int] | np.ndarray, cumulative: Sequence[float] | np.ndarray
+    ) -> list[float | None]:
         """Each column's increase of a cumulative series of which only some steps were kept:
         the series at each column's last step, linear between kept points (0 before the
         first column), differenced. Exact between kept points; the columns sum to the last

@@ -8,9 +8,11 @@ same code serves local and remote log directories.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from tensorboard.data import provider as tb_provider
 
 from learnscope.tensorboard_plugin.columns import Columns, finite
@@ -27,7 +29,10 @@ MAX_UNITS = 512
 _NOT_UNITS = frozenset({"scalars", "images", "histograms", "distributions", "audio", "text", "pr_curves", "hparams"})
 _NOT_UNITS |= {"custom_scalars", "graphs", "mesh", "projector", "debugger-v2"}
 
-Series = tuple[list[int], list[float]]
+#: a scalar series: steps (int64, ascending) and values (float64)
+Series = tuple[np.ndarray, np.ndarray]
+_EMPTY: Series = (np.zeros(0, dtype=np.int64), np.zeros(0))
+_STEP, _VALUE = operator.attrgetter("step"), operator.attrgetter("value")
 
 
 class Reader:
@@ -73,8 +78,12 @@ class Reader:
         found = self._call("read_scalars", plugin_name="scalars", downsample=_READ_ALL, run_tag_filter=where)
         out = {}
         for tag, data in found.get(run, {}).items():
-            data = sorted(data, key=lambda d: d.step)
-            out[tag] = ([d.step for d in data], [float(d.value) for d in data])
+            steps = np.fromiter(map(_STEP, data), dtype=np.int64, count=len(data))
+            values = np.fromiter(map(_VALUE, data), dtype=np.float64, count=len(data))
+            if np.any(steps[1:] < steps[:-1]):  # the providers return them by step; be sure
+                order = np.argsort(steps, kind="stable")
+                steps, values = steps[order], values[order]
+            out[tag] = (steps, values)
         return out
 
     def last_values(self, run: str, tags: Sequence[str]) -> dict[str, float]:
@@ -89,22 +98,29 @@ class Reader:
 
     def lca(self, run: str, index: RunIndex) -> dict[str, object]:
         """The LCA view: per module its total, per-step and cumulative columns, helped
-        fraction and parts; the columns; and the health banner."""
-        data = self.scalars(run, [tag for series in index.lca.values() for tag in series.values()])
-        lasts = self.last_values(
-            run, [tag for parts in index.parts.values() for tag in parts.values()] + list(index.health.values())
-        )
-        steps = [s for series in index.lca.values() for tag in series.values() for s in data.get(tag, ([], []))[0]]
-        columns = Columns.over(steps)
+        fraction and parts; the columns; and the health banner.
+
+        The per-step and helped series are read whole; of the cumulative series only the
+        last value, unless TensorBoard kept a sample of the module's per-step series (it
+        no longer sums to that total): then the cumulative series too."""
+        per_step, helped, cumulative = (index.lca.get(name, {}) for name in ("per_step", "helped", "cumulative"))
+        data = self.scalars(run, [*per_step.values(), *helped.values()])
+        parts = [tag for tags in index.parts.values() for tag in tags.values()]
+        lasts = self.last_values(run, [*cumulative.values(), *parts, *index.health.values()])
+        sampled = [
+            module
+            for module, tag in cumulative.items()
+            if tag in lasts and not _sums_to(data.get(per_step.get(module, ""), _EMPTY)[1], lasts[tag])
+        ]
+        data.update(self.scalars(run, [cumulative[module] for module in sampled]))
+        columns = Columns.over(np.concatenate([series[0] for series in data.values()] or [_EMPTY[0]]))
         layers = [_lca_layer(module, index, data, lasts, columns) for module in index.lca_modules]
-        last = {metric: lasts[tag] for metric, tag in index.health.items() if tag in lasts}
-        sampled = [str(layer["name"]) for layer in layers if not layer["complete"]]
         return {
             "run": run,
             "columns": columns.as_json(),
             "layers": layers,
-            "health": health(last, sampled),
-            "parts": sorted({part for parts in index.parts.values() for part in parts}),
+            "health": health({metric: lasts[tag] for metric, tag in index.health.items() if tag in lasts}, sampled),
+            "parts": sorted({part for tags in index.parts.values() for part in tags}),
         }
 
     def nfa(self, run: str, index: RunIndex) -> dict[str, object]:
@@ -123,7 +139,7 @@ class Reader:
             metrics = index.nfa.get(layer, {})
             series = {}
             for metric, tag in metrics.items():
-                steps, values = data.get(tag, ([], []))
+                steps, values = data.get(tag, _EMPTY)
                 columns = Columns.over(steps)
                 series[metric] = {"steps": list(columns.last), "values": columns.reduce(steps, values, "last")}
             layers.append({"name": layer, "series": series, "image_steps": images.get(index.images.get(layer), [])})
@@ -163,36 +179,45 @@ class Reader:
         return None
 
 
+def _sums_to(values: np.ndarray, total: float) -> bool:
+    """Whether a per-step series sums to its cumulative total: every step was read
+    (float32 values: within 1e-4 of the summed magnitudes)."""
+    finite_values = values[np.isfinite(values)]
+    scale = float(np.sum(np.abs(finite_values)))
+    return not len(values) or abs(float(np.sum(finite_values)) - total) <= 1e-4 * scale + 1e-12
+
+
 def _lca_layer(
     module: str, index: RunIndex, data: Mapping[str, Series], lasts: Mapping[str, float], columns: Columns
 ) -> dict[str, Any]:
     """One module's row: total, per-step sums, cumulative and helped columns, parts.
 
-    When TensorBoard kept only a sample of the per-step series (it no longer sums to the
-    cumulative total), a column's allocation is the increase of the cumulative series
-    over the column instead (:meth:`Columns.increments`): exact between kept points,
-    and the row still sums to the total."""
-    per_step = data.get(index.lca.get("per_step", {}).get(module, ""), ([], []))
-    cumulative = data.get(index.lca.get("cumulative", {}).get(module, ""), ([], []))
-    helped = data.get(index.lca.get("helped", {}).get(module, ""), ([], []))
-    step_sum = math.fsum(v for v in per_step[1] if math.isfinite(v))
-    total = cumulative[1][-1] if cumulative[1] else step_sum
-    scale = math.fsum(abs(v) for v in per_step[1] if math.isfinite(v))
-    # every step's value read: the per-step series sums to the cumulative total
-    # (float32 values: a relative tolerance of 1e-4 of the summed magnitudes)
-    complete = not (per_step[1] and cumulative[1]) or abs(step_sum - total) <= 1e-4 * scale + 1e-12
-    cumulative_columns = columns.reduce(*cumulative, "last")
+    With the whole per-step series read, a column is the sum of its steps and the
+    cumulative column the running sum of those. When TensorBoard kept only a sample
+    (the cumulative series was read), a column is the increase of the cumulative series
+    over it (:meth:`Columns.increments`): exact between kept points; the row still sums
+    to the total."""
+    per_step = data.get(index.lca.get("per_step", {}).get(module, ""), _EMPTY)
+    helped = data.get(index.lca.get("helped", {}).get(module, ""), _EMPTY)
+    cumulative_tag = index.lca.get("cumulative", {}).get(module, "")
+    sums = columns.reduce(*per_step, "sum")
+    total = lasts.get(cumulative_tag, float(np.sum(per_step[1][np.isfinite(per_step[1])])))
+    if cumulative_tag in data:  # sampled
+        sums, cumulative = columns.increments(*data[cumulative_tag]), columns.reduce(*data[cumulative_tag], "last")
+    else:
+        running = np.cumsum([0.0 if v is None else v for v in sums]).tolist()
+        cumulative = [None if v is None else r for v, r in zip(sums, running)]
     parts = {part: lasts[tag] for part, tag in index.parts.get(module, {}).items() if tag in lasts}
     return {
         "name": module,
         "total": finite(total),
-        "per_step": _rounded(columns.reduce(*per_step, "sum") if complete else columns.increments(*cumulative)),
-        "cumulative": _rounded(cumulative_columns),
+        "per_step": _rounded(sums),
+        "cumulative": _rounded(cumulative),
         "helped": _rounded(columns.reduce(*helped, "mean")),
-        "helped_mean": finite(math.fsum(helped[1]) / len(helped[1])) if helped[1] else None,
+        "helped_mean": finite(float(np.mean(helped[1]))) if len(helped[1]) else None,
         "parts": {part: finite(value) for part, value in parts.items()},
         "points": len(per_step[0]),
-        "complete": complete,
+        "complete": cumulative_tag not in data,
     }
 
 
