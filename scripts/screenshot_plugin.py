@@ -153,7 +153,6 @@ def screenshot(page: Any, frame: Any, out: str | Path) -> None:
     viewport = page.viewport_size
     height = -1
     for _ in range(5):
-        frame.wait_for_function("[...document.images].every(i => i.complete)", timeout=60_000)
         content = frame.evaluate("document.documentElement.scrollHeight")
         iframe_box = page.locator("iframe").bounding_box()
         chrome = iframe_box["y"] if iframe_box else 0  # TensorBoard's own bar above the tab
@@ -162,6 +161,7 @@ def screenshot(page: Any, frame: Any, out: str | Path) -> None:
         height = int(chrome + content + 16)
         page.set_viewport_size({"width": viewport["width"], "height": height})
         page.wait_for_timeout(700)  # the iframe grows with the window; lazy images start loading
+        frame.wait_for_function("[...document.images].every(i => i.complete)", timeout=60_000)
     page.screenshot(path=str(out), full_page=True)
 
 
