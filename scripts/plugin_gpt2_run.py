@@ -4,8 +4,8 @@
 
 A random-init Hugging Face GPT-2 (width 32, 24 blocks: 147 modules with parameters)
 learns sequences of a fixed random Markov chain with AdamW, with LossChangeAllocation
-(Simpson on a 64-sequence probe set, optimizer parts) and NeuralFeatureAnsatz (every
-10 steps) logging to ``LOGDIR/gpt2``. CPU: minutes.
+(Simpson on a 64-sequence probe set, optimizer parts) and NeuralFeatureAnsatz (each
+block's mlp.c_fc, every 10 steps) logging to ``LOGDIR/gpt2``. CPU: minutes.
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ def main() -> None:
     module = HuggingFaceModule(GPT2LMHeadModel(config), lr=3e-3)
     tokens = markov_sequences(512, length, vocab)
     loader = shuffled_loader(DictDataset(input_ids=tokens, labels=tokens), 32)
-    lca = learnscope.LossChangeAllocation(probe_size=64, probe_batch_size=64, decompose=True, loss_fn=eval_mode_probe_loss)
-    nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=10, probe_size=64, null_draws=4)
+    lca = learnscope.LossChangeAllocation(
+        probe_size=64, probe_batch_size=64, decompose=True, loss_fn=eval_mode_probe_loss
+    )
+    # NFA on each block's MLP input projection, G by Hutchinson probes (the exact G needs one
+    # backward pass per output: vocabulary × positions)
+    blocks = [f"model.transformer.h.{i}.mlp.c_fc" for i in range(args.blocks)]
+    nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=10, probe_size=32, null_draws=4, layers=blocks,
+                                         estimator="hutchinson", num_probes=8)  # fmt: skip
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(args.logdir, name="gpt2"),
                          callbacks=[lca, nfa], enable_checkpointing=False, log_every_n_steps=1,
                          enable_model_summary=False)  # fmt: skip
