@@ -93,7 +93,18 @@ def test_frontend_files_are_served_from_the_package(client):
     for name, kind in (("index.js", "text/javascript"), ("style.css", "text/css")):
         response = client.get(f"{ROUTE}/{name}")
         assert response.status_code == 200 and response.mimetype == kind
-        assert b"http://" not in response.get_data().replace(b"http://www.w3.org/2000/svg", b"")  # no network
+        body = response.get_data().replace(b"http://www.w3.org/2000/svg", b"")  # the SVG namespace, not a URL
+        assert b"http://" not in body and b"https://" not in body and b"import " not in body  # no network, no CDN
+
+
+def test_pyproject_registers_the_plugin_and_ships_its_frontend():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    entry = project["project"]["entry-points"]["tensorboard_plugins"]["learnscope"]
+    module, _, name = entry.partition(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is LearnscopePlugin
+    shipped = project["tool"]["setuptools"]["package-data"]["learnscope.tensorboard_plugin"]
+    assert {"static/*.js", "static/*.css"} <= set(shipped)
 
 
 def test_runs_lists_each_run_with_its_layers(client):
