@@ -37,6 +37,7 @@ SAMPLE_FIELDS = {
     "data": "probe",
     "rule": "first_order",
     "unit": 12,
+    "tensor": "in_proj_weight",
     "alpha": 0.5,
 }
 ROOTS = {"lca": "lca", "lca_val": "lca", "nfa": "nfa", "nfa.2": "nfa"}
@@ -220,7 +221,7 @@ def written(tmp_path_factory):
         [
             LossChangeAllocation(
                 probe_size=128, decompose=True, ablation=True, unit_allocations=True, histograms=True,
-                parameter_counts=True,
+                parameter_counts=True, tensor_series=True,
             ),
             NeuralFeatureAnsatz(every_n_steps=2, probe_size=128, images=True),
         ],

@@ -110,6 +110,12 @@ PLACEHOLDERS: dict[str, Placeholder] = {
         Placeholder("rule", "the quadrature rule", _FIELD, RULES),
         Placeholder("unit", "the index of an output unit (0, 1, ...)", r"\d+"),
         Placeholder(
+            "tensor",
+            "a parameter's name within its module: weight, bias, in_proj_weight, ... (BatchNorm's γ and β are weight "
+            "and bias; a parameter of the top module itself is listed under the module root)",
+            _FIELD,
+        ),
+        Placeholder(
             "alpha", "an exponent α of AGOP^α, as Python's :g writes it", r"\d+(?:\.\d+)?(?:e[-+]\d+)?", spec="g"
         ),
     )
@@ -311,6 +317,12 @@ FAMILIES: tuple[TagFamily, ...] = (
          "histogram"),
     _lca("lca_layer_skewness", "{root}/skewness/{module}", RATIO,
          "Skewness m₃/m₂^{3/2} of the module's allocations on the step."),
+    # LCA, per parameter tensor (tensor_series=True)
+    _lca("lca_tensor", "{root}/tensor/{module}/{tensor}", LOSS,
+         "Σᵢ Aᵢ over one parameter tensor of the module (weight, bias, ...) on the step; the module's tensors sum to "
+         "its layer value."),
+    _lca("lca_tensor_cumulative", "{root}/tensor_cumulative/{module}/{tensor}", LOSS,
+         "The parameter tensor's allocation summed over the measured steps so far."),
     # LCA, per parameter over training (parameter_counts=True), at the histogram cadence
     _lca("lca_param_helped", "{root}/param_helped_fraction", FRACTION_OF_STEPS,
          "Histogram over every parameter of the fraction of the measured steps so far on which it helped (A < 0).",

@@ -39,6 +39,8 @@ class StepSummariser:
         stats: the per-tensor statistics (eager or compiled).
         unit_allocations: also sum ``A`` per output unit of modules with at most
             :data:`MAX_UNITS` units.
+        tensor_series: also keep Σ A of each parameter tensor of the reported modules
+            (``LCAStepRecord.tensors``, by qualified name).
     """
 
     def __init__(
@@ -49,10 +51,11 @@ class StepSummariser:
         stats: ProductStats,
         *,
         unit_allocations: bool,
+        tensor_series: bool = False,
         owner_label: str = "LossChangeAllocation",
     ) -> None:
         self.tracked, self.owner, self.reported, self.stats = tracked, owner, reported, stats
-        self.unit_allocations = unit_allocations
+        self.unit_allocations, self.tensor_series = unit_allocations, tensor_series
         self.owner_label = owner_label
         self._stale_warned = False
 
@@ -166,6 +169,8 @@ class StepSummariser:
         if module not in self.reported:
             return
         out.layers[module] = out.layers.get(module, 0.0) + moments.s1
+        if self.tensor_series:
+            out.tensors[name] = out.tensors.get(name, 0.0) + moments.s1
         out.layer_counts.setdefault(module, Counts()).add(counts)
         out.layer_moments.setdefault(module, Moments()).add(moments)
         if split:
@@ -269,6 +274,8 @@ class RunTotals:
     Attributes:
         cumulative: Σ over measured steps of each reported module's allocation.
         cumulative_parts: the same per part, keyed ``<part>`` and ``<part>/<module>``.
+        cumulative_tensors: the same per parameter tensor (``tensor_series=True``), keyed by
+            its qualified name (``net.0.weight``).
         sum_total: Σ_t Σ_i A over measured steps.
         sum_delta_loss: Σ_t ΔL over the steps whose loss change was evaluated.
         sum_total_with_loss: Σ_t Σ_i A over those same steps.
@@ -281,6 +288,7 @@ class RunTotals:
 
     cumulative: dict[str, float] = field(default_factory=dict)
     cumulative_parts: dict[str, float] = field(default_factory=dict)
+    cumulative_tensors: dict[str, float] = field(default_factory=dict)
     sum_total: float = 0.0
     sum_delta_loss: float = 0.0
     sum_total_with_loss: float = 0.0
@@ -298,6 +306,7 @@ class RunTotals:
             self.sum_delta_loss += record.delta_loss
             self.sum_total_with_loss += record.total
         add_into(self.cumulative, record.layers)
+        add_into(self.cumulative_tensors, record.tensors)
         self.moments.add(record.moments)
         add_into(self.cumulative_parts, record.parts)
         for module, parts in record.layer_parts.items():
@@ -325,6 +334,7 @@ class RunTotals:
             "capped_steps": self.capped_steps,
             "measured_steps": self.measured_steps,
             "cumulative_parts": dict(self.cumulative_parts),
+            "cumulative_tensors": dict(self.cumulative_tensors),
             "last_histogram_step": self.last_histogram_step,
             "moments": self.moments.as_list(),
         }
@@ -335,6 +345,7 @@ class RunTotals:
         return cls(
             cumulative=dict(state.get("cumulative", {})),
             cumulative_parts=dict(state.get("cumulative_parts", {})),
+            cumulative_tensors=dict(state.get("cumulative_tensors", {})),
             sum_total=float(state.get("sum_total", 0.0)),
             sum_delta_loss=float(state.get("sum_delta_loss", 0.0)),
             sum_total_with_loss=float(state.get("sum_total_with_loss", 0.0)),

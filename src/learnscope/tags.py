@@ -22,10 +22,17 @@ _F = contract.family
 
 
 def lca_scalars(
-    record: LCAStepRecord, cumulative: Mapping[str, float], cumulative_relative_error: float, root: str = "lca"
+    record: LCAStepRecord,
+    cumulative: Mapping[str, float],
+    cumulative_relative_error: float,
+    root: str = "lca",
+    cumulative_tensors: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Scalars of one measured step: run-level ``lca/*`` and per-module ``lca/<kind>/<module>``."""
+    """Scalars of one measured step: run-level ``lca/*``, per-module ``lca/<kind>/<module>`` and
+    per parameter tensor ``lca/tensor[_cumulative]/<module>/<tensor>`` (``cumulative_tensors``:
+    the run's totals by qualified parameter name)."""
     out = _lca_run_scalars(record, cumulative_relative_error, root)
+    out.update(lca_tensor_scalars(record.tensors, cumulative_tensors or {}, root))
     for module, value in record.layers.items():
         layer, layer_cumulative, helped, hurt = _module_tags(root, module)
         counts = record.layer_counts[module]
@@ -53,7 +60,30 @@ def lca_scalars(
     return out
 
 
+def lca_tensor_scalars(
+    tensors: Mapping[str, float], cumulative_tensors: Mapping[str, float], root: str = "lca"
+) -> dict[str, float]:
+    """``lca/tensor/<module>/<tensor>`` of each parameter tensor in ``tensors`` (Σ A by qualified
+    name) and its ``lca/tensor_cumulative/<module>/<tensor>`` from ``cumulative_tensors``."""
+    out = {}
+    for name, value in tensors.items():
+        tensor, tensor_cumulative = _tensor_tags(root, name)
+        out[tensor] = value
+        if name in cumulative_tensors:
+            out[tensor_cumulative] = cumulative_tensors[name]
+    return out
+
+
 # The same tags are written every measured step: format them once per run.
+@functools.lru_cache(maxsize=16384)
+def _tensor_tags(root: str, name: str) -> tuple[str, str]:
+    """A parameter's two tensor tags: its module (``root`` for the top module's own
+    parameters, as the per-module tags) and its name within the module."""
+    module, _, tensor = name.rpartition(".")
+    fields = {"module": module or "root", "tensor": tensor}
+    return _F("lca_tensor").format(root, **fields), _F("lca_tensor_cumulative").format(root, **fields)
+
+
 @functools.lru_cache(maxsize=4096)
 def _module_tags(root: str, module: str) -> tuple[str, str, str, str]:
     """A module's ``lca/layer``, ``layer_cumulative``, ``helped_fraction`` and ``hurt_fraction`` tags."""

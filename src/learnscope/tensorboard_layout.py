@@ -106,6 +106,8 @@ _LCA_HEALTH_CHARTS = (
         ("lca_helped_fraction", "lca_hurt_fraction", "lca_helped_fraction_nonzero"),
     ),
     ("excess kurtosis of the allocations (all; A != 0)", ("lca_excess_kurtosis", "lca_excess_kurtosis_nonzero")),
+    ("skewness of the allocations (per step; pooled over the run)", ("lca_skewness", "lca_skewness_pooled")),
+    ("excess kurtosis pooled over the run", ("lca_excess_kurtosis_pooled",)),
     ("quadrature sub-intervals", ("lca_splits",)),
     ("skipped steps", ("lca_skipped_steps", "lca_probe_stochastic")),
     ("adaptive steps capped above tolerance", ("lca_capped_steps",)),
@@ -115,10 +117,15 @@ _LCA_LAYER_CHARTS = (
     ("layer LCA cumulative", ("lca_layer_cumulative",)),
     ("helped fraction per layer", ("lca_layer_helped",)),
     ("hurt fraction per layer", ("lca_layer_hurt",)),
+    ("skewness of the allocations per layer", ("lca_layer_skewness",)),
+)
+_LCA_TENSOR_CHARTS = (
+    ("parameter-tensor LCA per step (weight, bias, ...)", ("lca_tensor",)),
+    ("parameter-tensor LCA cumulative", ("lca_tensor_cumulative",)),
 )
 
 
-def _lca_categories(parts: Sequence[str], ablation: bool, root: str) -> list[layout_pb2.Category]:
+def _lca_categories(parts: Sequence[str], ablation: bool, root: str, tensors: bool) -> list[layout_pb2.Category]:
     part_charts = _run_charts(
         root,
         [
@@ -132,7 +139,9 @@ def _lca_categories(parts: Sequence[str], ablation: bool, root: str) -> list[lay
             _chart(f"{part} part per layer, cumulative", [_pattern("lca_layer_part_cumulative", root, part=part)])
         )
     categories = [
-        layout_pb2.Category(title=CATEGORY_LCA, chart=_run_charts(root, _LCA_LAYER_CHARTS)),
+        layout_pb2.Category(
+            title=CATEGORY_LCA, chart=_run_charts(root, _LCA_LAYER_CHARTS + (_LCA_TENSOR_CHARTS if tensors else ()))
+        ),
         layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=part_charts),
         layout_pb2.Category(title=CATEGORY_LCA_HEALTH, chart=_run_charts(root, _LCA_HEALTH_CHARTS)),
     ]
@@ -177,6 +186,7 @@ def build_layout(
     nfa_layers: Sequence[str] | None = None,
     lca_root: str = "lca",
     nfa_root: str = "nfa",
+    lca_tensors: bool = False,
 ) -> layout_pb2.Layout:
     """The custom-scalar layout for the probes that are on.
 
@@ -198,6 +208,7 @@ def build_layout(
             gives two charts with every layer's correlations and nulls instead.
         lca_root, nfa_root: the callbacks' ``name`` (the first field of their tags);
             categories of a non-default root carry it in their title.
+        lca_tensors: add the per-parameter-tensor charts (``tensor_series=True``).
 
     Returns:
         A ``tensorboard.plugins.custom_scalar.layout_pb2.Layout`` (empty when both
@@ -205,7 +216,7 @@ def build_layout(
     """
     categories: list[layout_pb2.Category] = []
     if lca:
-        lca_categories = _lca_categories(tuple(lca_parts), lca_ablation, lca_root)
+        lca_categories = _lca_categories(tuple(lca_parts), lca_ablation, lca_root, lca_tensors)
         categories.extend(_titled(category, "lca", lca_root) for category in lca_categories)
     if nfa:
         nfa_category = _nfa_category(tuple(nfa_metrics), None if nfa_layers is None else tuple(nfa_layers), nfa_root)

@@ -159,6 +159,10 @@ class LossChangeAllocation(ProbeCallback):
             fraction helped / (measured steps), ``lca/param_helped_fraction`` and per module
             ``lca/param_helped_fraction/<module>``; the tensors are
             :attr:`per_parameter_counts` (default False).
+        tensor_series: per parameter tensor of the reported modules (weight and bias apart,
+            BatchNorm's γ and β apart), ``lca/tensor/<module>/<tensor>`` (the step's Σ A over
+            the tensor) and ``lca/tensor_cumulative/<module>/<tensor>``, beside the per-module
+            tags; the run's totals are :attr:`cumulative_tensors` (default False).
 
     Accuracy depends on the model as well as the rule. On the digits MLP of the README
     (ReLU, no normalisation, SGD-momentum) ``"simpson"``'s cumulative relative error
@@ -212,6 +216,7 @@ class LossChangeAllocation(ProbeCallback):
     compile_statistics = _Flag()
     name = _Flag()
     parameter_counts = _Flag()
+    tensor_series = _Flag()
 
     def __init__(
         self,
@@ -235,6 +240,7 @@ class LossChangeAllocation(ProbeCallback):
         name: str = "lca",
         flush_seconds: float = 2.0,
         parameter_counts: bool = False,
+        tensor_series: bool = False,
     ) -> None:
         super().__init__()
         self.config = LCAConfig.resolve(
@@ -257,6 +263,7 @@ class LossChangeAllocation(ProbeCallback):
             unit_allocations=unit_allocations,
             compile_statistics=compile_statistics,
             parameter_counts=parameter_counts,
+            tensor_series=tensor_series,
         )
         self._log = _logging.DeferredLog(max_delay=check_seconds("flush_seconds", flush_seconds))
         self._stats = ProductStats(compiled=bool(compile_statistics))
@@ -347,6 +354,7 @@ class LossChangeAllocation(ProbeCallback):
             reported_modules(owner, self.modules),
             self._stats,
             unit_allocations=self.unit_allocations,
+            tensor_series=self.tensor_series,
         )
         self._estimator = build_estimator(
             self.config,
@@ -355,7 +363,9 @@ class LossChangeAllocation(ProbeCallback):
         )
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
-        _logging.write_layout(trainer, lca=True, nfa=False, lca_ablation=self.ablation, lca_root=self.name)
+        _logging.write_layout(
+            trainer, lca=True, nfa=False, lca_ablation=self.ablation, lca_root=self.name, lca_tensors=self.tensor_series
+        )
 
     def _probe_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeLosses:
         fixed = None
@@ -614,7 +624,13 @@ class LossChangeAllocation(ProbeCallback):
         for step in sorted(self._records):
             record = self._records[step]
             self._totals.add(record)
-            scalars = tags.lca_scalars(record, self._totals.cumulative, self.cumulative_relative_error, root=self.name)
+            scalars = tags.lca_scalars(
+                record,
+                self._totals.cumulative,
+                self.cumulative_relative_error,
+                root=self.name,
+                cumulative_tensors=self._totals.cumulative_tensors,
+            )
             if step in self._capped_seen:
                 scalars.update(tags.lca_capped(self._totals.capped_steps, root=self.name))
             scalars.update(tags.lca_pooled(self._totals.moments, root=self.name))
@@ -656,6 +672,13 @@ class LossChangeAllocation(ProbeCallback):
     def cumulative(self) -> dict[str, float]:
         """Cumulative allocation per module over the measured steps so far."""
         return dict(self._totals.cumulative)
+
+    @property
+    def cumulative_tensors(self) -> dict[str, float]:
+        """``tensor_series=True``: cumulative allocation per parameter tensor of the reported
+        modules over the measured steps so far, by qualified name (``net.0.weight``; a copy,
+        checkpointed with the run's totals; empty when the flag is off)."""
+        return dict(self._totals.cumulative_tensors)
 
     @property
     def measured_steps(self) -> int:

@@ -160,6 +160,9 @@ class LcaLayer:
     skewness: ScalarSeries | None = None  # lca/skewness/<m>
     param_helped_fraction: HistogramSeries | None = None  # lca/param_helped_fraction/<m>
     units: dict[int, ScalarSeries] = field(default_factory=dict)  # lca/unit/<m>/<i>
+    #: tensor_series=True: lca/tensor/<m>/<tensor> and lca/tensor_cumulative/<m>/<tensor>, by tensor name
+    tensors: dict[str, ScalarSeries] = field(default_factory=dict)
+    tensors_cumulative: dict[str, ScalarSeries] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -517,6 +520,12 @@ def _file_lca_ablation(section: _Section, match: contract.TagMatch, series) -> N
         ablation.helped_fraction = series
 
 
+def _file_lca_tensor(section: _Section, match: contract.TagMatch, series) -> None:
+    layer = section.lca.layer(match.fields["module"])
+    table = layer.tensors_cumulative if match.family.name.endswith("_cumulative") else layer.tensors
+    table[match.fields["tensor"]] = series
+
+
 def _file_lca_unit(section: _Section, match: contract.TagMatch, series) -> None:
     section.lca.layer(match.fields["module"]).units[int(match.fields["unit"])] = series
 
@@ -537,6 +546,7 @@ _FILE_BY_FAMILY: dict[str, _Filer] = {
     **dict.fromkeys(("lca_part", "lca_layer_part", "lca_part_cumulative", "lca_layer_part_cumulative"), _file_lca_part),
     **dict.fromkeys(("lca_ablation_helped", "lca_ablation_part"), _file_lca_ablation),
     "lca_unit": _file_lca_unit,
+    **dict.fromkeys(("lca_tensor", "lca_tensor_cumulative"), _file_lca_tensor),
     **{f.name: _file_run_metric for f in contract.FAMILIES if f.run_metric is not None},
     **{f.name: _file_nfa_layer for f in contract.families("nfa") if "layer" in f.fields},
 }
