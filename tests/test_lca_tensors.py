@@ -44,7 +44,7 @@ def _tags(name: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def tensor_run():
-    callback = _Keeping(probe_size=128, tensor_series=True)
+    callback = _Keeping(probe_size=128, tensor_series=True, per_step_series=True)
     return callback, _fit(callback)
 
 
@@ -82,7 +82,7 @@ def test_weight_and_bias_sum_to_the_module_series(tensor_run):
 
 
 def test_tensor_series_follow_the_modules_filter():
-    callback = LossChangeAllocation(probe_size=128, tensor_series=True, modules=["net.1"])
+    callback = LossChangeAllocation(probe_size=128, tensor_series=True, modules=["net.1"], per_step_series=True)
     logger = _fit(callback, steps=2)
     written = {tag for tag in logger.series if tag.startswith("lca/tensor")}
     assert written == {"lca/tensor/net.1/weight", "lca/tensor/net.1/bias"} | {
@@ -93,7 +93,7 @@ def test_tensor_series_follow_the_modules_filter():
 
 
 def test_no_tensor_tags_without_the_flag():
-    callback = LossChangeAllocation(probe_size=128)
+    callback = LossChangeAllocation(probe_size=128, per_step_series=True)
     logger = _fit(callback, steps=2)
     assert not [tag for tag in logger.series if tag.startswith("lca/tensor")]
     assert callback.cumulative_tensors == {}
@@ -114,7 +114,7 @@ def test_training_is_bitwise_unchanged_with_tensor_series():
 
 def _resumable(tmp_path, epochs, ckpt=None):
     torch.manual_seed(0)
-    callback = _Keeping(probe_size=128, tensor_series=True)
+    callback = _Keeping(probe_size=128, tensor_series=True, per_step_series=True)
     logger = MemoryLogger()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
     t = trainer(

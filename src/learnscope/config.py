@@ -67,6 +67,7 @@ class LCAConfig:
     name: str = "lca"
     parameter_counts: bool = False
     tensor_series: bool = False
+    per_step_series: bool = False
 
     @classmethod
     def resolve(cls, **flags: Any) -> LCAConfig:
@@ -147,4 +148,5 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "compile_statistics": _optional_bool,
     "parameter_counts": lambda v: check_bool("parameter_counts", v),
     "tensor_series": lambda v: check_bool("tensor_series", v),
+    "per_step_series": lambda v: check_bool("per_step_series", v),
 }

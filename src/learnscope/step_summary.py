@@ -23,7 +23,7 @@ from learnscope.functional import decompose
 from learnscope.functional.lca import LazyDelta, StepAllocation
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments, add_into
 
-__all__ = ["ParameterCounts", "RunTotals", "StepSummariser"]
+__all__ = ["ParameterCounts", "RunTotals", "SeriesWindow", "StepSummariser", "charted_parts"]
 
 #: Modules with at most this many output units get per-unit allocations (``unit_allocations``).
 MAX_UNITS = 512
@@ -265,6 +265,54 @@ def _count_signs(k: Tensor, delta: Delta, helped: Tensor, hurt: Tensor) -> None:
     for where, a in product_slices(k, delta):
         flat_helped[where] += a < 0
         flat_hurt[where] += a > 0
+
+
+class SeriesWindow:
+    """The per-layer step series of one logging window: its measured steps' records merged.
+
+    Windows are ``[w·N, (w+1)·N)`` of ``global_step`` with N = ``trainer.log_every_n_steps``.
+    Merging (:meth:`LCAStepRecord.merge`) sums each module's, part's, tensor's and unit's
+    allocation over the window, and each module's counts and power sums, so that a
+    window's helped fraction is Σ_t helped_t / Σ_t n_t and its skewness that of the pooled
+    power sums: the statistic over the window's parameters × steps. The merged record's
+    ``step`` is the window's last measured step.
+    """
+
+    def __init__(self) -> None:
+        self.record: LCAStepRecord | None = None
+        self.steps = 0  # measured steps merged so far
+        self.index = -1  # w of the open window
+
+    def holds(self, step: int, length: int) -> bool:
+        """Whether ``step`` belongs to the open window (True when none is open)."""
+        return self.record is None or step // length == self.index
+
+    def add(self, record: LCAStepRecord, length: int) -> None:
+        if self.record is None:
+            self.record = LCAStepRecord(
+                step=record.step, total=0.0, delta_loss=None, splits=0, counts=Counts(), moments=Moments()
+            )
+            self.index = record.step // length
+        self.record.merge(record)
+        self.record.step = record.step
+        self.steps += 1
+
+    def take(self) -> tuple[LCAStepRecord, int] | None:
+        """The window's merged record and its number of measured steps; the window is then empty."""
+        if self.record is None:
+            return None
+        taken = (self.record, self.steps)
+        self.record, self.steps, self.index = None, 0, -1
+        return taken
+
+
+def charted_parts(cumulative_parts: Mapping[str, float], relative: float = 1e-4) -> tuple[str, ...]:
+    """The optimizer parts worth a chart: those whose cumulative allocation over all modules
+    exceeds ``relative`` × the largest part's in magnitude (an exactly modelled optimizer's
+    ``residual`` is rounding, and SGD without weight decay has a ``weight_decay`` part of 0)."""
+    run_level = {key: abs(value) for key, value in cumulative_parts.items() if "/" not in key}
+    largest = max(run_level.values(), default=0.0)
+    return tuple(part for part in decompose.PARTS if run_level.get(part, 0.0) > relative * largest > 0.0)
 
 
 @dataclass
