@@ -103,14 +103,17 @@ def test_yaml_config_turns_on_both_callbacks_with_its_flags(example, tmp_path):
     lca = the(cli.trainer.callbacks, learnscope.LossChangeAllocation)
     nfa = the(cli.trainer.callbacks, learnscope.NeuralFeatureAnsatz)
     assert (lca.rule, lca.probe_size, lca.modules, lca.unit_allocations) == ("simpson", 512, ["net.*"], True)
-    assert (nfa.every_n_steps, nfa.probe_size, nfa.null_draws, nfa.images) == (25, 512, 4, False)
+    assert (nfa.every_n_steps, nfa.probe_size, nfa.null_draws, nfa.images) == (25, 512, 16, False)
     assert tuple(nfa.alphas) == (1.0, 0.5)
     assert cli.trainer.global_step == 4
     assert cli.model.hparams.hidden == [128, 64]
 
     logged = scalars(cli.trainer.logger.log_dir)
     assert set(logged["lca/total"]) == {0, 1, 2, 3}
-    assert len([tag for tag in logged if tag.startswith("lca/unit/net.2/")]) == 64  # hidden [128, 64]
+    events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    (units,) = events.Tensors("lca/unit/net.2")  # one tensor per window: steps 0-3 end with the fit
+    assert units.step == 3 and units.tensor_proto.tensor_shape.dim[0].size == 64  # hidden [128, 64]
     # every_n_steps=25 > max_steps: NFA measures at fit start (step 0) and fit end (step 4)
     assert set(logged["nfa/net.0/pearson_a1"]) == {0, 4}
     assert -1.0 <= logged["nfa/net.0/pearson_a1"][4] <= 1.0

@@ -37,6 +37,7 @@ SAMPLE_FIELDS = {
     "data": "probe",
     "rule": "first_order",
     "unit": 12,
+    "tensor": "in_proj_weight",
     "alpha": 0.5,
 }
 ROOTS = {"lca": "lca", "lca_val": "lca", "nfa": "nfa", "nfa.2": "nfa"}
@@ -76,7 +77,7 @@ def test_templates_render_as_the_callbacks_tags():
     assert family("lca_ablation_part").format("lca_val", data="batch", rule="simpson", part="momentum") == (
         "lca_val/ablation/batch_simpson/part/momentum"
     )
-    assert family("lca_unit").format(module="net.2", unit=7) == "lca/unit/net.2/7"
+    assert family("lca_unit").format(module="net.2") == "lca/unit/net.2"  # one tensor per module
     assert family("nfa_pearson").format("nfa", layer="net.0", alpha=1.0) == "nfa/net.0/pearson_a1"
     assert family("nfa_align").format(layer="net.0", alpha=0.5) == "nfa/net.0/align_a0.5"
     assert (
@@ -112,6 +113,7 @@ def test_bad_fields_raise_naming_the_field_and_the_allowed_values(call, message)
         "lca/ablation/train_simpson/helped_fraction",  # not a data
         "lca/ablation/probe_midpoint/helped_fraction",  # not a rule
         "lca/unit/net.0/x",
+        "lca/unit/net.0/7",  # per-unit scalars became one tensor per module
         "lca/mystery",
         "nfa/net.0/pearson",
         "nfa/net.0/align_a1x",
@@ -127,7 +129,7 @@ def test_run_level_metric_lists_derive_from_the_families():
     assert LCA_RUN_METRICS == contract.LCA_RUN_METRICS
     assert set(LCA_RUN_METRICS) < set(vars(LcaRecords()))  # every run-level LCA scalar is a field
     assert set(contract.NFA_RUN_METRICS) < set(vars(NfaRecords()))
-    assert len(LCA_RUN_METRICS) == 16 and contract.NFA_RUN_METRICS == ("skipped", "probe_stochastic")
+    assert len(LCA_RUN_METRICS) == 17 and contract.NFA_RUN_METRICS == ("skipped", "probe_stochastic")
 
 
 @pytest.mark.parametrize("readout", [False, True])
@@ -220,7 +222,7 @@ def written(tmp_path_factory):
         [
             LossChangeAllocation(
                 probe_size=128, decompose=True, ablation=True, unit_allocations=True, histograms=True,
-                parameter_counts=True,
+                parameter_counts=True, tensor_series=True,
             ),
             NeuralFeatureAnsatz(every_n_steps=2, probe_size=128, images=True),
         ],

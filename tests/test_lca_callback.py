@@ -219,7 +219,8 @@ def _fit_logged(log_every_n_steps, model=None, max_steps=12, **flags):
 
 
 def test_scalars_are_written_a_batch_of_steps_at_a_time_with_every_step_and_value_unchanged():
-    batched, each = _fit_logged(5), _fit_logged(1)
+    # per-step series: log_every_n_steps also sets the windows of the per-layer series
+    batched, each = _fit_logged(5, per_step_series=True), _fit_logged(1, per_step_series=True)
     lca_tags = {tag for tag in each.series if tag.startswith("lca/")}
     assert len(lca_tags) > 10 and lca_tags == {tag for tag in batched.series if tag.startswith("lca/")}
     for tag in lca_tags:

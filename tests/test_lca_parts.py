@@ -49,7 +49,8 @@ class _AnyOptimizer(Classifier):
 def test_parts_sum_to_the_total_and_the_residual_vanishes(optimizer, options):
     torch.manual_seed(0)
     logger = MemoryLogger()
-    trainer(callbacks=[LossChangeAllocation(probe_size=256)], loggers=[logger], max_steps=12, precision="64-true").fit(
+    callback = LossChangeAllocation(probe_size=256, per_step_series=True)  # per-module parts at every step
+    trainer(callbacks=[callback], loggers=[logger], max_steps=12, precision="64-true").fit(
         _AnyOptimizer(optimizer=optimizer, **options), digits_loader()
     )
     series = logger.series
@@ -123,7 +124,7 @@ class _GradientRecorder(LossChangeAllocation):
 
 
 def test_plain_sgd_has_no_momentum_or_decay_part_and_the_gradient_part_is_minus_lr_g_squared():
-    callback = _GradientRecorder(0.1, probe="batch", rule="first_order")
+    callback = _GradientRecorder(0.1, probe="batch", rule="first_order", per_step_series=True)
     series = _fit(callback, "sgd", lr=0.1).series
     assert set(series["lca/part/momentum"].values()) == {0.0}
     assert set(series["lca/part/weight_decay"].values()) == {0.0}

@@ -125,7 +125,7 @@ class _RecordSteps(pl.Callback):
 def test_manual_optimization_with_two_optimizers_allocates_each_step_to_its_parameters():
     x, y = digits()
     probe = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=256)
-    callback = LossChangeAllocation(probe=probe, loss_fn=_ce)
+    callback = LossChangeAllocation(probe=probe, loss_fn=_ce, per_step_series=True)
     torch.manual_seed(0)
     logger = MemoryLogger()
     model = _TwoOptimizers()

@@ -54,7 +54,7 @@ def _fit(callback, steps: int = 6, logger=None, **kwargs) -> MemoryLogger:
 
 @pytest.fixture(scope="module")
 def shape_run():
-    callback = _Keeping(probe_size=128)
+    callback = _Keeping(probe_size=128, per_step_series=True)  # per-module skewness at every step
     logger = _fit(callback)
     return callback, logger
 

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
+import torch
 from matplotlib.image import imread
 from torch.utils.tensorboard import SummaryWriter
 
+from learnscope._logging import tensor_summary
 from learnscope.report.cli import main
 from learnscope.report.reader import parse_tag, read_logdir
 from learnscope.tensorboard_layout import build_layout, write_layout_once
@@ -105,9 +107,8 @@ def write_synthetic_run(logdir: Path, seed: int = 0) -> dict:
         for part in PARTS:
             scalars[f"lca/part/{part}"] = sum(parts[n][part][step] for n in LAYERS)
             scalars[f"lca/part_cumulative/{part}"] = sum(parts[n][part][: step + 1].sum() for n in LAYERS)
-        for name, per_unit in units.items():
-            for unit in range(UNITS):
-                scalars[f"lca/unit/{name}/{unit}"] = per_unit[unit, step]
+        unit_tensors = {f"lca/unit/{name}": torch.from_numpy(per_unit[:, step]) for name, per_unit in units.items()}
+        writer.file_writer.add_summary(tensor_summary(unit_tensors), step)
         if step % NFA_EVERY == 0:
             scalars["nfa/skipped"] = 0.0
             for k, name in enumerate(LAYERS):
@@ -241,7 +242,8 @@ def test_reader_groups_tags_into_layers_parts_and_nfa_metrics(synthetic):
     assert layer.allocation.sum() == pytest.approx(written["cumulative"]["net.0"], rel=1e-5)
     assert set(layer.parts) == set(PARTS) == set(run.lca.parts)
     assert len(layer.histogram) == 3 and layer.histogram.histograms[0].num == 200
-    assert sorted(run.lca.layers[READOUT].units) == list(range(UNITS))
+    units = run.lca.layers[READOUT].units
+    assert units.values.shape == (STEPS, UNITS) and units.steps.tolist() == list(range(STEPS))
     assert run.lca.ablations["batch_first_order"].rule == "first_order"
     assert set(run.nfa.layers[READOUT].metrics) == set(READOUT_METRICS)
     assert len(run.nfa.layers["net.2"].metrics["pearson_a0.5"]) == STEPS // NFA_EVERY
@@ -272,7 +274,7 @@ def test_reader_splices_a_resumed_run_without_double_counting(tmp_path):
         ("lca/part/weight_decay", "lca_part", {"part": "weight_decay"}),
         ("lca/part_cumulative/residual/net.0", "lca_layer_part_cumulative", {"part": "residual", "layer": "net.0"}),
         ("lca/ablation/probe_first_order/part/momentum", "lca_ablation_part", {"data": "probe", "rule": "first_order"}),
-        ("lca/unit/net.4/12", "lca_unit", {"layer": "net.4", "unit": 12}),
+        ("lca/unit/net.4", "lca_unit", {"layer": "net.4"}),
         ("nfa/blocks.0.mlp.fc2/pearson_a0.5", "nfa_metric", {"layer": "blocks.0.mlp.fc2", "metric": "pearson_a0.5"}),
         ("nfa/skipped", "nfa_skipped", {}),
     ],

@@ -39,7 +39,8 @@ EXPECTED_SHAPES = {
 def real_run(tmp_path_factory):
     """Train once; every test reads the same run."""
     root = tmp_path_factory.mktemp("real_run")
-    lca = learnscope.LossChangeAllocation(probe_size=256, unit_allocations=True, ablation=True)
+    # per-step series: the synchronisation test refuses series summed over logging windows
+    lca = learnscope.LossChangeAllocation(probe_size=256, unit_allocations=True, ablation=True, per_step_series=True)
     nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=NFA_EVERY, probe_size=256, images=False)
     logger = TensorBoardLogger(str(root / "logs"), name="mlp")
     fit = trainer([lca, nfa], loggers=logger, max_steps=STEPS, log_every_n_steps=20)

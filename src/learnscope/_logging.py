@@ -2,8 +2,9 @@
 
 Only plain float scalars reach ``log_metrics`` (a dict value would make
 TensorBoardLogger call ``add_scalars`` and create one run directory per key).
-Histograms and images go through ``TensorBoardLogger.experiment`` on rank zero only;
-images are drawn here, from the matrices a record carries, when they are written.
+Histograms, images and tensor summaries go through ``TensorBoardLogger.experiment`` on
+rank zero only (other loggers do not get them); images are drawn here, from the matrices
+a record carries, when they are written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from learnscope import contract
 from learnscope._compat import logger_prefix, summary_file_writer
 from learnscope.render import heatmap_panels
 
@@ -76,6 +78,37 @@ def log_histograms(trainer: pl.Trainer, values: Mapping[str, Any], step: int) ->
             writer.add_histogram(tag, data, global_step=step)
 
 
+def log_tensors(trainer: pl.Trainer, tensors: Mapping[str, Tensor], step: int) -> None:
+    """Write every tag's tensor in one event (:func:`tensor_summary`) on every TensorBoard
+    writer (rank zero only)."""
+    writers = [w for w in map(summary_file_writer, tensorboard_writers(trainer)) if w is not None]
+    if writers and tensors:
+        summary = tensor_summary(tensors)
+        for file_writer in writers:
+            file_writer.add_summary(summary, step)
+
+
+def tensor_summary(tensors: Mapping[str, Tensor]) -> Any:
+    """A ``Summary`` proto holding each tag's tensor as a TensorBoard tensor summary
+    (``plugin_name`` :data:`learnscope.contract.TENSOR_PLUGIN`, data class *tensor*): the
+    data provider's ``list_tensors`` / ``read_tensors`` and ``EventAccumulator.Tensors``
+    return it. Hand it to a writer with ``file_writer.add_summary(summary, step)``."""
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.util import tensor_util
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=contract.TENSOR_PLUGIN),
+        data_class=summary_pb2.DATA_CLASS_TENSOR,
+    )
+    values = [
+        summary_pb2.Summary.Value(
+            tag=tag, metadata=metadata, tensor=tensor_util.make_tensor_proto(value.detach().cpu().numpy())
+        )
+        for tag, value in tensors.items()
+    ]
+    return summary_pb2.Summary(value=values)
+
+
 def log_images(trainer: pl.Trainer, images: Mapping[str, Mapping[str, Tensor]], step: int) -> None:
     """Draw each tag's matrices side by side (:func:`learnscope.render.heatmap_panels`, in
     the mapping's order) and ``add_image`` it on every TensorBoard writer (rank zero only)."""
@@ -89,7 +122,7 @@ def log_images(trainer: pl.Trainer, images: Mapping[str, Mapping[str, Tensor]], 
 
 
 class DeferredLog:
-    """Per-step scalars and histograms, written in step order a batch at a time.
+    """Per-step scalars, histograms and tensors, written in step order a batch at a time.
 
     Every TensorBoard event wakes the SummaryWriter's background thread, which computes
     TensorBoard's pure-Python CRC32C while holding the GIL: written one per step, that
@@ -102,20 +135,25 @@ class DeferredLog:
 
     def __init__(self, max_delay: float = 2.0) -> None:
         self.max_delay = max_delay
-        self._entries: list[tuple[int, Mapping[str, float], Mapping[str, Any] | None]] = []
+        self._entries: list[tuple[int, Mapping[str, float], Mapping[str, Any] | None, Mapping[str, Tensor] | None]] = []
         self._since = 0.0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def add(
-        self, trainer: pl.Trainer, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Any] | None = None
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any] | None = None,
+        tensors: Mapping[str, Tensor] | None = None,
     ) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
             return
         if not self._entries:
             self._since = time.monotonic()
-        self._entries.append((step, scalars, histograms))
+        self._entries.append((step, scalars, histograms, tensors))
 
     def flush_if_due(self, trainer: pl.Trainer, every: int) -> None:
         """Write everything held once the oldest entry is ``every`` steps (``trainer.global_step``)
@@ -127,11 +165,13 @@ class DeferredLog:
 
     def flush(self, trainer: pl.Trainer) -> None:
         entries, self._entries = self._entries, []
-        for step, scalars, histograms in entries:
+        for step, scalars, histograms, tensors in entries:
             if scalars:
                 log_scalars(trainer, scalars, step=step)
             if histograms:
                 log_histograms(trainer, histograms, step=step)
+            if tensors:
+                log_tensors(trainer, tensors, step=step)
 
 
 def finite_or_nan(value: float) -> float:

@@ -66,6 +66,8 @@ class LCAConfig:
     compile_statistics: bool | None = None
     name: str = "lca"
     parameter_counts: bool = False
+    tensor_series: bool = False
+    per_step_series: bool = False
 
     @classmethod
     def resolve(cls, **flags: Any) -> LCAConfig:
@@ -145,4 +147,6 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "unit_allocations": lambda v: check_bool("unit_allocations", v),
     "compile_statistics": _optional_bool,
     "parameter_counts": lambda v: check_bool("parameter_counts", v),
+    "tensor_series": lambda v: check_bool("tensor_series", v),
+    "per_step_series": lambda v: check_bool("per_step_series", v),
 }

@@ -17,6 +17,17 @@ the report and other tools read it without the training stack.
 
 Run ``python -m learnscope.contract`` to print the Markdown tables of the README.
 
+**Windowed series.** Every measured step enters the run-level scalars (one value per
+measured step) and the cumulative values. The per-layer *step* series (per module, per
+part and module, per parameter tensor, per unit) are by default written once per logging
+window of ``trainer.log_every_n_steps`` steps (windows ``[w·N, (w+1)·N)`` of
+``global_step``; a window also ends at each checkpoint, so that a resumed run counts
+every step once, and at the end of the fit), at the window's
+last measured step: sums are the window's sum over its measured steps, fractions and
+skewness are pooled over the window's parameters × steps, cumulative values are the
+running totals at that step, and ``{root}/window_steps`` says how many measured steps
+each point holds. ``per_step_series=True`` writes every measured step instead.
+
 >>> family("lca_layer").format("lca", module="net.0")
 'lca/layer/net.0'
 >>> match = parse_tag("lca_val/ablation/probe_simpson/part/momentum", {"lca_val": "lca"})
@@ -43,6 +54,7 @@ __all__ = [
     "PARTS",
     "PLACEHOLDERS",
     "RULES",
+    "TENSOR_PLUGIN",
     "WRITERS",
     "Placeholder",
     "TagFamily",
@@ -108,7 +120,12 @@ PLACEHOLDERS: dict[str, Placeholder] = {
         Placeholder("part", "a part of the optimizer's update", _FIELD, PARTS),
         Placeholder("data", "the loss: the minibatch (batch) or the fixed probe set (probe)", _FIELD, DATA),
         Placeholder("rule", "the quadrature rule", _FIELD, RULES),
-        Placeholder("unit", "the index of an output unit (0, 1, ...)", r"\d+"),
+        Placeholder(
+            "tensor",
+            "a parameter's name within its module: weight, bias, in_proj_weight, ... (BatchNorm's γ and β are weight "
+            "and bias; a parameter of the top module itself is listed under the module root)",
+            _FIELD,
+        ),
         Placeholder(
             "alpha", "an exponent α of AGOP^α, as Python's :g writes it", r"\d+(?:\.\d+)?(?:e[-+]\d+)?", spec="g"
         ),
@@ -176,8 +193,8 @@ class TagFamily:
         tags of one family in a loop (``bind("lca").format(module=m)``), which checks
         no further values.
 
-        >>> family("lca_unit").bind("lca", module="net.0")
-        'lca/unit/net.0/{unit}'
+        >>> family("lca_layer_part").bind("lca", part="momentum")
+        'lca/part/momentum/{module}'
         """
         unknown = fixed.keys() - self._field_set
         if unknown:
@@ -262,6 +279,12 @@ COUNT = "count"
 FLAG = "0 or 1"
 RATIO = "ratio"
 CORRELATION = "correlation"
+# What a point of a windowed per-layer series means (see the module docstring).
+WINDOW_SUM = " Windowed: summed over the measured steps of the logging window ending at this step."
+WINDOW_POOLED = " Windowed: over the parameters × measured steps of the logging window ending at this step."
+WINDOW_END = " Windowed: written at the last measured step of each logging window."
+#: ``SummaryMetadata.plugin_data.plugin_name`` of learnscope's tensor summaries (``lca/unit/<module>``)
+TENSOR_PLUGIN = "learnscope"
 
 #: Every family, in the order of the README's table. The step of every value is
 #: ``trainer.global_step`` of the measured step (LCA) or of the measurement (NFA).
@@ -299,18 +322,27 @@ FAMILIES: tuple[TagFamily, ...] = (
          "1 when the self-check found that the probe loss draws random numbers in eval mode (first measured step)."),
     _lca("lca_capped_steps", "{root}/capped_steps", COUNT,
          "Steps so far that rule=\"adaptive\" accepted at max_intervals with their error above the target."),
+    _lca("lca_window_steps", "{root}/window_steps", COUNT,
+         "Measured steps summed into the per-layer series' point at this step (the logging window's; not written "
+         "with per_step_series=True, where every point is one step)."),
     # LCA, per module
-    _lca("lca_layer", "{root}/layer/{module}", LOSS, "Σᵢ Aᵢ over the module's parameters on the step."),
+    _lca("lca_layer", "{root}/layer/{module}", LOSS, "Σᵢ Aᵢ over the module's parameters on the step." + WINDOW_SUM),
     _lca("lca_layer_cumulative", "{root}/layer_cumulative/{module}", LOSS,
-         "The module's allocation summed over the measured steps so far."),
+         "The module's allocation summed over the measured steps so far." + WINDOW_END),
     _lca("lca_layer_helped", "{root}/helped_fraction/{module}", FRACTION,
-         "Fraction of the module's parameters with A < 0 (helped)."),
+         "Fraction of the module's parameters with A < 0 (helped)." + WINDOW_POOLED),
     _lca("lca_layer_hurt", "{root}/hurt_fraction/{module}", FRACTION,
-         "Fraction of the module's parameters with A > 0 (hurt)."),
+         "Fraction of the module's parameters with A > 0 (hurt)." + WINDOW_POOLED),
     _lca("lca_hist", "{root}/hist/{module}", LOSS, "Histogram of the module's per-parameter allocations Aᵢ.",
          "histogram"),
     _lca("lca_layer_skewness", "{root}/skewness/{module}", RATIO,
-         "Skewness m₃/m₂^{3/2} of the module's allocations on the step."),
+         "Skewness m₃/m₂^{3/2} of the module's allocations on the step." + WINDOW_POOLED),
+    # LCA, per parameter tensor (tensor_series=True)
+    _lca("lca_tensor", "{root}/tensor/{module}/{tensor}", LOSS,
+         "Σᵢ Aᵢ over one parameter tensor of the module (weight, bias, ...) on the step; the module's tensors sum to "
+         "its layer value." + WINDOW_SUM),
+    _lca("lca_tensor_cumulative", "{root}/tensor_cumulative/{module}/{tensor}", LOSS,
+         "The parameter tensor's allocation summed over the measured steps so far." + WINDOW_END),
     # LCA, per parameter over training (parameter_counts=True), at the histogram cadence
     _lca("lca_param_helped", "{root}/param_helped_fraction", FRACTION_OF_STEPS,
          "Histogram over every parameter of the fraction of the measured steps so far on which it helped (A < 0).",
@@ -319,19 +351,21 @@ FAMILIES: tuple[TagFamily, ...] = (
          "The same over the module's parameters.", "histogram"),
     # LCA, optimizer parts (decompose=True)
     _lca("lca_part", "{root}/part/{part}", LOSS, "The step's allocation due to one part of the update, all modules."),
-    _lca("lca_layer_part", "{root}/part/{part}/{module}", LOSS, "The same for one module."),
+    _lca("lca_layer_part", "{root}/part/{part}/{module}", LOSS, "The same for one module." + WINDOW_SUM),
     _lca("lca_part_cumulative", "{root}/part_cumulative/{part}", LOSS,
          "One part's allocation summed over the measured steps so far, all modules."),
     _lca("lca_layer_part_cumulative", "{root}/part_cumulative/{part}/{module}", LOSS,
-         "The same for one module."),
+         "The same for one module." + WINDOW_END),
     # LCA, the three-factor ablation (ablation=True)
     _lca("lca_ablation_helped", "{root}/ablation/{data}_{rule}/helped_fraction", FRACTION,
          "Helped fraction of every parameter with the allocation of the data × rule corner."),
     _lca("lca_ablation_part", "{root}/ablation/{data}_{rule}/part/{part}", LOSS,
          "One part's allocation in the data × rule corner."),
     # LCA, per output unit (unit_allocations=True)
-    _lca("lca_unit", "{root}/unit/{module}/{unit}", LOSS,
-         "The allocation of one output unit of the module (its weights and bias) on the step."),
+    _lca("lca_unit", "{root}/unit/{module}", LOSS,
+         "A 1-D float32 tensor [units]: the allocation of each output unit of the module (its weights summed over "
+         "inputs, plus its bias) on the step, one tensor summary per layer (plugin_name learnscope)." + WINDOW_SUM,
+         "tensor"),
     # NFA, run level
     _nfa("nfa_skipped", "{root}/skipped", COUNT, "Measurements so far skipped for non-finite weights or G."),
     _nfa("nfa_probe_stochastic", "{root}/probe_stochastic", FLAG,

@@ -141,6 +141,8 @@ class LCAStepRecord:
     parts: dict[str, float] = field(default_factory=dict)
     layer_parts: dict[str, dict[str, float]] = field(default_factory=dict)
     units: dict[str, Tensor] = field(default_factory=dict)
+    #: tensor_series=True: Σ A of each parameter tensor of the reported modules, by qualified name
+    tensors: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, Any] | None = None  # module → StreamingHistogram
     #: parameter_counts=True, on histogram steps: the per-parameter helped fractions over
     #: training, of every parameter and per module (StreamingHistograms)
@@ -157,6 +159,7 @@ class LCAStepRecord:
     def _merge_layers(self, other: LCAStepRecord) -> None:
         """Add the per-module sums, counts and power sums of ``other``."""
         add_into(self.layers, other.layers)
+        add_into(self.tensors, other.tensors)
         for name, counts in other.layer_counts.items():
             self.layer_counts.setdefault(name, Counts()).add(counts)
         for name, moments in other.layer_moments.items():

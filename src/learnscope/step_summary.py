@@ -23,7 +23,7 @@ from learnscope.functional import decompose
 from learnscope.functional.lca import LazyDelta, StepAllocation
 from learnscope.records import CornerStats, Counts, LCAStepRecord, Moments, add_into
 
-__all__ = ["ParameterCounts", "RunTotals", "StepSummariser"]
+__all__ = ["ParameterCounts", "RunTotals", "SeriesWindow", "StepSummariser", "charted_parts"]
 
 #: Modules with at most this many output units get per-unit allocations (``unit_allocations``).
 MAX_UNITS = 512
@@ -39,6 +39,8 @@ class StepSummariser:
         stats: the per-tensor statistics (eager or compiled).
         unit_allocations: also sum ``A`` per output unit of modules with at most
             :data:`MAX_UNITS` units.
+        tensor_series: also keep Σ A of each parameter tensor of the reported modules
+            (``LCAStepRecord.tensors``, by qualified name).
     """
 
     def __init__(
@@ -49,10 +51,11 @@ class StepSummariser:
         stats: ProductStats,
         *,
         unit_allocations: bool,
+        tensor_series: bool = False,
         owner_label: str = "LossChangeAllocation",
     ) -> None:
         self.tracked, self.owner, self.reported, self.stats = tracked, owner, reported, stats
-        self.unit_allocations = unit_allocations
+        self.unit_allocations, self.tensor_series = unit_allocations, tensor_series
         self.owner_label = owner_label
         self._stale_warned = False
 
@@ -166,6 +169,8 @@ class StepSummariser:
         if module not in self.reported:
             return
         out.layers[module] = out.layers.get(module, 0.0) + moments.s1
+        if self.tensor_series:
+            out.tensors[name] = out.tensors.get(name, 0.0) + moments.s1
         out.layer_counts.setdefault(module, Counts()).add(counts)
         out.layer_moments.setdefault(module, Moments()).add(moments)
         if split:
@@ -262,6 +267,54 @@ def _count_signs(k: Tensor, delta: Delta, helped: Tensor, hurt: Tensor) -> None:
         flat_hurt[where] += a > 0
 
 
+class SeriesWindow:
+    """The per-layer step series of one logging window: its measured steps' records merged.
+
+    Windows are ``[w·N, (w+1)·N)`` of ``global_step`` with N = ``trainer.log_every_n_steps``.
+    Merging (:meth:`LCAStepRecord.merge`) sums each module's, part's, tensor's and unit's
+    allocation over the window, and each module's counts and power sums, so that a
+    window's helped fraction is Σ_t helped_t / Σ_t n_t and its skewness that of the pooled
+    power sums: the statistic over the window's parameters × steps. The merged record's
+    ``step`` is the window's last measured step.
+    """
+
+    def __init__(self) -> None:
+        self.record: LCAStepRecord | None = None
+        self.steps = 0  # measured steps merged so far
+        self.index = -1  # w of the open window
+
+    def holds(self, step: int, length: int) -> bool:
+        """Whether ``step`` belongs to the open window (True when none is open)."""
+        return self.record is None or step // length == self.index
+
+    def add(self, record: LCAStepRecord, length: int) -> None:
+        if self.record is None:
+            self.record = LCAStepRecord(
+                step=record.step, total=0.0, delta_loss=None, splits=0, counts=Counts(), moments=Moments()
+            )
+            self.index = record.step // length
+        self.record.merge(record)
+        self.record.step = record.step
+        self.steps += 1
+
+    def take(self) -> tuple[LCAStepRecord, int] | None:
+        """The window's merged record and its number of measured steps; the window is then empty."""
+        if self.record is None:
+            return None
+        taken = (self.record, self.steps)
+        self.record, self.steps, self.index = None, 0, -1
+        return taken
+
+
+def charted_parts(cumulative_parts: Mapping[str, float], relative: float = 1e-4) -> tuple[str, ...]:
+    """The optimizer parts worth a chart: those whose cumulative allocation over all modules
+    exceeds ``relative`` × the largest part's in magnitude (an exactly modelled optimizer's
+    ``residual`` is rounding, and SGD without weight decay has a ``weight_decay`` part of 0)."""
+    run_level = {key: abs(value) for key, value in cumulative_parts.items() if "/" not in key}
+    largest = max(run_level.values(), default=0.0)
+    return tuple(part for part in decompose.PARTS if run_level.get(part, 0.0) > relative * largest > 0.0)
+
+
 @dataclass
 class RunTotals:
     """The run's cumulative LCA state, saved in checkpoints (``state_dict``).
@@ -269,6 +322,8 @@ class RunTotals:
     Attributes:
         cumulative: Σ over measured steps of each reported module's allocation.
         cumulative_parts: the same per part, keyed ``<part>`` and ``<part>/<module>``.
+        cumulative_tensors: the same per parameter tensor (``tensor_series=True``), keyed by
+            its qualified name (``net.0.weight``).
         sum_total: Σ_t Σ_i A over measured steps.
         sum_delta_loss: Σ_t ΔL over the steps whose loss change was evaluated.
         sum_total_with_loss: Σ_t Σ_i A over those same steps.
@@ -281,6 +336,7 @@ class RunTotals:
 
     cumulative: dict[str, float] = field(default_factory=dict)
     cumulative_parts: dict[str, float] = field(default_factory=dict)
+    cumulative_tensors: dict[str, float] = field(default_factory=dict)
     sum_total: float = 0.0
     sum_delta_loss: float = 0.0
     sum_total_with_loss: float = 0.0
@@ -298,6 +354,7 @@ class RunTotals:
             self.sum_delta_loss += record.delta_loss
             self.sum_total_with_loss += record.total
         add_into(self.cumulative, record.layers)
+        add_into(self.cumulative_tensors, record.tensors)
         self.moments.add(record.moments)
         add_into(self.cumulative_parts, record.parts)
         for module, parts in record.layer_parts.items():
@@ -325,6 +382,7 @@ class RunTotals:
             "capped_steps": self.capped_steps,
             "measured_steps": self.measured_steps,
             "cumulative_parts": dict(self.cumulative_parts),
+            "cumulative_tensors": dict(self.cumulative_tensors),
             "last_histogram_step": self.last_histogram_step,
             "moments": self.moments.as_list(),
         }
@@ -335,6 +393,7 @@ class RunTotals:
         return cls(
             cumulative=dict(state.get("cumulative", {})),
             cumulative_parts=dict(state.get("cumulative_parts", {})),
+            cumulative_tensors=dict(state.get("cumulative_tensors", {})),
             sum_total=float(state.get("sum_total", 0.0)),
             sum_delta_loss=float(state.get("sum_delta_loss", 0.0)),
             sum_total_with_loss=float(state.get("sum_total_with_loss", 0.0)),

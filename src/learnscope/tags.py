@@ -22,10 +22,49 @@ _F = contract.family
 
 
 def lca_scalars(
-    record: LCAStepRecord, cumulative: Mapping[str, float], cumulative_relative_error: float, root: str = "lca"
+    record: LCAStepRecord,
+    cumulative: Mapping[str, float],
+    cumulative_relative_error: float,
+    root: str = "lca",
+    cumulative_tensors: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Scalars of one measured step: run-level ``lca/*`` and per-module ``lca/<kind>/<module>``."""
+    """Scalars of one measured step written per step: :func:`lca_step_scalars` and
+    :func:`lca_layer_scalars` of the step alone (``per_step_series=True``)."""
+    out = lca_step_scalars(record, cumulative_relative_error, root)
+    out.update(lca_layer_scalars(record, cumulative, root, cumulative_tensors=cumulative_tensors))
+    return out
+
+
+def lca_step_scalars(record: LCAStepRecord, cumulative_relative_error: float, root: str = "lca") -> dict[str, float]:
+    """The run-level scalars of one measured step (written every measured step): ``lca/total``,
+    the errors, counts and shape, ``lca/part/<part>`` over all modules, and the ablation corners."""
     out = _lca_run_scalars(record, cumulative_relative_error, root)
+    part_tags = _part_tags(root)
+    for part, value in record.parts.items():
+        out[part_tags[part]] = value
+    for corner, stats in record.ablation.items():
+        data, rule = corner.split("_", 1)
+        out[_F("lca_ablation_helped").format(root, data=data, rule=rule)] = stats.counts.helped_fraction
+        for part, value in stats.parts.items():
+            out[_F("lca_ablation_part").format(root, data=data, rule=rule, part=part)] = value
+    return out
+
+
+def lca_layer_scalars(
+    record: LCAStepRecord,
+    cumulative: Mapping[str, float],
+    root: str = "lca",
+    *,
+    cumulative_parts: Mapping[str, float] | None = None,
+    cumulative_tensors: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The per-layer series of ``record``, one step or a logging window's merged steps:
+    per module ``lca/layer``, ``layer_cumulative`` (from ``cumulative``), helped / hurt
+    fraction and skewness (of the merged counts and power sums: pooled over the window),
+    ``lca/part/<part>/<module>``, and ``lca/part_cumulative/<part>/<module>`` from the
+    ``<part>/<module>`` keys of ``cumulative_parts``; per parameter tensor
+    ``lca/tensor[_cumulative]/<module>/<tensor>``."""
+    out = lca_tensor_scalars(record.tensors, cumulative_tensors or {}, root)
     for module, value in record.layers.items():
         layer, layer_cumulative, helped, hurt = _module_tags(root, module)
         counts = record.layer_counts[module]
@@ -36,24 +75,48 @@ def lca_scalars(
         skewness = record.layer_moments[module].skewness if module in record.layer_moments else math.nan
         if math.isfinite(skewness):
             out[_layer_skewness_tag(root, module)] = skewness
-    part_tags = _part_tags(root)
-    for part, value in record.parts.items():
-        out[part_tags[part]] = value
     for module, parts in record.layer_parts.items():
         tags = _module_part_tags(root, module)
         for part, value in parts.items():
             out[tags[part]] = value
-    for corner, stats in record.ablation.items():
-        data, rule = corner.split("_", 1)
-        out[_F("lca_ablation_helped").format(root, data=data, rule=rule)] = stats.counts.helped_fraction
-        for part, value in stats.parts.items():
-            out[_F("lca_ablation_part").format(root, data=data, rule=rule, part=part)] = value
-    for module, values in record.units.items():
-        out.update(zip(_unit_tags(root, module, len(values)), values.tolist()))
+    out.update(lca_part_cumulative(cumulative_parts or {}, root, modules=True))
+    return out
+
+
+def lca_window_steps(steps: int, root: str = "lca") -> dict[str, float]:
+    """``lca/window_steps``: the measured steps summed into a windowed point of the per-layer series."""
+    return {_F("lca_window_steps").format(root): float(steps)}
+
+
+def lca_unit_tensors(units: Mapping[str, Tensor], root: str = "lca") -> dict[str, Tensor]:
+    """``lca/unit/<module>``: each module's per-output-unit allocations, a 1-D float32 tensor."""
+    return {_F("lca_unit").format(root, module=module): values.float() for module, values in units.items()}
+
+
+def lca_tensor_scalars(
+    tensors: Mapping[str, float], cumulative_tensors: Mapping[str, float], root: str = "lca"
+) -> dict[str, float]:
+    """``lca/tensor/<module>/<tensor>`` of each parameter tensor in ``tensors`` (Σ A by qualified
+    name) and its ``lca/tensor_cumulative/<module>/<tensor>`` from ``cumulative_tensors``."""
+    out = {}
+    for name, value in tensors.items():
+        tensor, tensor_cumulative = _tensor_tags(root, name)
+        out[tensor] = value
+        if name in cumulative_tensors:
+            out[tensor_cumulative] = cumulative_tensors[name]
     return out
 
 
 # The same tags are written every measured step: format them once per run.
+@functools.lru_cache(maxsize=16384)
+def _tensor_tags(root: str, name: str) -> tuple[str, str]:
+    """A parameter's two tensor tags: its module (``root`` for the top module's own
+    parameters, as the per-module tags) and its name within the module."""
+    module, _, tensor = name.rpartition(".")
+    fields = {"module": module or "root", "tensor": tensor}
+    return _F("lca_tensor").format(root, **fields), _F("lca_tensor_cumulative").format(root, **fields)
+
+
 @functools.lru_cache(maxsize=4096)
 def _module_tags(root: str, module: str) -> tuple[str, str, str, str]:
     """A module's ``lca/layer``, ``layer_cumulative``, ``helped_fraction`` and ``hurt_fraction`` tags."""
@@ -73,12 +136,6 @@ def _layer_skewness_tag(root: str, module: str) -> str:
 def _module_part_tags(root: str, module: str) -> dict[str, str]:
     """``lca/part/<part>/<module>`` of every part."""
     return {part: _F("lca_layer_part").format(root, part=part, module=module) for part in contract.PARTS}
-
-
-@functools.lru_cache(maxsize=1024)
-def _unit_tags(root: str, module: str, units: int) -> tuple[str, ...]:
-    unit_tag = _F("lca_unit").bind(root, module=module)
-    return tuple(unit_tag.format(unit=unit) for unit in range(units))
 
 
 def _lca_run_scalars(record: LCAStepRecord, cumulative_relative_error: float, root: str) -> dict[str, float]:
@@ -164,10 +221,17 @@ def lca_ablation_corner(data: str, rule: str) -> str:
     return contract.ablation_corner(data, rule)
 
 
-def lca_part_cumulative(cumulative_parts: Mapping[str, float], root: str = "lca") -> dict[str, float]:
+def lca_part_cumulative(
+    cumulative_parts: Mapping[str, float], root: str = "lca", modules: bool | None = None
+) -> dict[str, float]:
     """``lca/part_cumulative/<part>`` and ``lca/part_cumulative/<part>/<module>`` from a
-    flat mapping keyed ``<part>`` or ``<part>/<module>``."""
-    return {_cumulative_part_tag(root, key): value for key, value in cumulative_parts.items()}
+    flat mapping keyed ``<part>`` or ``<part>/<module>`` (``modules``: only the per-module
+    keys (True), only the all-module ones (False), or both (None))."""
+    return {
+        _cumulative_part_tag(root, key): value
+        for key, value in cumulative_parts.items()
+        if modules is None or ("/" in key) == modules
+    }
 
 
 @functools.lru_cache(maxsize=4096)

@@ -42,7 +42,7 @@ import contextlib
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -92,9 +92,17 @@ def _pattern(family: str, root: str, **fixed: object) -> str:
     return contract.family(family).regex(root, **fixed)
 
 
-def _run_charts(root: str, charts: Sequence[tuple[str, Sequence[str]]]) -> list[layout_pb2.Chart]:
-    """Charts of run-level families: ``(title, [family, ...])``."""
-    return [_chart(title, [_pattern(name, root) for name in names]) for title, names in charts]
+def _run_charts(
+    root: str, charts: Sequence[tuple[str, Sequence[str]]], unwritten: Collection[str] = ()
+) -> list[layout_pb2.Chart]:
+    """Charts of families: ``(title, [family, ...])``, without the ``unwritten`` families
+    (a chart left with none is dropped)."""
+    out = []
+    for title, names in charts:
+        written = [name for name in names if name not in unwritten]
+        if written:
+            out.append(_chart(title, [_pattern(name, root) for name in written]))
+    return out
 
 
 _LCA_HEALTH_CHARTS = (
@@ -106,6 +114,8 @@ _LCA_HEALTH_CHARTS = (
         ("lca_helped_fraction", "lca_hurt_fraction", "lca_helped_fraction_nonzero"),
     ),
     ("excess kurtosis of the allocations (all; A != 0)", ("lca_excess_kurtosis", "lca_excess_kurtosis_nonzero")),
+    ("skewness of the allocations (per step; pooled over the run)", ("lca_skewness", "lca_skewness_pooled")),
+    ("excess kurtosis pooled over the run", ("lca_excess_kurtosis_pooled",)),
     ("quadrature sub-intervals", ("lca_splits",)),
     ("skipped steps", ("lca_skipped_steps", "lca_probe_stochastic")),
     ("adaptive steps capped above tolerance", ("lca_capped_steps",)),
@@ -115,10 +125,30 @@ _LCA_LAYER_CHARTS = (
     ("layer LCA cumulative", ("lca_layer_cumulative",)),
     ("helped fraction per layer", ("lca_layer_helped",)),
     ("hurt fraction per layer", ("lca_layer_hurt",)),
+    ("skewness of the allocations per layer", ("lca_layer_skewness",)),
+)
+_LCA_TENSOR_CHARTS = (
+    ("parameter-tensor LCA per step (weight, bias, ...)", ("lca_tensor",)),
+    ("parameter-tensor LCA cumulative", ("lca_tensor_cumulative",)),
 )
 
 
-def _lca_categories(parts: Sequence[str], ablation: bool, root: str) -> list[layout_pb2.Category]:
+def _unwritten(*, delta_loss: bool, adaptive: bool, sparse: bool, tensors: bool) -> set[str]:
+    """The LCA families a run with these settings never writes, or writes as a constant,
+    a single point or not at all in a healthy run: no chart for them."""
+    unwritten = set()
+    if not delta_loss:  # the cheap mode evaluates no loss after the step
+        unwritten |= {"lca_delta_loss", "lca_abs_error", "lca_cumulative_relative_error"}
+    if not adaptive:  # a fixed rule: a constant number of sub-intervals, nothing capped
+        unwritten |= {"lca_splits", "lca_capped_steps"}
+    if not sparse:  # written only when a step is skipped, and once by the self-check
+        unwritten |= {"lca_skipped_steps", "lca_probe_stochastic"}
+    if not tensors:
+        unwritten |= {"lca_tensor", "lca_tensor_cumulative"}
+    return unwritten
+
+
+def _lca_part_charts(parts: Sequence[str], root: str) -> list[layout_pb2.Chart]:
     part_charts = _run_charts(
         root,
         [
@@ -131,11 +161,23 @@ def _lca_categories(parts: Sequence[str], ablation: bool, root: str) -> list[lay
         part_charts.append(
             _chart(f"{part} part per layer, cumulative", [_pattern("lca_layer_part_cumulative", root, part=part)])
         )
+    return part_charts
+
+
+def _lca_categories(
+    parts: Sequence[str] | None, ablation: bool, root: str, unwritten: set[str]
+) -> list[layout_pb2.Category]:
     categories = [
-        layout_pb2.Category(title=CATEGORY_LCA, chart=_run_charts(root, _LCA_LAYER_CHARTS)),
-        layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=part_charts),
-        layout_pb2.Category(title=CATEGORY_LCA_HEALTH, chart=_run_charts(root, _LCA_HEALTH_CHARTS)),
+        layout_pb2.Category(
+            title=CATEGORY_LCA, chart=_run_charts(root, _LCA_LAYER_CHARTS + _LCA_TENSOR_CHARTS, unwritten)
+        )
     ]
+    if parts is not None:
+        categories.append(layout_pb2.Category(title=CATEGORY_LCA_PARTS, chart=_lca_part_charts(parts, root)))
+    categories.append(
+        layout_pb2.Category(title=CATEGORY_LCA_HEALTH, chart=_run_charts(root, _LCA_HEALTH_CHARTS, unwritten))
+    )
+    parts = parts or ()
     if ablation:
         ablation_charts = _run_charts(root, [("helped fraction by loss and rule", ("lca_ablation_helped",))])
         for part in parts:
@@ -171,12 +213,16 @@ def _nfa_category(metrics: Sequence[str], layers: Sequence[str] | None, root: st
 def build_layout(
     lca: bool = True,
     nfa: bool = True,
-    lca_parts: Sequence[str] = LCA_PARTS,
+    lca_parts: Sequence[str] | None = LCA_PARTS,
     lca_ablation: bool = False,
     nfa_metrics: Sequence[str] = NFA_METRICS,
     nfa_layers: Sequence[str] | None = None,
     lca_root: str = "lca",
     nfa_root: str = "nfa",
+    lca_tensors: bool = False,
+    lca_delta_loss: bool = True,
+    lca_adaptive: bool = True,
+    lca_sparse: bool = True,
 ) -> layout_pb2.Layout:
     """The custom-scalar layout for the probes that are on.
 
@@ -190,7 +236,8 @@ def build_layout(
             errors, helped/hurt fraction, sub-intervals, skipped steps).
         nfa: add the category "learnscope NFA" (one chart per metric with every
             layer, and pearson beside its rotation null).
-        lca_parts: the optimizer parts to chart (``lca/part/<part>/<m>``).
+        lca_parts: the optimizer parts to chart (``lca/part/<part>/<m>``); None: no
+            "learnscope LCA parts" category (``decompose=False``).
         lca_ablation: add "learnscope LCA ablation" (``lca/ablation/...`` tags).
         nfa_metrics: the NFA metrics to chart, one chart each.
         nfa_layers: names of the measured NFA layers. Given, every layer gets two
@@ -198,6 +245,11 @@ def build_layout(
             gives two charts with every layer's correlations and nulls instead.
         lca_root, nfa_root: the callbacks' ``name`` (the first field of their tags);
             categories of a non-default root carry it in their title.
+        lca_tensors: add the per-parameter-tensor charts (``tensor_series=True``).
+        lca_delta_loss: chart ``lca/delta_loss`` and the errors (False: the cheap mode).
+        lca_adaptive: chart the sub-intervals and capped steps (``rule="adaptive"``).
+        lca_sparse: chart ``lca/skipped_steps`` and ``lca/probe_stochastic``, which a
+            healthy run writes once or never (the callback passes False).
 
     Returns:
         A ``tensorboard.plugins.custom_scalar.layout_pb2.Layout`` (empty when both
@@ -205,7 +257,9 @@ def build_layout(
     """
     categories: list[layout_pb2.Category] = []
     if lca:
-        lca_categories = _lca_categories(tuple(lca_parts), lca_ablation, lca_root)
+        unwritten = _unwritten(delta_loss=lca_delta_loss, adaptive=lca_adaptive, sparse=lca_sparse, tensors=lca_tensors)
+        parts = None if lca_parts is None else tuple(lca_parts)
+        lca_categories = _lca_categories(parts, lca_ablation, lca_root, unwritten)
         categories.extend(_titled(category, "lca", lca_root) for category in lca_categories)
     if nfa:
         nfa_category = _nfa_category(tuple(nfa_metrics), None if nfa_layers is None else tuple(nfa_layers), nfa_root)

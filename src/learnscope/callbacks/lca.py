@@ -40,7 +40,14 @@ from learnscope.functional import decompose
 from learnscope.functional.lca import StepAllocation
 from learnscope.functional.sharded import local_views
 from learnscope.records import LCAStepRecord
-from learnscope.step_summary import ParameterCounts, RunTotals, StepSummariser, reported_modules
+from learnscope.step_summary import (
+    ParameterCounts,
+    RunTotals,
+    SeriesWindow,
+    StepSummariser,
+    charted_parts,
+    reported_modules,
+)
 
 __all__ = ["AUTO_COMPILE_PARAMETER_STEPS", "PROBES", "LossChangeAllocation"]
 
@@ -133,8 +140,10 @@ class LossChangeAllocation(ProbeCallback):
             to the default. ``probe_size`` (whose None means the whole set) counts
             as unset at its default, 1024.
         unit_allocations: per-output-unit allocations (a unit's weights summed over
-            inputs, plus its bias) of modules with at most 512 units, as scalars
-            ``lca/unit/<module>/<unit>``, for the report's per-neuron heatmaps.
+            inputs, plus its bias) of modules with at most 512 units, as one tensor summary
+            ``lca/unit/<module>`` per module and point (a 1-D float32 tensor [units], read by
+            the report's per-neuron heatmaps and the learnscope TensorBoard plugin; written to
+            TensorBoard loggers only).
         compile_statistics: compute each step's statistics (counts and moments of
             A = k ⊙ Δ, and Adam's decomposition dots) with fused ``torch.compile``
             kernels instead of a few eager passes per tensor. Costs a one-off compile
@@ -164,6 +173,21 @@ class LossChangeAllocation(ProbeCallback):
             fraction helped / (measured steps), ``lca/param_helped_fraction`` and per module
             ``lca/param_helped_fraction/<module>``; the tensors are
             :attr:`per_parameter_counts` (default False).
+        tensor_series: per parameter tensor of the reported modules (weight and bias apart,
+            BatchNorm's γ and β apart), ``lca/tensor/<module>/<tensor>`` (the step's Σ A over
+            the tensor) and ``lca/tensor_cumulative/<module>/<tensor>``, beside the per-module
+            tags; the run's totals are :attr:`cumulative_tensors` (default False).
+        per_step_series: write the per-layer step series (``lca/layer/<module>``, helped /
+            hurt fraction and skewness per module, ``lca/part/<part>/<module>``, the tensor
+            and unit series, and their cumulative values) at every measured step. Default
+            False: once per logging window of ``trainer.log_every_n_steps`` steps, at the
+            window's last measured step, as the window's sum (fractions and skewness pooled
+            over its steps), with ``lca/window_steps`` = the measured steps it holds; a window
+            also ends at each checkpoint (so that a resumed run counts every step once) and at
+            the end of the fit. Every measured step still enters the cumulative values, and
+            the run-level scalars (``lca/total``, the errors, counts, shape,
+            ``lca/part/<part>``) are written every measured step. Set it for per-iteration
+            analyses such as the report's synchronisation test.
 
     Accuracy depends on the model as well as the rule. On the digits MLP of the README
     (ReLU, no normalisation, SGD-momentum) ``"simpson"``'s cumulative relative error
@@ -217,6 +241,8 @@ class LossChangeAllocation(ProbeCallback):
     compile_statistics = _Flag()
     name = _Flag()
     parameter_counts = _Flag()
+    tensor_series = _Flag()
+    per_step_series = _Flag()
 
     def __init__(
         self,
@@ -240,6 +266,8 @@ class LossChangeAllocation(ProbeCallback):
         name: str = "lca",
         flush_seconds: float = 2.0,
         parameter_counts: bool = False,
+        tensor_series: bool = False,
+        per_step_series: bool = False,
     ) -> None:
         super().__init__()
         self.config = LCAConfig.resolve(
@@ -262,11 +290,14 @@ class LossChangeAllocation(ProbeCallback):
             unit_allocations=unit_allocations,
             compile_statistics=compile_statistics,
             parameter_counts=parameter_counts,
+            tensor_series=tensor_series,
+            per_step_series=per_step_series,
         )
         self._log = _logging.DeferredLog(max_delay=check_seconds("flush_seconds", flush_seconds))
         self._stats = ProductStats(compiled=bool(compile_statistics))
         self._totals = RunTotals()
         self._parameter_counts = ParameterCounts()
+        self._window = SeriesWindow()  # the per-layer series of the open logging window
         self.probe_samples = 0  # samples in the fixed probe set (0 for probe="batch")
         self._losses: ProbeLosses | None = None  # kept past the fit: its self-check verdict
         self._warned: set[str] = set()  # one-off messages (optimizer classes; "capped": once per fit)
@@ -287,6 +318,7 @@ class LossChangeAllocation(ProbeCallback):
         self._hooked_steps = 0
         self._last_global_step = 0
         self._capped_seen: set[int] = set()  # steps measured by adaptive, to log lca/capped_steps on
+        self._charted_parts: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ identity and state
 
@@ -357,6 +389,7 @@ class LossChangeAllocation(ProbeCallback):
             reported_modules(owner, self.modules),
             self._stats,
             unit_allocations=self.unit_allocations,
+            tensor_series=self.tensor_series,
         )
         self._estimator = build_estimator(
             self.config,
@@ -368,7 +401,22 @@ class LossChangeAllocation(ProbeCallback):
         )
         self._last_global_step = trainer.global_step
         self._register_hooks(trainer)
-        _logging.write_layout(trainer, lca=True, nfa=False, lca_ablation=self.ablation, lca_root=self.name)
+        self._write_layout(trainer)
+
+    def _write_layout(self, trainer: pl.Trainer) -> None:
+        """Charts for what this run writes: the optimizer parts once they are non-zero."""
+        _logging.write_layout(
+            trainer,
+            lca=True,
+            nfa=False,
+            lca_ablation=self.ablation,
+            lca_root=self.name,
+            lca_tensors=self.tensor_series,
+            lca_parts=self._charted_parts if self.decompose else None,
+            lca_delta_loss=not self.config.cheap,
+            lca_adaptive=self.rule == "adaptive",
+            lca_sparse=False,
+        )
 
     def _probe_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeLosses:
         fixed = None
@@ -411,6 +459,7 @@ class LossChangeAllocation(ProbeCallback):
         self._hook_handles = []
 
     def _release(self, trainer: pl.Trainer) -> None:
+        self._close_window(trainer)  # the fit's last, partial window
         self._log.flush(trainer)
         self._remove_hooks()
         self._events.clear()
@@ -431,6 +480,7 @@ class LossChangeAllocation(ProbeCallback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         try:
+            self._close_window(trainer)
             self._log.flush(trainer)  # what was measured before the failure still reaches the logs
         except Exception as err:  # never mask the run's own exception with ours
             rank_zero_warn(
@@ -441,7 +491,11 @@ class LossChangeAllocation(ProbeCallback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._log.flush(trainer)  # the logs hold every step the checkpoint's cumulative state counts
+        # The logs hold every step the checkpoint's cumulative state counts, the open window
+        # included: a run resumed from here (or from a crash after it) starts a new window, so
+        # no point of the per-layer series counts a step twice or loses one across a restart.
+        self._close_window(trainer)
+        self._log.flush(trainer)
 
     # ------------------------------------------------------------------ optimizer step hooks
 
@@ -625,20 +679,65 @@ class LossChangeAllocation(ProbeCallback):
             self._log.add(self._trainer, step, tags.lca_skipped(self._totals.skipped_steps, root=self.name))
 
     def _log_records(self, trainer: pl.Trainer) -> None:
+        """Log the measured steps: run-level scalars per step, per-layer series per window."""
+        length = _log_every_n_steps(trainer)
         for step in sorted(self._records):
             record = self._records[step]
+            if not self._window.holds(step, length):  # a window without its last step (a skip)
+                self._close_window(trainer)
             self._totals.add(record)
-            scalars = tags.lca_scalars(record, self._totals.cumulative, self.cumulative_relative_error, root=self.name)
-            if step in self._capped_seen:
-                scalars.update(tags.lca_capped(self._totals.capped_steps, root=self.name))
-            scalars.update(tags.lca_pooled(self._totals.moments, root=self.name))
-            if record.parts:
-                scalars.update(tags.lca_part_cumulative(self._totals.cumulative_parts, root=self.name))
+            self._window.add(record, length)
+            scalars, tensors = self._step_scalars(record), None
+            if self.per_step_series or (step + self.every_n_steps) // length != step // length:
+                series = self._window_series()  # the window ends with this step: one event
+                if series is not None:
+                    scalars.update(series[0])
+                    tensors = series[1]
             histograms = tags.lca_histograms(record.histograms, root=self.name) if record.histograms else {}
             histograms.update(tags.lca_param_helped(record, root=self.name))
-            self._log.add(trainer, step, scalars, histograms or None)
+            self._log.add(trainer, step, scalars, histograms or None, tensors)
         self._records.clear()
         self._capped_seen.clear()
+
+    def _step_scalars(self, record: LCAStepRecord) -> dict[str, float]:
+        """The run-level scalars of one measured step."""
+        scalars = tags.lca_step_scalars(record, self.cumulative_relative_error, root=self.name)
+        if record.step in self._capped_seen:
+            scalars.update(tags.lca_capped(self._totals.capped_steps, root=self.name))
+        scalars.update(tags.lca_pooled(self._totals.moments, root=self.name))
+        if record.parts:
+            scalars.update(tags.lca_part_cumulative(self._totals.cumulative_parts, root=self.name, modules=False))
+        return scalars
+
+    def _window_series(self) -> tuple[dict[str, float], dict[str, Tensor]] | None:
+        """Close the open window: its per-layer scalars and unit tensors (None when empty)."""
+        taken = self._window.take()
+        if taken is None:
+            return None
+        window, steps = taken
+        totals = self._totals
+        scalars = tags.lca_layer_scalars(
+            window,
+            totals.cumulative,
+            root=self.name,
+            cumulative_parts=totals.cumulative_parts,
+            cumulative_tensors=totals.cumulative_tensors,
+        )
+        if not self.per_step_series:
+            scalars.update(tags.lca_window_steps(steps, root=self.name))
+        if self._trainer is not None and self.decompose:
+            parts = charted_parts(totals.cumulative_parts)
+            if set(parts) - set(self._charted_parts):  # a part became non-zero: chart it
+                self._charted_parts = tuple(p for p in decompose.PARTS if p in set(parts) | set(self._charted_parts))
+                self._write_layout(self._trainer)
+        return scalars, tags.lca_unit_tensors(window.units, root=self.name)
+
+    def _close_window(self, trainer: pl.Trainer) -> None:
+        """Write the open window's per-layer series at its last measured step."""
+        step = self._window.record.step if self._window.record is not None else None
+        series = self._window_series()
+        if series is not None and step is not None:
+            self._log.add(trainer, step, series[0], None, series[1] or None)
 
     # ------------------------------------------------------------------ results
 
@@ -670,6 +769,13 @@ class LossChangeAllocation(ProbeCallback):
     def cumulative(self) -> dict[str, float]:
         """Cumulative allocation per module over the measured steps so far."""
         return dict(self._totals.cumulative)
+
+    @property
+    def cumulative_tensors(self) -> dict[str, float]:
+        """``tensor_series=True``: cumulative allocation per parameter tensor of the reported
+        modules over the measured steps so far, by qualified name (``net.0.weight``; a copy,
+        checkpointed with the run's totals; empty when the flag is off)."""
+        return dict(self._totals.cumulative_tensors)
 
     @property
     def measured_steps(self) -> int:

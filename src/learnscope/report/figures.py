@@ -31,7 +31,7 @@ from learnscope.report.summary import (
     cumulative_layer_series,
     layer_part_totals,
 )
-from learnscope.report.sync import SyncResult, align_on_common_steps, format_p_value
+from learnscope.report.sync import SyncResult, format_p_value
 
 __all__ = [
     "DPI",
@@ -423,22 +423,24 @@ def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str =
 
 
 def plot_unit_lca(run: RunRecords, path: str | Path, max_layers: int = 8) -> Path | None:
-    """Per-neuron LCA heatmaps (output units × measured steps) of the layers that
-    logged ``lca/unit/<m>/<i>``; diverging colormap centred at 0, green = helped
-    (one 10 × 2.5 in panel per layer, at most ``max_layers``)."""
+    """Per-neuron LCA heatmaps (output units × logged points) of the layers that logged
+    ``lca/unit/<m>`` (one tensor per point: a measured step, or a logging window's sum);
+    diverging colormap centred at 0, green = helped (one 10 × 2.5 in panel per layer, at
+    most ``max_layers``)."""
     if run.lca is None:
         return None
-    layers = {name: layer.units for name, layer in run.lca.layers.items() if layer.units}
+    layers = {
+        name: layer.units for name, layer in run.lca.layers.items() if layer.units is not None and len(layer.units)
+    }
     if not layers:
         return None
     layers = dict(list(layers.items())[:max_layers])
+    windowed = run.lca.window_steps is not None and bool(np.any(run.lca.window_steps.values > 1))
     figure = _new_figure(10, 2.5 * len(layers))
     grid = np.atleast_1d(figure.subplots(len(layers), 1, squeeze=False)).ravel()
     colormap = colormaps["RdYlGn_r"]  # low (negative, helped) = green
     for axes, (name, units) in zip(grid, layers.items()):
-        indices = sorted(units)
-        steps, aligned = align_on_common_steps({i: (units[i].steps, units[i].values) for i in indices})
-        matrix = np.stack([aligned[i] for i in indices]) if len(steps) else np.zeros((len(indices), 0))
+        steps, matrix = units.steps, units.values.reshape(len(units.steps), -1).T  # (units, points)
         halfrange = float(np.nanmax(np.abs(matrix))) if matrix.size else 1.0
         image = axes.imshow(
             matrix,
@@ -446,14 +448,13 @@ def plot_unit_lca(run: RunRecords, path: str | Path, max_layers: int = 8) -> Pat
             interpolation="nearest",
             cmap=colormap,
             norm=CenteredNorm(vcenter=0.0, halfrange=halfrange or 1.0),
-            extent=(-0.5, len(steps) - 0.5, len(indices) - 0.5, -0.5),
+            extent=(-0.5, len(steps) - 0.5, matrix.shape[0] - 0.5, -0.5),
         )
-        if len(steps):
-            ticks = np.linspace(0, len(steps) - 1, min(8, len(steps))).round().astype(int)
-            axes.set_xticks(ticks, [str(s) for s in steps[ticks]])
+        ticks = np.linspace(0, len(steps) - 1, min(8, len(steps))).round().astype(int)
+        axes.set_xticks(ticks, [str(s) for s in steps[ticks]])
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(f"{name}\noutput unit")
-        axes.set_xlabel("step")
+        axes.set_xlabel("step (end of each logging window: its sum)" if windowed else "step")
         figure.colorbar(image, ax=axes, label="LCA (green = helped)")
     figure.suptitle(f"Per-neuron loss change allocation — {_run_title(run)}")
     return _save(figure, path)

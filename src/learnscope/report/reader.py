@@ -58,6 +58,7 @@ __all__ = [
     "ParsedTag",
     "RunRecords",
     "ScalarSeries",
+    "TensorSeries",
     "find_runs",
     "parse_tag",
     "read_logdir",
@@ -102,6 +103,20 @@ class ScalarSeries:
 
     def sum(self) -> float:
         return float(np.sum(self.values))
+
+
+@dataclass(frozen=True, eq=False)
+class TensorSeries:
+    """One tensor-summary tag over steps: ``values[t]`` is the tensor at ``steps[t]``
+    (``lca/unit/<m>``: shape (T, units))."""
+
+    tag: str
+    steps: np.ndarray  # int64
+    values: np.ndarray  # float64, (T, *shape)
+    wall_times: np.ndarray  # float64, seconds
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,7 +174,11 @@ class LcaLayer:
     histogram: HistogramSeries | None = None  # lca/hist/<m>
     skewness: ScalarSeries | None = None  # lca/skewness/<m>
     param_helped_fraction: HistogramSeries | None = None  # lca/param_helped_fraction/<m>
-    units: dict[int, ScalarSeries] = field(default_factory=dict)  # lca/unit/<m>/<i>
+    #: lca/unit/<m>: per output unit, values (T, units); per step or per logging window
+    units: TensorSeries | None = None
+    #: tensor_series=True: lca/tensor/<m>/<tensor> and lca/tensor_cumulative/<m>/<tensor>, by tensor name
+    tensors: dict[str, ScalarSeries] = field(default_factory=dict)
+    tensors_cumulative: dict[str, ScalarSeries] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -195,6 +214,9 @@ class LcaRecords:
     skipped_steps: ScalarSeries | None = None
     probe_stochastic: ScalarSeries | None = None  # the determinism self-check (first measured step)
     capped_steps: ScalarSeries | None = None  # adaptive steps accepted at max_intervals above tolerance
+    #: measured steps in each point of the per-layer series (absent: one per point, per_step_series=True
+    #: or a run written before the series were windowed)
+    window_steps: ScalarSeries | None = None
     #: kept for compatibility and always empty: a run-level tag the contract does not
     #: know is in ``RunRecords.unrecognised_tags`` (with a warning) instead
     extra: dict[str, ScalarSeries] = field(default_factory=dict)
@@ -350,17 +372,28 @@ class _RawRun:
     scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # (step, wall, value)
     histograms: dict[str, list[Histogram]] = field(default_factory=dict)
     images: dict[str, list[tuple[int, bytes, int, int]]] = field(default_factory=dict)
+    tensors: dict[str, list[tuple[int, float, np.ndarray]]] = field(default_factory=dict)  # (step, wall, array)
 
 
-def _splice(earlier: list, later: list, step_of) -> list:
+def _splice(earlier: list, later: list, step_of, restart: int | None = None) -> list:
     """Append ``later`` to ``earlier``, dropping the earlier points that the
-    later file logs again (a resumed run restarts from its checkpoint step)."""
+    later file logs again (a resumed run restarts from its checkpoint step):
+    those from ``restart`` on (default: the later file's first step of this tag)."""
     if not earlier:
         return list(later)
     if not later:
         return earlier
-    restart = step_of(later[0])
+    restart = step_of(later[0]) if restart is None else min(restart, step_of(later[0]))
     return [e for e in earlier if step_of(e) < restart] + list(later)
+
+
+def _first_step(raw: _RawRun) -> int | None:
+    """The earliest step of any tag in one file: where a resumed run restarted. A windowed
+    series' first point comes at the end of its first window, after the restart: a point
+    the earlier file wrote between the two (a window closed by an exception) is dropped."""
+    firsts = [events[0][0] for table in (raw.scalars, raw.images, raw.tensors) for events in table.values() if events]
+    firsts += [histograms[0].step for histograms in raw.histograms.values() if histograms]
+    return min(firsts, default=None)
 
 
 def _histogram_from_value(step: int, wall_time: float, value) -> Histogram:
@@ -410,8 +443,14 @@ def _read_event_file(path: Path) -> _RawRun:
         raw.images[tag] = [
             (int(e.step), e.encoded_image_string, int(e.width), int(e.height)) for e in accumulator.Images(tag)
         ]
-    # Scalars and histograms written as tensors (new-style summaries).
-    for tag in tags[event_accumulator.TENSORS]:
+    _read_tensor_summaries(accumulator, tags[event_accumulator.TENSORS], raw)
+    return raw
+
+
+def _read_tensor_summaries(accumulator: event_accumulator.EventAccumulator, tags: list[str], raw: _RawRun) -> None:
+    """Scalars and histograms written as tensors (new-style summaries), and learnscope's own
+    tensor summaries (``plugin_name`` :data:`learnscope.contract.TENSOR_PLUGIN`)."""
+    for tag in tags:
         plugin = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
         if plugin == "scalars" and tag not in raw.scalars:
             raw.scalars[tag] = [
@@ -423,18 +462,25 @@ def _read_event_file(path: Path) -> _RawRun:
                 _histogram_from_tensor(e.step, e.wall_time, tensor_util.make_ndarray(e.tensor_proto))
                 for e in accumulator.Tensors(tag)
             ]
-    return raw
+        elif plugin == contract.TENSOR_PLUGIN:
+            raw.tensors[tag] = [
+                (int(e.step), float(e.wall_time), tensor_util.make_ndarray(e.tensor_proto))
+                for e in accumulator.Tensors(tag)
+            ]
 
 
 def _merge_raw(runs: Iterable[_RawRun]) -> _RawRun:
     merged = _RawRun()
     for raw in runs:
+        restart = _first_step(raw)
         for tag, scalars in raw.scalars.items():
-            merged.scalars[tag] = _splice(merged.scalars.get(tag, []), scalars, lambda e: e[0])
+            merged.scalars[tag] = _splice(merged.scalars.get(tag, []), scalars, lambda e: e[0], restart)
         for tag, histograms in raw.histograms.items():
-            merged.histograms[tag] = _splice(merged.histograms.get(tag, []), histograms, lambda h: h.step)
+            merged.histograms[tag] = _splice(merged.histograms.get(tag, []), histograms, lambda h: h.step, restart)
         for tag, images in raw.images.items():
-            merged.images[tag] = _splice(merged.images.get(tag, []), images, lambda e: e[0])
+            merged.images[tag] = _splice(merged.images.get(tag, []), images, lambda e: e[0], restart)
+        for tag, tensors in raw.tensors.items():
+            merged.tensors[tag] = _splice(merged.tensors.get(tag, []), tensors, lambda e: e[0], restart)
     return merged
 
 
@@ -457,8 +503,20 @@ def _image_series(tag: str, images: list[tuple[int, bytes, int, int]]) -> ImageS
     )
 
 
+def _tensor_series(tag: str, events: list[tuple[int, float, np.ndarray]]) -> TensorSeries:
+    """The tag's tensors stacked over steps (a step whose shape differs from the first's is dropped)."""
+    kept = [e for e in events if np.shape(e[2]) == np.shape(events[0][2])] if events else []
+    return TensorSeries(
+        tag=tag,
+        steps=np.array([e[0] for e in kept], dtype=np.int64),
+        values=np.array([np.asarray(e[2], dtype=np.float64) for e in kept], dtype=np.float64),
+        wall_times=np.array([e[1] for e in kept], dtype=np.float64),
+    )
+
+
 _SERIES_OF_KIND: dict[str, Callable[[str, list], object]] = {
     "scalar": _scalar_series,
+    "tensor": _tensor_series,
     "histogram": lambda tag, histograms: HistogramSeries(tag=tag, histograms=tuple(histograms)),
     "image": _image_series,
 }
@@ -517,8 +575,14 @@ def _file_lca_ablation(section: _Section, match: contract.TagMatch, series) -> N
         ablation.helped_fraction = series
 
 
+def _file_lca_tensor(section: _Section, match: contract.TagMatch, series) -> None:
+    layer = section.lca.layer(match.fields["module"])
+    table = layer.tensors_cumulative if match.family.name.endswith("_cumulative") else layer.tensors
+    table[match.fields["tensor"]] = series
+
+
 def _file_lca_unit(section: _Section, match: contract.TagMatch, series) -> None:
-    section.lca.layer(match.fields["module"]).units[int(match.fields["unit"])] = series
+    section.lca.layer(match.fields["module"]).units = series
 
 
 def _file_nfa_layer(section: _Section, match: contract.TagMatch, series) -> None:
@@ -537,6 +601,7 @@ _FILE_BY_FAMILY: dict[str, _Filer] = {
     **dict.fromkeys(("lca_part", "lca_layer_part", "lca_part_cumulative", "lca_layer_part_cumulative"), _file_lca_part),
     **dict.fromkeys(("lca_ablation_helped", "lca_ablation_part"), _file_lca_ablation),
     "lca_unit": _file_lca_unit,
+    **dict.fromkeys(("lca_tensor", "lca_tensor_cumulative"), _file_lca_tensor),
     **{f.name: _file_run_metric for f in contract.FAMILIES if f.run_metric is not None},
     **{f.name: _file_nfa_layer for f in contract.families("nfa") if "layer" in f.fields},
 }
@@ -560,7 +625,8 @@ def _group(
     unrecognised), and with ``keep_other`` the scalars of no root in ``ignored``."""
     run = RunRecords(name=name, path=path, event_files=event_files)
     section = _Section()
-    for kind, table in (("scalar", raw.scalars), ("histogram", raw.histograms), ("image", raw.images)):
+    tables = (("scalar", raw.scalars), ("histogram", raw.histograms), ("image", raw.images), ("tensor", raw.tensors))
+    for kind, table in tables:
         for tag, events in table.items():
             if _root_of(tag) not in roots:
                 continue

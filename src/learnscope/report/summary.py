@@ -28,6 +28,7 @@ from learnscope.report.sync import (
     align_on_common_steps,
     describe_test,
     format_p_value,
+    require_per_step,
     synchronisation_test,
 )
 
@@ -158,6 +159,7 @@ def run_synchronisation(
     Raises SyncError when it cannot be run."""
     if run.lca is None:
         raise SyncError("the run has no LCA data")
+    require_per_step(None if run.lca.window_steps is None else run.lca.window_steps.values)
     series = {
         name: (layer.allocation.steps, layer.allocation.values)
         for name, layer in run.lca.layers.items()

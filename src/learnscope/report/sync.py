@@ -67,6 +67,13 @@ including minima planted in every layer at once: this version counts only
 minima that some layers share beyond the layers' common movement. It needs
 L ≥ 3 layers (with 2, u_1 = −u_2).
 
+**Per-step series only.** The test asks whether layers' per-iteration minima
+coincide. LossChangeAllocation writes its per-layer series by default once per logging
+window, as the window's sum (``lca/window_steps`` > 1): minima of window sums are a
+different, coarser question whose p-values are not comparable, and a run of a few
+hundred steps has too few windows to test. :func:`require_per_step` refuses such series
+with a message naming the remedy (``per_step_series=True``); the report calls it.
+
 Caveats: steps are treated as evenly spaced (measure LCA at a fixed interval);
 anything that moves every layer at once produces real coincidences that this
 test will (correctly) call synchronisation, including a shared minibatch when
@@ -99,6 +106,7 @@ __all__ = [
     "local_minima",
     "moving_average",
     "remove_shared_driver",
+    "require_per_step",
     "synchronisation_test",
 ]
 
@@ -360,11 +368,32 @@ def format_p_value(result: SyncResult) -> str:
     return f"{shown} ({method}); Monte Carlo p = {result.p_value:.3g} ({result.n_draws} draws)"
 
 
+def require_per_step(window_steps: Values | None) -> None:
+    """Refuse per-layer series summed over logging windows.
+
+    Args:
+        window_steps: the run's ``lca/window_steps`` values (measured steps per point of the
+            per-layer series); None (not logged) means one step per point.
+
+    Raises:
+        SyncError: some point holds more than one measured step.
+    """
+    counts = np.asarray([] if window_steps is None else window_steps, dtype=np.float64)
+    if counts.size and bool(np.any(counts > 1)):
+        raise SyncError(
+            f"the per-layer LCA series are sums over logging windows (up to {int(counts.max())} measured steps per "
+            "point, trainer.log_every_n_steps), not per-step series; the synchronisation test asks whether the "
+            "layers' per-iteration minima coincide, which window sums cannot answer. Rerun with "
+            "LossChangeAllocation(per_step_series=True)"
+        )
+
+
 def describe_test(result: SyncResult) -> str:
     """The statistic's definition with the result's settings, in one paragraph
     (both versions: raw and shared driver removed)."""
     smoothing = "no smoothing" if result.smooth == 1 else f"a centred moving average of width {result.smooth}"
     return (
+        "on per-step series (one measured step per point; series summed over logging windows are refused): "
         f"a minimum is a measured step where a layer's LCA series, after {smoothing}, is strictly lower than every "
         f"other step within {result.window} measured steps (none within {result.window} of either end); counted: "
         f"pairs of minima of two different layers at most {result.tolerance} measured steps apart, summed over layer "
