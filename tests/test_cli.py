@@ -103,7 +103,7 @@ def test_yaml_config_turns_on_both_callbacks_with_its_flags(example, tmp_path):
     lca = the(cli.trainer.callbacks, learnscope.LossChangeAllocation)
     nfa = the(cli.trainer.callbacks, learnscope.NeuralFeatureAnsatz)
     assert (lca.rule, lca.probe_size, lca.modules, lca.unit_allocations) == ("simpson", 512, ["net.*"], True)
-    assert (nfa.every_n_steps, nfa.probe_size, nfa.null_draws, nfa.images) == (25, 512, 16, False)
+    assert (nfa.every_n_steps, nfa.probe_size, nfa.null_draws, nfa.images) == (25, 512, "auto", False)
     assert tuple(nfa.alphas) == (1.0, 0.5)
     assert cli.trainer.global_step == 4
     assert cli.model.hparams.hidden == [128, 64]
