@@ -1,0 +1,171 @@
+"""What the report draws beyond the reader's records: the per-parameter-tensor LCA
+series, the per-parameter helped-fraction histogram, the allocations' pooled
+histogram, and the step alignment of LCA and NFA. No torch.
+
+Per-tensor series (``LossChangeAllocation(tensor_series=True)``): ``<root>/tensor/<m>/<p>``
+is Σ_{i ∈ tensor p of module m} A_t,i per step and ``<root>/tensor_cumulative/<m>/<p>``
+its running sum (p = ``weight``, ``bias``, BatchNorm's γ ``weight`` and β ``bias``, ...).
+They are read here from the run's event files by their names, so the report draws them
+whether or not the reader files them into its records.
+
+Steps (README, "Steps: how LCA and NFA line up"): LCA step s is the update θ_s → θ_{s+1};
+NFA step s is θ_s, the weights after s updates. The LCA that produced the weights NFA
+sees at step s is therefore the sum over the LCA steps < s (:func:`lca_before`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from learnscope import contract
+from learnscope.report.reader import (
+    Histogram,
+    HistogramSeries,
+    RunRecords,
+    ScalarSeries,
+    _merge_raw,
+    _read_event_file,
+    _scalar_series,
+)
+
+__all__ = [
+    "TENSOR_KINDS",
+    "TensorLca",
+    "histogram_mean",
+    "last_histogram",
+    "lca_before",
+    "lca_root",
+    "pooled_histogram",
+    "read_tensor_lca",
+    "tensor_totals",
+    "uniform_bins",
+]
+
+#: the per-tensor tag kinds: per step and cumulative
+TENSOR_KINDS = ("tensor", "tensor_cumulative")
+_TENSOR_TAG = r"(?P<kind>tensor|tensor_cumulative)/(?P<module>.+)/(?P<tensor>[^/]+)"
+
+
+@dataclass(frozen=True, eq=False)
+class TensorLca:
+    """The LCA of one parameter tensor of one module."""
+
+    module: str
+    tensor: str
+    allocation: ScalarSeries | None = None  # <root>/tensor/<m>/<p>, per step
+    cumulative: ScalarSeries | None = None  # <root>/tensor_cumulative/<m>/<p>
+
+    @property
+    def total(self) -> float | None:
+        """The last cumulative value, else the sum of the per-step values."""
+        if self.cumulative is not None and len(self.cumulative):
+            return self.cumulative.last()
+        if self.allocation is not None and len(self.allocation):
+            return self.allocation.sum()
+        return None
+
+
+def lca_root(run: RunRecords) -> str | None:
+    """The tag root of the run's LCA callback (``lca`` by default), None without LCA."""
+    if run.lca is None:
+        return None
+    return run.roots[0] if run.roots else contract.DEFAULT_ROOTS["lca"]
+
+
+def _may_hold_tensor_tags(run: RunRecords, pattern: re.Pattern[str]) -> bool:
+    """Whether reading the event files again can find per-tensor tags: they are among the
+    tags the contract does not know, or the contract knows a per-tensor family."""
+    known = any("/tensor/" in family.template for family in contract.FAMILIES)
+    return known or any(pattern.fullmatch(tag) for tag in run.unrecognised_tags)
+
+
+def read_tensor_lca(run: RunRecords) -> dict[str, dict[str, TensorLca]]:
+    """``{module: {tensor: TensorLca}}`` from the run's event files (modules in the order of
+    the run's LCA layers, then first written); empty when the run logged no per-tensor series."""
+    root = lca_root(run)
+    if root is None:
+        return {}
+    pattern = re.compile(re.escape(root) + "/" + _TENSOR_TAG)
+    if not _may_hold_tensor_tags(run, pattern):
+        return {}
+    raw = _merge_raw(_read_event_file(path) for path in run.event_files)
+    found: dict[tuple[str, str], dict[str, ScalarSeries]] = {}
+    for tag, events in raw.scalars.items():
+        match = pattern.fullmatch(tag)
+        if match is not None:
+            found.setdefault((match["module"], match["tensor"]), {})[match["kind"]] = _scalar_series(tag, events)
+    assert run.lca is not None
+    order = {module: k for k, module in enumerate(run.lca.layers)}
+    result: dict[str, dict[str, TensorLca]] = {}
+    for module, tensor in sorted(found, key=lambda key: order.get(key[0], len(order))):
+        kinds = found[(module, tensor)]
+        result.setdefault(module, {})[tensor] = TensorLca(
+            module, tensor, kinds.get("tensor"), kinds.get("tensor_cumulative")
+        )
+    return result
+
+
+def tensor_totals(tensors: dict[str, dict[str, TensorLca]]) -> dict[tuple[str, str], float]:
+    """``{(module, tensor): cumulative LCA}`` of the tensors with a value, in order."""
+    totals = {}
+    for module, per_tensor in tensors.items():
+        for tensor, series in per_tensor.items():
+            if (total := series.total) is not None:
+                totals[(module, tensor)] = total
+    return totals
+
+
+def last_histogram(series: HistogramSeries | None) -> Histogram | None:
+    """The histogram at the last logged step (None: no series or an empty one)."""
+    return series.histograms[-1] if series is not None and len(series) else None
+
+
+def histogram_mean(histogram: Histogram) -> float:
+    """The mean of the histogrammed values, exact: Σ x / n as logged."""
+    return histogram.sum / histogram.num if histogram.num else float("nan")
+
+
+def _edges(histogram: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right edges of each bucket: bucket i is (limit[i−1], limit[i]], the
+    first one starting at the logged minimum and the last one ending at the maximum."""
+    right = np.minimum(histogram.bucket_limits, histogram.max)
+    left = np.concatenate([[histogram.min], histogram.bucket_limits[:-1]])
+    return np.minimum(left, right), right
+
+
+def uniform_bins(histogram: Histogram, low: float, high: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The histogram's counts moved to ``bins`` equal bins on [low, high] (edges,
+    counts), each bucket's count to the bin of its midpoint."""
+    left, right = _edges(histogram)
+    edges = np.linspace(low, high, bins + 1)
+    index = np.clip(np.searchsorted(edges, (left + right) / 2, side="right") - 1, 0, bins - 1)
+    return edges, np.bincount(index, weights=histogram.bucket_counts, minlength=bins)
+
+
+def pooled_histogram(histograms: list[Histogram]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Several histograms of one step pooled into one (left edges, right edges, counts):
+    TensorBoard's buckets are one fixed grid trimmed to the data, so buckets with the
+    same right limit are the same bucket."""
+    if not histograms:
+        return None
+    counts: dict[float, float] = {}
+    lefts: dict[float, float] = {}
+    for histogram in histograms:
+        left, right = _edges(histogram)
+        for a, b, count in zip(left, right, histogram.bucket_counts):
+            key = float(b)
+            counts[key] = counts.get(key, 0.0) + float(count)
+            lefts[key] = min(lefts.get(key, float(a)), float(a))
+    limits = np.array(sorted(counts))
+    return np.array([lefts[k] for k in limits]), limits, np.array([counts[k] for k in limits])
+
+
+def lca_before(lca_steps: np.ndarray, lca_values: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Σ of the per-step LCA over the LCA steps < s, for each s in ``steps``: the LCA
+    of the updates θ_0 → θ_s that produced the weights NFA measures at step s."""
+    order = np.argsort(lca_steps, kind="stable")
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(lca_values, dtype=np.float64)[order])])
+    return prefix[np.searchsorted(np.asarray(lca_steps)[order], steps, side="left")]
