@@ -58,7 +58,7 @@ LOG_EVERY = 10  # histograms every 10 steps: a run of 10k + 1 steps has one at i
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/paper_figures"), help="output directory")
-    parser.add_argument("--quick", action="store_true", help="61 steps per model instead of 241")
+    parser.add_argument("--quick", action="store_true", help="61 steps per model instead of 401")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to train")
     return parser.parse_args(argv)
 
@@ -129,7 +129,7 @@ class DigitsClassifier(pl.LightningModule):
 
 @dataclass
 class Settings:
-    steps: int = 241
+    steps: int = 401
     n_train: int = 1400
     probe_size: int = 512
     nfa_every: int = 20
@@ -161,7 +161,7 @@ def train(model: str, out: Path, settings: Settings) -> TrainedRun:
     lca = LossChangeAllocation(probe="train", probe_size=settings.probe_size, parameter_counts=True, **extra)
     lca_val = LossChangeAllocation(probe=DataLoader(held_out, batch_size=512), name=HELD_OUT, histograms=False)
     nfa = NeuralFeatureAnsatz(every_n_steps=settings.nfa_every, probe_size=settings.probe_size, images=False)
-    logger = TensorBoardLogger(out / "logs", name=model, version=0)
+    logger = TensorBoardLogger(out / "logs", name="", version=model)  # OUT/logs/<model>
     trainer = pl.Trainer(
         max_steps=settings.steps,
         logger=logger,
@@ -401,7 +401,7 @@ def reproduce(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = Settings(steps=61 if args.quick else 241)
+    settings = Settings(steps=61 if args.quick else 401)
     started = time.perf_counter()
     result = reproduce(args.out, args.models, settings)
     seconds = time.perf_counter() - started

@@ -32,6 +32,7 @@ from learnscope.report.shape import (
     last_histogram,
     lca_before,
     pooled_histogram,
+    rebin,
     tensor_totals,
     uniform_bins,
 )
@@ -420,7 +421,7 @@ def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str =
     series_axes.set_title(
         f"Local minima of the {what} (▼); grey: steps where layers' minima coincide" + (f" — {title}" if title else "")
     )
-    series_axes.legend(fontsize="small", loc="upper right")
+    series_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     null = sync.null_distribution
     low, high = int(np.floor(min(null.min(), sync.observed))), int(np.ceil(max(null.max(), sync.observed)))
@@ -509,9 +510,9 @@ def plot_tensor_lca(tensors: dict[str, dict[str, TensorLca]], path: str | Path, 
     return None if figure is None else _save(figure, path)
 
 
-def _draw_pooled_allocations(axes, run: RunRecords) -> bool:
+def _draw_pooled_allocations(axes, run: RunRecords, bins: int = 101) -> bool:
     """The allocations of every module at the last step with ``lca/hist``, as a density
-    (count / bucket width, log scale), with the normal of the same mean and variance."""
+    on ``bins`` equal bins (log scale), with the normal of the same mean and variance."""
     assert run.lca is not None
     series = [
         layer.histogram for layer in run.lca.layers.values() if layer.histogram is not None and len(layer.histogram)
@@ -519,20 +520,20 @@ def _draw_pooled_allocations(axes, run: RunRecords) -> bool:
     if not series:
         return False
     step = max(int(s.steps[-1]) for s in series)
-    pooled = pooled_histogram([h for s in series for h in s.histograms if h.step == step])
-    assert pooled is not None
-    left, right, counts = pooled
-    width = np.maximum(right - left, np.finfo(float).tiny)
-    total = counts.sum()
-    axes.stairs(counts / (total * width), np.concatenate([left[:1], right]), color="black", label="allocations A")
     moments = [h for s in series for h in s.histograms if h.step == step]
+    pooled = pooled_histogram(moments)
+    assert pooled is not None
+    reach = max(abs(float(pooled[0][0])), abs(float(pooled[1][-1]))) or 1.0
+    edges = np.linspace(-reach, reach, bins + 1)
+    total = float(pooled[2].sum())
+    density = rebin(*pooled, edges) / (total * np.diff(edges))
+    axes.stairs(density, edges, color="black", label="allocations A")
     mean = sum(h.sum for h in moments) / total
     std = math.sqrt(max(sum(h.sum_squares for h in moments) / total - mean**2, 0.0)) or 1.0
-    grid = np.linspace(left[0], right[-1], 400)
-    normal = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
-    axes.plot(grid, normal, color=HURT_COLOUR, linestyle="--", linewidth=1.0, label="normal, same mean and s.d.")
+    normal = np.exp(-0.5 * ((edges - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    axes.plot(edges, normal, color=HURT_COLOUR, linestyle="--", linewidth=1.0, label="normal, same mean and s.d.")
     axes.set_yscale("log")
-    axes.set_ylim(bottom=max(float((counts / (total * width))[counts > 0].min()) / 3, 1e-300))
+    axes.set_ylim(float(density[density > 0].min()) / 3, float(density.max()) * 3)
     axes.set_xlabel("allocation A of one parameter")
     axes.set_ylabel("density (log)")
     axes.set_title(f"All parameters' allocations at step {step}", fontsize="medium")

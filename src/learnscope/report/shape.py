@@ -34,12 +34,14 @@ from learnscope.report.reader import (
 __all__ = [
     "TENSOR_KINDS",
     "TensorLca",
+    "buckets",
     "histogram_mean",
     "last_histogram",
     "lca_before",
     "lca_root",
     "pooled_histogram",
     "read_tensor_lca",
+    "rebin",
     "tensor_totals",
     "uniform_bins",
 ]
@@ -128,21 +130,26 @@ def histogram_mean(histogram: Histogram) -> float:
     return histogram.sum / histogram.num if histogram.num else float("nan")
 
 
-def _edges(histogram: Histogram) -> tuple[np.ndarray, np.ndarray]:
-    """Left and right edges of each bucket: bucket i is (limit[i−1], limit[i]], the
-    first one starting at the logged minimum and the last one ending at the maximum."""
+def buckets(histogram: Histogram) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left edges, right edges and counts of the histogram's buckets: bucket i is
+    (limit[i−1], limit[i]], the first one starting at the logged minimum and the last
+    one ending at the maximum."""
     right = np.minimum(histogram.bucket_limits, histogram.max)
     left = np.concatenate([[histogram.min], histogram.bucket_limits[:-1]])
-    return np.minimum(left, right), right
+    return np.minimum(left, right), right, histogram.bucket_counts
+
+
+def rebin(left: np.ndarray, right: np.ndarray, counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Contiguous buckets' counts moved to the bins between ``edges``, each bucket's count
+    spread evenly over its width (the cumulative count interpolated linearly at the edges)."""
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    return np.diff(np.interp(edges, np.concatenate([left[:1], right]), cumulative))
 
 
 def uniform_bins(histogram: Histogram, low: float, high: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """The histogram's counts moved to ``bins`` equal bins on [low, high] (edges,
-    counts), each bucket's count to the bin of its midpoint."""
-    left, right = _edges(histogram)
+    """The histogram on ``bins`` equal bins over [low, high]: (edges, counts)."""
     edges = np.linspace(low, high, bins + 1)
-    index = np.clip(np.searchsorted(edges, (left + right) / 2, side="right") - 1, 0, bins - 1)
-    return edges, np.bincount(index, weights=histogram.bucket_counts, minlength=bins)
+    return edges, rebin(*buckets(histogram), edges)
 
 
 def pooled_histogram(histograms: list[Histogram]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -154,8 +161,7 @@ def pooled_histogram(histograms: list[Histogram]) -> tuple[np.ndarray, np.ndarra
     counts: dict[float, float] = {}
     lefts: dict[float, float] = {}
     for histogram in histograms:
-        left, right = _edges(histogram)
-        for a, b, count in zip(left, right, histogram.bucket_counts):
+        for a, b, count in zip(*buckets(histogram)):
             key = float(b)
             counts[key] = counts.get(key, 0.0) + float(count)
             lefts[key] = min(lefts.get(key, float(a)), float(a))
