@@ -36,6 +36,7 @@ __all__ = [
     "TensorLca",
     "buckets",
     "histogram_mean",
+    "histogram_quantile",
     "last_histogram",
     "lca_before",
     "lca_root",
@@ -144,6 +145,14 @@ def rebin(left: np.ndarray, right: np.ndarray, counts: np.ndarray, edges: np.nda
     spread evenly over its width (the cumulative count interpolated linearly at the edges)."""
     cumulative = np.concatenate([[0.0], np.cumsum(counts)])
     return np.diff(np.interp(edges, np.concatenate([left[:1], right]), cumulative))
+
+
+def histogram_quantile(histogram: Histogram, q: float) -> float:
+    """The q-quantile of the histogrammed values, interpolated linearly within the bucket
+    that holds it (exact to the bucket's width)."""
+    left, right, counts = buckets(histogram)
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    return float(np.interp(q * cumulative[-1], cumulative, np.concatenate([left[:1], right])))
 
 
 def uniform_bins(histogram: Histogram, low: float, high: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
