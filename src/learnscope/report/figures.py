@@ -397,6 +397,15 @@ def plot_nfa_metrics(run: RunRecords, path: str | Path) -> Path | None:
 # (f) ---------------------------------------------------------------------------
 
 
+def _compressed(values: np.ndarray) -> np.ndarray:
+    """arcsinh((x − median) / (1.4826·MAD)), for display: linear within a few MADs and
+    logarithmic beyond, so a few large early steps do not flatten every later one (the
+    std replaces a zero MAD)."""
+    centred = values - np.median(values)
+    spread = 1.4826 * float(np.median(np.abs(centred))) or float(values.std()) or 1.0
+    return np.arcsinh(centred / spread)
+
+
 def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str = "") -> Path | None:
     """Top: each layer's (smoothed, standardised) LCA series, offset for
     readability, with its local minima marked and the coincident steps shaded.
@@ -408,15 +417,16 @@ def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str =
     series_axes, null_axes = figure.subplots(2, 1, height_ratios=[2, 1])
     for step in sync.coincident_steps:
         series_axes.axvline(step, color="grey", alpha=0.25, linewidth=1)
-    for offset, (name, values) in enumerate(zip(sync.layers, sync.smoothed)):
-        spread = values.std() or 1.0
-        shifted = (values - values.mean()) / spread - 4 * offset
+    shown = [_compressed(values) for values in sync.smoothed]
+    gap = 1.05 * max((float(np.ptp(y)) for y in shown), default=1.0)
+    for offset, (name, compressed) in enumerate(zip(sync.layers, shown)):
+        shifted = compressed - gap * offset
         (line,) = series_axes.plot(sync.steps, shifted, linewidth=1, label=name)
         minima = np.isin(sync.steps, sync.minima_steps[name])
         series_axes.plot(sync.steps[minima], shifted[minima], "v", color=line.get_color(), markersize=5)
     series_axes.set_yticks([])
     series_axes.set_xlabel("step")
-    series_axes.set_ylabel("layer LCA (standardised, offset)")
+    series_axes.set_ylabel("layer LCA: arcsinh((x − median) / MAD),\noffset per layer")
     what = "per-layer LCA, shared driver removed" if sync.driver_removed else "per-layer LCA"
     series_axes.set_title(
         f"Local minima of the {what} (▼); grey: steps where layers' minima coincide" + (f" — {title}" if title else "")
