@@ -161,3 +161,21 @@ def test_paper_figures_core_measures_the_helped_fraction_of_the_callbacks_counts
     assert float(row.measured.split("median ")[1].split(" %")[0]) == pytest.approx(100 * median, abs=6)
     for name in ("helped_fraction", "param_helped_fraction", "synchronisation", "lca_overlay", "nfa_alignment"):
         assert (tmp_path / "fc" / f"{name}.png").is_file(), name
+
+
+def test_per_tensor_series_come_from_the_records_when_the_reader_files_them(full_run):
+    """A reader whose contract knows lca/tensor files them into LcaLayer.tensors /
+    tensors_cumulative: read_tensor_lca then takes them from there."""
+    logdir, written = full_run
+    run = _run(logdir)
+    from_files = read_tensor_lca(run)
+    for module, per_tensor in from_files.items():  # what such a reader would have filed
+        layer = run.lca.layers[module]
+        layer.tensors = {t: s.allocation for t, s in per_tensor.items() if s.allocation is not None}
+        layer.tensors_cumulative = {t: s.cumulative for t, s in per_tensor.items() if s.cumulative is not None}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("learnscope.report.shape._contract_knows_tensors", lambda: True)
+        patch.setattr(run, "event_files", ())  # nothing read again
+        from_records = read_tensor_lca(run)
+    assert tensor_totals(from_records) == tensor_totals(from_files)
+    assert len(tensor_totals(from_records)) == len(written["per_tensor"])

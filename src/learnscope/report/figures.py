@@ -209,7 +209,7 @@ def plot_helped_fraction(run: RunRecords, path: str | Path) -> Path | None:
     over_time.set_xlabel("step")
     over_time.set_ylabel("fraction of parameters with A < 0")
     over_time.set_title("Helped fraction over training")
-    over_time.legend(fontsize="small")
+    over_time.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=4)
 
     values = overall.values if overall is not None else np.concatenate([s.values for s in per_layer.values()])
     values = values[np.isfinite(values)]

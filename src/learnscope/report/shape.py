@@ -5,8 +5,8 @@ histogram, and the step alignment of LCA and NFA. No torch.
 Per-tensor series (``LossChangeAllocation(tensor_series=True)``): ``<root>/tensor/<m>/<p>``
 is Σ_{i ∈ tensor p of module m} A_t,i per step and ``<root>/tensor_cumulative/<m>/<p>``
 its running sum (p = ``weight``, ``bias``, BatchNorm's γ ``weight`` and β ``bias``, ...).
-They are read here from the run's event files by their names, so the report draws them
-whether or not the reader files them into its records.
+They are taken from the reader's records where its contract has them, else read from the
+run's event files by their names.
 
 Steps (README, "Steps: how LCA and NFA line up"): LCA step s is the update θ_s → θ_{s+1};
 NFA step s is θ_s, the weights after s updates. The LCA that produced the weights NFA
@@ -78,29 +78,31 @@ def lca_root(run: RunRecords) -> str | None:
     return run.roots[0] if run.roots else contract.DEFAULT_ROOTS["lca"]
 
 
-def _may_hold_tensor_tags(run: RunRecords, pattern: re.Pattern[str]) -> bool:
-    """Whether reading the event files again can find per-tensor tags: they are among the
-    tags the contract does not know, or the contract knows a per-tensor family."""
-    known = any("/tensor/" in family.template for family in contract.FAMILIES)
-    return known or any(pattern.fullmatch(tag) for tag in run.unrecognised_tags)
+def _contract_knows_tensors() -> bool:
+    return any("/tensor/" in family.template for family in contract.FAMILIES)
 
 
-def read_tensor_lca(run: RunRecords) -> dict[str, dict[str, TensorLca]]:
-    """``{module: {tensor: TensorLca}}`` from the run's event files (modules in the order of
-    the run's LCA layers, then first written); empty when the run logged no per-tensor series."""
-    root = lca_root(run)
-    if root is None:
-        return {}
-    pattern = re.compile(re.escape(root) + "/" + _TENSOR_TAG)
-    if not _may_hold_tensor_tags(run, pattern):
-        return {}
+def _from_records(run: RunRecords) -> dict[str, dict[str, TensorLca]]:
+    """The per-tensor series the reader filed into ``LcaLayer.tensors`` /
+    ``tensors_cumulative`` (a reader whose contract has the per-tensor families)."""
+    assert run.lca is not None
+    result: dict[str, dict[str, TensorLca]] = {}
+    for module, layer in run.lca.layers.items():
+        steps, cumulative = getattr(layer, "tensors", None) or {}, getattr(layer, "tensors_cumulative", None) or {}
+        for tensor in dict.fromkeys([*steps, *cumulative]):
+            result.setdefault(module, {})[tensor] = TensorLca(module, tensor, steps.get(tensor), cumulative.get(tensor))
+    return result
+
+
+def _from_event_files(run: RunRecords, pattern: re.Pattern[str]) -> dict[str, dict[str, TensorLca]]:
+    """The per-tensor series read again from the run's event files by their tag names."""
+    assert run.lca is not None
     raw = _merge_raw(_read_event_file(path) for path in run.event_files)
     found: dict[tuple[str, str], dict[str, ScalarSeries]] = {}
     for tag, events in raw.scalars.items():
         match = pattern.fullmatch(tag)
         if match is not None:
             found.setdefault((match["module"], match["tensor"]), {})[match["kind"]] = _scalar_series(tag, events)
-    assert run.lca is not None
     order = {module: k for k, module in enumerate(run.lca.layers)}
     result: dict[str, dict[str, TensorLca]] = {}
     for module, tensor in sorted(found, key=lambda key: order.get(key[0], len(order))):
@@ -109,6 +111,21 @@ def read_tensor_lca(run: RunRecords) -> dict[str, dict[str, TensorLca]]:
             module, tensor, kinds.get("tensor"), kinds.get("tensor_cumulative")
         )
     return result
+
+
+def read_tensor_lca(run: RunRecords) -> dict[str, dict[str, TensorLca]]:
+    """``{module: {tensor: TensorLca}}`` of the run (modules in the order of its LCA layers);
+    empty when it logged no per-tensor series. From the reader's records when it files
+    them, else from the event files when the reader left them among the tags it does not know."""
+    root = lca_root(run)
+    if root is None:
+        return {}
+    if _contract_knows_tensors():
+        return _from_records(run)
+    pattern = re.compile(re.escape(root) + "/" + _TENSOR_TAG)
+    if not any(pattern.fullmatch(tag) for tag in run.unrecognised_tags):
+        return {}
+    return _from_event_files(run, pattern)
 
 
 def tensor_totals(tensors: dict[str, dict[str, TensorLca]]) -> dict[tuple[str, str], float]:
