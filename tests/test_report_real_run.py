@@ -4,6 +4,7 @@ and a TensorBoardLogger, then the report read back from the event files."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import re
 
@@ -32,14 +33,25 @@ EXPECTED_SHAPES = {
     "nfa_metrics": (840, 1400),  # (e) 10 context metrics: 3 rows × 4 panels of 3.5 × 2.8 in
     "synchronisation": (700, 1200),  # (f)
     "unit_lca": (750, 1000),  # (g) 3 layers with ≤ 512 units, 2.5 in each
+    "param_helped_fraction": (450, 1200),  # parameter_counts=True
+    "lca_distribution": (420, 1500),
+    "synchronisation_driver_removed": (700, 1200),
+    "lca_nfa_steps": (340, 1350),  # 3 layers with LCA and pearson_a0.5: one row of 4.5 × 3.4 in panels
 }
+# The per-tensor split needs tensor_series=True (#18 part 3), where the callback has it.
+TENSOR_SERIES = "tensor_series" in inspect.signature(learnscope.LossChangeAllocation).parameters
+if TENSOR_SERIES:
+    EXPECTED_SHAPES["tensor_lca"] = (370, 800)  # 6 tensors (3 × weight, bias): 1.6 + 0.35 in each
 
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     """Train once; every test reads the same run."""
     root = tmp_path_factory.mktemp("real_run")
-    lca = learnscope.LossChangeAllocation(probe_size=256, unit_allocations=True, ablation=True)
+    extra = {"tensor_series": True} if TENSOR_SERIES else {}
+    lca = learnscope.LossChangeAllocation(
+        probe_size=256, unit_allocations=True, ablation=True, parameter_counts=True, **extra
+    )
     nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=NFA_EVERY, probe_size=256, images=False)
     logger = TensorBoardLogger(str(root / "logs"), name="mlp")
     fit = trainer([lca, nfa], loggers=logger, max_steps=STEPS, log_every_n_steps=20)
@@ -87,15 +99,22 @@ def test_report_exits_zero_and_draws_every_figure_at_its_size(report):
         image = imread(path)
         assert image.shape[:2] == shape, name
         assert image[..., :3].std() > 0.05, f"{name} is blank"
-    assert set(EXPECTED_SHAPES) == set(FIGURE_EXPLANATIONS)
+    assert set(EXPECTED_SHAPES) | {"tensor_lca"} == set(FIGURE_EXPLANATIONS)  # tensor_lca: with TENSOR_SERIES
 
 
 @pytest.mark.slow
 def test_report_md_links_every_figure(report):
     text = (report["out"] / "report.md").read_text(encoding="utf-8")
     for name, (title, _) in FIGURE_EXPLANATIONS.items():
-        assert f"![{title}]({name}.png)" in text
-    assert "Not drawn" not in text
+        if name in EXPECTED_SHAPES:
+            assert f"![{title}]({name}.png)" in text
+    if TENSOR_SERIES:
+        assert "Not drawn" not in text
+    else:
+        assert (
+            text.count("Not drawn") == 1
+            and "Not drawn (the run did not log the data): LCA per parameter tensor." in text
+        )
     assert "| net.0 |" in text
 
 
