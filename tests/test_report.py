@@ -46,6 +46,9 @@ EXPECTED_SHAPES = {
     "nfa_metrics": (840, 1400),  # 10 context metrics: 3 rows × 4 panels of 3.5 × 2.8 in
     "synchronisation": (700, 1200),
     "unit_lca": (500, 1000),  # two layers with unit scalars, 2.5 in each
+    "lca_distribution": (420, 1500),  # lca/hist and the per-step kurtosis
+    "synchronisation_driver_removed": (700, 1200),
+    "lca_nfa_steps": (340, 1350),  # 3 layers with LCA and pearson_a0.5, one row of 4.5 × 3.4 in panels
 }
 
 

@@ -32,7 +32,12 @@ EXPECTED_SHAPES = {
     "nfa_metrics": (840, 1400),  # (e) 10 context metrics: 3 rows × 4 panels of 3.5 × 2.8 in
     "synchronisation": (700, 1200),  # (f)
     "unit_lca": (750, 1000),  # (g) 3 layers with ≤ 512 units, 2.5 in each
+    "param_helped_fraction": (450, 1200),  # parameter_counts=True
+    "lca_distribution": (420, 1500),
+    "synchronisation_driver_removed": (700, 1200),
+    "lca_nfa_steps": (340, 1350),  # 3 layers with LCA and pearson_a0.5: one row of 4.5 × 3.4 in panels
 }
+EXPECTED_SHAPES["tensor_lca"] = (370, 800)  # tensor_series=True: 6 tensors (3 × weight, bias), 1.6 + 0.35 in each
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,14 @@ def real_run(tmp_path_factory):
     """Train once; every test reads the same run."""
     root = tmp_path_factory.mktemp("real_run")
     # per-step series: the synchronisation test refuses series summed over logging windows
-    lca = learnscope.LossChangeAllocation(probe_size=256, unit_allocations=True, ablation=True, per_step_series=True)
+    lca = learnscope.LossChangeAllocation(
+        probe_size=256,
+        unit_allocations=True,
+        ablation=True,
+        parameter_counts=True,
+        tensor_series=True,
+        per_step_series=True,
+    )
     nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=NFA_EVERY, probe_size=256, images=False)
     logger = TensorBoardLogger(str(root / "logs"), name="mlp")
     fit = trainer([lca, nfa], loggers=logger, max_steps=STEPS, log_every_n_steps=20)
@@ -95,7 +107,8 @@ def test_report_exits_zero_and_draws_every_figure_at_its_size(report):
 def test_report_md_links_every_figure(report):
     text = (report["out"] / "report.md").read_text(encoding="utf-8")
     for name, (title, _) in FIGURE_EXPLANATIONS.items():
-        assert f"![{title}]({name}.png)" in text
+        if name in EXPECTED_SHAPES:
+            assert f"![{title}]({name}.png)" in text
     assert "Not drawn" not in text
     assert "| net.0 |" in text
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from learnscope.report.reader import LogdirRecords, RunRecords, read_logdir
+from learnscope.report.shape import read_tensor_lca
 from learnscope.report.summary import (
     RunSummary,
     SyncSettings,
@@ -23,7 +24,7 @@ from learnscope.report.summary import (
     summarise_run,
 )
 
-__all__ = ["FIGURE_EXPLANATIONS", "build_parser", "main"]
+__all__ = ["FIGURE_EXPLANATIONS", "STEP_CONVENTION", "build_parser", "main"]
 
 PROGRAM = "learnscope"
 
@@ -94,7 +95,76 @@ FIGURE_EXPLANATIONS: dict[str, tuple[str, str]] = {
             "colour scale centred at 0)."
         ),
     ),
+    "param_helped_fraction": (
+        "Per-parameter helped fraction",
+        (
+            "For each parameter, the fraction of the measured steps on which it helped (A < 0), at the last "
+            "logged lca/param_helped_fraction histogram (parameter_counts=True): all parameters (left) and per "
+            "module (right). The LCA paper finds this histogram peaked near 0.5: a parameter helps about as often "
+            "as it hurts."
+        ),
+    ),
+    "tensor_lca": (
+        "LCA per parameter tensor",
+        (
+            "Each layer's cumulative LCA split by parameter tensor (weight and bias; BatchNorm γ is weight, β is "
+            "bias), from lca/tensor_cumulative/<module>/<tensor> (tensor_series=True). Red bars hurt over the run: "
+            "the LCA paper finds the last layer and some biases hurting."
+        ),
+    ),
+    "lca_distribution": (
+        "Distribution of the allocations",
+        (
+            "Left: the density of every parameter's allocation at the last step with lca/hist histograms (all "
+            "modules pooled, log scale) against a normal of the same mean and spread: heavy tails lie above it. "
+            "Middle and right: skewness m₃/m₂^{3/2} and excess kurtosis m₄/m₂² − 3 over the parameters of each "
+            "step (solid), and over every parameter of every measured step pooled (dashed). The LCA paper calls "
+            "the distribution heavy-tailed and fairly symmetric."
+        ),
+    ),
+    "synchronisation_driver_removed": (
+        "Synchronisation with the shared driver removed",
+        (
+            "The same test on each layer's deviation from the layers' mean of the standardised series: minima "
+            "that coincide only because every layer follows one driver (an easy batch) are not counted here."
+        ),
+    ),
+    "lca_nfa_steps": (
+        "LCA and NFA on one step axis",
+        (
+            "Per layer, NFA Pearson(WᵀW, AGOP^½) at step s (right axis, squares) against the LCA accumulated over "
+            "the LCA steps < s (left axis, dots): the updates that produced the weights NFA measured. The "
+            "cumulative LCA curve is drawn at s + 1 for LCA step s, for the same reason."
+        ),
+    ),
 }
+
+# Report order: LCA totals, then the distribution, NFA, both, synchronisation.
+FIGURE_EXPLANATIONS = {
+    name: FIGURE_EXPLANATIONS[name]
+    for name in (
+        "cumulative_lca",
+        "lca_per_layer",
+        "tensor_lca",
+        "helped_fraction",
+        "param_helped_fraction",
+        "lca_distribution",
+        "lca_parts",
+        "nfa_alignment",
+        "nfa_metrics",
+        "lca_nfa_steps",
+        "synchronisation",
+        "synchronisation_driver_removed",
+        "unit_lca",
+    )
+}
+
+#: the step convention, stated wherever a run shows both LCA and NFA
+STEP_CONVENTION = (
+    "Steps: LCA step s is the update θ_s → θ_{s+1} (logged once applied); NFA step s is the weights θ_s after "
+    "s updates. The NFA point at step s + 1 shows the weights that LCA step s produced; figures with both on "
+    "one axis pair NFA at s with the LCA of the steps < s."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +331,13 @@ def _write_figures(figures, run: RunRecords, summary: RunSummary, directory: Pat
         "nfa_metrics": lambda path: figures.plot_nfa_metrics(run, path),
         "synchronisation": lambda path: figures.plot_synchronisation(summary.sync, path, title=figures._run_title(run)),
         "unit_lca": lambda path: figures.plot_unit_lca(run, path),
+        "param_helped_fraction": lambda path: figures.plot_param_helped_fraction(run, path),
+        "tensor_lca": lambda path: figures.plot_tensor_lca(read_tensor_lca(run), path, figures._run_title(run)),
+        "lca_distribution": lambda path: figures.plot_lca_distribution(run, summary, path),
+        "synchronisation_driver_removed": lambda path: figures.plot_synchronisation(
+            summary.sync_driver_removed, path, title=figures._run_title(run)
+        ),
+        "lca_nfa_steps": lambda path: figures.plot_lca_nfa_steps(run, path),
     }
     written = {}
     for name in FIGURE_EXPLANATIONS:
@@ -273,6 +350,8 @@ def _write_figures(figures, run: RunRecords, summary: RunSummary, directory: Pat
 def _markdown_section(run: RunRecords, summary: RunSummary, written: dict[str, Path], out: Path, several: bool) -> str:
     lines = [f"## Run `{run.name}`" if several or run.name != "." else "## Run", ""]
     lines += [f"- {line}" for line in format_headline(summary)]
+    if run.lca is not None and run.nfa is not None:
+        lines += ["", STEP_CONVENTION]
     if summary.layers:
         lines += [
             "",

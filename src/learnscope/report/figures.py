@@ -26,8 +26,19 @@ from matplotlib.ticker import MaxNLocator
 
 from learnscope import contract
 from learnscope.report.reader import RunRecords, ScalarSeries
+from learnscope.report.shape import (
+    TensorLca,
+    histogram_mean,
+    last_histogram,
+    lca_before,
+    pooled_histogram,
+    rebin,
+    tensor_totals,
+    uniform_bins,
+)
 from learnscope.report.summary import (
     RunSummary,
+    _present,
     cumulative_layer_series,
     layer_part_totals,
 )
@@ -40,12 +51,17 @@ __all__ = [
     "plot_cumulative_lca",
     "plot_helped_fraction",
     "plot_layer_lca_bars",
+    "plot_lca_distribution",
+    "plot_lca_nfa_steps",
     "plot_lca_overlay",
     "plot_lca_parts",
     "plot_nfa_alignment",
     "plot_nfa_metrics",
+    "plot_param_helped_fraction",
     "plot_synchronisation",
+    "plot_tensor_lca",
     "plot_unit_lca",
+    "tensor_lca_figure",
 ]
 
 DPI = 100
@@ -193,7 +209,7 @@ def plot_helped_fraction(run: RunRecords, path: str | Path) -> Path | None:
     over_time.set_xlabel("step")
     over_time.set_ylabel("fraction of parameters with A < 0")
     over_time.set_title("Helped fraction over training")
-    over_time.legend(fontsize="small")
+    over_time.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=4)
 
     values = overall.values if overall is not None else np.concatenate([s.values for s in per_layer.values()])
     values = values[np.isfinite(values)]
@@ -381,6 +397,15 @@ def plot_nfa_metrics(run: RunRecords, path: str | Path) -> Path | None:
 # (f) ---------------------------------------------------------------------------
 
 
+def _compressed(values: np.ndarray) -> np.ndarray:
+    """arcsinh((x − median) / (1.4826·MAD)), for display: linear within a few MADs and
+    logarithmic beyond, so a few large early steps do not flatten every later one (the
+    std replaces a zero MAD)."""
+    centred = values - np.median(values)
+    spread = 1.4826 * float(np.median(np.abs(centred))) or float(values.std()) or 1.0
+    return np.arcsinh(centred / spread)
+
+
 def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str = "") -> Path | None:
     """Top: each layer's (smoothed, standardised) LCA series, offset for
     readability, with its local minima marked and the coincident steps shaded.
@@ -392,20 +417,21 @@ def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str =
     series_axes, null_axes = figure.subplots(2, 1, height_ratios=[2, 1])
     for step in sync.coincident_steps:
         series_axes.axvline(step, color="grey", alpha=0.25, linewidth=1)
-    for offset, (name, values) in enumerate(zip(sync.layers, sync.smoothed)):
-        spread = values.std() or 1.0
-        shifted = (values - values.mean()) / spread - 4 * offset
+    shown = [_compressed(values) for values in sync.smoothed]
+    gap = 1.05 * max((float(np.ptp(y)) for y in shown), default=1.0)
+    for offset, (name, compressed) in enumerate(zip(sync.layers, shown)):
+        shifted = compressed - gap * offset
         (line,) = series_axes.plot(sync.steps, shifted, linewidth=1, label=name)
         minima = np.isin(sync.steps, sync.minima_steps[name])
         series_axes.plot(sync.steps[minima], shifted[minima], "v", color=line.get_color(), markersize=5)
     series_axes.set_yticks([])
     series_axes.set_xlabel("step")
-    series_axes.set_ylabel("layer LCA (standardised, offset)")
+    series_axes.set_ylabel("layer LCA: arcsinh((x − median) / MAD),\noffset per layer")
+    what = "per-layer LCA, shared driver removed" if sync.driver_removed else "per-layer LCA"
     series_axes.set_title(
-        "Local minima of the per-layer LCA (▼); grey: steps where layers' minima coincide"
-        + (f" — {title}" if title else "")
+        f"Local minima of the {what} (▼); grey: steps where layers' minima coincide" + (f" — {title}" if title else "")
     )
-    series_axes.legend(fontsize="small", loc="upper right")
+    series_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     null = sync.null_distribution
     low, high = int(np.floor(min(null.min(), sync.observed))), int(np.ceil(max(null.max(), sync.observed)))
@@ -416,6 +442,191 @@ def plot_synchronisation(sync: SyncResult | None, path: str | Path, title: str =
     null_axes.set_ylabel("draws")
     null_axes.set_title(f"{format_p_value(sync)}; null {sync.null_mean:.1f} ± {sync.null_std:.1f}", fontsize="small")
     null_axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+# (h) ---------------------------------------------------------------------------
+
+
+def plot_param_helped_fraction(run: RunRecords, path: str | Path, bins: int = 20) -> Path | None:
+    """The LCA paper's per-parameter histogram: each parameter's helped fraction
+    (measured steps with A < 0 / measured steps, ``parameter_counts=True``) at the last
+    logged ``lca/param_helped_fraction``, all parameters (left) and per module as the
+    fraction of the module's parameters in each bin (right) (12 × 4.5 in)."""
+    if run.lca is None or (overall := last_histogram(run.lca.param_helped_fraction)) is None:
+        return None
+    figure = _new_figure(12, 4.5)
+    left, right = figure.subplots(1, 2)
+    edges, counts = uniform_bins(overall, 0.0, 1.0, bins)
+    left.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=HELPED_COLOUR, alpha=0.8)
+    mean = histogram_mean(overall)
+    left.axvline(mean, color="black", linewidth=1.4, label=f"mean {mean:.3f}")
+    left.axvline(0.5, color="grey", linestyle="--", linewidth=0.8, label="0.5")
+    left.set_xlabel("helped fraction of the parameter (its measured steps with A < 0)")
+    left.set_ylabel("parameters")
+    left.set_title(f"All {overall.num:.0f} parameters, at step {overall.step}")
+    left.legend(fontsize="small")
+    for index, (name, layer) in enumerate(run.lca.layers.items()):
+        histogram = last_histogram(layer.param_helped_fraction)
+        if histogram is None or not histogram.num:
+            continue
+        edges, counts = uniform_bins(histogram, 0.0, 1.0, bins)
+        label = f"{name} (mean {histogram_mean(histogram):.3f})"
+        right.stairs(counts / histogram.num, edges, color=_layer_colour(index), linewidth=1.4, label=label)
+    right.axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    right.set_xlabel("helped fraction of the parameter")
+    right.set_ylabel("fraction of the module's parameters")
+    right.set_title("Per module")
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize="small")
+    figure.suptitle(f"How often each parameter helped — {_run_title(run)}")
+    return _save(figure, path)
+
+
+def tensor_lca_figure(totals: dict[tuple[str, str], float], title: str = "") -> Figure | None:
+    """Horizontal bars of the cumulative LCA of each (module, parameter tensor), model
+    order top to bottom, green = helped (< 0), red = hurt, the value beside each bar
+    (8 in wide, 0.35 in per bar). None without totals."""
+    if not totals:
+        return None
+    labels = [f"{module} · {tensor}" for module, tensor in totals]
+    values = np.array(list(totals.values()))
+    figure = _new_figure(8, 1.6 + 0.35 * len(values))
+    axes = figure.add_subplot()
+    positions = np.arange(len(values))[::-1]
+    axes.barh(positions, values, color=[HELPED_COLOUR if v < 0 else HURT_COLOUR for v in values], height=0.7)
+    for y, value in zip(positions, values):
+        axes.annotate(
+            f"{value:+.3g}",
+            (value, y),
+            xytext=(4 if value >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if value >= 0 else "right",
+            va="center",
+            fontsize="x-small",
+        )
+    axes.margins(x=0.18)
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_yticks(positions, labels, fontsize="small")
+    axes.set_xlabel("cumulative LCA (negative = helped)")
+    axes.set_title("LCA per parameter tensor: green helped, red hurt" + (f" — {title}" if title else ""))
+    return figure
+
+
+def plot_tensor_lca(tensors: dict[str, dict[str, TensorLca]], path: str | Path, title: str = "") -> Path | None:
+    """Each layer's total LCA split by parameter tensor (weight / bias, BatchNorm γ / β),
+    from :func:`learnscope.report.shape.read_tensor_lca`; see :func:`tensor_lca_figure`."""
+    figure = tensor_lca_figure(tensor_totals(tensors), title)
+    return None if figure is None else _save(figure, path)
+
+
+def _draw_pooled_allocations(axes, run: RunRecords, bins: int = 101) -> bool:
+    """The allocations of every module at the last step with ``lca/hist``, as a density
+    on ``bins`` equal bins (log scale), with the normal of the same mean and variance."""
+    assert run.lca is not None
+    series = [
+        layer.histogram for layer in run.lca.layers.values() if layer.histogram is not None and len(layer.histogram)
+    ]
+    if not series:
+        return False
+    step = max(int(s.steps[-1]) for s in series)
+    moments = [h for s in series for h in s.histograms if h.step == step]
+    pooled = pooled_histogram(moments)
+    assert pooled is not None
+    reach = max(abs(float(pooled[0][0])), abs(float(pooled[1][-1]))) or 1.0
+    edges = np.linspace(-reach, reach, bins + 1)
+    total = float(pooled[2].sum())
+    density = rebin(*pooled, edges) / (total * np.diff(edges))
+    axes.stairs(density, edges, color="black", label="allocations A")
+    mean = sum(h.sum for h in moments) / total
+    std = math.sqrt(max(sum(h.sum_squares for h in moments) / total - mean**2, 0.0)) or 1.0
+    normal = np.exp(-0.5 * ((edges - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    axes.plot(edges, normal, color=HURT_COLOUR, linestyle="--", linewidth=1.0, label="normal, same mean and s.d.")
+    axes.set_yscale("log")
+    axes.set_ylim(float(density[density > 0].min()) / 3, float(density.max()) * 3)
+    axes.set_xlabel("allocation A of one parameter")
+    axes.set_ylabel("density (log)")
+    axes.set_title(f"All parameters' allocations at step {step}", fontsize="medium")
+    axes.legend(fontsize="x-small")
+    return True
+
+
+def _draw_shape_series(axes, series: ScalarSeries | None, pooled: float | None, label: str, colour: str) -> None:
+    if series is not None and len(series):
+        axes.plot(series.steps, series.values, color=colour, linewidth=1.0, label=f"{label} per step")
+    if pooled is not None:
+        axes.axhline(pooled, color=colour, linestyle="--", linewidth=1.2, label=f"{label} pooled: {pooled:.3g}")
+    axes.set_xlabel("step")
+    axes.set_title(label, fontsize="medium")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="x-small")
+
+
+def plot_lca_distribution(run: RunRecords, summary: RunSummary, path: str | Path) -> Path | None:
+    """The shape of the allocations: their density at the last histogram step (all
+    modules pooled, log scale, against a normal), and the skewness m₃/m₂^{3/2} and
+    excess kurtosis m₄/m₂² − 3 per step (solid) and pooled over every step and
+    parameter (dashed) (15 × 4.2 in)."""
+    lca = run.lca
+    if lca is None:
+        return None
+    skewness, kurtosis = _present(lca.skewness), _present(lca.excess_kurtosis)
+    has_histograms = any(layer.histogram is not None and len(layer.histogram) for layer in lca.layers.values())
+    if skewness is None and kurtosis is None and not has_histograms:
+        return None
+    figure = _new_figure(15, 4.2)
+    density, skew_axes, kurtosis_axes = figure.subplots(1, 3)
+    if not _draw_pooled_allocations(density, run):
+        density.set_visible(False)
+    _draw_shape_series(skew_axes, skewness, summary.pooled_skewness, "skewness", "#1f77b4")
+    skew_axes.axhline(0, color="grey", linewidth=0.8)
+    _draw_shape_series(kurtosis_axes, kurtosis, summary.pooled_excess_kurtosis, "excess kurtosis", "#9467bd")
+    kurtosis_axes.set_yscale("symlog", linthresh=1.0)
+    figure.suptitle(
+        f"Distribution of the allocations (0 skewness = symmetric, 0 kurtosis = normal tails) — {_run_title(run)}"
+    )
+    return _save(figure, path)
+
+
+def plot_lca_nfa_steps(run: RunRecords, path: str | Path, alpha: float = 0.5) -> Path | None:
+    """LCA and NFA of each layer on one step axis, aligned: at each NFA step s (the
+    weights θ_s), the LCA accumulated over the LCA steps < s (the updates that made θ_s,
+    left axis, markers) and NFA Pearson(WᵀW, AGOP^α) (right axis); the cumulative LCA
+    curve is drawn at s + 1 for LCA step s (panels of 4.5 × 3.4 in, 3 per row)."""
+    if run.lca is None or run.nfa is None:
+        return None
+    metric = _PEARSON.leaf(alpha=alpha)
+    layers = [
+        name
+        for name, layer in run.nfa.layers.items()
+        if metric in layer.metrics and name in run.lca.layers and run.lca.layers[name].allocation is not None
+    ]
+    if not layers:
+        return None
+    rows, columns = _grid(len(layers), 3)
+    figure = _new_figure(4.5 * columns, 3.4 * rows)
+    grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for axes, name in zip(grid, layers):
+        allocation, pearson = run.lca.layers[name].allocation, run.nfa.layers[name].metrics[metric]
+        assert allocation is not None
+        axes.plot(allocation.steps + 1, np.cumsum(allocation.values), color=HELPED_COLOUR, linewidth=1.0)
+        axes.plot(
+            pearson.steps,
+            lca_before(allocation.steps, allocation.values, pearson.steps),
+            "o",
+            color=HELPED_COLOUR,
+            markersize=3,
+            label="Σ LCA over steps < s",
+        )
+        axes.set_ylabel("cumulative LCA", color=HELPED_COLOUR)
+        axes.set_xlabel("step s (NFA: θ_s; LCA step s−1: θ_{s−1} → θ_s)", fontsize="small")
+        twin = axes.twinx()
+        twin.plot(pearson.steps, pearson.values, "s-", color="#1f77b4", markersize=3, linewidth=1.0)
+        twin.set_ylabel(f"NFA pearson α={alpha:g}", color="#1f77b4")
+        axes.set_title(name, fontsize="medium")
+    for axes in grid[len(layers) :]:
+        axes.set_visible(False)
+    figure.suptitle(f"LCA and NFA on one axis, aligned: NFA at s against the LCA of updates < s — {_run_title(run)}")
     return _save(figure, path)
 
 
@@ -469,4 +680,9 @@ FIGURES: Sequence[str] = (
     "nfa_metrics",
     "synchronisation",
     "unit_lca",
+    "param_helped_fraction",
+    "tensor_lca",
+    "lca_distribution",
+    "synchronisation_driver_removed",
+    "lca_nfa_steps",
 )

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from learnscope import contract
-from learnscope.report.reader import LcaLayer, LcaRecords, RunRecords, ScalarSeries
+from learnscope.report.reader import HistogramSeries, LcaLayer, LcaRecords, RunRecords, ScalarSeries
+from learnscope.report.shape import histogram_mean, last_histogram
 from learnscope.report.sync import (
     SyncError,
     SyncResult,
@@ -96,6 +97,8 @@ class RunSummary:
     mean_skewness: float | None = None  # lca/skewness averaged over steps
     pooled_excess_kurtosis: float | None = None  # lca/excess_kurtosis_pooled at the last step
     pooled_skewness: float | None = None  # lca/skewness_pooled at the last step
+    #: mean over parameters of each one's helped fraction, at the last lca/param_helped_fraction histogram
+    param_helped_fraction: float | None = None
     skipped_steps: float | None = None
     probe_stochastic: bool | None = None  # the LCA self-check found the probe loss random
     capped_steps: float | None = None  # adaptive steps accepted at max_intervals above their error target
@@ -252,10 +255,16 @@ def _with_lca_fields(summary: RunSummary, lca: LcaRecords, layers_sum: float | N
         mean_skewness=_mean(lca.skewness),
         pooled_excess_kurtosis=_last(lca.excess_kurtosis_pooled),
         pooled_skewness=_last(lca.skewness_pooled),
+        param_helped_fraction=_histogram_mean(lca.param_helped_fraction),
         skipped_steps=_last(lca.skipped_steps),
         probe_stochastic=None if probe_stochastic is None else bool(probe_stochastic.values.max() > 0),
         capped_steps=_last(lca.capped_steps),
     )
+
+
+def _histogram_mean(series: HistogramSeries | None) -> float | None:
+    histogram = last_histogram(series)
+    return None if histogram is None else _finite_or_none(histogram_mean(histogram))
 
 
 def _last(series: ScalarSeries | None) -> float | None:
@@ -371,6 +380,11 @@ _HEADLINE: tuple[tuple[str, Callable[[Any], str], Callable[[Any], bool]], ...] =
         _is_set,
     ),
     ("pooled_excess_kurtosis", "excess kurtosis of all steps' allocations pooled: {:.3g}".format, _is_set),
+    (
+        "param_helped_fraction",
+        "per-parameter helped fraction (steps with A < 0 / measured steps), mean over parameters: {:.3f}".format,
+        _is_set,
+    ),
     ("mean_skewness", "mean skewness of the allocations: {:.3g}".format, _is_set),
     ("pooled_skewness", "skewness of all steps' allocations pooled: {:.3g}".format, _is_set),
     ("skipped_steps", "skipped steps: {:g}".format, bool),
