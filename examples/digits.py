@@ -80,7 +80,11 @@ def main() -> None:
 
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders()
-    lca = learnscope.LossChangeAllocation(probe="train", probe_size=1024, rule="simpson", unit_allocations=True)
+    # per_step_series: every step's per-layer LCA (the report's synchronisation test and the tab's heatmap
+    # read it); by default per-layer series are summed over logging windows
+    lca = learnscope.LossChangeAllocation(
+        probe="train", probe_size=1024, rule="simpson", unit_allocations=True, per_step_series=True
+    )
     nfa = learnscope.NeuralFeatureAnsatz(every_n_steps=50, probe_size=1024)
     logger = TensorBoardLogger(args.logdir, name="mlp")
     trainer = pl.Trainer(

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from learnscope import ProbeError
 from learnscope.callbacks.nfa import NeuralFeatureAnsatz
 from learnscope.functional.nfa import agop, preactivation_grams
+from learnscope.render import TITLE_HEIGHT
 from learnscope.tensorboard_layout import charts_matching
 from models import Classifier, MemoryLogger, assert_bitwise_equal, digits, digits_loader, mlp, state_of, trainer
 
@@ -310,13 +311,14 @@ def test_event_files_hold_every_tag_histogram_and_image(tmp_path):
     # the determinism self-check's verdict, written once with the first measurement
     assert [(e.step, e.value) for e in events.Scalars("nfa/probe_stochastic")] == [(0, 0.0)]
     for name in (*HIDDEN, READOUT):
-        assert f"nfa/{name}/spectrum" in histograms
+        # the readout's G = I: its spectrum would be all ones, so it is not logged
+        assert (f"nfa/{name}/spectrum" in histograms) == (name != READOUT)
         assert f"nfa/{name}/matrices" in images
         assert [e.step for e in events.Images(f"nfa/{name}/matrices")] == [0, 10, 12]
     spectrum = events.Histograms("nfa/net.2/spectrum")[-1].histogram_value
     assert spectrum.num == 50  # rank of the 50×100 weight: one eigenvalue per direction of range(W)
     image = events.Images("nfa/net.0/matrices")[0]
-    assert image.width > 3 * image.height > 0  # WᵀW, AGOP, AGOP^½ side by side
+    assert image.width > 3 * (image.height - 2 * TITLE_HEIGHT) > 0  # WᵀW, AGOP, AGOP^½ side by side, titled
     assert len(list(tmp_path.rglob("events.out.tfevents*"))) == 1
     # the custom-scalar layout (one event) charts every scalar logged, each layer's pearson beside its null
     layout = layout_pb2.Layout()
@@ -391,7 +393,12 @@ def test_written_images_are_pixel_identical_to_the_images_the_callback_drew_befo
             _pixels(written.encoded_image_string),
         )
         side = weight.shape[1] * math.ceil(128 / weight.shape[1])  # d×d panels enlarged to ≥ 128 pixels
-        assert written_pixels.shape == expected_pixels.shape == (side, 3 * side + 2 * 4, 3)
+        assert expected_pixels.shape == (side, 3 * side + 2 * 4, 3)
+        # the panels sit between a title band and a colour-scale band, each TITLE_HEIGHT rows
+        assert written_pixels.shape == (side + 2 * TITLE_HEIGHT, 3 * side + 2 * 4, 3)
+        for band in (written_pixels[:TITLE_HEIGHT], written_pixels[-TITLE_HEIGHT:]):
+            assert (band < 128).any(), "a title or scale band holds no text"
+        written_pixels = written_pixels[TITLE_HEIGHT : TITLE_HEIGHT + side]
         assert np.array_equal(written_pixels, expected_pixels), name
         # a real picture: red (positive) and blue (negative) entries, not a blank
         assert (written_pixels[..., 2] < 128).any() and (written_pixels[..., 0] < 128).any()

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from learnscope import contract
 from learnscope._compat import logger_prefix, summary_file_writer
-from learnscope.render import heatmap_panels
+from learnscope.render import labelled_panels
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -110,13 +110,14 @@ def tensor_summary(tensors: Mapping[str, Tensor]) -> Any:
 
 
 def log_images(trainer: pl.Trainer, images: Mapping[str, Mapping[str, Tensor]], step: int) -> None:
-    """Draw each tag's matrices side by side (:func:`learnscope.render.heatmap_panels`, in
-    the mapping's order) and ``add_image`` it on every TensorBoard writer (rank zero only)."""
+    """Draw each tag's matrices side by side with their titles and colour scale
+    (:func:`learnscope.render.labelled_panels`, in the mapping's order) and ``add_image`` it
+    on every TensorBoard writer (rank zero only)."""
     writers = tensorboard_writers(trainer)
     if not writers:
         return
     for tag, matrices in images.items():
-        image = heatmap_panels(list(matrices.values()))
+        image = labelled_panels(matrices)
         for writer in writers:
             writer.add_image(tag, image, global_step=step, dataformats="CHW")
 

@@ -554,7 +554,9 @@ class NeuralFeatureAnsatz(ProbeCallback):
         spectra: dict[str, Tensor] = {}
         matrices: dict[str, dict[str, Tensor]] = {}
         for name, gram in grams.items():
-            metrics[name], spectra[name] = self._layer_metrics(name, weights[name], gram)
+            metrics[name], spectrum = self._layer_metrics(name, weights[name], gram)
+            if name != self._readout:  # the readout's G = I: its spectrum is all ones, nothing to read
+                spectra[name] = spectrum
             if draw and weights[name].shape[1] <= IMAGE_MAX_INPUT_DIM:
                 matrices[name] = feature_matrices(weights[name], gram, alphas=self.alphas)
         return NFARecord(
