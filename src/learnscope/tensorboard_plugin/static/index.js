@@ -131,9 +131,11 @@ function sortLayers(layers) {
   return copy.sort((a, b) => (a.total ?? Infinity) - (b.total ?? Infinity)); // most helped first
 }
 
-function stepRange(columns, i) {
+// windowSteps > 1: each point written is a logging window's sum, written at its last step
+function stepRange(columns, i, windowSteps = 1) {
   const first = columns.first[i];
   const last = columns.last[i];
+  if (windowSteps > 1) return first === last ? `window ending at step ${first}` : `windows ending at steps ${first}–${last}`;
   return first === last ? `step ${first}` : `steps ${first}–${last}`;
 }
 
@@ -224,7 +226,8 @@ function drawLca(view) {
     ? `${n} columns over steps ${columns.first[0]}–${columns.last[n - 1]}: each column is the SUM of the allocations of its points ` +
       `${w > 1 ? `(each point a logging window of ${w} measured steps, summed) ` : ""}(cumulative: value at the column's last step; helped fraction: mean).`
     : w > 1
-      ? `${n} columns, one column per logging window of ${w} measured steps (window sums; the window's last step is shown; ` +
+      ? `${n} columns, one column per logging window of ${w} measured steps (window sums; a window cut short by a ` +
+        `checkpoint or the end of the fit holds fewer; each column at its window's last step, ` +
         `steps ${columns.first[0] ?? "–"}–${columns.last[n - 1] ?? "–"}).`
       : `${n} measured steps, one column per step (steps ${columns.first[0] ?? "–"}–${columns.last[n - 1] ?? "–"}).`;
   const table = el("table", { class: "layers lca" });
@@ -240,7 +243,7 @@ function drawLca(view) {
     banner(data.health, data.layers),
     el("h3", {}, `Loss Change Allocation: ${layers.length} of ${data.layers.length} layers`),
     el("p", { class: "note" }, note),
-    scaleLegend(scale, "per-step LCA (loss): blue = helped (lowered the loss), red = hurt; colours clipped at the 99th percentile ±"),
+    scaleLegend(scale, `${w > 1 ? "per-window" : "per-step"} LCA (loss): blue = helped (lowered the loss), red = hurt; colours clipped at the 99th percentile ±`),
     partsLegend(data.parts),
     table,
     axis,
@@ -263,7 +266,7 @@ function lcaRow(layer, columns, scale, partScale, view) {
   ctx.putImageData(image, 0, 0);
   canvas.addEventListener("mousemove", (event) => {
     const i = Math.min(layer.per_step.length - 1, Math.floor(event.offsetX / canvas.clientWidth * layer.per_step.length));
-    showTip(event, `${layer.name}, ${stepRange(columns, i)}\nLCA ${fmt(layer.per_step[i])}  cumulative ${fmt(layer.cumulative[i])}` +
+    showTip(event, `${layer.name}, ${stepRange(columns, i, view.lca.window_steps)}\nLCA ${fmt(layer.per_step[i])}  cumulative ${fmt(layer.cumulative[i])}` +
       `\nhelped fraction ${percent(layer.helped[i])}`);
   });
   canvas.addEventListener("mouseleave", hideTip);
@@ -393,7 +396,7 @@ function drawUnitsSection(view) {
   const select = el("select", { class: "ls-unit-layer" }, ...view.info.units.map((m) => el("option", { value: m }, m)));
   select.value = view.unitLayer;
   select.addEventListener("change", () => { view.unitLayer = select.value; draw(document.querySelector("main")); });
-  box.append(el("h4", {}, "Per-unit allocation (unit × step) of ", select));
+  box.append(el("h4", {}, "Per-unit allocation (unit × point written) of ", select));
   const holder = el("div", {}, el("p", { class: "empty" }, "loading…"));
   box.append(holder);
   const key = `units:${view.unitLayer}`;
@@ -422,7 +425,7 @@ function unitHeatmap(data) {
   const what = data.units_per_row > 1 ? `${rows.length} rows of ${data.units_per_row} adjacent units (summed)` : `${data.units} units (rows, unit 0 on top)`;
   return [
     el("p", { class: "note" }, `${what} × ${n} columns${data.columns.downsampled ? " (each the sum of its steps)" : ""}; ` +
-      `${data.steps_read} steps read: TensorBoard keeps a sample of a tensor series' steps unless started with ` +
+      `${data.steps_read} points read (one per step or logging window as written): TensorBoard keeps a sample of a tensor series' steps unless started with ` +
       "--samples_per_plugin learnscope=0."),
     scaleLegend(scale, "per-unit LCA (loss), clipped at ±"),
     canvas,
