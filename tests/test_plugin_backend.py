@@ -262,3 +262,77 @@ def test_responses_are_gzipped_json_without_nan(client):
     assert response.headers["Content-Encoding"] == "gzip"
     text = gzip.decompress(response.get_data()).decode()
     json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+
+# ---------- a real run: two LCA callbacks (lca, lca_val), NFA, windows, unit tensors ----------
+REAL_STEPS, REAL_EVERY = 23, 5
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A real tiny fit on digits: ``lca`` (unit allocations), ``lca_val`` and ``nfa``,
+    per-layer series once per logging window of 5 steps, 23 steps."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("sklearn")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    import learnscope
+    import models
+
+    root = tmp_path_factory.mktemp("plugin_real")
+    callbacks = [
+        learnscope.LossChangeAllocation(probe_size=64, unit_allocations=True),
+        learnscope.LossChangeAllocation(name="lca_val", probe_size=64),
+        learnscope.NeuralFeatureAnsatz(every_n_steps=10, probe_size=64, images=False),
+    ]
+    model = models.Classifier(models.mlp((64, 12, 10)))
+    logger = TensorBoardLogger(root, name="mlp", version=0)
+    models.trainer(callbacks, [logger], max_steps=REAL_STEPS, log_every_n_steps=REAL_EVERY).fit(
+        model, models.digits_loader(batch_size=32, n=256)
+    )
+    return root, events(root / "mlp" / "version_0")
+
+
+def test_every_callback_root_is_a_section_with_the_event_file_totals(real_run):
+    root, accumulator = real_run
+    client = serve(root)[0]
+    sections = {s["name"]: s for s in get_json(client, "runs")["runs"]}
+    assert set(sections) == {"mlp/version_0", "mlp/version_0 · lca_val"}
+    main, val = sections["mlp/version_0"], sections["mlp/version_0 · lca_val"]
+    assert (main["root"], val["root"]) == ("lca", "lca_val") and main["roots"] == ["lca", "nfa"]
+    assert main["nfa"] and not val["nfa"] and main["units"] and not val["units"]
+    for section in (main, val):
+        view = get_json(client, "lca", run=section["run"], root=section["root"])
+        for layer in view["layers"]:
+            tag = f"{section['root']}/layer_cumulative/{layer['name']}"
+            assert layer["total"] == pytest.approx(scalar_series(accumulator, tag)[1][-1], rel=1e-6)
+    for route in ("lca", "nfa", "units"):
+        response = client.get(
+            f"{ROUTE}/{route}", query_string={"run": "mlp/version_0", "root": "lca_test", "layer": "x"}
+        )
+        assert response.status_code == 400 and b"unknown root" in response.get_data()
+
+
+def test_windowed_columns_are_the_event_file_window_sums(real_run):
+    root, accumulator = real_run
+    view = get_json(serve(root)[0], "lca", run="mlp/version_0", root="lca")
+    steps, windows = scalar_series(accumulator, "lca/window_steps")
+    assert view["window_steps"] == REAL_EVERY == max(windows) and sum(windows) == REAL_STEPS
+    assert view["columns"]["first"] == steps and not view["columns"]["downsampled"]
+    for layer in view["layers"]:
+        tag_steps, values = scalar_series(accumulator, f"lca/layer/{layer['name']}")
+        assert tag_steps == steps
+        np.testing.assert_allclose(layer["per_step"], values, rtol=1e-6)
+    # the page says what a column is
+    js = (Path(__file__).resolve().parent.parent / "src/learnscope/tensorboard_plugin/static/index.js").read_text()
+    assert "one column per logging window of ${w} measured steps (window sums" in js
+
+
+def test_units_from_a_real_run_are_the_callbacks_unit_tensors(real_run):
+    root, accumulator = real_run
+    client = serve(root)[0]
+    data = get_json(client, "units", run="mlp/version_0", root="lca", layer="net.0")
+    found = accumulator.Tensors("lca/unit/net.0")
+    expected = np.array([tensor_util.make_ndarray(e.tensor_proto) for e in found]).T
+    assert data["units"] == 12 and data["columns"]["last"] == [e.step for e in found]
+    np.testing.assert_allclose(data["values"], expected, rtol=1e-6)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import re
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,6 +60,7 @@ __all__ = [
     "TagFamily",
     "TagMatch",
     "ablation_corner",
+    "callback_roots",
     "families",
     "family",
     "markdown_table",
@@ -462,6 +463,34 @@ def parse_tag(tag: str, roots: Mapping[str, str | None] | None = None) -> TagMat
 
 _DEFAULT_WRITERS = {root: writer for writer, root in DEFAULT_ROOTS.items()}
 _BY_WRITER: dict[str, tuple[TagFamily, ...]] = {writer: families(writer) for writer in WRITERS}
+# A root is a callback's when it logged one of these run-level tags.
+_ROOT_MARKS = {
+    "lca": tuple(_BY_NAME[name].run_metric for name in ("lca_total", "lca_splits")),
+    "nfa": (_BY_NAME["nfa_skipped"].run_metric,),
+}
+
+
+def callback_roots(scalar_tags: Collection[str]) -> tuple[list[str], list[str]]:
+    """The tag roots (``name=``) of the LossChangeAllocation and of the NeuralFeatureAnsatz
+    callbacks that wrote a run, each list with the default root first, then in
+    first-written order.
+
+    A root is a callback's when the run holds one of its run-level scalars
+    (``{root}/total`` or ``{root}/splits`` for LCA, ``{root}/skipped`` for NFA).
+
+    Args:
+        scalar_tags: the run's scalar tags, in the order they were first written.
+    """
+    firsts = list(dict.fromkeys(tag.split("/", 1)[0] for tag in scalar_tags if "/" in tag))
+
+    def marked(root: str, writer: str) -> bool:
+        return any(f"{root}/{metric}" in scalar_tags for metric in _ROOT_MARKS[writer])
+
+    lca = [r for r in firsts if marked(r, "lca")]
+    nfa = [r for r in firsts if marked(r, "nfa") and r not in lca]
+    lca.sort(key=lambda r: r != DEFAULT_ROOTS["lca"])
+    nfa.sort(key=lambda r: r != DEFAULT_ROOTS["nfa"])
+    return lca, nfa
 
 
 def ablation_corner(data: str, rule: str) -> str:

@@ -695,7 +695,7 @@ def _read_sections(name: str, path: Path, event_files: list[Path], progress=None
         if progress is not None:
             progress.update(event_file.stat().st_size)
     raw = _merge_raw(raws)
-    lca_roots, nfa_roots = _section_roots(raw)
+    lca_roots, nfa_roots = contract.callback_roots(raw.scalars)
     others = [(root, "lca") for root in lca_roots[1:]] + [(root, "nfa") for root in nfa_roots[1:]]
     # A default root that no callback of its kind owns still holds learnscope tags (a run
     # with only lca/layer/... tags is an LCA run); beside another root of its kind its
@@ -711,27 +711,6 @@ def _read_sections(name: str, path: Path, event_files: list[Path], progress=None
         section.roots = (root,)
         sections.append(section)
     return sections
-
-
-# A root is a callback's when it logged one of these run-level tags.
-_ROOT_MARKS = {
-    "lca": tuple(contract.family(name).run_metric for name in ("lca_total", "lca_splits")),
-    "nfa": (contract.family("nfa_skipped").run_metric,),
-}
-
-
-def _section_roots(raw: _RawRun) -> tuple[list[str], list[str]]:
-    """The LCA and NFA tag roots of a run, the default one first, then in first-written order."""
-    firsts = list(dict.fromkeys(tag.split("/", 1)[0] for tag in raw.scalars if "/" in tag))
-
-    def marked(root: str, writer: str) -> bool:
-        return any(f"{root}/{metric}" in raw.scalars for metric in _ROOT_MARKS[writer])
-
-    lca = [r for r in firsts if marked(r, "lca")]
-    nfa = [r for r in firsts if marked(r, "nfa") and r not in lca]
-    lca.sort(key=lambda r: r != contract.DEFAULT_ROOTS["lca"])
-    nfa.sort(key=lambda r: r != contract.DEFAULT_ROOTS["nfa"])
-    return lca, nfa
 
 
 def _warn_unrecognised(sections: Iterable[RunRecords]) -> None:

@@ -3,15 +3,18 @@
 Routes, under ``/data/plugin/learnscope/``:
 
 * ``index.js``, ``style.css``: the frontend (fixed names, package data; no path parameter);
-* ``runs``: the runs holding learnscope tags, with their LCA modules and NFA layers;
-* ``lca?run=R``: the LCA view of run R (see :meth:`Reader.lca`);
-* ``nfa?run=R``: the NFA view;
-* ``units?run=R&layer=M``: module M's per-unit allocations (a units × steps matrix);
-* ``image?run=R&layer=L&step=S``: layer L's matrices image at step S (PNG).
+* ``runs``: the sections of the runs holding learnscope tags (one per learnscope
+  callback: the run's first LCA and NFA roots together, then each further root, e.g.
+  ``LossChangeAllocation(name="lca_val")``), with their LCA modules and NFA layers;
+* ``lca?run=R&root=K``: the LCA view of section K of run R (see :meth:`Reader.lca`);
+  ``root`` may be left out for the run's main section;
+* ``nfa?run=R&root=K``: the NFA view;
+* ``units?run=R&root=K&layer=M``: module M's per-unit allocations (a units × steps matrix);
+* ``image?run=R&root=K&layer=L&step=S``: layer L's matrices image at step S (PNG).
 
 Safety: every route reads only through ``context.data_provider`` with the request's
-experiment id; ``run`` and ``layer`` must be names the provider itself lists for the
-experiment, ``step`` a decimal integer of at most 12 digits. Anything else gets a
+experiment id; ``run``, ``root`` and ``layer`` must be names the provider itself lists
+for the experiment, ``step`` a decimal integer of at most 12 digits. Anything else gets a
 400 with a one-line message (never a traceback).
 """
 
@@ -98,23 +101,27 @@ class LearnscopePlugin(base_plugin.TBPlugin):
     def _runs(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
         runs = [
             {
-                "name": run,
+                "name": run if first else f"{run} · {root}",
+                "run": run,
+                "root": root,
+                "roots": [r for r, writer in index.roots.items() if writer is not None],
                 "lca": index.lca_modules,
                 "nfa": index.nfa_layers,
                 "units": sorted(index.units),
                 "max_step": index.max_step,
             }
-            for run, index in reader.indices().items()
+            for run, sections in reader.indices().items()
+            for first, (root, index) in zip([True, *[False] * len(sections)], sections.items())
         ]
         return {"runs": runs}
 
     def _lca(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
-        run, index = _run(reader, request)
-        return self._view(("lca", reader.experiment_id, run, index.max_step), lambda: reader.lca(run, index))
+        run, root, index = _run(reader, request)
+        return self._view(("lca", reader.experiment_id, run, root, index.max_step), lambda: reader.lca(run, index))
 
     def _nfa(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
-        run, index = _run(reader, request)
-        return self._view(("nfa", reader.experiment_id, run, index.max_step), lambda: reader.nfa(run, index))
+        run, root, index = _run(reader, request)
+        return self._view(("nfa", reader.experiment_id, run, root, index.max_step), lambda: reader.nfa(run, index))
 
     def _view(self, key: tuple[object, ...], compute: Callable[[], dict[str, object]]) -> dict[str, object]:
         """A view computed once per run and last loaded step (a large run's LCA view
@@ -131,12 +138,12 @@ class LearnscopePlugin(base_plugin.TBPlugin):
         return view
 
     def _units(self, reader: Reader, request: wrappers.Request) -> dict[str, object]:
-        run, index = _run(reader, request)
+        run, _, index = _run(reader, request)
         module = _arg(request, "layer", index.units)
         return {"layer": module, **reader.units(run, *index.units[module])}
 
     def _image(self, reader: Reader, request: wrappers.Request) -> bytes:
-        run, index = _run(reader, request)
+        run, _, index = _run(reader, request)
         layer = _arg(request, "layer", index.images)
         step = _arg(request, "step")
         if not (step.isascii() and step.isdigit() and len(step) <= 12):
@@ -160,13 +167,16 @@ def _arg(request: wrappers.Request, name: str, allowed: Collection[str] | None =
     return value
 
 
-def _run(reader: Reader, request: wrappers.Request) -> tuple[str, RunIndex]:
-    """The requested run (one the provider lists with learnscope tags) and its tags."""
+def _run(reader: Reader, request: wrappers.Request) -> tuple[str, str, RunIndex]:
+    """The requested run (one the provider lists with learnscope tags), section (its
+    ``root``; the main one when the parameter is absent) and the section's tags."""
     name = _arg(request, "run")
     indices = reader.indices([name])
     if name not in indices:
         raise BadRequest("unknown run: not a run of this experiment with learnscope tags (see the 'runs' route)")
-    return name, indices[name]
+    sections = indices[name]
+    root = _arg(request, "root", sections) if "root" in request.args else next(iter(sections))
+    return name, root, sections[root]
 
 
 def _static_app(filename: str, content_type: str) -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from tensorboard.data import provider as tb_provider
 
 from learnscope.tensorboard_plugin.columns import Columns, finite
 from learnscope.tensorboard_plugin.health import health
-from learnscope.tensorboard_plugin.tags import RunIndex, index_tags
+from learnscope.tensorboard_plugin.tags import RunIndex, run_sections
 
 __all__ = ["MAX_UNITS", "Reader"]
 
@@ -50,8 +50,10 @@ class Reader:
     def _call(self, method: str, **kwargs: Any) -> Any:
         return getattr(self._provider, method)(self._ctx, experiment_id=self._eid, **kwargs)
 
-    def indices(self, runs: Sequence[str] | None = None) -> dict[str, RunIndex]:
-        """Every run's (or the named runs') learnscope tags, runs without any left out."""
+    def indices(self, runs: Sequence[str] | None = None) -> dict[str, dict[str, RunIndex]]:
+        """Every run's (or the named runs') sections (``{key: RunIndex}``, one per
+        learnscope callback root, :func:`~learnscope.tensorboard_plugin.tags.run_sections`),
+        runs without any left out."""
         where = tb_provider.RunTagFilter(runs=runs)
         scalars = self._call("list_scalars", plugin_name="scalars", run_tag_filter=where)
         images = self._call("list_blob_sequences", plugin_name="images", run_tag_filter=where)
@@ -61,13 +63,16 @@ class Reader:
                 tensors.setdefault(run, []).extend((plugin, tag) for tag in tags)
         indices = {}
         for run in sorted(set(scalars) | set(images) | set(tensors)):
-            index = index_tags(scalars.get(run, {}), images.get(run, {}), tensors.get(run, ()))
-            tags = {
-                tag for series in (*index.lca.values(), index.health, *index.nfa.values()) for tag in series.values()
-            }
-            index.max_step = max((scalars[run][tag].max_step for tag in tags), default=-1)
-            if not index.empty:
-                indices[run] = index
+            sections = run_sections(scalars.get(run, {}), images.get(run, {}), tensors.get(run, ()))
+            for index in sections.values():
+                tags = {
+                    tag
+                    for series in (*index.lca.values(), index.health, *index.nfa.values())
+                    for tag in series.values()
+                }
+                index.max_step = max((scalars[run][tag].max_step for tag in tags), default=-1)
+            if sections:
+                indices[run] = sections
         return indices
 
     def scalars(self, run: str, tags: Sequence[str]) -> dict[str, Series]:
@@ -118,10 +123,21 @@ class Reader:
         return {
             "run": run,
             "columns": columns.as_json(),
+            "window_steps": self.window_steps(run, index),
             "layers": layers,
             "health": health({metric: lasts[tag] for metric, tag in index.health.items() if tag in lasts}, sampled),
             "parts": sorted({part for tags in index.parts.values() for part in tags}),
         }
+
+    def window_steps(self, run: str, index: RunIndex) -> int:
+        """How many measured steps a point of the per-layer series holds: the largest
+        ``{root}/window_steps`` value (a logging window's; the last window of a fit, or
+        one cut by a checkpoint, holds fewer), 1 when the run wrote per-step series."""
+        if index.window_steps is None:
+            return 1
+        values = self.scalars(run, [index.window_steps]).get(index.window_steps, _EMPTY)[1]
+        finite_values = values[np.isfinite(values)]
+        return max(1, int(finite_values.max())) if len(finite_values) else 1
 
     def nfa(self, run: str, index: RunIndex) -> dict[str, object]:
         """The NFA view: per layer its Pearson, null, null SE and excess series, and the

@@ -1,18 +1,21 @@
 """Which learnscope tags a run holds, sorted by what the tab draws.
 
-The tags are parsed with :func:`learnscope.contract.parse_tag` (default roots ``lca``
-and ``nfa``). Standard library and the contract only.
+A run's learnscope callbacks are found by their tag roots
+(:func:`learnscope.contract.callback_roots`, as the offline report does): the first
+LossChangeAllocation root and the first NeuralFeatureAnsatz root form the run's main
+section; every further root (``LossChangeAllocation(name="lca_val")``) is a section of
+its own. Tags are parsed with :func:`learnscope.contract.parse_tag` under those roots.
+Standard library and the contract only.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from learnscope import contract
 
-__all__ = ["HEALTH_METRICS", "NFA_SERIES", "RunIndex", "index_tags"]
+__all__ = ["HEALTH_METRICS", "NFA_SERIES", "RunIndex", "index_tags", "run_sections", "section_roots"]
 
 #: the run-level LCA scalars the health banner reads
 HEALTH_METRICS: tuple[str, ...] = (
@@ -29,14 +32,18 @@ _LAYER_FAMILIES = {
     "lca_layer_cumulative": "cumulative",
     "lca_layer_helped": "helped",
 }
-# Per-unit allocations as one 1-D tensor per module and step (issue #17); matched here
-# as long as the contract still declares the older one-scalar-per-unit family.
-_UNIT_TENSOR = re.compile(r"^lca/unit/(?P<module>[^/]+)$")
+
+
+def _default_roots() -> dict[str, str | None]:
+    return {root: writer for writer, root in contract.DEFAULT_ROOTS.items()}
 
 
 @dataclass
 class RunIndex:
-    """The learnscope tags of one run: ``{module: tag}`` per LCA series, and so on."""
+    """The learnscope tags of one section of a run (one or two callbacks' roots):
+    ``{module: tag}`` per LCA series, and so on."""
+
+    roots: dict[str, str | None] = field(default_factory=_default_roots)  #: root → writer
 
     lca: dict[str, dict[str, str]] = field(default_factory=dict)  #: series → module → tag
     parts: dict[str, dict[str, str]] = field(default_factory=dict)  #: module → part → cumulative tag
@@ -44,6 +51,7 @@ class RunIndex:
     nfa: dict[str, dict[str, str]] = field(default_factory=dict)  #: layer → metric → tag
     images: dict[str, str] = field(default_factory=dict)  #: layer → matrices tag
     units: dict[str, tuple[str, str]] = field(default_factory=dict)  #: module → (plugin, tensor tag)
+    window_steps: str | None = None  #: the ``{root}/window_steps`` tag (absent: per-step series)
     max_step: int = -1  #: the last step of any learnscope scalar TensorBoard has loaded
 
     @property
@@ -59,7 +67,7 @@ class RunIndex:
         return list(dict.fromkeys([*self.nfa, *self.images]))
 
     def add_scalar(self, tag: str) -> None:
-        match = contract.parse_tag(tag)
+        match = contract.parse_tag(tag, self.roots)
         if match is None:
             return
         name, fields = match.family.name, match.fields
@@ -69,31 +77,35 @@ class RunIndex:
             self.parts.setdefault(fields["module"], {})[fields["part"]] = tag
         elif match.family.writer == "lca" and match.family.run_metric in HEALTH_METRICS:
             self.health[match.leaf] = tag
+        elif name == "lca_window_steps":
+            self.window_steps = tag
         elif name in NFA_SERIES:
             self.nfa.setdefault(fields["layer"], {})[match.leaf] = tag
 
     def add_image(self, tag: str) -> None:
-        match = contract.parse_tag(tag)
+        match = contract.parse_tag(tag, self.roots)
         if match is not None and match.family.name == "nfa_matrices":
             self.images[match.fields["layer"]] = tag
 
     def add_tensor(self, plugin: str, tag: str) -> None:
-        match = contract.parse_tag(tag)
-        if match is not None and match.family.kind == "tensor" and "module" in match.fields:
+        match = contract.parse_tag(tag, self.roots)
+        if match is not None and match.family.name == "lca_unit":
             self.units[match.fields["module"]] = (plugin, tag)
-            return
-        found = _UNIT_TENSOR.match(tag) if match is None else None
-        if found is not None:
-            self.units[found["module"]] = (plugin, tag)
 
     @property
     def empty(self) -> bool:
         return not (self.lca or self.nfa or self.images or self.units)
 
 
-def index_tags(scalars: Iterable[str], images: Iterable[str] = (), tensors: Iterable[tuple[str, str]] = ()) -> RunIndex:
-    """The :class:`RunIndex` of a run's scalar tags, image tags and ``(plugin, tag)`` tensors."""
-    index = RunIndex()
+def index_tags(
+    scalars: Iterable[str],
+    images: Iterable[str] = (),
+    tensors: Iterable[tuple[str, str]] = (),
+    roots: Mapping[str, str | None] | None = None,
+) -> RunIndex:
+    """The :class:`RunIndex` of a run's scalar tags, image tags and ``(plugin, tag)`` tensors
+    under ``roots`` (``{root: writer}``; default :data:`learnscope.contract.DEFAULT_ROOTS`)."""
+    index = RunIndex() if roots is None else RunIndex(roots=dict(roots))
     for tag in scalars:
         index.add_scalar(tag)
     for tag in images:
@@ -101,3 +113,34 @@ def index_tags(scalars: Iterable[str], images: Iterable[str] = (), tensors: Iter
     for plugin, tag in tensors:
         index.add_tensor(plugin, tag)
     return index
+
+
+def section_roots(scalars: Collection[str]) -> dict[str, dict[str, str | None]]:
+    """A run's sections: ``{key: {root: writer}}``, the main section first (its key the
+    first of its roots), then one per further callback root (its key that root).
+
+    The main section reads the first LCA and the first NFA root; a default root that no
+    callback of its kind owns is read too (a run with only ``lca/layer/...`` tags is an
+    LCA run), one beside another root of its kind is not (None), as in the report."""
+    lca, nfa = contract.callback_roots(scalars)
+    main: dict[str, str | None] = {"lca": None if lca else "lca", "nfa": None if nfa else "nfa"}
+    main.update({root: "lca" for root in lca[:1]})
+    main.update({root: "nfa" for root in nfa[:1]})
+    key = (lca[:1] or nfa[:1] or ["lca"])[0]
+    sections: dict[str, dict[str, str | None]] = {key: main}
+    sections.update({root: {root: "lca"} for root in lca[1:]})
+    sections.update({root: {root: "nfa"} for root in nfa[1:]})
+    return sections
+
+
+def run_sections(
+    scalars: Collection[str], images: Iterable[str] = (), tensors: Iterable[tuple[str, str]] = ()
+) -> dict[str, RunIndex]:
+    """``{key: RunIndex}`` of each section of a run (:func:`section_roots`) that holds tags."""
+    images, tensors = list(images), list(tensors)
+    out = {}
+    for key, roots in section_roots(scalars).items():
+        index = index_tags(scalars, images, tensors, roots)
+        if not index.empty:
+            out[key] = index
+    return out

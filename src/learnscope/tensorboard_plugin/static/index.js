@@ -131,9 +131,11 @@ function sortLayers(layers) {
   return copy.sort((a, b) => (a.total ?? Infinity) - (b.total ?? Infinity)); // most helped first
 }
 
-function stepRange(columns, i) {
+// windowSteps > 1: each point written is a logging window's sum, written at its last step
+function stepRange(columns, i, windowSteps = 1) {
   const first = columns.first[i];
   const last = columns.last[i];
+  if (windowSteps > 1) return first === last ? `window ending at step ${first}` : `windows ending at steps ${first}–${last}`;
   return first === last ? `step ${first}` : `steps ${first}–${last}`;
 }
 
@@ -164,8 +166,8 @@ async function refresh(main) {
   await Promise.all(state.selected.filter((run) => !state.views.has(run)).map(async (run) => {
     const info = state.runs.find((r) => r.name === run);
     const [lca, nfa] = await Promise.all([
-      info.lca.length ? getJSON(query("lca", { run })) : null,
-      info.nfa.length ? getJSON(query("nfa", { run })) : null,
+      info.lca.length ? getJSON(query("lca", { run: info.run, root: info.root })) : null,
+      info.nfa.length ? getJSON(query("nfa", { run: info.run, root: info.root })) : null,
     ]);
     state.views.set(run, { info, lca, nfa, unitLayer: info.units[0] ?? null });
   }));
@@ -187,7 +189,7 @@ function draw(main) {
 function drawRun(run, view) {
   const section = el("section", { class: "run", "data-run": run }, el("h2", {}, run));
   if (view.lca) section.append(...drawLca(view));
-  if (view.nfa) section.append(...drawNfa(run, view.nfa));
+  if (view.nfa) section.append(...drawNfa(view.info, view.nfa));
   return section;
 }
 
@@ -219,13 +221,18 @@ function drawLca(view) {
   const n = columns.first.length;
   const scale = robustMax(layers.map((l) => l.per_step));
   const partScale = Math.max(1e-30, ...layers.map((l) => Object.values(l.parts).reduce((s, v) => s + Math.abs(v ?? 0), 0)));
+  const w = data.window_steps ?? 1;
   const note = columns.downsampled
-    ? `${n} columns over steps ${columns.first[0]}–${columns.last[n - 1]}: each column is the SUM of the allocations of its steps ` +
-      "(cumulative: value at the column's last step; helped fraction: mean)."
-    : `${n} measured steps, one column each (steps ${columns.first[0] ?? "–"}–${columns.last[n - 1] ?? "–"}).`;
+    ? `${n} columns over steps ${columns.first[0]}–${columns.last[n - 1]}: each column is the SUM of the allocations of its points ` +
+      `${w > 1 ? `(each point a logging window of ${w} measured steps, summed) ` : ""}(cumulative: value at the column's last step; helped fraction: mean).`
+    : w > 1
+      ? `${n} columns, one column per logging window of ${w} measured steps (window sums; a window cut short by a ` +
+        `checkpoint or the end of the fit holds fewer; each column at its window's last step, ` +
+        `steps ${columns.first[0] ?? "–"}–${columns.last[n - 1] ?? "–"}).`
+      : `${n} measured steps, one column per step (steps ${columns.first[0] ?? "–"}–${columns.last[n - 1] ?? "–"}).`;
   const table = el("table", { class: "layers lca" });
   const head = el("tr", {}, el("th", {}, "layer"), el("th", {}, "cumulative LCA"), el("th", {}, "helped (mean)"),
-    el("th", {}, "parts (cumulative)"), el("th", {}, `LCA per step (step s: θ_s → θ_{s+1})`));
+    el("th", {}, "parts (cumulative)"), el("th", {}, w > 1 ? `LCA per logging window (sum over its steps)` : `LCA per step (step s: θ_s → θ_{s+1})`));
   table.append(el("thead", {}, head));
   const body = el("tbody");
   for (const layer of layers) body.append(lcaRow(layer, columns, scale, partScale, view));
@@ -236,7 +243,7 @@ function drawLca(view) {
     banner(data.health, data.layers),
     el("h3", {}, `Loss Change Allocation: ${layers.length} of ${data.layers.length} layers`),
     el("p", { class: "note" }, note),
-    scaleLegend(scale, "per-step LCA (loss): blue = helped (lowered the loss), red = hurt; colours clipped at the 99th percentile ±"),
+    scaleLegend(scale, `${w > 1 ? "per-window" : "per-step"} LCA (loss): blue = helped (lowered the loss), red = hurt; colours clipped at the 99th percentile ±`),
     partsLegend(data.parts),
     table,
     axis,
@@ -259,7 +266,7 @@ function lcaRow(layer, columns, scale, partScale, view) {
   ctx.putImageData(image, 0, 0);
   canvas.addEventListener("mousemove", (event) => {
     const i = Math.min(layer.per_step.length - 1, Math.floor(event.offsetX / canvas.clientWidth * layer.per_step.length));
-    showTip(event, `${layer.name}, ${stepRange(columns, i)}\nLCA ${fmt(layer.per_step[i])}  cumulative ${fmt(layer.cumulative[i])}` +
+    showTip(event, `${layer.name}, ${stepRange(columns, i, view.lca.window_steps)}\nLCA ${fmt(layer.per_step[i])}  cumulative ${fmt(layer.cumulative[i])}` +
       `\nhelped fraction ${percent(layer.helped[i])}`);
   });
   canvas.addEventListener("mouseleave", hideTip);
@@ -389,11 +396,11 @@ function drawUnitsSection(view) {
   const select = el("select", { class: "ls-unit-layer" }, ...view.info.units.map((m) => el("option", { value: m }, m)));
   select.value = view.unitLayer;
   select.addEventListener("change", () => { view.unitLayer = select.value; draw(document.querySelector("main")); });
-  box.append(el("h4", {}, "Per-unit allocation (unit × step) of ", select));
+  box.append(el("h4", {}, "Per-unit allocation (unit × point written) of ", select));
   const holder = el("div", {}, el("p", { class: "empty" }, "loading…"));
   box.append(holder);
   const key = `units:${view.unitLayer}`;
-  const ready = view[key] ?? (view[key] = getJSON(query("units", { run: view.info.name, layer: view.unitLayer })));
+  const ready = view[key] ?? (view[key] = getJSON(query("units", { run: view.info.run, root: view.info.root, layer: view.unitLayer })));
   ready.then((data) => holder.replaceChildren(...unitHeatmap(data))).catch((error) => holder.replaceChildren(el("p", { class: "empty" }, error.message)));
   return box;
 }
@@ -418,7 +425,7 @@ function unitHeatmap(data) {
   const what = data.units_per_row > 1 ? `${rows.length} rows of ${data.units_per_row} adjacent units (summed)` : `${data.units} units (rows, unit 0 on top)`;
   return [
     el("p", { class: "note" }, `${what} × ${n} columns${data.columns.downsampled ? " (each the sum of its steps)" : ""}; ` +
-      `${data.steps_read} steps read: TensorBoard keeps a sample of a tensor series' steps unless started with ` +
+      `${data.steps_read} points read (one per step or logging window as written): TensorBoard keeps a sample of a tensor series' steps unless started with ` +
       "--samples_per_plugin learnscope=0."),
     scaleLegend(scale, "per-unit LCA (loss), clipped at ±"),
     canvas,
@@ -428,7 +435,7 @@ function unitHeatmap(data) {
 
 // ---------- NFA ----------
 
-function drawNfa(run, data) {
+function drawNfa(info, data) {
   const keep = matcher();
   const layers = data.layers.filter((l) => keep(l.name)).sort(byName);
   const alphas = [...new Set(data.layers.flatMap((l) => Object.keys(l.series)).filter((m) => m.startsWith("pearson_a")).map((m) => m.slice(9)))]
@@ -439,7 +446,7 @@ function drawNfa(run, data) {
     ...alphas.map((a) => el("th", {}, `excess α=${a} (last)`)), el("th", {}, "matrices"))));
   const body = el("tbody");
   const shown = state.allNfa ? layers : layers.slice(0, NFA_ROWS);
-  for (const layer of shown) body.append(nfaRow(run, layer, alphas));
+  for (const layer of shown) body.append(nfaRow(info, layer, alphas));
   table.append(body);
   const more = el("button", { class: "more" }, `show all ${layers.length} layers`);
   more.addEventListener("click", () => { state.allNfa = true; draw(document.querySelector("main")); });
@@ -454,7 +461,7 @@ function drawNfa(run, data) {
   ];
 }
 
-function nfaRow(run, layer, alphas) {
+function nfaRow(info, layer, alphas) {
   const row = el("tr", { class: "ls-nfa-row", "data-layer": layer.name }, el("td", { class: "name", title: layer.name }, layer.name));
   for (const a of alphas) row.append(el("td", {}, nfaChart(layer.series, a)));
   for (const a of alphas) {
@@ -464,7 +471,7 @@ function nfaRow(run, layer, alphas) {
     const spread = se ? ` ± ${fmt(1.96 * se.values[se.values.length - 1], 2)}` : "";
     row.append(el("td", { class: "num", "data-alpha": a }, last === null ? "–" : `${fmt(last, 3)}${spread}`));
   }
-  row.append(el("td", { class: "nfa-image" }, layer.image_steps.length ? imagePicker(run, layer) : el("span", { class: "empty" }, "none")));
+  row.append(el("td", { class: "nfa-image" }, layer.image_steps.length ? imagePicker(info, layer) : el("span", { class: "empty" }, "none")));
   return row;
 }
 
@@ -512,15 +519,15 @@ function polyline(series, sx, sy, colour, dash) {
   return line;
 }
 
-function imagePicker(run, layer) {
+function imagePicker(info, layer) {
   const steps = layer.image_steps;
   const select = el("select", {}, ...steps.map((s) => el("option", { value: String(s) }, `weights after ${s} updates`)));
   select.value = String(steps[steps.length - 1]);
-  const img = el("img", { alt: `nfa/${layer.name}/matrices`, loading: "lazy" });
+  const img = el("img", { alt: `${layer.name} matrices`, loading: "lazy" });
   const caption = el("figcaption");
   const show = () => {
-    img.src = query("image", { run, layer: layer.name, step: select.value });
-    caption.textContent = `nfa/${layer.name}/matrices at step ${select.value}: WᵀW, then AGOP^α for each α (panels as logged)`;
+    img.src = query("image", { run: info.run, root: info.root, layer: layer.name, step: select.value });
+    caption.textContent = `${layer.name} matrices at step ${select.value}: WᵀW, then AGOP^α for each α (panels as logged)`;
   };
   select.addEventListener("change", show);
   show();
