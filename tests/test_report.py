@@ -269,6 +269,18 @@ def test_reader_splices_a_resumed_run_without_double_counting(tmp_path):
     assert series.sum() == 6 * 1.0 + 6 * 2.0
 
 
+def test_event_files_are_read_in_creation_order_when_writer_counters_gain_a_digit():
+    """torch names event files ...tfevents.<time>.<host>.<pid>.<counter><suffix>: writers 9 and
+    10 created in the same second sort wrongly by name; the reader orders them by number."""
+    from learnscope.report.reader import _creation_order
+
+    names = ["events.out.tfevents.1700000001.host.a.12.9.a", "events.out.tfevents.1700000001.host.a.12.10.b"]
+    assert sorted(names) == names[::-1]  # the bug a name sort has
+    assert sorted((Path(n) for n in names), key=_creation_order) == [Path(n) for n in names]
+    earlier = Path("events.out.tfevents.999999999.host.1.10")
+    assert sorted([Path(names[0]), earlier], key=_creation_order)[0] == earlier
+
+
 @pytest.mark.parametrize(
     ("tag", "family", "fields"),
     [

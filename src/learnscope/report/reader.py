@@ -32,6 +32,7 @@ alphabetical: ``net.2`` before ``net.10``).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -350,16 +351,28 @@ def _is_event_file(name: str) -> bool:
     return "tfevents" in name
 
 
+def _creation_order(path: Path) -> tuple[int, list[int | str], str]:
+    """Sort key of an event file in creation order: its name is
+    ``events.out.tfevents.<unix time>.<host>.<pid>.<writer counter><suffix>``, so compare
+    the time as a number, then the rest with its numbers as numbers (a plain name sort
+    puts writer 10 before writer 9 when both were created in the same second)."""
+    found = re.match(r"events\.out\.tfevents\.(\d+)\.(.*)", path.name)
+    if found is None:
+        return (0, [], path.name)
+    rest = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", found.group(2))]
+    return (int(found.group(1)), rest, path.name)
+
+
 def find_runs(logdir: str | os.PathLike[str]) -> dict[str, list[Path]]:
     """Event files below ``logdir`` grouped by run directory (name relative to
-    ``logdir``, ``"."`` for ``logdir`` itself), files sorted by name, which
-    starts with the creation time. ``logdir`` may also be one event file."""
+    ``logdir``, ``"."`` for ``logdir`` itself), files in creation order (the time,
+    then the writer counter, in their names). ``logdir`` may also be one event file."""
     root = Path(logdir)
     if root.is_file():
         return {root.name: [root]} if _is_event_file(root.name) else {}
     runs: dict[str, list[Path]] = {}
     for directory, _, files in sorted(os.walk(root)):
-        event_files = sorted(Path(directory) / f for f in files if _is_event_file(f))
+        event_files = sorted((Path(directory) / f for f in files if _is_event_file(f)), key=_creation_order)
         if event_files:
             runs[Path(directory).relative_to(root).as_posix()] = event_files
     return dict(sorted(runs.items()))
