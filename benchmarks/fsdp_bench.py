@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from learnscope import LossChangeAllocation
+from memory_bench import peak_of_events
 
 INPUTS, CLASSES, SAMPLES, PROBE, BATCH = 256, 10, 4096, 256, 64
 
@@ -111,16 +112,7 @@ def peak_bytes_outside_fsdp(fn) -> int:
         if size < 0 or (size > 0 and not in_fsdp):  # every free; allocations outside FSDP's collectives
             events.append((node.start_time_ns, size, int(node.extra_fields.ptr)))
         stack.extend((child, in_fsdp) for child in node.children)
-    live: dict[int, int] = {}
-    total = peak = 0
-    for _, size, ptr in sorted(events):
-        if size > 0:
-            live[ptr] = size
-            total += size
-            peak = max(peak, total)
-        elif ptr in live:
-            total -= live.pop(ptr)
-    return peak
+    return peak_of_events(events)
 
 
 class MeasuredLCA(LossChangeAllocation):

@@ -44,10 +44,16 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
             fields = node.extra_fields
             events.append((node.start_time_ns, int(fields.alloc_size), int(fields.ptr)))
         stack.extend(node.children)
-    events.sort()
+    return peak_of_events(events)
+
+
+def peak_of_events(events: list[tuple[int, int, int]]) -> int:
+    """The peak of live bytes over ``(time, size, address)`` allocator events (size < 0: a
+    free), each free matched to its allocation by address (frees of blocks allocated
+    before the events began are ignored)."""
     live: dict[int, int] = {}
     total = peak = 0
-    for _, size, ptr in events:
+    for _, size, ptr in sorted(events):
         if size > 0:
             live[ptr] = size
             total += size

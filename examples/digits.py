@@ -26,17 +26,20 @@ from cli import DigitsClassifier  # the example model (examples/cli.py), unaware
 from learnscope.report.cli import main as report_main
 
 
-def digits_loaders(batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+def digits_data(n_train: int = 1400) -> tuple[TensorDataset, TensorDataset]:
+    """Standardised 8×8 digits, a fixed random split into training and held-out sets."""
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
     y = torch.tensor(data.target)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, val = order[:1400], order[1400:]
-    return (
-        DataLoader(TensorDataset(x[train], y[train]), batch_size=batch_size, shuffle=True),
-        DataLoader(TensorDataset(x[val], y[val]), batch_size=256),
-    )
+    train, held_out = order[:n_train], order[n_train:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[held_out], y[held_out])
+
+
+def digits_loaders(batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+    train, val = digits_data()
+    return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(val, batch_size=256)
 
 
 class EpochProgress(pl.Callback):

@@ -39,10 +39,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from digits import digits_data  # the main job's split (examples/digits.py)
 from learnscope import LossChangeAllocation, NeuralFeatureAnsatz, contract
 from learnscope.report import figures
 from learnscope.report.reader import RunRecords, read_logdir
@@ -64,17 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- data, models
-
-
-def digits_data(n_train: int = 1400) -> tuple[TensorDataset, TensorDataset]:
-    """Standardised 8×8 digits, a fixed random split into training and held-out sets."""
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, held_out = order[:n_train], order[n_train:]
-    return TensorDataset(x[train], y[train]), TensorDataset(x[held_out], y[held_out])
 
 
 def fc_net() -> nn.Module:
