@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import re
 import string
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,6 +63,7 @@ __all__ = [
     "callback_roots",
     "families",
     "family",
+    "main_section_roots",
     "markdown_table",
     "nfa_metric",
     "nfa_metric_names",
@@ -491,6 +492,20 @@ def callback_roots(scalar_tags: Collection[str]) -> tuple[list[str], list[str]]:
     lca.sort(key=lambda r: r != DEFAULT_ROOTS["lca"])
     nfa.sort(key=lambda r: r != DEFAULT_ROOTS["nfa"])
     return lca, nfa
+
+
+def main_section_roots(lca_roots: Sequence[str], nfa_roots: Sequence[str]) -> dict[str, str | None]:
+    """``{root: writer}`` of a run's main section, from :func:`callback_roots`' lists: the
+    first LCA and the first NFA root. A default root that no callback of its kind owns is
+    read too (a run with only ``lca/layer/...`` tags is an LCA run); beside another root of
+    its kind its tags are not read (None). The further roots are sections of their own."""
+    main: dict[str, str | None] = {
+        DEFAULT_ROOTS["lca"]: None if lca_roots else "lca",
+        DEFAULT_ROOTS["nfa"]: None if nfa_roots else "nfa",
+    }
+    main.update({root: "lca" for root in lca_roots[:1]})
+    main.update({root: "nfa" for root in nfa_roots[:1]})
+    return main
 
 
 def ablation_corner(data: str, rule: str) -> str:

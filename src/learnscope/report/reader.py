@@ -710,12 +710,7 @@ def _read_sections(name: str, path: Path, event_files: list[Path], progress=None
     raw = _merge_raw(raws)
     lca_roots, nfa_roots = contract.callback_roots(raw.scalars)
     others = [(root, "lca") for root in lca_roots[1:]] + [(root, "nfa") for root in nfa_roots[1:]]
-    # A default root that no callback of its kind owns still holds learnscope tags (a run
-    # with only lca/layer/... tags is an LCA run); beside another root of its kind its
-    # tags are not read (None).
-    main: dict[str, str | None] = {"lca": None if lca_roots else "lca", "nfa": None if nfa_roots else "nfa"}
-    main.update({root: "lca" for root in lca_roots[:1]})
-    main.update({root: "nfa" for root in nfa_roots[:1]})
+    main = contract.main_section_roots(lca_roots, nfa_roots)
     files = tuple(event_files)
     sections = [_group(name, path, files, raw, main, ignored={root for root, _ in others})]
     sections[0].roots = tuple((lca_roots[:1] or ["lca"]) + (nfa_roots[:1] or ["nfa"]))

@@ -123,9 +123,7 @@ def section_roots(scalars: Collection[str]) -> dict[str, dict[str, str | None]]:
     callback of its kind owns is read too (a run with only ``lca/layer/...`` tags is an
     LCA run), one beside another root of its kind is not (None), as in the report."""
     lca, nfa = contract.callback_roots(scalars)
-    main: dict[str, str | None] = {"lca": None if lca else "lca", "nfa": None if nfa else "nfa"}
-    main.update({root: "lca" for root in lca[:1]})
-    main.update({root: "nfa" for root in nfa[:1]})
+    main = contract.main_section_roots(lca, nfa)
     key = (lca[:1] or nfa[:1] or ["lca"])[0]
     sections: dict[str, dict[str, str | None]] = {key: main}
     sections.update({root: {root: "lca"} for root in lca[1:]})
