@@ -48,8 +48,13 @@ def _panel(matrix: Tensor, min_panel_pixels: int) -> Tensor:
     values = values / scale if scale > 0 else values
     positive, negative = values.clamp(min=0), (-values).clamp(min=0)
     rgb = torch.stack([1 - negative, 1 - positive - negative, 1 - positive]).clamp(0, 1)
-    factor = max(1, math.ceil(min_panel_pixels / max(values.shape)))
+    factor = _enlargement(values.shape, min_panel_pixels)
     return rgb.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+def _enlargement(shape: Sequence[int], min_panel_pixels: int) -> int:
+    """The integer factor that enlarges a matrix to at least ``min_panel_pixels`` per side."""
+    return max(1, math.ceil(min_panel_pixels / max(shape)))
 
 
 def matrix_title(key: str) -> str:
@@ -77,18 +82,18 @@ def labelled_panels(matrices: Mapping[str, Tensor], *, min_panel_pixels: int = 1
     _, height, width = panels.shape
     canvas = torch.ones(3, height + 2 * TITLE_HEIGHT, width)
     canvas[:, TITLE_HEIGHT : TITLE_HEIGHT + height] = panels
-    _colour_bar(canvas, top=TITLE_HEIGHT + height + 3, left=4, length=min(96, width // 3), height=TITLE_HEIGHT - 6)
+    bar = min(96, width // 3)  # the colour bar's length, from x = 4
+    _colour_bar(canvas, top=TITLE_HEIGHT + height + 3, left=4, length=bar, height=TITLE_HEIGHT - 6)
     # to bytes as TensorBoard's image summary does (× 255, truncated), so the panels keep their pixels
     image = Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).clip(0, 255).astype("uint8"))
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     left = 0
     for key, matrix in matrices.items():
-        side = max(matrix.shape) * max(1, math.ceil(min_panel_pixels / max(matrix.shape)))
+        side = max(matrix.shape) * _enlargement(matrix.shape, min_panel_pixels)
         scale = float(matrix.detach().abs().max())
         draw.text((left + 2, 2), f"{matrix_title(key)}  max|x| {scale:.2g}", fill=(0, 0, 0), font=font)
         left += side + gap
-    bar_end = 4 + min(96, width // 3)
-    draw.text((bar_end + 4, TITLE_HEIGHT + height + 2), "-max .. 0 .. +max (each panel)", fill=(0, 0, 0), font=font)
+    draw.text((4 + bar + 4, TITLE_HEIGHT + height + 2), "-max .. 0 .. +max (each panel)", fill=(0, 0, 0), font=font)
     # + ½: the summary's × 255 and truncation give back exactly these bytes
     return (torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(torch.float32) + 0.5) / 255
 
