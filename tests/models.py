@@ -129,3 +129,13 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def trained_state(make_model, callbacks=(), max_steps: int = 5, n: int = 512) -> dict[str, torch.Tensor]:
+    """Parameters, buffers and optimizer state after ``max_steps`` steps from seed 0 on
+    ``n`` digits, with ``callbacks``: compare runs with and without a probe bitwise."""
+    torch.manual_seed(0)
+    model = make_model()
+    fit = trainer(callbacks=list(callbacks), max_steps=max_steps)
+    fit.fit(model, digits_loader(n=n))
+    return state_of(model, fit.optimizers[0])

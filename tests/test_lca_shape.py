@@ -182,18 +182,16 @@ def test_helped_fraction_histograms_are_written_at_the_histogram_cadence(tmp_pat
 
 
 def test_training_is_bitwise_unchanged_with_parameter_counts():
-    from models import assert_bitwise_equal, state_of
+    from models import assert_bitwise_equal, trained_state
 
-    def run(callbacks):
-        torch.manual_seed(0)
-        model = Classifier(mlp((64, 16, 10)), "sgd", lr=0.1, momentum=0.9)
-        t = trainer(callbacks=callbacks, max_steps=5)
-        t.fit(model, digits_loader(n=512))
-        return state_of(model, t.optimizers[0])
+    def make_model():
+        return Classifier(mlp((64, 16, 10)), "sgd", lr=0.1, momentum=0.9)
 
-    reference = run([])
-    assert_bitwise_equal(reference, run([LossChangeAllocation(probe_size=128, parameter_counts=True)]))
-    assert_bitwise_equal(reference, run([LossChangeAllocation(preset="cheap", parameter_counts=True)]))
+    reference = trained_state(make_model)
+    probed = trained_state(make_model, [LossChangeAllocation(probe_size=128, parameter_counts=True)])
+    assert_bitwise_equal(reference, probed)
+    cheap = trained_state(make_model, [LossChangeAllocation(preset="cheap", parameter_counts=True)])
+    assert_bitwise_equal(reference, cheap)
 
 
 def test_resume_continues_the_parameter_counts(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from learnscope import LossChangeAllocation
-from models import Classifier, MemoryLogger, assert_bitwise_equal, digits_loader, mlp, state_of, trainer
+from models import Classifier, MemoryLogger, assert_bitwise_equal, digits_loader, mlp, trained_state, trainer
 
 #: the tiny BatchNorm MLP's parameter tensors: Linear, BatchNorm1d (γ = weight, β = bias), Linear
 TENSORS = ("net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias")
@@ -100,16 +100,11 @@ def test_no_tensor_tags_without_the_flag():
 
 
 def test_training_is_bitwise_unchanged_with_tensor_series():
-    def run(callbacks):
-        torch.manual_seed(0)
-        model = _model()
-        t = trainer(callbacks=callbacks, max_steps=5)
-        t.fit(model, digits_loader(n=512))
-        return state_of(model, t.optimizers[0])
-
-    reference = run([])
-    assert_bitwise_equal(reference, run([LossChangeAllocation(probe_size=128, tensor_series=True)]))
-    assert_bitwise_equal(reference, run([LossChangeAllocation(preset="cheap", tensor_series=True)]))
+    reference = trained_state(_model)
+    probed = trained_state(_model, [LossChangeAllocation(probe_size=128, tensor_series=True)])
+    assert_bitwise_equal(reference, probed)
+    cheap = trained_state(_model, [LossChangeAllocation(preset="cheap", tensor_series=True)])
+    assert_bitwise_equal(reference, cheap)
 
 
 def _resumable(tmp_path, epochs, ckpt=None):
