@@ -51,7 +51,8 @@ def test_per_draw_values_are_the_pearsons_of_the_rotated_grams_and_give_the_logg
     for i, q in enumerate(rotations):  # the d×d matrices formed: Pearson(WᵀW, (Wᵀ QGQᵀ W)^α)
         for j, alpha in enumerate(alphas):
             expected = reference_pearson(nfm, reference_power(weight.mT @ q @ gram @ q.mT @ weight, alpha))
-            assert float(per_draw[i, j]) == pytest.approx(expected, abs=1e-10)
+            # The null's draws run in float32 (nfa._NULL_DTYPE): a per-draw error far below its 0.01 SE target.
+            assert float(per_draw[i, j]) == pytest.approx(expected, abs=2e-5)
     metrics = nfa_metrics(weight, gram, alphas=alphas, null_draws=draws, generator=torch.Generator().manual_seed(3))
     for j, suffix in enumerate(("a1", "a0.5")):
         values = per_draw[:, j].tolist()
@@ -118,7 +119,7 @@ def test_auto_draws_until_the_true_standard_error_is_below_target(k, d, seed):
     fixed = rotation_null(weight, gram, draws=n, generator=torch.Generator().manual_seed(5))
     assert metrics["null_a1"] == pytest.approx(float(fixed[:, 0].mean()), abs=1e-12)
     auto = rotation_null(weight, gram, generator=torch.Generator().manual_seed(5))
-    assert torch.allclose(auto, fixed, rtol=0, atol=1e-12)  # the same draws, batched differently
+    assert torch.allclose(auto, fixed, rtol=0, atol=2e-5)  # the same draws, batched differently (float32)
     if n < NULL_MAX_DRAWS:
         assert true_std / math.sqrt(n) <= NULL_SE_TARGET
         assert n <= max(NULL_MIN_DRAWS, 4 * (true_std / NULL_SE_TARGET) ** 2)
@@ -127,7 +128,7 @@ def test_auto_draws_until_the_true_standard_error_is_below_target(k, d, seed):
 
 
 def test_auto_stops_at_the_minimum_when_the_spread_is_small():
-    weight, gram = layer(k=50, d=50, seed=5)  # per-draw std ≈ 0.010: 8 draws give SE ≈ 0.004
+    weight, gram = layer(k=50, d=50, seed=5)  # per-draw std ≈ 0.010: the bound from 4 draws, 2.3 × 0.010 / 2, is 0.0115
     assert nfa_metrics(weight, gram)["null_draws"] == NULL_MIN_DRAWS
 
 

@@ -383,7 +383,7 @@ FAMILIES: tuple[TagFamily, ...] = (
          "Standard error of null (and of excess): the draws' sample standard deviation / √(number of draws) "
          "(≥ 2 draws)."),
     _nfa("nfa_null_draws", "{root}/{layer}/null_draws", COUNT,
-         "Haar draws the null used: null_draws, or with null_draws=\"auto\" the draws (8 to 64) taken until "
+         "Haar draws the null used: null_draws, or with null_draws=\"auto\" the draws (4 to 64) taken until "
          "every null_se, with the 90 % upper bound of the draws' std, is ≤ 0.01."),
     _nfa("nfa_excess", "{root}/{layer}/excess_a{alpha}", CORRELATION,
          "pearson − null: the alignment beyond chance, the number to read."),

@@ -89,7 +89,12 @@ NULL_DRAWS: NullDraws = "auto"
 #: The standard error ``null_draws="auto"`` aims for (absolute, in units of Pearson correlation).
 NULL_SE_TARGET = 0.01
 #: The fewest draws ``"auto"`` takes (its first standard error needs a few to mean anything).
-NULL_MIN_DRAWS = 8
+#: A wide layer's null spreads so little that the bound from 4 draws already meets the target.
+NULL_MIN_DRAWS = 4
+# Where "auto" looks next when NULL_MIN_DRAWS were not enough: from 8 draws on, the 90 % bound of
+# the std is ≤ 1.6 × the std, so sizing the remaining draws from it no longer overshoots much
+# (benchmarks/null_draws.py: covered 274 of 280, against 278 with a first look at 8).
+_NULL_SECOND_LOOK = 8
 #: The most draws ``"auto"`` takes; a layer that stops here logs its larger ``null_se``.
 NULL_MAX_DRAWS = 64
 
@@ -769,23 +774,26 @@ def _haar_transpose_times(frame: Tensor, generator: torch.Generator) -> Tensor:
     return _haar_transposes_times(frame, generator, 1)[0]
 
 
-def _haar_transposes_times(frame: Tensor, generator: torch.Generator, draws: int) -> Tensor:
+def _haar_transposes_times(
+    frame: Tensor, generator: torch.Generator, draws: int, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """Q_iᵀ·frame (draws×k×r) for ``draws`` Haar-random Q_i, the draws that ``draws`` successive
     ``haar_orthogonal(k, generator=generator)`` calls would return, without forming Q: one
     batched Householder QR of the draws' Gaussian matrices, its reflectors applied to
     ``frame`` (k×r) and the sign correction Q → Q·diag(sign R_ii) applied to the rows.
     Round-off aside, equal to ``haar_orthogonal(k, generator=generator).mT @ frame`` per
-    draw, in about half the time. The Gaussians are drawn one k×k matrix at a time, so the
-    generator's stream is consumed as by the unbatched draws."""
+    draw, in about half the time. The Gaussians are drawn one k×k float64 matrix at a time,
+    so the generator's stream is consumed as by the unbatched draws; the QR and its
+    application run in ``dtype`` (float32: the same draws to ε₃₂, in about half the time)."""
     k = frame.shape[0]
     device = generator.device if generator is not None else "cpu"
     gaussians = torch.stack(
         [torch.randn(k, k, generator=generator, dtype=torch.float64, device=device) for _ in range(draws)]
-    )
+    ).to(dtype)
     reflectors, tau = torch.geqrf(gaussians)
     signs = torch.sign(torch.diagonal(reflectors, dim1=-2, dim2=-1))
     signs[signs == 0] = 1.0
-    frame_here = frame.to(device=reflectors.device).expand(draws, *frame.shape)
+    frame_here = frame.to(device=reflectors.device, dtype=dtype).expand(draws, *frame.shape)
     rotated = torch.ormqr(reflectors, tau, frame_here, left=True, transpose=True) * signs[..., None]
     return rotated.to(device=frame.device)
 
@@ -808,14 +816,15 @@ def haar_orthogonal_batch(
     return _haar_transposes_times(identity, generator, draws).mT.to(dtype=dtype, device=device)
 
 
-def _psd_eigen_power(matrix: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+def _psd_eigen_power(matrix: Tensor, alpha: float, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(p, E) with M^α = E diag(p) Eᵀ for symmetric PSD M (eigh; batched over leading
-    dimensions); round-off (negative or ≤ r·ε·λ_max of its matrix) eigenvalues → 0."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    dimensions); round-off (negative or ≤ r·ε·λ_max of the eigh's dtype) eigenvalues → 0.
+    ``dtype``: the eigh's precision (default M's); p and E come back in M's dtype."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix if dtype is None else matrix.to(dtype))
     largest = eigenvalues.abs().amax(dim=-1, keepdim=True)
-    cutoff = matrix.shape[-1] * torch.finfo(matrix.dtype).eps * largest
+    cutoff = matrix.shape[-1] * torch.finfo(eigenvalues.dtype).eps * largest
     powered = torch.where(eigenvalues > cutoff, eigenvalues.clamp_min(0) ** alpha, torch.zeros_like(eigenvalues))
-    return powered, eigenvectors
+    return powered.to(matrix.dtype), eigenvectors.to(matrix.dtype)
 
 
 def _psd_power(matrix: Tensor, alpha: float) -> Tensor:
@@ -846,7 +855,7 @@ def _nfa_correlations(s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: floa
 
 
 def _correlation_terms(
-    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float
+    s: Tensor, v: Tensor, compressed_gram: Tensor, alpha: float, eigh_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""(⟨A, B⟩, ‖A‖², ‖B‖², Σ A_ij, Σ B_ij) for NFM A = WᵀW = V S² Vᵀ and AGOP^α B = V M^α Vᵀ,
     M = S UᵀGU S; ``compressed_gram`` (UᵀGU) may carry leading batch dimensions, and so then
@@ -858,20 +867,23 @@ def _correlation_terms(
         Σ A_ij = uᵀXu = Σ_i s_i² u_i²,  Σ B_ij = uᵀYu,
     and Pearson is the cosine of the centred matrices (``_centred_pearson_tensor``). For
     α ≠ 1, Y = E diag(p) Eᵀ (eigh of M) is not formed: Y_ii = Σ_j E_ij² p_j,
-    ‖Y‖_F² = Σ_j p_j² and uᵀYu = Σ_j p_j (Eᵀu)_j².
+    ‖Y‖_F² = Σ_j p_j² and uᵀYu = Σ_j p_j (Eᵀu)_j². ``eigh_dtype``: the precision of that
+    eigh (the sums stay in s's dtype).
     """
     x = s**2
     u = v.sum(dim=0)
-    m = s[:, None] * compressed_gram * s[None, :]
+    m = s[:, None] * compressed_gram.to(s.dtype) * s[None, :]
     if alpha == 1:
         diagonal_y = torch.diagonal(m, dim1=-2, dim2=-1)
         norm_y2 = (m * m).sum(dim=(-2, -1))
         u_y_u = ((m @ u) * u).sum(dim=-1)
     else:
-        powered, eigenvectors = _psd_eigen_power(m, alpha)
-        diagonal_y = (eigenvectors * eigenvectors * powered[..., None, :]).sum(dim=-1)
+        powered, eigenvectors = _psd_eigen_power(m, alpha, eigh_dtype)
+        # ⟨A, B⟩ = Σ_i x_i Σ_j E_ij² p_j = (xᵀ(E∘E))·p: one square and two matrix-vector products.
+        inner = ((x @ (eigenvectors * eigenvectors)) * powered).sum(dim=-1)
         norm_y2 = (powered * powered).sum(dim=-1)
-        u_y_u = (powered * (eigenvectors.mT @ u) ** 2).sum(dim=-1)
+        u_y_u = (powered * (u @ eigenvectors) ** 2).sum(dim=-1)
+        return inner, (x * x).sum(), norm_y2, (x * u * u).sum(), u_y_u
     inner = (x * diagonal_y).sum(dim=-1)
     return inner, (x * x).sum(), norm_y2, (x * u * u).sum(), u_y_u
 
@@ -1096,8 +1108,13 @@ def _standard_errors(per_draw: Tensor) -> Tensor:
     return per_draw.std(dim=0) / math.sqrt(n)
 
 
-# The most matrix entries one batch of null draws holds (draws × k × k float64 ≈ 128 MiB).
+# The most matrix entries one batch of null draws holds (draws × k × k ≈ 64 MiB in float32).
 _NULL_BATCH_ENTRIES = 2**24
+# The null's draws are rotated, compressed and eigendecomposed in float32 (about half the time of
+# float64 on a CPU): each draw's Pearson is then off by ≲ 3·10⁻⁴ on a layer whose singular values
+# span 10⁵ (benchmarks/nfa_bench.py prints the worst case), against the 0.01 standard error
+# the null aims for. The observed correlations stay float64.
+_NULL_DTYPE = torch.float32
 
 
 def _null_pearsons(
@@ -1112,8 +1129,11 @@ def _null_pearsons(
     Uᵀ(QGQᵀ)U = (QᵀU)ᵀ G (QᵀU), batched over the draws. n = ``draws``, or for ``"auto"``
     the first count from NULL_MIN_DRAWS on (up to NULL_MAX_DRAWS) whose standard error is
     ≤ NULL_SE_TARGET for every α; each further block is sized from the spread seen so far,
-    n ≈ (std / target)². The draws are the generator's next n in order either way."""
+    n ≈ (std / target)². The draws are the generator's next n in order either way. The
+    rotations, compressions and eigendecompositions run in ``_NULL_DTYPE`` (float32), the
+    correlation sums in float64."""
     u, s, v = frame
+    gram32 = gram.to(_NULL_DTYPE)
     batch = max(1, _NULL_BATCH_ENTRIES // max(u.shape[0] ** 2, 1))
     limit = NULL_MAX_DRAWS if draws == "auto" else draws
     blocks: list[Tensor] = []
@@ -1123,15 +1143,17 @@ def _null_pearsons(
         if wanted == 0:
             break
         size = min(batch, limit - taken, wanted)
-        rotated_frames = _haar_transposes_times(u, generator, size)
-        rotated = rotated_frames.mT @ gram @ rotated_frames
-        blocks.append(torch.stack([_batched_pearson(s, v, rotated, alpha, d) for alpha in alphas], dim=-1))
+        rotated_frames = _haar_transposes_times(u, generator, size, _NULL_DTYPE)
+        rotated = rotated_frames.mT @ gram32 @ rotated_frames
+        pearsons = [_batched_pearson(s, v, rotated, alpha, d, _NULL_DTYPE) for alpha in alphas]
+        blocks.append(torch.stack(pearsons, dim=-1))
         taken += size
     return torch.cat(blocks) if blocks else gram.new_empty(0, len(alphas))
 
 
 def _more_draws_wanted(blocks: list[Tensor], taken: int) -> int:
-    """How many more draws ``"auto"`` wants after ``taken``: NULL_MIN_DRAWS to start; 0 once
+    """How many more draws ``"auto"`` wants after ``taken``: NULL_MIN_DRAWS to start, up to 8
+    (``_NULL_SECOND_LOOK``) at the second look; 0 once
     every α's standard error, computed with the one-sided 90 % upper confidence bound of
     the std (:func:`_std_upper_bound`; so that a std that came out low by chance does not
     stop the draws early), is ≤ NULL_SE_TARGET, or is undefined (a NaN correlation); else
@@ -1141,6 +1163,8 @@ def _more_draws_wanted(blocks: list[Tensor], taken: int) -> int:
     spread = _std_upper_bound(float(torch.cat(blocks).std(dim=0).max()), taken)
     if not math.isfinite(spread) or spread / math.sqrt(taken) <= NULL_SE_TARGET:
         return 0
+    if taken < _NULL_SECOND_LOOK:  # a bound from 4 draws is 2.3 × the std: sizing from it would overshoot
+        return _NULL_SECOND_LOOK - taken
     return max(math.ceil((spread / NULL_SE_TARGET) ** 2) - taken, 2)
 
 
@@ -1153,11 +1177,13 @@ def _std_upper_bound(std: float, n: int, z: float = 1.2815515655446004) -> float
     return std * math.sqrt(k / quantile) if quantile > 0 else math.inf
 
 
-def _batched_pearson(s: Tensor, v: Tensor, compressed_grams: Tensor, alpha: float, d: int) -> Tensor:
-    """``_nfa_correlations``' Pearson for each of a batch (b×r×r) of UᵀGU: b values."""
+def _batched_pearson(
+    s: Tensor, v: Tensor, compressed_grams: Tensor, alpha: float, d: int, eigh_dtype: torch.dtype | None = None
+) -> Tensor:
+    """``_nfa_correlations``' Pearson for each of a batch (b×r×r) of UᵀGU: b values (in s's dtype)."""
     if s.numel() == 0:
-        return compressed_grams.new_full(compressed_grams.shape[:1], torch.nan)
-    return _centred_pearson_tensor(*_correlation_terms(s, v, compressed_grams, alpha), d)
+        return s.new_full(compressed_grams.shape[:1], torch.nan)
+    return _centred_pearson_tensor(*_correlation_terms(s, v, compressed_grams, alpha, eigh_dtype), d)
 
 
 def rotation_null(
