@@ -98,7 +98,8 @@ def chunk_peak(workload: Workload) -> tuple[int, int]:
 def lca_memory(workload: Workload, probe_size: int, steps: int = 4) -> list[MemoryResult]:
     """Peak extra bytes of LCA configurations. The bound is the issue's: 3 × the
     parameter bytes plus one probe chunk's activations (its forward+backward peak
-    less the gradient it returns). The probe set's own storage (P samples, kept on
+    less the gradient it returns), plus, with ``parameter_counts=True``, the two int32
+    counters per (float32) parameter. The probe set's own storage (P samples, kept on
     the module's device) is reported apart in ``parts`` and is not in the bound."""
     chunk, param_bytes = chunk_peak(workload)
     activations = chunk - param_bytes
@@ -111,14 +112,17 @@ def lca_memory(workload: Workload, probe_size: int, steps: int = 4) -> list[Memo
         ("LCA simpson", {"rule": "simpson", "decompose": False}),
         ("LCA simpson+decompose", {"rule": "simpson", "decompose": True}),
         ("LCA cheap", {"probe": "batch", "rule": "first_order", "decompose": False}),
+        ("LCA simpson+counts", {"rule": "simpson", "decompose": False, "parameter_counts": True}),
     ):
         callback = TimedLCA(probe_size=probe_size, probe_batch_size=CHUNK, **flags)
         peak = _fit_peak(workload, [callback], steps)
+        # parameter_counts=True keeps two int32 counters per parameter: counted in the bound
+        counters = 2 * 4 * param_bytes // 4 if flags.get("parameter_counts") else 0
         results.append(
             MemoryResult(
                 name,
                 peak - plain,
-                bound,
+                bound + counters,
                 {
                     "param_bytes": param_bytes,
                     "chunk_activations": activations,

@@ -131,11 +131,14 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-def trained_state(make_model, callbacks=(), max_steps: int = 5, n: int = 512) -> dict[str, torch.Tensor]:
+def trained_state(
+    make_model, callbacks=(), max_steps: int = 5, n: int = 512, **trainer_options: Any
+) -> dict[str, torch.Tensor]:
     """Parameters, buffers and optimizer state after ``max_steps`` steps from seed 0 on
-    ``n`` digits, with ``callbacks``: compare runs with and without a probe bitwise."""
+    ``n`` digits, with ``callbacks``: compare runs with and without a probe bitwise.
+    ``trainer_options`` go to the Trainer (e.g. ``accelerator="cuda"``)."""
     torch.manual_seed(0)
     model = make_model()
-    fit = trainer(callbacks=list(callbacks), max_steps=max_steps)
+    fit = trainer(callbacks=list(callbacks), max_steps=max_steps, **trainer_options)
     fit.fit(model, digits_loader(n=n))
     return state_of(model, fit.optimizers[0])
