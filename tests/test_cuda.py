@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import Classifier, MemoryLogger, digits, digits_loader, mlp, trained_state, trainer
 from torch import nn
 from torch.func import jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from learnscope import LossChangeAllocation, NeuralFeatureAnsatz
 from learnscope.functional.nfa import PreactivationGramAccumulator
+from models import Classifier, MemoryLogger, digits, digits_loader, mlp, trained_state, trainer
 
 pytestmark = [
     pytest.mark.cuda,
