@@ -335,8 +335,9 @@ FAMILIES: tuple[TagFamily, ...] = (
          "Fraction of the module's parameters with A < 0 (helped)." + WINDOW_POOLED),
     _lca("lca_layer_hurt", "{root}/hurt_fraction/{module}", FRACTION,
          "Fraction of the module's parameters with A > 0 (hurt)." + WINDOW_POOLED),
-    _lca("lca_hist", "{root}/hist/{module}", LOSS, "Histogram of the module's per-parameter allocations Aᵢ.",
-         "histogram"),
+    _lca("lca_hist", "{root}/hist/{module}", LOSS,
+         "Histogram of the module's per-parameter allocations Aᵢ (under ModelParallelStrategy: rank 0's shard of "
+         "them).", "histogram"),
     _lca("lca_layer_skewness", "{root}/skewness/{module}", RATIO,
          "Skewness m₃/m₂^{3/2} of the module's allocations on the step." + WINDOW_POOLED),
     # LCA, per parameter tensor (tensor_series=True)
