@@ -15,12 +15,17 @@ same probe data the local gradient shard is that of the probe loss.
 The LossChangeAllocation callback uses these through
 :class:`learnscope._probe.ShardedObjective` and :class:`learnscope.estimators.ShardedSteps`
 under Lightning's ``ModelParallelStrategy``.
+
+The NeuralFeatureAnsatz needs whole weights, one layer at a time: :func:`full` gathers one
+(every rank, in the same order), :func:`shard_like` cuts a whole tensor back into this
+rank's shard of a ``DTensor``'s layout (W₀ restored from a checkpoint), and
+:func:`any_non_finite` agrees across ranks on which tensors hold a NaN or an infinity.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +33,15 @@ from torch import Tensor, nn
 from learnscope.functional.lca import Evaluation
 
 __all__ = [
+    "any_non_finite",
     "fsdp2_layout",
+    "full",
     "local",
     "local_gradient",
     "local_shards",
     "local_views",
     "module_sums",
+    "shard_like",
     "sharded_evaluator",
     "written_into",
 ]
@@ -42,6 +50,38 @@ __all__ = [
 def local(tensor: Tensor) -> Tensor:
     """This rank's shard of a ``DTensor`` (a view of its storage); any other tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full(tensor: Tensor) -> Tensor:
+    """The whole of a ``DTensor`` (an all-gather over its mesh: every rank must call it for the
+    same tensors in the same order, or the ranks wait on each other forever); any other tensor
+    as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole`` (the full tensor, held by every rank) cut into ``like``'s ``DTensor`` layout:
+    each rank keeps its own shard, without communication; when ``like`` is not a ``DTensor``,
+    ``whole`` on ``like``'s device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return whole.to(device=like.device)
+    on_device = whole.to(device=local(like).device)
+    return distribute_tensor(on_device, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def any_non_finite(groups: Mapping[str, Sequence[Tensor]], reduce: Callable[[Tensor, str], Tensor] | None) -> list[str]:
+    """The names of ``groups`` with a tensor holding a NaN or an infinity on any rank: each rank
+    checks its local shards and the flags are summed over ranks with ``reduce(flags, "sum")``
+    (one small collective; None: this process only), so every rank returns the same list."""
+    names = list(groups)
+    flags = torch.tensor(
+        [not all(bool(torch.isfinite(local(t)).all()) for t in groups[n]) for n in names], dtype=torch.float64
+    )
+    if reduce is not None:
+        flags = reduce(flags, "sum")
+    return [n for n, flag in zip(names, flags.tolist()) if flag > 0]
 
 
 def local_views(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
