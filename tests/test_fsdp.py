@@ -302,6 +302,22 @@ def test_sharded_nfa_every_third_step_beside_lca(fits):
         assert both[tag] == lca[tag], tag
 
 
+@pytest.mark.slow
+def test_sharded_nfa_resumes_with_the_initial_weights_of_the_first_part(fits):
+    """Stopped after 3 steps (a sharded checkpoint, W₀ saved whole) and resumed to 6: W₀ comes back
+    as this rank's shard, and weight_change = ‖W − W₀‖/‖W‖ of the resumed steps is measured from
+    the first part's W₀ (the initialisation of every fit here), not from the weights at resume."""
+    resumed, initial = fits["nfa_resumed"], fits["nfa"]["weights"][0]
+    assert resumed["initial_type"] == "DTensor"
+    for layer in ("net.0", "net.2", "net.4"):
+        logged = resumed["series"][f"nfa/{layer}/weight_change"]
+        assert sorted(logged) == [4, 5, 6]
+        w0 = initial[f"{layer}.weight"].double()
+        for step in (4, 5, 6):
+            w = resumed["weights"][step][f"{layer}.weight"].double()
+            assert logged[step] == pytest.approx(float((w - w0).norm() / w.norm()), rel=1e-5)
+
+
 # -- GPUs (NCCL): skipped without two CUDA devices -------------------------------------------------
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="cuda: needs 2 GPUs (NCCL)")

@@ -12,11 +12,16 @@ On CPU with gloo, or on 2 GPUs with NCCL when LEARNSCOPE_FSDP_ACCELERATOR=cuda.
 * ``fit``: three fits of the digits MLP with every Linear and the net ``fully_shard``-ed
   in ``configure_model`` (2 CPU processes, gloo): without callbacks, with LCA on every
   step (simpson, decompose, histograms), with LCA every 3rd step on the minibatch, with
-  the cheap preset, and with LCA stopped after 3 steps and resumed from the sharded checkpoint.
+  the cheap preset, and with LCA stopped after 3 steps and resumed from the sharded checkpoint;
+  then NeuralFeatureAnsatz on every step (between two snapshots of each rank's shards, .grad
+  and RNG), NFA every 3rd step beside LCA on every step, and NFA stopped after 3 steps and resumed;
+* ``nfa``: the fit without callbacks and the NFA fits alone (a quicker look while developing).
 
 Writes OUT/rank{r}.json (the error a fit raised, if any, and the steps taken) and, from
 rank 0, OUT/fit.pt: each fit's final parameters and momentum buffers (gathered), the
-logged scalars and, per measured step, θ_{t+1}, Δ and the applied gradient (gathered).
+logged scalars and, per measured step, θ_{t+1}, Δ and the applied gradient (gathered); for
+the NFA fits the gathered parameters at every step and rank 0's last G. Each rank's json also
+says whether NFA left its state untouched and whether it holds a record.
 """
 
 import json
@@ -241,7 +246,27 @@ def nfa_fits() -> tuple[dict, dict]:
     trainer, model, error = fit([lca, nfa], loggers=[logger])
     assert error is None, error
     results["both"] = {"state": final_state(trainer, model), "series": dict(logger.series)}
+    results["nfa_resumed"] = nfa_resumed()
     return results, this_rank
+
+
+def nfa_resumed() -> dict:
+    """NFA on every step, stopped after 3 steps with a sharded checkpoint and resumed to 6 (W₀ saved
+    whole), with the weights the resumed part measured."""
+    nfa = NeuralFeatureAnsatz(every_n_steps=1, probe=probe_loader(), null_draws=8)
+    trainer, _, error = fit([nfa], max_steps=3)
+    assert error is None, error
+    path = Path(os.environ["LEARNSCOPE_FSDP_OUT"], "nfa_sharded.ckpt")
+    trainer.save_checkpoint(path)
+    nfa, tap, logger = (
+        NeuralFeatureAnsatz(every_n_steps=1, probe=probe_loader(), null_draws=8),
+        WeightTap(),
+        MemoryLogger(),
+    )
+    trainer, _, error = fit([nfa, tap], loggers=[logger], ckpt_path=path)
+    assert error is None, error
+    initial_type = type(nfa.initial_weights["net.0"]).__name__
+    return {"series": dict(logger.series), "weights": tap.weights, "initial_type": initial_type}
 
 
 def write(out, trainer, error, **extra) -> None:
@@ -250,6 +275,7 @@ def write(out, trainer, error, **extra) -> None:
 
 
 def main(out: str, mode: str) -> None:
+    os.environ["LEARNSCOPE_FSDP_OUT"] = out
     if mode == "fit":
         run_fits(out)
     elif mode == "nfa":  # the NFA fits alone (for a quick look; the tests use "fit")
