@@ -94,6 +94,35 @@ def test_hand_sharded_parameters_are_refused_before_the_first_step(tmp_path):
     )
 
 
+# -- the functional block: points written into the live parameters ---------------------------------
+
+
+def test_written_into_exchanges_the_point_and_restores_both_bitwise(monkeypatch):
+    """Inside, the parameters hold the point (exchanged in chunks of 7 elements here, so several
+    chunks and a short last one; a float64 point is copied in instead) and the point holds the live
+    values; after, both are bitwise as before, .grad is the same object and the buffers are restored."""
+    from learnscope.functional import sharded
+
+    monkeypatch.setattr(sharded, "EXCHANGE_CHUNK", 7)
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+    params = dict(net.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    grad = params["0.weight"].grad = torch.randn(4, 5)
+    point = {n: torch.randn_like(p) for n, p in params.items()}
+    point["1.bias"] = point["1.bias"].double()  # another dtype: copied in, the live value saved
+    original = {n: t.clone() for n, t in point.items()}
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    with sharded.written_into(params, point, net):
+        net(torch.randn(6, 5))  # a train-mode BatchNorm writes its running statistics
+        for n, p in params.items():
+            assert torch.equal(p.detach(), original[n].to(p.dtype)) and p.grad is None
+        assert torch.equal(point["0.weight"], before["0.weight"])  # the live values, parked in the point
+    for n, p in params.items():
+        assert torch.equal(p.detach(), before[n]) and torch.equal(point[n], original[n])
+    assert params["0.weight"].grad is grad
+    assert all(torch.equal(b, buffers[n]) for n, b in net.named_buffers())
+
+
 # -- LCA under ModelParallelStrategy (FSDP2) ----------------------------------------------------
 
 LR, PROBE = 0.05, 256
