@@ -211,7 +211,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
         #: the determinism self-check's verdict (None until the first measurement)
         self.probe_is_stochastic: bool | None = None
         self._noise_logged = False
-        #: the latest measurement (None before the first)
+        #: the latest measurement (None before the first; under ModelParallelStrategy held by rank 0 only)
         self.last_record: NFARecord | None = None
         #: "exact" or "hutchinson" once the first measurement resolved ``estimator``
         self.resolved_estimator: str | None = None
