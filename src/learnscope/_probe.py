@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from learnscope._compat import reparametrized, validation_data_source
 from learnscope.functional.lca import Evaluation
-from learnscope.functional.sharded import fsdp2_layout, local_gradient, written_into
+from learnscope.functional.sharded import fsdp2_layout, local, local_gradient, written_into
 
 PROBE_SEED = 20191003  # fixed: the probe subset never depends on the run's seed or RNG state
 
@@ -688,6 +688,28 @@ class ShardedObjective:
 
     def __call__(self, point: Mapping[str, Tensor], /) -> Evaluation:
         """The probe loss and the local shard of its gradient at ``point`` (local shards)."""
+        gradient: dict[str, Tensor] = {}
+
+        def keep(params: Mapping[str, Tensor]) -> None:
+            gradient.update({n: local_gradient(p, self.scale, owned=True) for n, p in params.items()})
+
+        return Evaluation(self._evaluate(point, keep), gradient)
+
+    def accumulate_into(self, point: Mapping[str, Tensor], out: dict[str, Tensor], alpha: float) -> float:
+        """Add ``alpha·`` the local shard of the gradient at ``point`` into ``out`` in place and
+        return the loss (``simpson`` then builds k in the start gradient's buffers, and the
+        gradient FSDP reduce-scattered is dropped at once: no buffer for the midpoint's)."""
+
+        def add(params: Mapping[str, Tensor]) -> None:
+            for n, p in params.items():
+                if p.grad is not None:
+                    out[n].add_(local(p.grad.detach()), alpha=alpha * self.scale)
+
+        return self._evaluate(point, add)
+
+    def _evaluate(self, point: Mapping[str, Tensor], read: Callable[[Mapping[str, Tensor]], None]) -> float:
+        """Run the chunks' forwards and backwards at ``point``, ``read(params)`` the gradients FSDP
+        wrote into ``.grad`` before they are put back, and return the (checked) loss."""
         with written_into(self.params, point, self.module):
             with probe_context(self.module, mode=self.mode):
                 loss_sum: Tensor | float = 0.0
@@ -697,14 +719,14 @@ class ShardedObjective:
                         loss = self.wrapper(chunk.batch, chunk.batch_idx)
                     (loss * chunk.weight).backward()
                     loss_sum = loss_sum + loss.detach().to(torch.float64) * chunk.weight
-            gradient = {n: local_gradient(p, self.scale, owned=True) for n, p in self.params.items()}
+            read(self.params)
         loss_sum = torch.as_tensor(loss_sum, dtype=torch.float64)
         if not self.replicated and self.reduce is not None:
             loss_sum = self.reduce(loss_sum)
         self.evaluations += 1
         if not torch.isfinite(loss_sum):  # the same on every rank: every rank skips the step
             raise NonFiniteProbe(f"the probe loss is {float(loss_sum)}")
-        return Evaluation(float(loss_sum), gradient)
+        return float(loss_sum)
 
     def check_determinism(self, point: Mapping[str, Tensor]) -> ProbeNoise | None:
         """The self-check of :meth:`ProbeObjective.check_determinism`, on the live sharded module."""

@@ -26,14 +26,17 @@ from learnscope._probe import (
     build_probe_set,
     check_sharded_parameters,
     probe_context,
+    rank_reduce,
     rank_sum,
     require_supported_strategy,
     require_validation_data,
     seed_random_streams,
+    shards_parameters,
     stochastic_forward,
     to_module_device,
 )
 from learnscope.callbacks._base import ProbeCallback
+from learnscope.functional import sharded
 from learnscope.functional.nfa import (
     ESTIMATORS,
     NULL_DRAWS,
@@ -81,7 +84,10 @@ class NeuralFeatureAnsatz(ProbeCallback):
     float64 (:class:`~learnscope.functional.nfa.PreactivationGramAccumulator`);
     metrics in the r-dimensional range of W. Training is never perturbed:
     parameters, buffers, ``.grad``, every RNG stream, module modes and optimizer
-    state stay bitwise as without the callback. Only rank zero measures and logs.
+    state stay bitwise as without the callback. Only rank zero logs. Under Lightning's
+    ``ModelParallelStrategy`` (FSDP2 ``fully_shard``) every rank measures the whole probe
+    set through the sharded module and each layer's W and W₀ are gathered one layer at a
+    time for rank zero's metrics (docs/fsdp.md).
 
     Tags (``nfa/<layer>/<metric>``, at step ``global_step``): ``pearson_a1``,
     ``cosine_a1``, ``pearson_a0.5``, ``cosine_a0.5`` (NFM vs AGOP^α; Pearson is the
@@ -199,11 +205,13 @@ class NeuralFeatureAnsatz(ProbeCallback):
         self._readout: str | None = None
         self._inspected = False
         self._measuring_trainer: pl.Trainer | None = None
+        #: ModelParallelStrategy (FSDP2): every rank measures the whole probe set (docs/fsdp.md)
+        self._sharded = False
         self._warned_no_probe = False
         #: the determinism self-check's verdict (None until the first measurement)
         self.probe_is_stochastic: bool | None = None
         self._noise_logged = False
-        #: the latest measurement (None before the first)
+        #: the latest measurement (None before the first; under ModelParallelStrategy held by rank 0 only)
         self.last_record: NFARecord | None = None
         #: "exact" or "hutchinson" once the first measurement resolved ``estimator``
         self.resolved_estimator: str | None = None
@@ -228,8 +236,11 @@ class NeuralFeatureAnsatz(ProbeCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # Under FSDP2 W₀ is kept sharded, but rank 0 alone writes the callback's state: each
+        # layer's W₀ is gathered (one at a time, every rank) and saved whole, on the CPU.
+        initial = {n: sharded.full(w).cpu() if self._sharded else w for n, w in self._initial_weights.items()}
         return {
-            "initial_weights": dict(self._initial_weights),
+            "initial_weights": initial,
             "last_measured_step": self._last_measured_step,
             "last_image_step": self._last_image_step,
             "skipped": self._skipped,
@@ -249,7 +260,8 @@ class NeuralFeatureAnsatz(ProbeCallback):
 
     @property
     def initial_weights(self) -> dict[str, Tensor]:
-        """W₀ (flattened, k×d) of every measured layer, captured at the first fit start."""
+        """W₀ (flattened, k×d) of every measured layer, captured at the first fit start (under
+        ModelParallelStrategy a ``DTensor``: this rank holds its shard)."""
         return dict(self._initial_weights)
 
     @property
@@ -268,7 +280,8 @@ class NeuralFeatureAnsatz(ProbeCallback):
                 "does not define forward(); add a forward method that returns the model output"
             )
         if stage == "fit":
-            require_supported_strategy(trainer, owner="NeuralFeatureAnsatz")
+            require_supported_strategy(trainer, owner="NeuralFeatureAnsatz", model_parallel=True)
+        self._sharded = shards_parameters(trainer)
         if stage == "fit" and self.probe == "val":
             require_validation_data(trainer, owner="NeuralFeatureAnsatz")
         self._forward_arguments = required_positional(pl_module)
@@ -278,7 +291,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._layers:
             return
-        check_sharded_parameters(pl_module, owner="NeuralFeatureAnsatz")
+        check_sharded_parameters(pl_module, owner="NeuralFeatureAnsatz", model_parallel=self._sharded)
         self._capture_initial_weights()
         self._probe_set = self._build_probe_set(trainer, pl_module)
         _logging.write_layout(
@@ -331,10 +344,14 @@ class NeuralFeatureAnsatz(ProbeCallback):
             )
 
     def _capture_initial_weights(self) -> None:
-        """W₀ of each layer, unless a checkpoint restored it (then the run continues exactly)."""
+        """W₀ of each layer, unless a checkpoint restored it (then the run continues exactly).
+        Under FSDP2 a sharded copy (this rank's shard, like the weight itself); a W₀ restored
+        whole from a checkpoint is cut into the same shards."""
         for name, layer in self._layers.items():
             weight = layer.weight_flat()
             saved = self._initial_weights.get(name)
+            if saved is not None and saved.shape == weight.shape and not hasattr(saved, "device_mesh"):
+                saved = self._initial_weights[name] = sharded.shard_like(saved, weight)
             if saved is None or saved.shape != weight.shape:
                 if saved is not None:
                     rank_zero_warn(
@@ -342,7 +359,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
                         f"not {tuple(weight.shape)}; weight_change and cnfa_pearson_a1 restart from the current weights"
                     )
                 self._initial_weights[name] = weight.clone()
-            if not bool(torch.isfinite(self._initial_weights[name]).all()):
+            if not bool(torch.isfinite(sharded.full(self._initial_weights[name])).all()):
                 rank_zero_warn(
                     f"NeuralFeatureAnsatz: the initial weight of {name!r} is not finite; its weight_change and "
                     "cnfa_pearson_a1 are left out. Training goes on."
@@ -386,7 +403,9 @@ class NeuralFeatureAnsatz(ProbeCallback):
         self._last_measured_step = step
         self._measuring_trainer = trainer
         # Under DDP every rank measures its share of the probe set and G is summed over
-        # ranks, so all ranks hold the same values; only rank zero writes them.
+        # ranks, so all ranks hold the same values; only rank zero writes them. Under FSDP2
+        # every rank measures the whole probe set (the same forwards: FSDP's all-gathers
+        # match), so G is already whole on every rank and is not summed (docs/fsdp.md).
         if not self._inspected:
             self._inspect(pl_module)
         grams, estimator = self._preactivation_grams(trainer, pl_module, step)
@@ -395,8 +414,9 @@ class NeuralFeatureAnsatz(ProbeCallback):
             if self._readout is None and estimator == "exact":
                 self._readout = readout_from_grams(grams)
             self._describe(estimator, grams)
+        # FSDP2: DTensors, this rank's shard of each weight (nothing gathered yet)
         weights = {name: self._layers[name].weight_flat() for name in grams}
-        non_finite = _non_finite(weights, grams)
+        non_finite = self._non_finite(trainer, weights, grams)
         if non_finite:
             self._skipped += 1
             rank_zero_warn(
@@ -406,9 +426,17 @@ class NeuralFeatureAnsatz(ProbeCallback):
             _logging.log_scalars(trainer, tags.nfa_skipped(self._skipped, root=self.name), step=step)
             return
         draw = self.images and bool(_logging.tensorboard_writers(trainer)) and (boundary or self._images_due(step))
-        self.last_record = self._summarise(step, weights, grams, estimator, draw)
+        record = self._summarise(step, weights, grams, estimator, draw)
         self._noise_logged = True
-        self._write(trainer, self.last_record, draw)
+        if record is not None:  # None: a rank other than 0 under FSDP2, which only took part in the gathers
+            self.last_record = record
+            self._write(trainer, record, draw)
+
+    def _non_finite(self, trainer: pl.Trainer, weights: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> list[str]:
+        """The layers whose weight or G holds a NaN or an infinity (their metrics are undefined);
+        under FSDP2 from each rank's shards, agreed by all ranks (they skip together)."""
+        reduce = rank_reduce(trainer) if self._sharded else None
+        return sharded.any_non_finite({name: (weights[name], gram) for name, gram in grams.items()}, reduce)
 
     def _write(self, trainer: pl.Trainer, record: NFARecord, draw: bool) -> None:
         """Hand the record to the sink: scalars, spectra and, when due, the matrices to draw."""
@@ -523,14 +551,16 @@ class NeuralFeatureAnsatz(ProbeCallback):
             output_fn=self._prediction,
             estimator=self.estimator,
             num_probes=self.num_probes,
-            # Hutchinson probes: reproducible, independent between steps and ranks, never the global RNG.
-            generator=torch.Generator().manual_seed(step * 1009 + self._rank),
+            # Hutchinson probes: reproducible, independent between steps and ranks (under FSDP2 the same on
+            # every rank: each measures the whole probe set), never the global RNG.
+            generator=torch.Generator().manual_seed(step * 1009 + (0 if self._sharded else self._rank)),
         )
         with probe_context(pl_module, mode="eval", device=pl_module.device):
             for index, chunk in enumerate(self._probe_set):
                 seed_random_streams(PROBE_SEED + index, pl_module.device)  # whatever randomness is left: fixed
                 accumulator.update(self._model_inputs(chunk.batch))
-        return accumulator.compute(reduce=rank_sum(trainer)), str(accumulator.estimator)
+        reduce = None if self._sharded else rank_sum(trainer)  # FSDP2: every rank's G is already the whole set's
+        return accumulator.compute(reduce=reduce), str(accumulator.estimator)
 
     @property
     def _rank(self) -> int:
@@ -549,16 +579,25 @@ class NeuralFeatureAnsatz(ProbeCallback):
 
     def _summarise(
         self, step: int, weights: Mapping[str, Tensor], grams: Mapping[str, Tensor], estimator: str, draw: bool
-    ) -> NFARecord:
+    ) -> NFARecord | None:
+        """The record of one measurement. Under FSDP2 each layer's W and W₀ are gathered whole
+        one layer at a time, by every rank in the same order (the all-gathers match); only
+        rank 0 computes the metrics, the other ranks return None."""
         metrics: dict[str, dict[str, float]] = {}
         spectra: dict[str, Tensor] = {}
         matrices: dict[str, dict[str, Tensor]] = {}
+        computes = not self._sharded or self._rank == 0
         for name, gram in grams.items():
-            metrics[name], spectrum = self._layer_metrics(name, weights[name], gram)
+            weight, initial = sharded.full(weights[name]), self._initial_weight(name)
+            if not computes:
+                continue
+            metrics[name], spectrum = self._layer_metrics(name, weight, gram, initial)
             if name != self._readout:  # the readout's G = I: its spectrum is all ones, nothing to read
                 spectra[name] = spectrum
-            if draw and weights[name].shape[1] <= IMAGE_MAX_INPUT_DIM:
-                matrices[name] = feature_matrices(weights[name], gram, alphas=self.alphas)
+            if draw and weight.shape[1] <= IMAGE_MAX_INPUT_DIM:
+                matrices[name] = feature_matrices(weight, gram, alphas=self.alphas)
+        if not computes:
+            return None
         return NFARecord(
             step=step,
             metrics=metrics,
@@ -571,13 +610,22 @@ class NeuralFeatureAnsatz(ProbeCallback):
             probe_stochastic=None if self._noise_logged else self.probe_is_stochastic,
         )
 
-    def _layer_metrics(self, name: str, weight: Tensor, gram: Tensor) -> tuple[dict[str, float], Tensor]:
+    def _initial_weight(self, name: str) -> Tensor | None:
+        """W₀ of layer ``name``, whole (gathered under FSDP2: every rank calls this), or None
+        when there is none or it is not finite (weight_change and the centred NFA are then
+        undefined: left out)."""
+        initial = self._initial_weights.get(name)
+        if initial is None:
+            return None
+        initial = sharded.full(initial)
+        return initial if bool(torch.isfinite(initial).all()) else None
+
+    def _layer_metrics(
+        self, name: str, weight: Tensor, gram: Tensor, initial: Tensor | None
+    ) -> tuple[dict[str, float], Tensor]:
         """The finite metrics a layer logs, and its spectrum; at the readout the metrics
         that are identically 1 there (α = 1, nulls, sphericities) are left out."""
         readout = name == self._readout
-        initial = self._initial_weights.get(name)
-        if initial is not None and not bool(torch.isfinite(initial).all()):
-            initial = None  # weight_change and the centred NFA are undefined: left out
         values, spectrum = nfa_metrics_and_spectrum(
             weight,
             gram,
@@ -590,15 +638,6 @@ class NeuralFeatureAnsatz(ProbeCallback):
         if readout:  # and ψ(I) = 1: sphericity says nothing there either
             del values["sphericity"], values["sphericity_range"]
         return {key: value for key, value in values.items() if math.isfinite(value)}, spectrum
-
-
-def _non_finite(weights: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> list[str]:
-    """The layers whose weight or G holds a NaN or an infinity: their metrics are undefined."""
-    return [
-        name
-        for name, gram in grams.items()
-        if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(weights[name]).all()))
-    ]
 
 
 class _WithBuffers(nn.Module):

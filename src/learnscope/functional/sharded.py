@@ -15,12 +15,17 @@ same probe data the local gradient shard is that of the probe loss.
 The LossChangeAllocation callback uses these through
 :class:`learnscope._probe.ShardedObjective` and :class:`learnscope.estimators.ShardedSteps`
 under Lightning's ``ModelParallelStrategy``.
+
+The NeuralFeatureAnsatz needs whole weights, one layer at a time: :func:`full` gathers one
+(every rank, in the same order), :func:`shard_like` cuts a whole tensor back into this
+rank's shard of a ``DTensor``'s layout (W₀ restored from a checkpoint), and
+:func:`any_non_finite` agrees across ranks on which tensors hold a NaN or an infinity.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +33,16 @@ from torch import Tensor, nn
 from learnscope.functional.lca import Evaluation
 
 __all__ = [
+    "any_non_finite",
+    "exchange_",
     "fsdp2_layout",
+    "full",
     "local",
     "local_gradient",
     "local_shards",
     "local_views",
     "module_sums",
+    "shard_like",
     "sharded_evaluator",
     "written_into",
 ]
@@ -42,6 +51,38 @@ __all__ = [
 def local(tensor: Tensor) -> Tensor:
     """This rank's shard of a ``DTensor`` (a view of its storage); any other tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full(tensor: Tensor) -> Tensor:
+    """The whole of a ``DTensor`` (an all-gather over its mesh: every rank must call it for the
+    same tensors in the same order, or the ranks wait on each other forever); any other tensor
+    as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole`` (the full tensor, held by every rank) cut into ``like``'s ``DTensor`` layout:
+    each rank keeps its own shard, without communication; when ``like`` is not a ``DTensor``,
+    ``whole`` on ``like``'s device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return whole.to(device=like.device)
+    on_device = whole.to(device=local(like).device)
+    return distribute_tensor(on_device, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def any_non_finite(groups: Mapping[str, Sequence[Tensor]], reduce: Callable[[Tensor, str], Tensor] | None) -> list[str]:
+    """The names of ``groups`` with a tensor holding a NaN or an infinity on any rank: each rank
+    checks its local shards and the flags are summed over ranks with ``reduce(flags, "sum")``
+    (one small collective; None: this process only), so every rank returns the same list."""
+    names = list(groups)
+    flags = torch.tensor(
+        [not all(bool(torch.isfinite(local(t)).all()) for t in groups[n]) for n in names], dtype=torch.float64
+    )
+    if reduce is not None:
+        flags = reduce(flags, "sum")
+    return [n for n, flag in zip(names, flags.tolist()) if flag > 0]
 
 
 def local_views(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -80,31 +121,72 @@ def fsdp2_layout(params: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+#: elements exchanged at a time by :func:`written_into` (its only scratch: 1 MiB in float32)
+EXCHANGE_CHUNK = 1 << 18
+
+
 @contextlib.contextmanager
 def written_into(params: Mapping[str, Tensor], point: Mapping[str, Tensor], module: nn.Module) -> Iterator[None]:
-    """Write ``point`` (local shards) into ``params``' local shards and clear their ``.grad``;
+    """Put ``point`` (local shards) into ``params``' local shards and clear their ``.grad``;
     on exit restore the shards and the module's buffers bitwise and each ``.grad`` reference
-    (FSDP2 assigns a new gradient tensor, so the saved reference is exactly the old one)."""
+    (FSDP2 assigns a new gradient tensor, so the saved reference is exactly the old one).
+
+    The values are exchanged, not copied (:func:`exchange_`): inside the block ``point``'s
+    tensors hold the live shards' values, and they are exchanged back on exit, so no second
+    copy of the shards is made. A point entry of another dtype or layout is copied in and
+    the live shard saved instead."""
     # a point that is the live shard itself (the end point θ_{t+1}) is neither copied nor saved
-    moved = {n: p for n, p in params.items() if not _same_tensor(point[n], local(p.detach()))}
-    saved_values = {n: local(p.detach()).clone() for n, p in moved.items()}
+    moved = [n for n, p in params.items() if not _same_tensor(point[n], local(p.detach()))]
+    saved = {n: local(params[n].detach()).clone() for n in moved if not _exchangeable(point[n], params[n])}
     saved_grads = {n: p.grad for n, p in params.items()}
     saved_buffers = {n: b.clone() for n, b in module.named_buffers()}  # a train-mode BatchNorm writes them
+    exchanged: list[str] = []
     try:
         with torch.no_grad():
-            for n, p in params.items():
-                if n in moved:
-                    local(p.detach()).copy_(point[n])
+            for n in moved:
+                if n in saved:
+                    local(params[n].detach()).copy_(point[n])
+                else:
+                    exchange_(local(params[n].detach()), point[n])
+                    exchanged.append(n)
+            for p in params.values():
                 p.grad = None
         yield
     finally:
         with torch.no_grad():
+            for n in exchanged:
+                exchange_(local(params[n].detach()), point[n])
+            for n, value in saved.items():
+                local(params[n].detach()).copy_(value)
             for n, p in params.items():
-                if n in moved:
-                    local(p.detach()).copy_(saved_values[n])
                 p.grad = saved_grads[n]
             for n, b in module.named_buffers():
                 b.copy_(saved_buffers[n])
+
+
+def exchange_(a: Tensor, b: Tensor) -> None:
+    """Exchange the values of two contiguous tensors of one shape and dtype in place, bitwise,
+    :data:`EXCHANGE_CHUNK` elements at a time (one chunk of scratch memory)."""
+    flat_a, flat_b = a.view(-1), b.view(-1)
+    scratch = torch.empty(min(EXCHANGE_CHUNK, flat_a.numel()), dtype=a.dtype, device=a.device)
+    for start in range(0, flat_a.numel(), EXCHANGE_CHUNK):
+        x, y = flat_a[start : start + EXCHANGE_CHUNK], flat_b[start : start + EXCHANGE_CHUNK]
+        chunk = scratch[: x.numel()]
+        chunk.copy_(x)
+        x.copy_(y)
+        y.copy_(chunk)
+
+
+def _exchangeable(value: Tensor, param: Tensor) -> bool:
+    """Whether ``value`` and ``param``'s local shard can be exchanged by :func:`exchange_`."""
+    shard = local(param.detach())
+    return (
+        value.shape == shard.shape
+        and value.dtype == shard.dtype
+        and value.device == shard.device
+        and value.is_contiguous()
+        and shard.is_contiguous()
+    )
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
