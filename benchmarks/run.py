@@ -291,9 +291,7 @@ def memory_section(lca: list[Any], nfa: Any, workload: str, targets: list[Target
             f"  {result.name:24s} extra {extra / 1e6:6.2f} MB = {extra / parts['param_bytes']:.1f} × parameters; "
             f"bound 3 × parameters + one chunk{counters} = {result.bound / 1e6:.2f} MB"
         )
-        targets.append(
-            Target("5a", f"{result.name}: peak extra ÷ its bound", workload, extra / result.bound, 1.0)
-        )
+        targets.append(Target("5a", f"{result.name}: peak extra ÷ its bound", workload, extra / result.bound, 1.0))
     lines.append(
         f"  {nfa.name:24s} peak {nfa.measured / 1e6:6.2f} MB; bound Σ k² float64 ({nfa.parts['gram_bytes'] / 1e6:.2f} MB)"
         f" + one chunk's forward + c VJPs ({nfa.parts['reference_chunk_peak'] / 1e6:.2f} MB) = {nfa.bound / 1e6:.2f} MB"

@@ -130,7 +130,7 @@ class NeuralFeatureAnsatz(ProbeCallback):
             convolutions per patch, G summed over positions.
         alphas: the exponents α of AGOP^α (positive).
         null_draws: random rotations for the null baseline: ``"auto"`` (draws until the
-            null's standard error ``null_se_a*`` is ≤ 0.01 for every α, 8 to 64 draws;
+            null's standard error ``null_se_a*`` is ≤ 0.01 for every α, 4 to 64 draws;
             ``null_draws`` logs how many), an int for exactly that many (the standard
             error needs ≥ 2), 0 for no null and no excess.
         input_fn: ``batch -> model input``; default :func:`default_input_fn` (a
