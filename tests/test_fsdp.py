@@ -297,8 +297,10 @@ def test_sharded_nfa_equals_the_unsharded_run_on_the_same_probe_set(fits):
             logged = {m.rpartition("/")[2]: v[step] for m, v in series.items() if f"/{layer}/" in m and step in v}
             assert "pearson_a0.5" in logged and ("pearson_a1" in logged) == (not readout)
             for metric, value in logged.items():
-                # excess = pearson − null is small: its error is the pearson's, in absolute terms
-                assert value == pytest.approx(expected[metric], rel=1e-5, abs=1e-7), (step, layer, metric)
+                # excess = pearson − null is small: its error is the pearson's, in absolute terms; the
+                # null's draws run in float32 (nfa._NULL_DTYPE), where G's round-off shows at ~1e-7
+                floor = 2e-5 if metric.startswith(("null_", "excess_")) else 1e-7
+                assert value == pytest.approx(expected[metric], rel=1e-5, abs=floor), (step, layer, metric)
 
 
 @pytest.mark.slow
@@ -352,6 +354,7 @@ def test_sharded_nfa_resumes_with_the_initial_weights_of_the_first_part(fits):
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="cuda: needs 2 GPUs (NCCL)")
 
 
+@pytest.mark.cuda
 @two_gpus
 def test_cuda_fsdp1_strategy_is_refused_at_setup(tmp_path):
     """Lightning's FSDPStrategy (FSDP1, flat parameters) runs only on GPUs: refused before the first step."""
@@ -360,6 +363,7 @@ def test_cuda_fsdp1_strategy_is_refused_at_setup(tmp_path):
         assert rank["error"]["message"].startswith("LossChangeAllocation does not support FSDPStrategy ")
 
 
+@pytest.mark.cuda
 @two_gpus
 def test_cuda_model_parallel_lca_equals_the_unsharded_run(tmp_path):
     """The CPU tests' fits on 2 GPUs with NCCL: bitwise training and the unsharded values."""
