@@ -61,26 +61,25 @@ def shape_run():
 
 def test_per_step_and_per_module_skewness_match_the_observed_allocations(shape_run):
     callback, logger = shape_run
-    # the moments are float32 sums of scaled allocations (issue 19): skewness and kurtosis to 1e-6
     assert sorted(callback.kept) == list(range(6))
     for step, allocations in callback.kept.items():
         everything = _flat(allocations.values())
-        assert logger.series["lca/skewness"][step] == pytest.approx(_skewness(everything), rel=1e-6, abs=0)
+        assert logger.series["lca/skewness"][step] == pytest.approx(_skewness(everything), rel=1e-9, abs=0)
         assert logger.series["lca/excess_kurtosis"][step] == pytest.approx(
-            _excess_kurtosis(everything), rel=1e-6, abs=0
+            _excess_kurtosis(everything), rel=1e-9, abs=0
         )
         for module in ("net.0", "net.2"):
             mine = _flat(a for name, a in allocations.items() if name.rpartition(".")[0] == module)
-            assert logger.series[f"lca/skewness/{module}"][step] == pytest.approx(_skewness(mine), rel=1e-6, abs=0)
+            assert logger.series[f"lca/skewness/{module}"][step] == pytest.approx(_skewness(mine), rel=1e-9, abs=0)
 
 
 def test_pooled_skewness_and_kurtosis_are_over_every_allocation_of_the_steps_so_far(shape_run):
     callback, logger = shape_run
     for step in callback.kept:
         pooled = _flat(a for s in range(step + 1) for a in callback.kept[s].values())
-        assert logger.series["lca/skewness_pooled"][step] == pytest.approx(_skewness(pooled), rel=1e-6, abs=0)
+        assert logger.series["lca/skewness_pooled"][step] == pytest.approx(_skewness(pooled), rel=1e-9, abs=0)
         assert logger.series["lca/excess_kurtosis_pooled"][step] == pytest.approx(
-            _excess_kurtosis(pooled), rel=1e-6, abs=0
+            _excess_kurtosis(pooled), rel=1e-9, abs=0
         )
     # the two kurtosis definitions differ (pooled: the steps' scales mix too)
     last = max(callback.kept)
@@ -113,9 +112,9 @@ def test_resume_continues_the_pooled_sums(tmp_path):
     resumed, resumed_log = _resumable(tmp_path / "c", 2, ckpt=str(tmp_path / "b" / "last.ckpt"))
     assert sorted(resumed_log.series["lca/total"]) == [4, 5, 6, 7]
     for tag in ("lca/skewness_pooled", "lca/excess_kurtosis_pooled"):
-        assert resumed_log.series[tag][7] == pytest.approx(whole_log.series[tag][7], rel=1e-6)  # float32 moments
+        assert resumed_log.series[tag][7] == pytest.approx(whole_log.series[tag][7], rel=1e-9)
     pooled = _flat(a for s in range(8) for a in whole.kept[s].values())
-    assert resumed_log.series["lca/skewness_pooled"][7] == pytest.approx(_skewness(pooled), rel=1e-6)
+    assert resumed_log.series["lca/skewness_pooled"][7] == pytest.approx(_skewness(pooled), rel=1e-9)
     assert resumed.run_totals.moments.n == pooled.numel()
 
 

@@ -499,11 +499,12 @@ class ProductStats:
     the float64 slices of :func:`product_sums` for other dtypes. ``compiled=True`` sums groups
     of tensors with one fused float64 kernel (``torch.compile``, compiled once per process for
     every size) instead, falling back to the eager path with one warning if compiling fails
-    (e.g. no C++ compiler)."""
+    (e.g. no C++ compiler). ``rows=False``: the float64 slices for every tensor (their
+    temporaries are a few small slices, where the rows keep ≈ 2.5 MiB of chunk buffers)."""
 
-    def __init__(self, compiled: bool) -> None:
+    def __init__(self, compiled: bool, rows: bool = True) -> None:
         self.compiled = compiled
-        self._rows = RowSums()
+        self._rows = RowSums() if rows else None
 
     def __call__(self, k: Tensor, delta: Delta, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
         return self.many([k], [delta], [histogram])[0]
@@ -528,6 +529,8 @@ class ProductStats:
         """The eager statistics, read back in one device sync (two on a step whose scales are
         off): float32 rows for the float32 tensors on the first tensor's device, float64
         slices for the rest, and for any tensor the rows could not scale safely."""
+        if self._rows is None:
+            return many_product_stats(ks, deltas)
         fast = [i for i, (k, d) in enumerate(zip(ks, deltas)) if _in_rows(k, d, ks[0].device)]
         block = self._rows([ks[i] for i in fast], [deltas[i] for i in fast]) if fast else None
         taken = set(fast) if block is not None else set()
@@ -548,6 +551,7 @@ class ProductStats:
     ) -> None:
         """Next step's scales of the rows' tensors ``fast``; where this step's scales were off (the
         allocations moved by more than 2²⁴), their ``values`` recomputed in float64 (one more sync)."""
+        assert self._rows is not None
         rows_k = [ks[i] for i in fast]
         redo = self._rows.settle(rows_k, [values[i] for i in fast], scaled=scaled)
         if redo:
