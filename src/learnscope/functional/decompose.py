@@ -528,32 +528,40 @@ class _Deferred:
 
 @torch.no_grad()
 def _deferred_dots(pairs: Sequence[_Deferred]) -> Tensor:
-    """Σ x·y of every pair, float64 sums of the float32 products (one per pair): the q's formed
-    by ``_foreach_`` calls as ``_Form._scaled_k`` forms each (bitwise), the products written by
-    two more into rows of a reused buffer, summed by one row sum and one ``index_add_``."""
-    lazy = list({id(v): v for pair in pairs for v in (pair.x, pair.y) if isinstance(v, _LazyQ)}.values())
-    if lazy:
-        denominators = torch._foreach_sqrt([q.second for q in lazy])
-        torch._foreach_add_(denominators, [q.eps for q in lazy])
-        for q, value in zip(lazy, torch._foreach_div([q.k for q in lazy], denominators)):
-            q.value = value
+    """Σ x·y of every pair, float64 sums of the products (one per pair): the q's formed by
+    ``_foreach_`` calls as ``_Form._scaled_k`` forms each (bitwise), the products written by
+    two more into rows of a reused buffer (in each pair's own dtype), then one row sum and
+    one ``index_add_`` per dtype."""
+    _form_lazy([v for pair in pairs for v in (pair.x, pair.y) if isinstance(v, _LazyQ)])
     xs, ys = [_resolved(pair.x) for pair in pairs], [_resolved(pair.y) for pair in pairs]
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}  # products in each pair's own dtype
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, x in enumerate(xs):
         groups.setdefault((x.dtype, x.device), []).append(i)
-    sums = []
-    for members in groups.values():
-        rows = _PRODUCT_ROWS.get([xs[i] for i in members])
-        torch._foreach_copy_(rows.views, [xs[i] for i in members])
-        torch._foreach_mul_(rows.views, [ys[i] for i in members])
-        per_row = rows.buffer.view(-1, _DOT_ROW).sum(1, dtype=torch.float64)
-        sums.append(
-            torch.zeros(len(members), dtype=torch.float64, device=per_row.device).index_add_(0, rows.owner, per_row)
-        )
+    sums = [_summed_products([xs[i] for i in members], [ys[i] for i in members]) for members in groups.values()]
     if len(sums) == 1:
         return sums[0]
     order = [i for members in groups.values() for i in members]
     return torch.cat([s.cpu() for s in sums])[torch.tensor(order).argsort()]
+
+
+def _form_lazy(lazy: list[_LazyQ]) -> None:
+    """Each q = k / (√s + eps), once per ``_LazyQ``."""
+    unique = list({id(q): q for q in lazy}.values())
+    if not unique:
+        return
+    denominators = torch._foreach_sqrt([q.second for q in unique])
+    torch._foreach_add_(denominators, [q.eps for q in unique])
+    for q, value in zip(unique, torch._foreach_div([q.k for q in unique], denominators)):
+        q.value = value
+
+
+def _summed_products(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """[Σ x·y] per pair (one dtype and device), float64 sums of the products' rows."""
+    rows = _PRODUCT_ROWS.get(xs)
+    torch._foreach_copy_(rows.views, xs)
+    torch._foreach_mul_(rows.views, ys)
+    per_row = rows.buffer.view(-1, _DOT_ROW).sum(1, dtype=torch.float64)
+    return torch.zeros(len(xs), dtype=torch.float64, device=per_row.device).index_add_(0, rows.owner, per_row)
 
 
 _DOT_ROW = 256
