@@ -253,7 +253,7 @@ class LCAResults:
 
 def configs(every_k: int, expensive_steps: int, cheap_steps: int, warmup: int) -> list[Config]:
     simpson = {"rule": "simpson"}
-    cheap = {"probe": "batch", "rule": "first_order"}
+    cheap: dict[str, Any] = {"preset": "cheap"}  # probe="batch", rule="first_order", no histograms
     # every k: the window starts right before a measured step (warm-up = k steps)
     # and holds whole periods of k steps.
     periods = max(2, (expensive_steps - warmup) // 2)
@@ -323,7 +323,7 @@ def run(
     cases["fb(P)"] = fb_case
     fit(workload, [], 3)  # process warm-up: first-fit costs (imports, lazy init) are not measured
     # compile_statistics' one-off compile (once per process) is not measured either
-    fit(workload, [TimedLCA(probe="batch", rule="first_order", compile_statistics=True)], 3)
+    fit(workload, [TimedLCA(preset="cheap", compile_statistics=True)], 3)
     interleaved(cases, repeats)
     results.offline_stage_two = offline_stage_two(workload, iterate_dir, probe_size, offline_steps)
     shutil.rmtree(iterate_dir, ignore_errors=True)

@@ -149,11 +149,7 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
             1.6,
         ),
         Target(
-            "2a",
-            "LCA cheap, short run (eager statistics): step ÷ plain",
-            w,
-            r.per_step("cheap") / r.per_step("plain"),
-            1.3,
+            "2a", "LCA cheap, short run (no compile): step ÷ plain", w, r.per_step("cheap") / r.per_step("plain"), 1.3
         ),
         Target("2b", "  … decompose=True: step ÷ plain", w, r.per_step("cheap+decompose") / r.per_step("plain"), 1.6),
     ]
@@ -216,6 +212,17 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
         f"{offline_total / ours_extra:.2f}, disk {iterate_bytes / max(ours_bytes, 1):.0f}×",
     ]
     return lines
+
+
+def zoo_section(ratios: dict[str, dict[str, float]], repeats: int, steps: int, targets: list[Target]) -> list[str]:
+    """Issue 19 target 1 on the model zoo: the cheap preset's short-run ratios per model."""
+    import zoo_bench
+
+    for name, r in ratios.items():
+        targets.append(Target("2a", f"LCA cheap, short run (no compile), {name}: step ÷ plain", "zoo", r["cheap"], 1.3))
+        targets.append(Target("2b", f"  … decompose=True, {name}: step ÷ plain", "zoo", r["cheap+decompose"], 1.6))
+    heading = "Model zoo (tests/zoo: tiny random-init GPT-2, BERT, ViT, resnet18, Lightning demo transformer)"
+    return [heading, *zoo_bench.cheap_section(ratios, repeats, steps)]
 
 
 def nfa_section(results: Any, targets: list[Target], agreement: float | None) -> list[str]:
@@ -392,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"LCA {name}")
         lca_results[name] = lca_bench.run(WORKLOADS[name], progress=progress, **plan)
         lines += lca_section(lca_results[name], targets) + [""]
+
+    if not args.quick:  # the zoo's cheap-preset rows (issue 19, target 1): ≈ 3 minutes
+        import zoo_bench
+
+        zoo_plan = dict(repeats=3, steps=18, warmup=3)
+        ratios = zoo_bench.cheap_ratios(list(zoo_bench.zoo.MODELS), progress=progress, **zoo_plan)
+        lines += zoo_section(ratios, zoo_plan["repeats"], zoo_plan["steps"], targets) + [""]
 
     progress("LCA histogram cadence")
     written, allowed = lca_bench.histogram_cadence(WORKLOADS["mlp"])

@@ -46,6 +46,12 @@ CASES: dict[str, Callable[[], list[pl.Callback]]] = {
     "cheap": lambda: [LossChangeAllocation(preset="cheap")],
     "simpson": lambda: [LossChangeAllocation()],
 }
+#: The cheap preset on a short run (no compile), with and without the decomposition (issue 19, target 1).
+CHEAP_CASES: dict[str, Callable[[], list[pl.Callback]]] = {
+    "plain": list,
+    "cheap": lambda: [LossChangeAllocation(preset="cheap", compile_statistics=False)],
+    "cheap+decompose": lambda: [LossChangeAllocation(preset="cheap", decompose=True, compile_statistics=False)],
+}
 ACCURACY_STEPS = 10  # as tests/test_zoo.py
 ACCURACY_PROBE_SIZE = 64
 
@@ -65,15 +71,17 @@ def _trainer(callbacks: list[pl.Callback], steps: int, logger: Any) -> pl.Traine
     )
 
 
-def time_per_step(name: str, case: str, steps: int, warmup: int) -> float:
-    """Seconds per step after ``warmup`` steps of zoo model ``name`` with ``case``'s callbacks."""
+def time_per_step(
+    name: str, case: str, steps: int, warmup: int, cases: dict[str, Callable[[], list[pl.Callback]]] = CASES
+) -> float:
+    """Seconds per step after ``warmup`` steps of zoo model ``name`` with ``cases[case]``'s callbacks."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     module, loader = zoo.load(name).build()
     clock = StepClock(warmup)
     logdir = scratch_dir()
     try:
-        trainer = _trainer([*CASES[case](), clock], steps, TensorBoardLogger(logdir, name="", version=""))
+        trainer = _trainer([*cases[case](), clock], steps, TensorBoardLogger(logdir, name="", version=""))
         trainer.fit(module, loader)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
@@ -109,6 +117,45 @@ def timing_section(
             f"{per_step['simpson'] * 1e3:11.1f} {per_step['cheap'] / per_step['plain']:14.2f} "
             f"{per_step['simpson'] / per_step['plain']:16.2f}   {noise}"
         )
+    return lines
+
+
+def cheap_ratios(
+    names: list[str],
+    repeats: int = 3,
+    steps: int = 18,
+    warmup: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per zoo model: the cheap preset's time per step ÷ plain training's on a short run without
+    compile (``"cheap"``), and with ``decompose=True`` (``"cheap+decompose"``); ``"plain"``: the
+    plain step in seconds. Medians of ``repeats`` interleaved repeats, side by side in this process."""
+    out = {}
+    for name in names:
+        if progress is not None:
+            progress(f"zoo cheap ratios {name}")
+        time_per_step(name, "plain", warmup + 2, warmup)  # first-fit costs of this model, not measured
+        cases = {
+            case: (lambda name=name, case=case: time_per_step(name, case, steps, warmup, CHEAP_CASES))
+            for case in CHEAP_CASES
+        }
+        per_step = {case: median(values) for case, values in interleaved(cases, repeats).items()}
+        out[name] = {
+            "plain": per_step["plain"],
+            "cheap": per_step["cheap"] / per_step["plain"],
+            "cheap+decompose": per_step["cheap+decompose"] / per_step["plain"],
+        }
+    return out
+
+
+def cheap_section(ratios: dict[str, dict[str, float]], repeats: int, steps: int) -> list[str]:
+    """The table of :func:`cheap_ratios`."""
+    lines = [
+        f"Cheap preset, short run without compile ({steps} steps; medians of {repeats} interleaved repeats)",
+        f"  {'model':18s} {'plain ms':>9s} {'cheap ÷ plain':>14s} {'+ decompose ÷ plain':>20s}",
+    ]
+    for name, r in ratios.items():
+        lines.append(f"  {name:18s} {r['plain'] * 1e3:9.1f} {r['cheap']:14.3f} {r['cheap+decompose']:20.3f}")
     return lines
 
 
@@ -202,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "default"
     lines = [f"learnscope on the model zoo (issue 15), {mode} mode", machine_note(args.threads, mode), ""]
     lines += timing_section(names, repeats, steps, warmup, progress)
+    lines += [""] + cheap_section(cheap_ratios(names, repeats, steps, warmup, progress), repeats, steps)
     if not args.no_accuracy:
         lines += [""] + accuracy_section(names, progress)
     lines.append(f"total time {time.perf_counter() - started:.0f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ from torch.utils.tensorboard.summary import make_histogram
 
 from learnscope import LossChangeAllocation
 from learnscope._stats import ProductStats, StreamingHistogram, product_stats
+from learnscope.records import Counts
 from models import Classifier, MemoryLogger, assert_bitwise_equal, digits_loader, mlp, state_of, trainer
 
 
@@ -71,6 +73,98 @@ def test_product_stats_do_not_depend_on_the_slice_size(monkeypatch, slice_size):
     together = stats.many_product_stats([p for p, _ in pieces], [d for _, d in pieces])
     assert together == [product_stats(p, d) for p, d in pieces]
     assert together[2] == (stats.Counts(0, 0, 0, 0), stats.Moments(0, 0.0, 0.0, 0.0, 0.0))
+
+
+def _assert_rows_moments(moments, a: torch.Tensor) -> None:
+    """The float32 rows' moments against float64 sums of the same float32 allocations ``a``:
+    Σa as a float64 sum is (1e-12 of Σ|a|); Σa², Σa⁴ to 1e-6 relative; Σa³, which cancels,
+    to 1e-6 of Σ|a|³ (what float32 terms allow)."""
+    a64 = a.double().reshape(-1)
+    assert moments.n == a.numel()
+    assert moments.s1 == pytest.approx(float(a64.sum()), rel=1e-12, abs=1e-12 * float(a64.abs().sum()))
+    assert moments.s2 == pytest.approx(float((a64**2).sum()), rel=1e-6, abs=1e-300)
+    assert moments.s3 == pytest.approx(float((a64**3).sum()), abs=1e-6 * float((a64.abs() ** 3).sum()) + 1e-300)
+    assert moments.s4 == pytest.approx(float((a64**4).sum()), rel=1e-6, abs=1e-300)
+
+
+def _second_step(ks, deltas):
+    """``ProductStats`` (eager) of the pairs on its second step: the first, in float64, sets the
+    float32 rows' scales; the second runs in the rows."""
+    stats = ProductStats(compiled=False)
+    first = stats.many(ks, deltas)
+    return first, stats.many(ks, deltas)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e15])
+def test_float32_rows_neither_underflow_nor_overflow(magnitude):
+    """Allocations of 1e-30 (a⁴ = 1e-120, far below float32's range) and of 1e15 (a⁴ = 1e60,
+    above it): the rows scale each tensor by a power of two before raising to powers, so the
+    counts stay exact and the moments within 1e-6 of float64 sums of the same allocations."""
+    k, delta = _allocations(n=303_007)
+    k = k * (magnitude / float((k * delta).abs().max()))
+    shapes = [(300, 700), (90_000,), (3, 1000), (7,)]  # several tensors, one across chunks, a short one
+    ks, deltas, start = [], [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        ks.append(k[start : start + size].reshape(shape))
+        deltas.append(delta[start : start + size].reshape(shape))
+        start += size
+    first, rows = _second_step(ks, deltas)
+    for kk, dd, (counts, moments), float64 in zip(ks, deltas, rows, first):
+        a = kk * dd
+        assert counts == float64[0] == Counts(int((a < 0).sum()), int((a > 0).sum()), int((a != 0).sum()), a.numel())
+        assert all(math.isfinite(v) and v != 0 for v in (moments.s2, moments.s4))
+        _assert_rows_moments(moments, a)
+
+
+def test_float32_rows_rescale_when_the_allocations_jump():
+    """The rows' scales come from the previous step: allocations 2³⁰ times larger (then smaller)
+    than the last step's are caught, recomputed in float64, and the next step is scaled anew."""
+    k, delta = _allocations(n=50_000)
+    stats = ProductStats(compiled=False)
+    for factor in (1.0, 1.0, 2.0**30, 2.0**30, 2.0**-30, 2.0**-30):
+        ((counts, moments),) = stats.many([k * factor], [delta])
+        a = k * factor * delta
+        assert counts.helped == int((a < 0).sum()) and counts.nonzero == int((a != 0).sum())
+        _assert_rows_moments(moments, a)
+
+
+def test_float32_rows_count_exactly_past_float32_integers():
+    """One tensor of 2²⁴ + 3 entries: a float32 sum of its signs would round; the rows' counts
+    (float32 sums of at most 256 signs, added in float64) are exact."""
+    n = (1 << 24) + 3
+    k = torch.ones(n)
+    k[:5] = -1.0
+    k[5:7] = 0.0
+    delta = torch.full((n,), 1e-4)
+    _, (((counts, moments),)) = _second_step([k], [delta])
+    assert (counts.helped, counts.hurt, counts.nonzero, counts.total) == (5, n - 7, n - 2, n)
+    assert moments.s1 == pytest.approx((n - 12) * float(torch.tensor(1e-4)), rel=1e-12)
+
+
+def test_float32_rows_moments_on_real_digits_training():
+    """The allocations of real steps (an Adam-trained digits MLP, the applied gradient times the
+    step): the rows' counts exact and moments within 1e-6 of float64 sums, step after step."""
+    from learnscope.functional.lca import LazyDelta
+
+    torch.manual_seed(0)
+    model = mlp((64, 1200, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats = ProductStats(compiled=False)
+    x, y = next(iter(digits_loader()))
+    for _ in range(6):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        after = {n: p.detach() for n, p in model.named_parameters()}
+        grads = [p.grad for p in model.parameters()]
+        lazy = LazyDelta(before, after)
+        got = stats.many(grads, [lazy.operands(n) for n in before])
+        for g, n, (counts, moments) in zip(grads, before, got):
+            a = g * (after[n] - before[n])
+            assert counts == Counts(int((a < 0).sum()), int((a > 0).sum()), int((a != 0).sum()), a.numel())
+            _assert_rows_moments(moments, a)  # step 0 in float64 (it sets the scales), then the rows
 
 
 def _proto_fields(proto):
@@ -193,16 +287,25 @@ def test_statistics_between_two_points_equal_those_of_the_formed_delta(compiled)
     names = list(start)
     lazy = LazyDelta({n: t.clone() for n, t in start.items()}, end, in_place=True)
     stats = ProductStats(compiled=compiled)
+    formed = step_delta(start, end)
     with _no_warning():
         got = stats.many([k[n] for n in names], [lazy.operands(n) for n in names])
+        # the eager path's first step sets the float32 rows' scales: the second one runs in them,
+        # reading (θ_t, θ_t+1) or the formed Δ with the same result bit for bit
+        rows_lazy = stats.many([k[n] for n in names], [lazy.operands(n) for n in names])
+        rows_formed = stats.many([k[n] for n in names], [formed[n] for n in names])
     assert stats.compiled is compiled
-    for (counts, moments), (eager_counts, eager_moments) in zip(got, expected):
-        assert counts == eager_counts
+    assert rows_lazy == rows_formed
+    for n, (counts, moments), (rows_counts, rows_moments), (eager_counts, eager_moments) in zip(
+        names, got, rows_lazy, expected
+    ):
+        assert counts == rows_counts == eager_counts
         if compiled:
             assert moments.s1 == pytest.approx(eager_moments.s1, rel=1e-9)
             assert moments.s4 == pytest.approx(eager_moments.s4, rel=1e-9)
         else:
             assert moments == eager_moments
+            _assert_rows_moments(rows_moments, k[n] * formed[n])
     # the lazy Δ is formed on first read, in place, and equals step_delta bitwise
     for n, delta in step_delta(start, end).items():
         assert isinstance(lazy.operands(n), tuple)
@@ -268,6 +371,9 @@ def test_callback_logs_the_same_values_with_compiled_statistics():
                     if t.startswith(("lca/part/", "lca/part_cumulative/")) and step in v
                 )
                 assert series[True][tag][step] == pytest.approx(value, abs=1e-6 * scale), tag
+            elif "skewness" in tag or "kurtosis" in tag:
+                # the eager moments are float32 rows (accurate to ~1e-7), the compiled ones float64
+                assert series[True][tag][step] == pytest.approx(value, rel=1e-6, abs=1e-6), tag
             else:
                 assert series[True][tag][step] == pytest.approx(value, rel=1e-9, abs=1e-15), tag
 

@@ -2,10 +2,16 @@
 
 Every measured step needs, per parameter tensor, the helped / hurt / non-zero counts
 and the raw power sums Σa, Σa², Σa³, Σa⁴ (for the total, the layer sums and the
-kurtosis). They are computed from ``k`` and ``Δ`` in slices, so no parameter-sized
-temporary is ever alive (the slices bound them to about 1 MiB), or, with
-``compile_statistics=True``, in one fused ``torch.compile`` kernel per group of
-tensors that reads k and Δ once.
+kurtosis). By default (:class:`RowSums`) they come from a few passes over float32
+rows: each tensor's ``a`` is written into rows of :data:`_ROW` entries of a reused
+chunk buffer (a tensor starts on a row boundary; the rest of its last row is zero),
+and each pass reduces every row at once. Σa and the counts are exact (Σa summed in
+float64 as before; the signs summed in float32, exact integers per row); Σa², Σa³,
+Σa⁴ are float32 sums of ``b = a·2⁻ᵉ``, each row scaled by the power of two of its
+largest |a| (|b| < 1, so no power overflows and the largest terms never underflow),
+accurate to ~1e-7 relative, and scaled back in float64. ``compile_statistics=True``
+uses one fused ``torch.compile`` kernel per group of tensors, in float64, instead.
+The float64 slices of :func:`product_sums` remain for other dtypes and as the reference.
 
 :class:`StreamingHistogram` builds the same histogram as TensorBoard's
 ``SummaryWriter.add_histogram(values)`` (its default exponential buckets) from
@@ -221,29 +227,341 @@ def _fused_sums_between(ks: list[Tensor], starts: list[Tensor], ends: list[Tenso
     return torch.stack([_sums_row(k * (end - start)) for k, start, end in zip(ks, starts, ends)])
 
 
+# --------------------------------------------------------------------------- float32 rows (the default)
+
+_ROW = 256  # entries per row: float32 sums of ±1 stay exact integers, and of powers accurate to ~1e-7
+# Rows per chunk on CPU: 2¹⁷ entries (its float32 planes ≈ 2 MiB, reused by every chunk);
+# elsewhere (CUDA) 2²² entries: each pass is one kernel launch.
+_CHUNK_ROWS = 1 << 9
+_DEVICE_CHUNK_ROWS = 1 << 14
+_BIG_PIECE = 1 << 14  # pieces at least this long get their own ops; shorter ones share _foreach_ calls
+#: Scaled allocations b = a·2ˢ are trusted while 2⁻²⁴ ≤ max|b| ≤ 2²⁴: then b⁴ ≤ 2⁹⁶ (no overflow, even
+#: summed over 2²⁴ entries), and the largest b⁴ ≥ 2⁻⁹⁶, so what underflows (each < 2⁻¹⁴⁹) is < 2⁻⁵³ of it.
+_SAFE = 24
+_SHIFTS = (-126, 120)  # 2ˢ stays a normal float32 number; allocations beyond 2^±144 take the float64 slices
+
+#: One piece of a tensor in a chunk: (tensor index, start, end) of its flat entries, and the
+#: view of the chunk buffer it is written to (shaped like the tensor when the piece is all of it).
+_Piece = tuple[int, int, int, Tensor]
+
+
+class _Chunk:
+    """Rows ``first:first + rows`` of a layout: its pieces and its views of the layout's buffers."""
+
+    def __init__(
+        self, layout: _Layout, first: int, rows: int, spans: list[tuple[int, int, int, int]], shapes: list[tuple]
+    ) -> None:
+        self.rows, self.first_row = rows, first
+        self.down: Tensor | None = None  # per row, 2^min(s, 0) when some tensor here is scaled down
+        self.values = layout.values[: rows * _ROW].view(rows, _ROW)
+        self.planes = layout.planes[:, :rows]
+        self.table = layout.table[:, first : first + rows]
+        self.first = layout.wide[5, first : first + rows]
+        flat = layout.values
+        self.pieces: list[_Piece] = []
+        self.pads: list[Tensor] = []  # the rest of each piece's last row: zeros
+        for index, start, end, offset in spans:
+            stop = offset + end - start
+            whole = end - start == math.prod(shapes[index])
+            self.pieces.append(
+                (index, start, end, flat[offset:stop].view(shapes[index]) if whole else flat[offset:stop])
+            )
+            if (end - start) % _ROW:
+                self.pads.append(flat[stop : offset + -(-(end - start) // _ROW) * _ROW])
+
+
+class _Layout:
+    """A list of flat tensors in chunk rows: each tensor starts on a row, the rest of its last
+    row is zero; the chunks share one float32 buffer and its planes. Also each row's tensor,
+    the per-row results, and each tensor's scale exponent s (b = a·2ˢ; None until a step
+    has been read back)."""
+
+    def __init__(self, shapes: list[tuple], chunk_rows: int, device: torch.device) -> None:
+        sizes = [math.prod(shape) for shape in shapes]
+        chunks: list[list[tuple[int, int, int, int]]] = []
+        owners: list[int] = []
+        used = chunk_rows  # rows used in the last chunk
+        for index, size in enumerate(sizes):
+            start = 0
+            while start < size:
+                if used == chunk_rows:
+                    chunks.append([])
+                    used = 0
+                end = min(size, start + (chunk_rows - used) * _ROW)
+                chunks[-1].append((index, start, end, used * _ROW))
+                rows = -(-(end - start) // _ROW)
+                owners += [index] * rows
+                used, start = used + rows, end
+        counts = [sum(-(-(end - start) // _ROW) for _, start, end, _ in chunk) for chunk in chunks]
+        width = max(counts, default=0)
+        self.values = torch.zeros(width * _ROW, device=device)
+        self.planes = torch.zeros(3, width, _ROW, device=device)
+        self.table = torch.zeros(5, len(owners), device=device)  # per row: see _reduce
+        self.wide = torch.zeros(6, len(owners), dtype=torch.float64, device=device)  # the table, and Σb
+        self.owner = torch.tensor(owners, dtype=torch.long, device=device)
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        self.chunks = [_Chunk(self, first, rows, spans, shapes) for first, rows, spans in zip(firsts, counts, chunks)]
+        self.count = len(sizes)
+        self.shifts: list[int] | None = None
+        self.unscale = torch.ones(6, len(sizes), dtype=torch.float64, device=device)  # 2⁻ᵖˢ per row of _combine
+
+    def scale_by(self, shifts: list[int]) -> None:
+        """Use ``shifts`` from the next step on: a = b·2⁻ˢ⁺ (s⁺ = max(s, 0): b is scaled up only, so
+        exactly), and the powers of c = b·2^min(s, 0) (scaled down per row where s < 0)."""
+        self.shifts = shifts
+        powers = [[2.0 ** (-p * s) for s in shifts] for p in (0, 4, 0, 2, 3)]
+        powers.append([2.0 ** -max(s, 0) for s in shifts])
+        self.unscale = torch.tensor(powers, dtype=torch.float64).to(self.unscale.device)
+        down = torch.tensor([2.0 ** min(s, 0) for s in shifts], device=self.owner.device)[self.owner]
+        for chunk in self.chunks:
+            rows = down[chunk.first_row : chunk.first_row + chunk.rows]
+            chunk.down = rows.unsqueeze(1) if bool((rows < 1).any()) else None
+
+
+class RowSums:
+    """``[Σsign, Σsign², Σa, Σa², Σa³, Σa⁴]`` of ``a = k ⊙ Δ`` for many float32 tensors, from
+    float32 rows (see the module docstring).
+
+    Each tensor's ``b = a·2ˢ`` is written into the rows (``a`` bitwise ``k * (end − start)``,
+    then scaled exactly: 2ˢ ≥ 1 is a power of two, so no entry is rounded or lost); Σa is
+    Σb·2⁻ˢ summed in float64, the signs are b's, and Σbᵖ are float32 row sums scaled back by
+    2⁻ᵖˢ in float64. s comes from the previous step's Σa⁴ (max|a| ≤ (Σa⁴)^¼), as a loss scale
+    follows the gradients; :meth:`settle` checks it against this step's sums and names the
+    tensors whose b left the safe range, to be recomputed in float64. The layouts of the
+    tensor lists seen, with their buffers, are kept (no allocation per step)."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[tuple[Any, ...], _Layout] = {}
+
+    @torch.no_grad()
+    def __call__(self, ks: Sequence[Tensor], deltas: Sequence[Delta | None]) -> Tensor | None:
+        """One float64 row of sums per pair, on the tensors' device, without a device sync;
+        None before the first :meth:`settle` of this list (no scale yet)."""
+        layout = self._layout(ks)
+        if layout.shifts is None:
+            return None
+        scales = [2.0 ** max(shift, 0) for shift in layout.shifts]
+        for chunk in layout.chunks:
+            _fill(chunk, scales, ks, deltas)
+            _reduce(chunk)
+        return _combine(layout)
+
+    def settle(self, ks: Sequence[Tensor], rows: Sequence[Sequence[float]], scaled: bool) -> list[int]:
+        """Set each tensor's next scale from its read-back sums ``rows``; when they were ``scaled``
+        (this class's), return the indices whose b left the safe range (or overflowed): their
+        sums must be recomputed in float64, then settled again with ``scaled=False``."""
+        layout = self._layout(ks)
+        shifts = layout.shifts or [0] * len(ks)
+        redo = []
+        for i, (_, nonzero, total, _, _, fourth) in enumerate(rows):
+            if nonzero == 0:
+                continue
+            if not (math.isfinite(total) and math.isfinite(fourth) and fourth > 0):
+                redo.append(i)
+                continue
+            high = math.log2(fourth) / 4  # log2 max|a| ≤ high ≤ log2 max|a| + ¼ log2(non-zero count)
+            low = high - math.log2(nonzero) / 4
+            if scaled and not -_SAFE <= low + shifts[i] <= high + shifts[i] <= _SAFE:
+                redo.append(i)
+            shifts[i] = min(_SHIFTS[1], max(_SHIFTS[0], math.floor(-high)))
+        layout.scale_by(shifts)
+        return redo if scaled else []
+
+    def _layout(self, ks: Sequence[Tensor]) -> _Layout:
+        device = ks[0].device
+        shapes = [tuple(k.shape) for k in ks]
+        key = (device, *shapes)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= 4:  # a few lists per callback (main, ablation corners)
+                self._layouts.clear()
+            chunk_rows = _CHUNK_ROWS if device.type == "cpu" else _DEVICE_CHUNK_ROWS
+            layout = self._layouts[key] = _Layout(shapes, chunk_rows, device)
+        return layout
+
+
+def _fill(chunk: _Chunk, scales: list[float], ks: Sequence[Tensor], deltas: Sequence[Delta | None]) -> None:
+    """Write the chunk's b = a·2ˢ, and zeros to the end of each piece's last row."""
+    small = _SmallPieces()
+    for index, start, end, view in chunk.pieces:
+        k, delta = ks[index], deltas[index]
+        operands: tuple[Tensor, ...] = delta if isinstance(delta, tuple) else (k if delta is None else delta,)
+        factor = None if delta is None else k
+        if view.dim() == 1 and end - start != k.numel():  # a tensor split between chunks: its flat slice
+            operands = tuple(_flat(t)[start:end] for t in operands)
+            factor = None if factor is None else _flat(factor)[start:end]
+        if end - start >= _BIG_PIECE:
+            _scaled_product(view, operands, factor, scales[index])
+        else:
+            small.add(view, operands, factor, scales[index])
+    if chunk.pads:
+        torch._foreach_zero_(chunk.pads)
+    small.run()
+
+
+def _scaled_product(view: Tensor, operands: tuple[Tensor, ...], factor: Tensor | None, scale: float) -> None:
+    """``view = 2ˢ·(end − start)·k`` (or ``2ˢ·delta·k``, ``2ˢ·k``): Δ rounded as ``step_delta``'s,
+    then fl(2ˢΔ·k) = 2ˢ·fl(Δ·k) exactly (a power of two; only where Δ·k is below float32's
+    normal range, < 1.2e-38, is the scaled product the more precise one)."""
+    if len(operands) == 2:  # (start, end)
+        torch.sub(operands[1], operands[0], out=view)
+    else:
+        view.copy_(operands[0])
+    if factor is not None:
+        torch.addcmul(_ZERO.get(view.device), view, factor, value=scale, out=view)
+    elif scale != 1.0:
+        view.mul_(scale)
+
+
+class _Zeros:
+    """A 0-dim zero per device (``addcmul``'s broadcast input)."""
+
+    def __init__(self) -> None:
+        self._zeros: dict[torch.device, Tensor] = {}
+
+    def get(self, device: torch.device) -> Tensor:
+        zero = self._zeros.get(device)
+        if zero is None:
+            zero = self._zeros[device] = torch.zeros((), device=device)
+        return zero
+
+
+_ZERO = _Zeros()
+
+
+class _SmallPieces:
+    """Short pieces of a chunk: their products formed by a few ``_foreach_`` calls."""
+
+    def __init__(self) -> None:
+        self.views: list[Tensor] = []
+        self.ends: list[Tensor] = []
+        self.starts: dict[int, Tensor] = {}  # position in views → start (Δ = end − start)
+        self.factors: dict[int, Tensor] = {}  # position in views → k
+        self.scales: list[float] = []
+
+    def add(self, view: Tensor, operands: tuple[Tensor, ...], factor: Tensor | None, scale: float) -> None:
+        if len(operands) == 2:  # (start, end)
+            self.starts[len(self.views)] = operands[0]
+        if factor is not None:
+            self.factors[len(self.views)] = factor
+        self.views.append(view)
+        self.ends.append(operands[-1])
+        self.scales.append(scale)
+
+    def run(self) -> None:
+        if not self.views:
+            return
+        torch._foreach_copy_(self.views, self.ends)
+        for extra, op in ((self.starts, torch._foreach_sub_), (self.factors, torch._foreach_mul_)):
+            if extra:  # Δ = end − start, then a = Δ·k: bitwise step_delta's and k·Δ
+                op([self.views[i] for i in extra], list(extra.values()))
+        torch._foreach_mul_(self.views, self.scales)  # exact: powers of two, up from a
+
+
+def _reduce(chunk: _Chunk) -> None:
+    """Per row of b, into the layout's table: [‖sign‖, ‖c²‖, Σsign, Σc², Σc³] in float32 (c = b, or b
+    scaled down), Σb in float64."""
+    values, planes, table = chunk.values, chunk.planes, chunk.table
+    torch.sum(values, 1, dtype=torch.float64, out=chunk.first)
+    torch.sign(values, out=planes[0])
+    powers = values
+    if chunk.down is not None:  # allocations above 2²⁴ here: their powers from c = b·2ˢ (s < 0)
+        powers = torch.mul(values, chunk.down, out=planes[2])
+    torch.mul(powers, powers, out=planes[1])
+    torch.mul(planes[1], powers, out=planes[2])
+    torch.sum(planes, 2, out=table[2:5])  # Σsign, Σb², Σb³
+    torch.linalg.vector_norm(planes[0], dim=1, out=table[0])  # √(non-zero count), rounded back later
+    torch.linalg.vector_norm(planes[1], dim=1, out=table[1])  # √Σb⁴
+
+
+def _combine(layout: _Layout) -> Tensor:
+    """Rows to tensors, ``(6, tensors)`` float64: [Σsign², Σb⁴, Σsign, Σb², Σb³, Σb] summed per
+    tensor, the powers of b scaled back by 2⁻ᵖˢ (:data:`_TABLE_ORDER` gives the usual order)."""
+    wide = layout.wide
+    wide[:5].copy_(layout.table)
+    wide[0].square_().round_()  # the non-zero count: exact (a row's ≤ 256, its √ rounded to float32)
+    wide[1].square_()
+    per_tensor = torch.zeros(6, layout.count, dtype=torch.float64, device=wide.device)
+    return per_tensor.index_add_(1, layout.owner, wide).mul_(layout.unscale)
+
+
+#: Where [Σsign, Σsign², Σa, Σa², Σa³, Σa⁴] sit in ``_combine``'s rows.
+_TABLE_ORDER = (2, 0, 5, 3, 4, 1)
+
+
 _EXACT_COUNTS = 1 << 24  # entries per compiled piece: float32 sums of signs are exact up to 2²⁴
 _GROUP = 16  # tensors per compiled call: one call's overhead (~40 µs) for many small tensors,
 # and one graph for every group of this length (the last, shorter group compiles a second one)
 
 
 class ProductStats:
-    """``product_stats`` of many tensors. ``compiled=True`` sums groups of tensors with one
-    fused kernel (``torch.compile``, compiled once per process for every size), falling
-    back to the eager slices with one warning if compiling fails (e.g. no C++ compiler)."""
+    """``product_stats`` of many tensors: float32 rows (:class:`RowSums`) for float32 tensors,
+    the float64 slices of :func:`product_sums` for other dtypes. ``compiled=True`` sums groups
+    of tensors with one fused float64 kernel (``torch.compile``, compiled once per process for
+    every size) instead, falling back to the eager path with one warning if compiling fails
+    (e.g. no C++ compiler). ``rows=False``: the float64 slices for every tensor (their
+    temporaries are a few small slices, where the rows keep ≈ 2.5 MiB of chunk buffers)."""
 
-    def __init__(self, compiled: bool) -> None:
+    def __init__(self, compiled: bool, rows: bool = True) -> None:
         self.compiled = compiled
+        self._rows = RowSums() if rows else None
 
-    def __call__(self, k: Tensor, delta: Tensor, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
+    def __call__(self, k: Tensor, delta: Delta, histogram: StreamingHistogram | None = None) -> tuple[Counts, Moments]:
         return self.many([k], [delta], [histogram])[0]
 
     def many(
         self, ks: list[Tensor], deltas: list[Delta], histograms: list[StreamingHistogram | None] | None = None
     ) -> list[tuple[Counts, Moments]]:
-        """Counts and moments of every ``k ⊙ delta`` pair (histograms: eager, slice by slice).
-        A delta may be ``(start, end)`` (Δ = end − start, read in the same pass)."""
-        if not self.compiled or (histograms is not None and any(h is not None for h in histograms)):
-            return many_product_stats(ks, deltas, histograms)
+        """Counts and moments of every ``k ⊙ delta`` pair; a delta may be ``(start, end)`` (Δ =
+        end − start, never formed). ``histograms`` receive every slice of their pair's ``a``
+        (an extra pass, on the steps that draw histograms only)."""
+        for k, delta, histogram in zip(ks, deltas, histograms or []):
+            if histogram is not None:
+                for _, piece in product_slices(k, delta):
+                    histogram.add(piece)
+        if self.compiled:
+            rows = self._compiled(ks, deltas)
+            if rows is not None:
+                return [_from_sums(k.numel(), *row) for k, row in zip(ks, rows)]
+        return self.eager(ks, deltas)
+
+    def eager(self, ks: Sequence[Tensor], deltas: Sequence[Delta | None]) -> list[tuple[Counts, Moments]]:
+        """The eager statistics, read back in one device sync (two on a step whose scales are
+        off): float32 rows for the float32 tensors on the first tensor's device, float64
+        slices for the rest, and for any tensor the rows could not scale safely."""
+        if self._rows is None:
+            return many_product_stats(ks, deltas)
+        fast = [i for i, (k, d) in enumerate(zip(ks, deltas)) if _in_rows(k, d, ks[0].device)]
+        block = self._rows([ks[i] for i in fast], [deltas[i] for i in fast]) if fast else None
+        taken = set(fast) if block is not None else set()
+        exact = [i for i in range(len(ks)) if i not in taken]
+        read = to_python([block, *(product_sums(ks[i], deltas[i]) for i in exact)])
+        values = _assemble(read, sorted(taken), exact, len(ks))
+        if fast:
+            self._settle(fast, ks, deltas, values, scaled=block is not None)
+        return [_from_sums(k.numel(), *row) for k, row in zip(ks, values)]
+
+    def _settle(
+        self,
+        fast: list[int],
+        ks: Sequence[Tensor],
+        deltas: Sequence[Delta | None],
+        values: list[list[float]],
+        scaled: bool,
+    ) -> None:
+        """Next step's scales of the rows' tensors ``fast``; where this step's scales were off (the
+        allocations moved by more than 2²⁴), their ``values`` recomputed in float64 (one more sync)."""
+        assert self._rows is not None
+        rows_k = [ks[i] for i in fast]
+        redo = self._rows.settle(rows_k, [values[i] for i in fast], scaled=scaled)
+        if redo:
+            again = to_python([product_sums(ks[fast[j]], deltas[fast[j]]) for j in redo])
+            for j, row_values in zip(redo, again):
+                values[fast[j]] = row_values
+            self._rows.settle(rows_k, [values[i] for i in fast], scaled=False)
+
+    def _compiled(self, ks: list[Tensor], deltas: list[Delta]) -> list[list[float]] | None:
+        """The fused kernel's sums per pair; None when compiling failed (warned once)."""
         rows = [[0.0] * 6 for _ in ks]
         for between, todo in _pieces(ks, deltas).items():
             kernel = _fused_sums_between if between else _fused_sums
@@ -253,10 +571,32 @@ class ProductStats:
                 sums = call_compiled(kernel, *operands, purpose="compile_statistics is on")
                 if sums is None:  # compiling failed (warned once): the eager statistics from here on
                     self.compiled = False
-                    return many_product_stats(ks, deltas)
+                    return None
                 for (i, _), row in zip(group, sums.tolist()):
                     rows[i] = [a + b for a, b in zip(rows[i], row)]
-        return [_from_sums(k.numel(), *rows[i]) for i, k in enumerate(ks)]
+        return rows
+
+
+def _assemble(read: list[list[float]], rows: list[int], exact: list[int], count: int) -> list[list[float]]:
+    """Per pair, [Σsign, Σsign², Σa, Σa², Σa³, Σa⁴]: ``read[0]`` is the rows' flattened
+    ``(6, len(rows))`` table of the pairs ``rows``, ``read[1:]`` the float64 sums of ``exact``."""
+    values: list[list[float]] = [[] for _ in range(count)]
+    for row, i in enumerate(rows):
+        values[i] = [read[0][where * len(rows) + row] for where in _TABLE_ORDER]
+    for i, row_values in zip(exact, read[1:]):
+        values[i] = row_values
+    return values
+
+
+def _in_rows(k: Tensor, delta: Delta | None, device: torch.device) -> bool:
+    """Whether the float32 rows take this pair: float32 (so Σa in float64 stays exact), non-empty,
+    on ``device``."""
+    operands = delta if isinstance(delta, tuple) else (delta,) if delta is not None else ()
+    return (
+        k.numel() > 0
+        and k.device == device
+        and all(t.dtype == torch.float32 and t.device == device for t in (k, *operands))
+    )
 
 
 def _pieces(ks: list[Tensor], deltas: list[Delta]) -> dict[bool, list[tuple[int, list[Tensor]]]]:

@@ -294,7 +294,9 @@ class LossChangeAllocation(ProbeCallback):
             per_step_series=per_step_series,
         )
         self._log = _logging.DeferredLog(max_delay=check_seconds("flush_seconds", flush_seconds))
-        self._stats = ProductStats(compiled=bool(compile_statistics))
+        # float32 rows in the cheap mode, where the statistics are most of the cost; the probe-loss
+        # rules keep ~3 parameter-sized tensors already: the float64 slices' small temporaries there
+        self._stats = ProductStats(compiled=bool(compile_statistics), rows=self.config.cheap)
         self._totals = RunTotals()
         self._parameter_counts = ParameterCounts()
         self._window = SeriesWindow()  # the per-layer series of the open logging window
@@ -325,14 +327,18 @@ class LossChangeAllocation(ProbeCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            **self._probe_identity(),
-            rule=self.rule,
-            probe_size=self.probe_size,
-            decompose=self.decompose,
-            ablation=self.ablation,
-            name=self.name,
-        )
+        # Lightning reads it around every hook call (profiler labels): formed once, the flags are fixed
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(
+                **self._probe_identity(),
+                rule=self.rule,
+                probe_size=self.probe_size,
+                decompose=self.decompose,
+                ablation=self.ablation,
+                name=self.name,
+            )
+        return key
 
     def _tag(self, field: str) -> str:
         return f"{self.name}/{field}"

@@ -510,6 +510,105 @@ def _fused_scaled_sums(k: Tensor, second: Tensor, eps: float, xs: list[Tensor]) 
     )
 
 
+class _LazyQ:
+    """q = k / (√s + eps) of a small tensor, formed together with the others' (``_deferred_dots``)."""
+
+    def __init__(self, k: Tensor, second: Tensor, eps: float) -> None:
+        self.k, self.second, self.eps = k, second, eps
+        self.value: Tensor | None = None
+
+
+@dataclass
+class _Deferred:
+    """The dot x·y of a small tensor, summed with the others' in one pass (``_deferred_dots``)."""
+
+    x: Tensor | _LazyQ
+    y: Tensor | _LazyQ
+
+
+@torch.no_grad()
+def _deferred_dots(pairs: Sequence[_Deferred]) -> Tensor:
+    """Σ x·y of every pair, float64 sums of the products (one per pair): the q's formed by
+    ``_foreach_`` calls as ``_Form._scaled_k`` forms each (bitwise), the products written by
+    two more into rows of a reused buffer (in each pair's own dtype), then one row sum and
+    one ``index_add_`` per dtype."""
+    _form_lazy([v for pair in pairs for v in (pair.x, pair.y) if isinstance(v, _LazyQ)])
+    xs, ys = [_resolved(pair.x) for pair in pairs], [_resolved(pair.y) for pair in pairs]
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault((x.dtype, x.device), []).append(i)
+    sums = [_summed_products([xs[i] for i in members], [ys[i] for i in members]) for members in groups.values()]
+    if len(sums) == 1:
+        return sums[0]
+    order = [i for members in groups.values() for i in members]
+    return torch.cat([s.cpu() for s in sums])[torch.tensor(order).argsort()]
+
+
+def _form_lazy(lazy: list[_LazyQ]) -> None:
+    """Each q = k / (√s + eps), once per ``_LazyQ``."""
+    unique = list({id(q): q for q in lazy}.values())
+    if not unique:
+        return
+    denominators = torch._foreach_sqrt([q.second for q in unique])
+    torch._foreach_add_(denominators, [q.eps for q in unique])
+    for q, value in zip(unique, torch._foreach_div([q.k for q in unique], denominators)):
+        q.value = value
+
+
+def _summed_products(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """[Σ x·y] per pair (one dtype and device), float64 sums of the products' rows."""
+    rows = _PRODUCT_ROWS.get(xs)
+    torch._foreach_copy_(rows.views, xs)
+    torch._foreach_mul_(rows.views, ys)
+    per_row = rows.buffer.view(-1, _DOT_ROW).sum(1, dtype=torch.float64)
+    return torch.zeros(len(xs), dtype=torch.float64, device=per_row.device).index_add_(0, rows.owner, per_row)
+
+
+_DOT_ROW = 256
+
+
+class _ProductRows:
+    """A zeroed buffer holding many tensors' products, each from the start of a row of
+    ``_DOT_ROW`` entries (the rest of its last row stays zero), with each row's pair."""
+
+    def __init__(self, like: Sequence[Tensor]) -> None:
+        rows = [-(-t.numel() // _DOT_ROW) for t in like]
+        self.buffer = torch.zeros(sum(rows) * _DOT_ROW, dtype=like[0].dtype, device=like[0].device)
+        starts = [sum(rows[:i]) * _DOT_ROW for i in range(len(rows))]
+        self.views = [self.buffer[s : s + t.numel()].view(t.shape) for s, t in zip(starts, like)]
+        self.owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(like[0].device)
+
+
+class _ProductRowsCache:
+    """The ``_ProductRows`` of the last few lists of shapes (a step's small tensors recur)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[Any, ...], _ProductRows] = {}
+
+    def get(self, like: Sequence[Tensor]) -> _ProductRows:
+        key = (like[0].device, like[0].dtype, *(tuple(t.shape) for t in like))
+        rows = self._kept.get(key)
+        if rows is None:
+            if len(self._kept) >= 4:
+                self._kept.clear()
+            rows = self._kept[key] = _ProductRows(like)
+        return rows
+
+
+_PRODUCT_ROWS = _ProductRowsCache()
+
+
+def _resolved(vector: Tensor | _LazyQ) -> Tensor:
+    if isinstance(vector, Tensor):
+        return vector
+    assert vector.value is not None
+    return vector.value
+
+
+#: Tensors below this size have their dots deferred and summed together (``_deferred_dots``).
+_DEFER_MAX_NUMEL = 1 << 16
+
+
 class _Form:
     """The dot products an allocation needs, each computed once (no sync).
 
@@ -534,7 +633,9 @@ class _Form:
         self._before = before  # θ_t, when the caller has it
         self._after = after  # θ_{t+1}
         self.working = working  # a tensor as a real view in the working dtype
-        self.dots: list[Tensor] = []
+        # small tensors: dots deferred, summed with the other small tensors' (per-call costs dominate)
+        self.defer = k.numel() < _DEFER_MAX_NUMEL
+        self.dots: list[Tensor | _Deferred] = []
         self._index: dict[str, int] = {}
         self._tensors: dict[str, Tensor] = {"k": k}  # and g and the state, during ``rows``
         self._update: _Update | None = None
@@ -549,7 +650,7 @@ class _Form:
     def index(self, key: str) -> int:
         return self._index[key]
 
-    def _vector(self, name: str) -> Tensor:
+    def _vector(self, name: str) -> Tensor | _LazyQ:
         tensor = self._tensors.get(name)  # k, g, the state
         if tensor is not None:
             return tensor
@@ -561,10 +662,13 @@ class _Form:
             return self.working(self._before if name == "θ_t" else self._after)
         return self._tensors[name]
 
-    def _scaled_k(self) -> Tensor:
-        """q = k / D, formed once, written over D (the only parameter-sized temporary)."""
+    def _scaled_k(self) -> Tensor | _LazyQ:
+        """q = k / D, formed once, written over D (the only parameter-sized temporary); for a
+        deferred form without a mean (D = √s + eps), formed later with the other small tensors'."""
         if self._q is None:
             assert self._update is not None
+            if self.defer and self._update.mean is None and self._update.second is not None:
+                return _LazyQ(self.k, self._tensors[self._update.second], self._update.eps)
             denominator = self._update.denominator(self._tensors)
             self._q = torch.div(self.k, denominator, out=denominator)
         return self._q
@@ -575,8 +679,18 @@ class _Form:
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = len(self.dots)
-            self.dots.append(torch.dot(self._vector(x).reshape(-1), self._vector(y).reshape(-1)))
+            vx, vy = self._vector(x), self._vector(y)
+            if self.defer or not (isinstance(vx, Tensor) and isinstance(vy, Tensor)):
+                self.dots.append(_Deferred(vx, vy))
+            else:
+                self.dots.append(torch.dot(vx.reshape(-1), vy.reshape(-1)))
         return {index: 1.0}
+
+    def dot_tensors(self) -> list[Tensor]:
+        """The dots as 0-dim float64 tensors (the deferred ones summed now)."""
+        deferred = [dot for dot in self.dots if isinstance(dot, _Deferred)]
+        sums = iter(_deferred_dots(deferred).unbind() if deferred else ())
+        return [next(sums) if isinstance(dot, _Deferred) else dot.double() for dot in self.dots]
 
     def term(self, x: str, name: str) -> _Row:
         """The form x·name (x = k or q). For θ_t: one dot with θ_t if given, else
@@ -900,10 +1014,10 @@ def allocate_parts(
         total: Σ_i k_i Δ_i if the caller has it (a float64 sum, say); else one dot.
     """
     form, rows = _allocation_forms(k, record, param, delta, param_before)
-    basis = list(form.dots)
+    basis = form.dot_tensors()
     if total is None:
         total_index = len(basis)
-        basis.append(torch.dot(form.k.reshape(-1), form.delta.reshape(-1)))
+        basis.append(torch.dot(form.k.reshape(-1), form.delta.reshape(-1)).double())
     else:
         total_index = len(basis)
         basis.append(torch.as_tensor(total, dtype=torch.float64, device=form.k.device).reshape(()))
@@ -926,7 +1040,7 @@ class PartValuesPlan:
     form: _Form
     rows: tuple[_Row | None, _Row | None, _Row | None]
     total: float | Tensor | None
-    dots: Tensor | None  # the form's dots, stacked on the parameter's device
+    dots: Tensor | None  # the form's dots, stacked on the parameter's device (None: deferred, or none)
 
 
 @torch.no_grad()
@@ -945,13 +1059,19 @@ def plan_part_values(
     form, rows = _allocation_forms(k, record, param, delta, param_before, fused)
     if total is None:
         form.dot("k", "Δ")
-    return PartValuesPlan(form, rows, total, torch.stack(form.dots) if form.dots else None)
+    # all deferred (a small tensor): summed with the others' in ``part_values``
+    deferred = all(isinstance(dot, _Deferred) for dot in form.dots)
+    return PartValuesPlan(form, rows, total, None if deferred else torch.stack(form.dot_tensors()))
 
 
 def part_values(plans: Sequence[PartValuesPlan]) -> list[dict[str, float]]:
     """The part allocations of every plan as Python floats, combined in float64, with one
-    device sync per device (not one per parameter)."""
-    values = to_python([plan.dots for plan in plans])
+    device sync per device (not one per parameter); the small tensors' deferred dots are
+    summed together first (``_deferred_dots``)."""
+    deferred = [dot for plan in plans if plan.dots is None for dot in plan.form.dots if isinstance(dot, _Deferred)]
+    read = to_python([plan.dots for plan in plans] + [_deferred_dots(deferred) if deferred else None])
+    sums = iter(read[-1])
+    values = [row if plan.dots is not None else [next(sums) for _ in plan.form.dots] for plan, row in zip(plans, read)]
     return [_evaluate_parts(plan, row_values) for plan, row_values in zip(plans, values)]
 
 
