@@ -236,10 +236,14 @@ class ParameterCounts:
         """Histograms of helped / T over every counted parameter, and per reported module."""
         overall, modules = StreamingHistogram(), dict[str, StreamingHistogram]()
         for name, helped in self.helped.items():
-            fraction = helped.double() / max(1, self.steps[name])
-            overall.add(fraction)
-            if owner.get(name) in reported:
-                modules.setdefault(owner[name], StreamingHistogram()).add(fraction)
+            module = modules.setdefault(owner[name], StreamingHistogram()) if owner.get(name) in reported else None
+            flat, steps = helped.view(-1), max(1, self.steps[name])
+            # slice by slice: a float64 copy of a whole counter would be twice its parameter's bytes
+            for start in range(0, flat.numel(), _FRACTION_SLICE):
+                fraction = flat[start : start + _FRACTION_SLICE].double() / steps
+                overall.add(fraction)
+                if module is not None:
+                    module.add(fraction)
         return overall, modules
 
     def copies(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -257,6 +261,9 @@ class ParameterCounts:
         self.helped = {n: t.to(dtype=torch.int32) for n, t in state.get("helped", {}).items()}
         self.hurt = {n: t.to(dtype=torch.int32) for n, t in state.get("hurt", {}).items()}
         self.steps = {n: int(v) for n, v in state.get("steps", {}).items()}
+
+
+_FRACTION_SLICE = 1 << 16  # counters per slice of the helped-fraction histograms (512 KiB of float64)
 
 
 def _count_signs(k: Tensor, delta: Delta, helped: Tensor, hurt: Tensor) -> None:
