@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:  # the zoo's cheap-preset rows (issue 19, target 1): ≈ 3 minutes
         import zoo_bench
 
-        zoo_plan = dict(repeats=3, steps=18, warmup=3)
+        zoo_plan = dict(repeats=9, steps=40, warmup=3)  # ~10 ms steps: short fits are noisy
         ratios = zoo_bench.cheap_ratios(list(zoo_bench.zoo.MODELS), progress=progress, **zoo_plan)
         lines += zoo_section(ratios, zoo_plan["repeats"], zoo_plan["steps"], targets) + [""]
 
