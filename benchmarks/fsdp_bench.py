@@ -134,19 +134,11 @@ class MeasuredLCA(LossChangeAllocation):
         self.extra.append(held + peak_bytes_outside_fsdp(super()._flush))
 
 
-def one_fit(strategy: str, width: int, steps: int, lca: str | None) -> dict:
-    """One fit: ``lca`` None (plain), ``"timed"`` or ``"memory"`` (profiled measurements)."""
+def two_process_trainer(strategy: str, steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A 2-process CPU Trainer under DDP or, for ``strategy="fsdp"``, ModelParallelStrategy (FSDP2)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    pl.seed_everything(0, verbose=False)
-    model = MLP(width, shard=strategy == "fsdp")
-    timer = StepTimer()
-    callbacks: list[pl.Callback] = []
-    if lca is not None:
-        kind = MeasuredLCA if lca == "memory" else LossChangeAllocation
-        callbacks.append(kind(probe=DataLoader(data(PROBE), batch_size=128), rule="simpson", histograms=False))
-    callbacks.append(timer)
-    trainer = pl.Trainer(
+    return pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp" else "ddp",
@@ -157,6 +149,19 @@ def one_fit(strategy: str, width: int, steps: int, lca: str | None) -> dict:
         enable_model_summary=False,
         callbacks=callbacks,
     )
+
+
+def one_fit(strategy: str, width: int, steps: int, lca: str | None) -> dict:
+    """One fit: ``lca`` None (plain), ``"timed"`` or ``"memory"`` (profiled measurements)."""
+    pl.seed_everything(0, verbose=False)
+    model = MLP(width, shard=strategy == "fsdp")
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = []
+    if lca is not None:
+        kind = MeasuredLCA if lca == "memory" else LossChangeAllocation
+        callbacks.append(kind(probe=DataLoader(data(PROBE), batch_size=128), rule="simpson", histograms=False))
+    callbacks.append(timer)
+    trainer = two_process_trainer(strategy, steps, callbacks)
     trainer.fit(model, DataLoader(data(SAMPLES), batch_size=BATCH))
     held = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in model.parameters())
     extra = getattr(callbacks[0], "extra", [0])

@@ -20,11 +20,10 @@ import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fsdp_bench import BATCH, MLP, PROBE, SAMPLES, StepTimer, data
+from fsdp_bench import BATCH, MLP, PROBE, SAMPLES, StepTimer, data, two_process_trainer
 from learnscope import NeuralFeatureAnsatz
 
 
@@ -36,17 +35,7 @@ def one_fit(strategy: str, width: int, steps: int, null_draws: int | str | None)
     if null_draws is not None:
         probe = DataLoader(data(PROBE), batch_size=128)
         callbacks.append(NeuralFeatureAnsatz(every_n_steps=1, probe=probe, images=False, null_draws=null_draws))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp" else "ddp",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*callbacks, timer],
-    )
+    trainer = two_process_trainer(strategy, steps, [*callbacks, timer])
     trainer.fit(MLP(width, shard=strategy == "fsdp"), DataLoader(data(SAMPLES), batch_size=BATCH))
     return statistics.median(timer.times[2:]), trainer.global_rank
 
