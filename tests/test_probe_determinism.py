@@ -275,3 +275,52 @@ def test_a_model_that_fails_in_eval_mode_falls_back_to_its_own_modes_with_one_wa
     # its own modes with nn.Dropout off: deterministic, and the integral closes
     assert callback.probe_is_stochastic is False
     assert callback.cumulative_relative_error < 1e-3
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(3, 70_000, generator=torch.Generator().manual_seed(0)),  # 210 000 elements: 4 blocks
+        torch.randn(700, 300, generator=torch.Generator().manual_seed(1)).t(),  # not contiguous
+        torch.randn(5000, 2, generator=torch.Generator().manual_seed(2), dtype=torch.complex64),
+        torch.tensor(1.5),
+    ],
+)
+def test_self_check_fingerprint_is_the_double_precision_sums_in_blocks(tensor):
+    from learnscope._probe import _sums
+
+    wide = tensor.to(torch.complex128 if tensor.is_complex() else torch.float64)
+    expected_sum = sum(complex(v).real for v in wide.reshape(-1).tolist())
+    expected_abs = sum(abs(complex(v)) for v in wide.reshape(-1).tolist())
+    total, magnitude = _sums(tensor)
+    assert total == pytest.approx(expected_sum, rel=1e-9, abs=1e-9)
+    assert magnitude == pytest.approx(expected_abs, rel=1e-9)
+
+
+def test_self_check_fingerprint_keeps_no_double_copy_of_an_activation():
+    """The fingerprint of a float32 activation allocates at most a quarter of its bytes at
+    once (a double copy of it and of ``|x|``, as before, would be four times them)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    from learnscope._probe import _sums
+
+    x = torch.randn(256, 8, 28, 28)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _sums(x)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, int(node.extra_fields.alloc_size), int(node.extra_fields.ptr)))
+        stack.extend(node.children)
+    live: dict[int, int] = {}
+    total = peak = 0
+    for _, size, ptr in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            total += size
+            peak = max(peak, total)
+        elif ptr in live:
+            total -= live.pop(ptr)
+    assert 0 < peak <= x.numel() * x.element_size() / 4
