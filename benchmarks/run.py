@@ -181,7 +181,7 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
     histogram_per_step = (median(histogram_calls) if histogram_calls else 0.0) / LOG_EVERY_N_STEPS
     scalars_time, in_trainer, own = logging_cost(name)
     logging_time = scalars_time + histogram_per_step
-    targets.append(Target("5b", "logging ÷ the probe's own cost (default flags)", w, logging_time / own, 0.05))
+    targets.append(Target("x2", "logging ÷ the probe's own cost (default flags)", w, logging_time / own, 0.05))
     lines.append(
         f"  logging, default flags: scalars {ms(scalars_time).strip()} ms/step (the writer thread included; "
         f"{ms(in_trainer).strip()} on the stopwatch in the Trainer) + histograms "
