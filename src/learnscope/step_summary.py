@@ -171,8 +171,14 @@ class StepSummariser:
         out.layers[module] = out.layers.get(module, 0.0) + moments.s1
         if self.tensor_series:
             out.tensors[name] = out.tensors.get(name, 0.0) + moments.s1
-        out.layer_counts.setdefault(module, Counts()).add(counts)
-        out.layer_moments.setdefault(module, Moments()).add(moments)
+        # get, then create if missing: ``setdefault(module, Counts())`` would build one per tensor
+        module_counts, module_moments = out.layer_counts.get(module), out.layer_moments.get(module)
+        if module_counts is None:
+            module_counts = out.layer_counts[module] = Counts()
+            module_moments = out.layer_moments[module] = Moments()
+        assert module_moments is not None  # the two dicts gain their modules together
+        module_counts.add(counts)
+        module_moments.add(moments)
         if split:
             add_into(out.layer_parts.setdefault(module, {}), split)
 

@@ -288,6 +288,8 @@ class _Update:
         self.scaled = [name for name, over_d in self.terms if over_d]
         if self.scaled and second is None:
             raise ValueError("a term divided by D in a rule without a denominator")
+        # the allocations' symbolic plans, by what their dots depend on (``_Form.plan_key``)
+        self.plans: dict[tuple[bool], _Plan] = {}
 
     def second_moment(self, tensors: dict[str, Tensor]) -> tuple[Tensor, bool]:
         """s, and whether it is a fresh temporary (the caller may overwrite it)."""
@@ -609,6 +611,18 @@ def _resolved(vector: Tensor | _LazyQ) -> Tensor:
 _DEFER_MAX_NUMEL = 1 << 16
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One parameter's allocation at one step, symbolically (``_Form.planned_rows``): the dots
+    (x, y) in index order, their indices by "x·y", and the (gradient, momentum,
+    weight_decay) rows over them. One serves every parameter of the group with the same
+    ``_Form.plan_key`` at that step: only the tensors differ."""
+
+    pairs: tuple[tuple[str, str], ...]
+    index: dict[str, int]
+    rows: tuple[_Row | None, _Row | None, _Row | None]
+
+
 class _Form:
     """The dot products an allocation needs, each computed once (no sync).
 
@@ -639,7 +653,8 @@ class _Form:
         self._index: dict[str, int] = {}
         self._tensors: dict[str, Tensor] = {"k": k}  # and g and the state, during ``rows``
         self._update: _Update | None = None
-        self._q: Tensor | None = None
+        self._q: Tensor | _LazyQ | None = None
+        self.pairs: list[tuple[str, str]] = []  # (x, y) of each dot, in index order
 
     @property
     def delta(self) -> Tensor:
@@ -668,9 +683,10 @@ class _Form:
         if self._q is None:
             assert self._update is not None
             if self.defer and self._update.mean is None and self._update.second is not None:
-                return _LazyQ(self.k, self._tensors[self._update.second], self._update.eps)
-            denominator = self._update.denominator(self._tensors)
-            self._q = torch.div(self.k, denominator, out=denominator)
+                self._q = _LazyQ(self.k, self._tensors[self._update.second], self._update.eps)
+            else:
+                denominator = self._update.denominator(self._tensors)
+                self._q = torch.div(self.k, denominator, out=denominator)
         return self._q
 
     def dot(self, x: str, y: str) -> _Row:
@@ -679,12 +695,17 @@ class _Form:
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = len(self.dots)
-            vx, vy = self._vector(x), self._vector(y)
-            if self.defer or not (isinstance(vx, Tensor) and isinstance(vy, Tensor)):
-                self.dots.append(_Deferred(vx, vy))
-            else:
-                self.dots.append(torch.dot(vx.reshape(-1), vy.reshape(-1)))
+            self._append_dot(x, y)
         return {index: 1.0}
+
+    def _append_dot(self, x: str, y: str) -> None:
+        """Queue the dot x·y as the next of ``dots`` (deferred, or launched now)."""
+        self.pairs.append((x, y))
+        vx, vy = self._vector(x), self._vector(y)
+        if self.defer or not (isinstance(vx, Tensor) and isinstance(vy, Tensor)):
+            self.dots.append(_Deferred(vx, vy))
+        else:
+            self.dots.append(torch.dot(vx.reshape(-1), vy.reshape(-1)))
 
     def dot_tensors(self) -> list[Tensor]:
         """The dots as 0-dim float64 tensors (the deferred ones summed now)."""
@@ -702,12 +723,48 @@ class _Form:
         delta = {_TOTAL: 1.0} if x == "k" else self.dot(x, "Δ")
         return _rows((1.0, self.dot(x, "θ_t+1")), (-1.0, delta))
 
+    def planned_rows(self, update: _Update, tensors: dict[str, Tensor]) -> tuple[_Row | None, _Row | None, _Row | None]:
+        """``rows``, formed once per ``update`` and ``plan_key`` (on the first such parameter)
+        and replayed for the others: the same dots in the same order, the same rows."""
+        key = self.plan_key(update)
+        plan = None if key is None else update.plans.get(key)
+        if plan is not None:
+            return self.replay(plan, update, tensors)
+        rows = self.rows(update, tensors)
+        if key is not None:
+            update.plans[key] = _Plan(tuple(self.pairs), dict(self._index), rows)
+        return rows
+
+    def plan_key(self, update: _Update) -> tuple[bool] | None:
+        """What the dots and rows depend on besides ``update`` (the tensors aside): whether
+        θ_t is given; None when a fused pass may apply (it depends on compiling)."""
+        if self._fusable(update):
+            return None
+        return (self._before is None,)
+
+    def replay(
+        self, plan: _Plan, update: _Update, tensors: dict[str, Tensor]
+    ) -> tuple[_Row | None, _Row | None, _Row | None]:
+        """Queue ``plan``'s dots over this form's tensors (what ``rows`` would queue for the
+        same ``plan_key``) and return its rows, shared: never written."""
+        self._update = update
+        self._tensors.update(tensors)
+        for x, y in plan.pairs:
+            self._append_dot(x, y)
+        self._index = dict(plan.index)  # a copy: the caller may add the dot k·Δ
+        self._update, self._tensors, self._q = None, {"k": self.k}, None
+        return plan.rows
+
+    def _fusable(self, update: _Update) -> bool:
+        # q·θ needs q (or q·Δ): no fused pass
+        return self.fused and self.k.numel() >= _FUSED_MIN_NUMEL and bool(update.scaled) and "θ" not in update.scaled
+
     def rows(self, update: _Update, tensors: dict[str, Tensor]) -> tuple[_Row | None, _Row | None, _Row | None]:
         """The (gradient, momentum, weight_decay) allocations of ``update`` as rows (None:
         an exact zero part); ``tensors`` holds g and the state (not θ)."""
         self._update = update
         self._tensors.update(tensors)
-        if update.scaled and "θ" not in update.scaled:  # q·θ needs q (or q·Δ): no fused pass
+        if self._fusable(update):
             self._fuse(update.scaled)
         terms = {(name, over_d): self.term("q" if over_d else "k", name) for name, over_d in update.terms}
         rows = [
@@ -722,8 +779,6 @@ class _Form:
         (``torch.compile``), where that applies: asked for (``fused=True``), a large
         tensor (one compiled call costs ~0.1 ms), and compiling works (else one
         warning, and the dots are formed eagerly with q)."""
-        if not self.fused or self.k.numel() < _FUSED_MIN_NUMEL:
-            return
         assert self._update is not None
         second, _ = self._update.second_moment(self._tensors)
         sums = _fused_scaled_sums(self.k, second, self._update.eps, [self._tensors[n] for n in names])
@@ -965,8 +1020,10 @@ def _allocation_forms(
     delta: Tensor | Callable[[], Tensor],
     param_before: Tensor | None,
     fused: bool = False,
+    planned: bool = False,
 ) -> tuple[_Form, tuple[_Row | None, _Row | None, _Row | None]]:
-    """The dots and the (gradient, momentum, weight_decay) rows of one parameter's allocation."""
+    """The dots and the (gradient, momentum, weight_decay) rows of one parameter's allocation
+    (``planned``: the rows formed once per group and step, ``_Form.planned_rows``)."""
     rule, rec = _lookup(record, param)
     delta_dtype = param.dtype if callable(delta) else delta.dtype  # a deferred Δ has the parameter's dtype
     parts_dtype = torch.promote_types(delta_dtype, param.dtype)  # may be complex
@@ -983,7 +1040,8 @@ def _allocation_forms(
     if not isinstance(rec, _ParamStep):  # unmodelled (all in the residual) or zero
         return form, (None, None, None)
     assert rule is not None
-    return form, form.rows(*_declared(record, rule, rec, working))
+    update, tensors = _declared(record, rule, rec, working)
+    return form, form.planned_rows(update, tensors) if planned else form.rows(update, tensors)
 
 
 @torch.no_grad()
@@ -1056,7 +1114,7 @@ def plan_part_values(
 ) -> PartValuesPlan:
     """The dot products of ``allocate_part_values``, queued on the device (no sync):
     ``part_values`` reads many plans back at once. Same arguments."""
-    form, rows = _allocation_forms(k, record, param, delta, param_before, fused)
+    form, rows = _allocation_forms(k, record, param, delta, param_before, fused, planned=True)
     if total is None:
         form.dot("k", "Δ")
     # all deferred (a small tensor): summed with the others' in ``part_values``
