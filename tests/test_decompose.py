@@ -729,6 +729,37 @@ def test_many_parameters_read_back_at_once_equal_each_read_back_alone(batches):
     assert any(m != 0.0 for m in momentum)  # Adam's steps after the first have momentum parts
 
 
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.05),
+        lambda ps: Adam(ps, lr=0.01, weight_decay=0.05),
+        lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1),
+        lambda ps: RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.05),
+    ],
+    ids=["sgd", "adam-wd", "adamw", "rmsprop-centered"],
+)
+def test_one_plan_per_group_and_step_serves_every_parameter(make_optimizer, batches):
+    # Each group's symbolic plan (dots and rows) is formed on its first parameter and replayed
+    # for the others: in any order, with or without θ_t and the total, each parameter's
+    # values still equal its own materialised float64 parts.
+    for probe in float32_steps(make_mlp().float(), make_optimizer, batches):
+        parts = list(probe.parts())[::-1]
+        plans, expected = [], []
+        for i, (param, theta, delta, _) in enumerate(parts):
+            values, total, scale = materialised_allocations(param.grad, probe.record, param, delta, theta)
+            before = theta if i % 2 else None
+            plans.append(
+                plan_part_values(param.grad, probe.record, param, delta, before, total=None if i % 3 else total)
+            )
+            expected.append((values, scale))
+        for got, (values, scale) in zip(part_values(plans), expected):
+            for name in PARTS:
+                assert abs(got[name] - values[name]) <= 1e-6 * scale, (name, got[name], values[name])
+        updates = list(probe.record._updates.values())
+        assert len(updates) == 1 and set(updates[0].plans) == {(True,), (False,)}  # θ_t given or not
+
+
 def test_fused_allocations_of_skipped_unmodelled_and_sparse_parameters(batches):
     # skipped: a parameter without gradient has all parts 0 and residual k·Δ = 0
     model = make_mlp()
