@@ -20,6 +20,14 @@ def add_into(target: dict[str, float], values: Mapping[str, float]) -> None:
         target[key] = target.get(key, 0.0) + value
 
 
+def _add_fields(into: Any, other: Any) -> None:
+    """Add every field of the dataclass ``other`` into ``into`` (same class, no slots)."""
+    # through the instance dicts: called per tensor per step, getattr / setattr cost more
+    mine = into.__dict__
+    for name, value in other.__dict__.items():
+        mine[name] += value
+
+
 @dataclass
 class Counts:
     """How many allocations were negative (helped), positive (hurt), non-zero, in all."""
@@ -30,11 +38,7 @@ class Counts:
     total: int = 0
 
     def add(self, other: Counts) -> None:
-        # field by field, spelled out: called per tensor per step (a loop over the fields costs 4×)
-        self.helped += other.helped
-        self.hurt += other.hurt
-        self.nonzero += other.nonzero
-        self.total += other.total
+        _add_fields(self, other)
 
     @property
     def helped_fraction(self) -> float:
@@ -63,11 +67,7 @@ class Moments:
     s4: float = 0.0
 
     def add(self, other: Moments) -> None:
-        self.n += other.n
-        self.s1 += other.s1
-        self.s2 += other.s2
-        self.s3 += other.s3
-        self.s4 += other.s4
+        _add_fields(self, other)
 
     def over(self, n: int) -> Moments:
         """The moments of the same values with exact zeros dropped, for ``n`` non-zero

@@ -1136,13 +1136,10 @@ def part_values(plans: Sequence[PartValuesPlan]) -> list[dict[str, float]]:
 def _evaluate_parts(plan: PartValuesPlan, values: list[float]) -> dict[str, float]:
     form = plan.form
     grand = values[form.index("k·Δ")] if plan.total is None else float(plan.total)
-
-    def evaluate(row: _Row | None) -> float:
-        if row is None:
-            return 0.0
-        return math.fsum(coef * (grand if index == _TOTAL else values[index]) for index, coef in row.items())
-
-    gradient, momentum, weight_decay = (evaluate(row) for row in plan.rows)
+    operands = [*values, grand]  # operands[_TOTAL] (the last) is k·Δ
+    gradient, momentum, weight_decay = (
+        0.0 if row is None else math.fsum([coef * operands[index] for index, coef in row.items()]) for row in plan.rows
+    )
     residual = grand - math.fsum((gradient, momentum, weight_decay))
     return {"gradient": gradient, "momentum": momentum, "weight_decay": weight_decay, "residual": residual}
 
