@@ -30,6 +30,8 @@ from torch import Tensor
 
 from learnscope._compile import call_compiled
 from learnscope._readback import to_python
+from learnscope._rows import ROW as _ROW
+from learnscope._rows import KeptBuffers, rows_for
 from learnscope.records import Counts, Moments
 
 _SLICE = 1 << 15  # elements per slice on CPU: float64 temporaries of 256 KiB, cache-resident
@@ -229,7 +231,6 @@ def _fused_sums_between(ks: list[Tensor], starts: list[Tensor], ends: list[Tenso
 
 # --------------------------------------------------------------------------- float32 rows (the default)
 
-_ROW = 256  # entries per row: float32 sums of ±1 stay exact integers, and of powers accurate to ~1e-7
 # Rows per chunk on CPU: 2¹⁷ entries (its float32 planes ≈ 2 MiB, reused by every chunk);
 # elsewhere (CUDA) 2²² entries: each pass is one kernel launch.
 _CHUNK_ROWS = 1 << 9
@@ -267,7 +268,7 @@ class _Chunk:
                 (index, start, end, flat[offset:stop].view(shapes[index]) if whole else flat[offset:stop])
             )
             if (end - start) % _ROW:
-                self.pads.append(flat[stop : offset + -(-(end - start) // _ROW) * _ROW])
+                self.pads.append(flat[stop : offset + rows_for(end - start) * _ROW])
 
 
 class _Layout:
@@ -289,10 +290,10 @@ class _Layout:
                     used = 0
                 end = min(size, start + (chunk_rows - used) * _ROW)
                 chunks[-1].append((index, start, end, used * _ROW))
-                rows = -(-(end - start) // _ROW)
+                rows = rows_for(end - start)
                 owners += [index] * rows
                 used, start = used + rows, end
-        counts = [sum(-(-(end - start) // _ROW) for _, start, end, _ in chunk) for chunk in chunks]
+        counts = [sum(rows_for(end - start) for _, start, end, _ in chunk) for chunk in chunks]
         width = max(counts, default=0)
         self.values = torch.zeros(width * _ROW, device=device)
         self.planes = torch.zeros(3, width, _ROW, device=device)
@@ -331,7 +332,7 @@ class RowSums:
     tensor lists seen, with their buffers, are kept (no allocation per step)."""
 
     def __init__(self) -> None:
-        self._layouts: dict[tuple[Any, ...], _Layout] = {}
+        self._layouts: KeptBuffers[_Layout] = KeptBuffers()
 
     @torch.no_grad()
     def __call__(self, ks: Sequence[Tensor], deltas: Sequence[Delta | None]) -> Tensor | None:
@@ -370,14 +371,8 @@ class RowSums:
     def _layout(self, ks: Sequence[Tensor]) -> _Layout:
         device = ks[0].device
         shapes = [tuple(k.shape) for k in ks]
-        key = (device, *shapes)
-        layout = self._layouts.get(key)
-        if layout is None:
-            if len(self._layouts) >= 4:  # a few lists per callback (main, ablation corners)
-                self._layouts.clear()
-            chunk_rows = _CHUNK_ROWS if device.type == "cpu" else _DEVICE_CHUNK_ROWS
-            layout = self._layouts[key] = _Layout(shapes, chunk_rows, device)
-        return layout
+        chunk_rows = _CHUNK_ROWS if device.type == "cpu" else _DEVICE_CHUNK_ROWS
+        return self._layouts.get((device, *shapes), lambda: _Layout(shapes, chunk_rows, device))
 
 
 def _fill(chunk: _Chunk, scales: list[float], ks: Sequence[Tensor], deltas: Sequence[Delta | None]) -> None:

@@ -119,6 +119,7 @@ from torch import Tensor
 from learnscope._compat import tensor_version
 from learnscope._compile import call_compiled
 from learnscope._readback import to_python
+from learnscope._rows import ROW, KeptBuffers, rows_for
 
 __all__ = [
     "PARTS",
@@ -559,45 +560,28 @@ def _form_lazy(lazy: list[_LazyQ]) -> None:
 
 def _summed_products(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """[Σ x·y] per pair (one dtype and device), float64 sums of the products' rows."""
-    rows = _PRODUCT_ROWS.get(xs)
+    key = (xs[0].device, xs[0].dtype, *(tuple(x.shape) for x in xs))
+    rows = _PRODUCT_ROWS.get(key, lambda: _ProductRows(xs))
     torch._foreach_copy_(rows.views, xs)
     torch._foreach_mul_(rows.views, ys)
-    per_row = rows.buffer.view(-1, _DOT_ROW).sum(1, dtype=torch.float64)
+    per_row = rows.buffer.view(-1, ROW).sum(1, dtype=torch.float64)
     return torch.zeros(len(xs), dtype=torch.float64, device=per_row.device).index_add_(0, rows.owner, per_row)
-
-
-_DOT_ROW = 256
 
 
 class _ProductRows:
     """A zeroed buffer holding many tensors' products, each from the start of a row of
-    ``_DOT_ROW`` entries (the rest of its last row stays zero), with each row's pair."""
+    ``ROW`` entries (the rest of its last row stays zero), with each row's pair."""
 
     def __init__(self, like: Sequence[Tensor]) -> None:
-        rows = [-(-t.numel() // _DOT_ROW) for t in like]
-        self.buffer = torch.zeros(sum(rows) * _DOT_ROW, dtype=like[0].dtype, device=like[0].device)
-        starts = [sum(rows[:i]) * _DOT_ROW for i in range(len(rows))]
+        rows = [rows_for(t.numel()) for t in like]
+        self.buffer = torch.zeros(sum(rows) * ROW, dtype=like[0].dtype, device=like[0].device)
+        starts = [sum(rows[:i]) * ROW for i in range(len(rows))]
         self.views = [self.buffer[s : s + t.numel()].view(t.shape) for s, t in zip(starts, like)]
         self.owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(like[0].device)
 
 
-class _ProductRowsCache:
-    """The ``_ProductRows`` of the last few lists of shapes (a step's small tensors recur)."""
-
-    def __init__(self) -> None:
-        self._kept: dict[tuple[Any, ...], _ProductRows] = {}
-
-    def get(self, like: Sequence[Tensor]) -> _ProductRows:
-        key = (like[0].device, like[0].dtype, *(tuple(t.shape) for t in like))
-        rows = self._kept.get(key)
-        if rows is None:
-            if len(self._kept) >= 4:
-                self._kept.clear()
-            rows = self._kept[key] = _ProductRows(like)
-        return rows
-
-
-_PRODUCT_ROWS = _ProductRowsCache()
+# the _ProductRows of the last few lists of small tensors (a step's small tensors recur)
+_PRODUCT_ROWS: KeptBuffers[_ProductRows] = KeptBuffers()
 
 
 def _resolved(vector: Tensor | _LazyQ) -> Tensor:
