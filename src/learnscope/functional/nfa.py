@@ -874,7 +874,7 @@ def _correlation_terms(
     u = v.sum(dim=0)
     m = s[:, None] * compressed_gram.to(s.dtype) * s[None, :]
     if alpha == 1:
-        diagonal_y = torch.diagonal(m, dim1=-2, dim2=-1)
+        inner = (x * torch.diagonal(m, dim1=-2, dim2=-1)).sum(dim=-1)
         norm_y2 = (m * m).sum(dim=(-2, -1))
         u_y_u = ((m @ u) * u).sum(dim=-1)
     else:
@@ -883,8 +883,6 @@ def _correlation_terms(
         inner = ((x @ (eigenvectors * eigenvectors)) * powered).sum(dim=-1)
         norm_y2 = (powered * powered).sum(dim=-1)
         u_y_u = (powered * (u @ eigenvectors) ** 2).sum(dim=-1)
-        return inner, (x * x).sum(), norm_y2, (x * u * u).sum(), u_y_u
-    inner = (x * diagonal_y).sum(dim=-1)
     return inner, (x * x).sum(), norm_y2, (x * u * u).sum(), u_y_u
 
 
