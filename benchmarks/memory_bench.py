@@ -116,8 +116,8 @@ def lca_memory(workload: Workload, probe_size: int, steps: int = 4) -> list[Memo
     ):
         callback = TimedLCA(probe_size=probe_size, probe_batch_size=CHUNK, **flags)
         peak = _fit_peak(workload, [callback], steps)
-        # parameter_counts=True keeps two int32 counters per parameter: counted in the bound
-        counters = 2 * 4 * param_bytes // 4 if flags.get("parameter_counts") else 0
+        # parameter_counts=True keeps two int32 counters per (float32) parameter: counted in the bound
+        counters = 2 * param_bytes if flags.get("parameter_counts") else 0
         results.append(
             MemoryResult(
                 name,
@@ -130,6 +130,7 @@ def lca_memory(workload: Workload, probe_size: int, steps: int = 4) -> list[Memo
                     "probe_set": 0 if flags.get("probe") == "batch" else probe_set,
                     "plain_fit_peak": plain,
                     "fit_peak": peak,
+                    "counters": counters,
                 },
             )
         )

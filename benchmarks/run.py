@@ -216,13 +216,13 @@ def lca_section(results: Any, targets: list[Target]) -> list[str]:
 
 def zoo_section(ratios: dict[str, dict[str, float]], repeats: int, steps: int, targets: list[Target]) -> list[str]:
     """Issue 19 target 1 on the model zoo: the cheap preset's short-run ratios per model."""
-    import zoo_bench
+    from zoo_bench import cheap_section  # imported here: the zoo's models import transformers
 
     for name, r in ratios.items():
         targets.append(Target("2a", f"LCA cheap, short run (no compile), {name}: step ÷ plain", "zoo", r["cheap"], 1.3))
         targets.append(Target("2b", f"  … decompose=True, {name}: step ÷ plain", "zoo", r["cheap+decompose"], 1.6))
     heading = "Model zoo (tests/zoo: tiny random-init GPT-2, BERT, ViT, resnet18, Lightning demo transformer)"
-    return [heading, *zoo_bench.cheap_section(ratios, repeats, steps)]
+    return [heading, *cheap_section(ratios, repeats, steps)]
 
 
 def nfa_section(results: Any, targets: list[Target], agreement: float | None) -> list[str]:
@@ -293,7 +293,7 @@ def memory_section(lca: list[Any], nfa: Any, workload: str, targets: list[Target
     ]
     for result in lca:
         extra = result.measured - result.parts["probe_set"]
-        counters = " + the int32 counters" if "counts" in result.name else ""
+        counters = " + the int32 counters" if result.parts["counters"] else ""
         lines.append(
             f"  {result.name:24s} extra {extra / 1e6:6.2f} MB = {extra / parts['param_bytes']:.1f} × parameters; "
             f"bound 3 × parameters + one chunk{counters} = {result.bound / 1e6:.2f} MB"
